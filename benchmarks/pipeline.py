@@ -1,0 +1,156 @@
+"""Per-stage wall time and peak memory of one UHR-BAT query on a random model.
+
+    python benchmarks/pipeline.py --reference-settings          # paper settings, CPU, 1 thread
+    python benchmarks/pipeline.py --clusters 0 --iters 10        # K = budget, <= 10 iterations
+    python benchmarks/pipeline.py --device cuda --dtype bf16 --clip-width 1024 --clip-layers 24 ...
+
+Times are also given in "yardstick units": 1 unit = one fp32 1024x1024 @ 1024x1024 torch.mm on
+the same threads, measured in this process, so figures from different machines compare.
+Stages: tiles (pad/resize/normalise), encode (CLIP + projector), score (LLM pass to the last
+layer + Q.K), group (K-Means), select (preserve-and-merge + token MLP), prefill, decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGE = ROOT.parent / "shared" / "assets" / "aerial" / "neon_yell_2299x2472.png"
+
+
+class PeakRSS:
+    """Samples the process RSS in a thread; `.take()` returns the peak since the last call (MB)."""
+
+    def __init__(self, period: float = 0.002) -> None:
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.period = period
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.period)
+
+    def take(self) -> float:
+        p = max(self.peak, self.proc.memory_info().rss)
+        self.peak = self.proc.memory_info().rss
+        return p / 2**20
+
+
+def yardstick(device: str) -> float:
+    a = torch.randn(1024, 1024, device=device)
+    b = torch.randn(1024, 1024, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(7):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def build_model(args: argparse.Namespace, path: Path) -> Path:
+    from uhrbat.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(
+        path, hidden=args.llm_width, layers=args.llm_layers, heads=args.llm_heads, kv_heads=args.llm_kv_heads,
+        clip_hidden=args.clip_width, clip_layers=args.clip_layers,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image", default=str(DEFAULT_IMAGE))
+    ap.add_argument("--question", default="How many trees are in the image?")
+    ap.add_argument("--budgets", default="80,320,600,2000")
+    ap.add_argument("--clusters", type=int, default=0, help="K-Means clusters (0 = budget)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--kmeans", default="fast", choices=["fast", "exact"])
+    ap.add_argument("--selector", default="kmeans", choices=["kmeans", "segments", "topk"])
+    ap.add_argument("--reference-settings", action="store_true", help="600 clusters, 100 iterations, paper budgets")
+    ap.add_argument("--clip-width", type=int, default=256)
+    ap.add_argument("--clip-layers", type=int, default=4)
+    ap.add_argument("--llm-width", type=int, default=512)
+    ap.add_argument("--llm-layers", type=int, default=4)
+    ap.add_argument("--llm-heads", type=int, default=8)
+    ap.add_argument("--llm-kv-heads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--model", default=None, help="use this checkpoint instead of a random one")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.reference_settings:
+        args.clusters, args.iters, args.budgets = 600, 100, "80,320,600,2000"
+    torch.set_num_threads(args.threads)
+
+    from uhrbat.pipeline import UhrBatPipeline
+
+    mem = PeakRSS()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = args.model or build_model(args, Path(tmp) / "model")
+        pipe = UhrBatPipeline.from_pretrained(
+            model_path, device=args.device, dtype=args.dtype, budgets=[int(b) for b in args.budgets.split(",")],
+            selector=args.selector, kmeans_clusters=args.clusters, kmeans_iters=args.iters, kmeans_mode=args.kmeans,
+        )
+        pipe.model.config.max_context = 100_000
+        pipe.processor.max_context = 100_000
+        unit = yardstick(args.device)
+        mem.take()
+        pipe.ask(args.image, args.question, max_new_tokens=2)  # warm-up (allocator, kernels)
+        mem.take()
+        t = time.perf_counter()
+        res = pipe.ask(args.image, args.question, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+        total = time.perf_counter() - t
+        peak = mem.take()
+    stages = {k: v for k, v in res.timings.items()}
+    # K-Means ("group") is part of "select"; report it separately.
+    stages["group"] = res.timings_detail.get("group", 0.0)
+    stages["select"] = stages["select"] - stages["group"]
+    stages = {k: stages[k] for k in ("load", "tiles", "encode", "score", "group", "select", "prefill", "decode")}
+    out = {
+        "settings": {k: getattr(args, k) for k in ("budgets", "clusters", "iters", "kmeans", "selector", "threads", "device", "dtype")},
+        "model": {k: getattr(args, k) for k in ("clip_width", "clip_layers", "llm_width", "llm_layers", "llm_heads", "llm_kv_heads")},
+        "image": args.image,
+        "yardstick_seconds": unit,
+        "stages_seconds": stages,
+        "stages_units": {k: v / unit for k, v in stages.items()},
+        "total_seconds": total,
+        "total_units": total / unit,
+        "peak_rss_mb": peak,
+        "visual_tokens": res.num_visual_tokens,
+    }
+    if args.device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"yardstick: {unit * 1000:.1f} ms per 1024^3 fp32 mm ({args.threads} thread(s), {args.device})")
+    print(f"{'stage':<10}{'seconds':>10}{'units':>10}")
+    for k, v in stages.items():
+        print(f"{k:<10}{v:>10.3f}{v / unit:>10.1f}")
+    print(f"{'total':<10}{total:>10.3f}{total / unit:>10.1f}")
+    print(f"peak RSS during the query: {peak:.0f} MB; visual tokens: {res.num_visual_tokens}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,676 @@
+"""Lloyd K-Means on tile-local clustering features (method §4.1, parity README step 8).
+
+Two implementations of one algorithm (random init, assign by `cdist(...).argmin(1)`, move each
+centre to its members' mean, stop when `torch.allclose(new, centers)`):
+
+* ``mode="exact"`` is the reference loop, op for op: a full ``torch.cdist`` and one
+  ``features[labels == j].mean(0)`` per cluster in every iteration. O(K·N·F) per iteration plus
+  a Python loop over clusters; kept for bitwise reproduction.
+* ``mode="fast"`` (default) runs the same iterations with much less work, no Python loop over
+  clusters or tokens, and (on x86 CPUs, float32/float64) **bitwise the same labels**:
+
+  - Distances: the matmul form of ``cdist`` (``[-2x, |x|², 1] · [c, 1, |c|²]``, clamp, sqrt)
+    is evaluated by the same BLAS call on the same augmented rows, so every entry is bitwise
+    the one ``torch.cdist`` returns. The N×K matrix is kept between iterations and only the
+    columns of centres that actually moved are recomputed; in later Lloyd iterations few
+    centres move. The argmin is updated exactly (first-index tie rule) from the moved columns.
+    When that N×K cache would exceed ``_CACHE_BYTES``, a bound-based engine is used instead
+    (triangle-inequality upper/lower bounds with a rigorous float-error margin; rows that fail
+    the test get all their distances recomputed).
+  - Centres: only clusters whose membership changed are recomputed, all in one vectorised
+    pass that reproduces the summation order of torch's CPU ``mean(0)`` (its cascade sum), so
+    centres are bitwise the reference ones. A one-off self-check per feature width verifies
+    the emulation on this machine; if it fails (other ISA, GPU, dtype), centres fall back to
+    float64 sums cast to the feature dtype (≤ 1 ulp off, so far-out iterations may then differ
+    at float near-ties).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KMeansResult", "clustering_features", "kmeans", "tile_coordinates"]
+
+# Upper bound, in bytes, on the temporaries of one chunk (gathered rows, distance blocks).
+_CHUNK_BYTES = 256 * 1024 * 1024
+# Largest persistent N×K distance cache the fast mode keeps; above it, the bound engine runs.
+_CACHE_BYTES = 1024 * 1024 * 1024
+# BLAS (MKL) switches to other kernels, with another summation order, for matrices with very
+# few rows or a single column. Row and column subsets are padded to at least these sizes so
+# that (for feature widths up to ~1000) every entry is bitwise the entry of the full product;
+# wider features can get other blockings anyway (entries then differ in the last bit only).
+_MIN_GEMM_ROWS = 64
+_MIN_GEMM_COLS = 8
+# Number of per-point lower bounds (centre groups) kept by the bound engine.
+_MAX_BOUND_GROUPS = 64
+# torch's cascade sum uses 16-row levels for reductions of up to 2**19 rows.
+_CASCADE_MAX_ROWS = 1 << 19
+
+
+@dataclass
+class KMeansResult:
+    """Outcome of one K-Means run.
+
+    Attributes:
+        labels: `[N]` int64 cluster of every point, from the **last assignment** (not
+            recomputed after the final centre update, like the reference).
+        init_indices: `[K]` int64 rows of `features` used as initial centres.
+        labels_iter1: `[N]` int64 labels of the first assignment (from the initial centres).
+        centers_iter1: `[K, F]` centres after the first update.
+        iterations: number of assignment steps run (1 ... max(1, max_iters)).
+        converged: True when the loop stopped because `allclose(new, centers)`.
+        distance_evaluations: point-to-centre distances computed (a full row counts K).
+            Plain Lloyd does `iterations * N * K`.
+        centers: `[K, F]` centres after the last update.
+        exact_means: True when every centre update reproduced torch's `mean(0)` bitwise.
+    """
+
+    labels: Tensor
+    init_indices: Tensor
+    labels_iter1: Tensor
+    centers_iter1: Tensor
+    iterations: int
+    converged: bool
+    distance_evaluations: int = 0
+    centers: Tensor | None = None
+    exact_means: bool = True
+
+    @property
+    def num_clusters(self) -> int:
+        """K, the number of centres (some clusters may be empty)."""
+        return int(self.init_indices.numel())
+
+
+def tile_coordinates(tokens_per_side: int = 24, device: torch.device | str | None = None) -> Tensor:
+    """`[t*t, 2]` float32 tile-local token coordinates in [0, 1], row-major token order.
+
+    Column 0 is the token's column / (t - 1), column 1 its row / (t - 1): the reference's
+    `(x, y)`. Checked bitwise against the coordinate columns of the fixture's
+    `kmeans.*.centers_iter1` (swapping them leaves distances and labels unchanged, not centres).
+    """
+    if tokens_per_side < 1:
+        raise ValueError(f"tokens_per_side must be >= 1, got {tokens_per_side}")
+    grid = torch.arange(tokens_per_side, device=device)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    # int64 / int -> float32 true division: the same rounding as the reference's `/ 23`.
+    coords = torch.stack([cols, rows], dim=-1).reshape(-1, 2) / max(tokens_per_side - 1, 1)
+    return coords.to(torch.float32)
+
+
+def clustering_features(
+    embeds: Tensor,
+    num_tiles: int,
+    feat_scale: float = 1.0,
+    coord_scale: float = 0.05,
+    tokens_per_side: int = 24,
+) -> Tensor:
+    """Features K-Means clusters on: normalised embedding plus tile-local (x, y).
+
+    Args:
+        embeds: `[N, D]` token embeddings, tile-major then row-major, N = num_tiles * t².
+        num_tiles: number of tiles T at this scale.
+        feat_scale: weight of the L2-normalised embedding.
+        coord_scale: weight of the coordinates (both in [0, 1] before scaling).
+        tokens_per_side: t, tokens per tile side (24 for CLIP-336/14).
+
+    Returns:
+        `[N, D + 2]` float32 `cat([feat_scale * normalize(embeds), coord_scale * coords])`.
+        Bitwise equal to the reference for float32 input. (The reference normalises in the
+        embedding dtype, e.g. bf16 on GPU; this normalises in float32, which is more accurate.)
+    """
+    if embeds.dim() != 2:
+        raise ValueError(f"embeds must be [N, D], got shape {tuple(embeds.shape)}")
+    per_tile = tokens_per_side * tokens_per_side
+    if num_tiles < 1 or embeds.shape[0] != num_tiles * per_tile:
+        raise ValueError(
+            f"embeds has {embeds.shape[0]} rows, expected num_tiles * {per_tile} = "
+            f"{num_tiles} * {per_tile}"
+        )
+    feats = feat_scale * F.normalize(embeds.float(), dim=1)
+    coords = coord_scale * tile_coordinates(tokens_per_side, embeds.device).repeat(num_tiles, 1)
+    return torch.cat([feats, coords], dim=1)
+
+
+def kmeans(
+    features: Tensor,
+    num_clusters: int,
+    max_iters: int,
+    generator: torch.Generator | None = None,
+    mode: str = "fast",
+    init_indices: Tensor | None = None,
+) -> KMeansResult:
+    """Lloyd K-Means with the reference's random init and stopping rule.
+
+    Args:
+        features: `[N, F]` float points (float32 in the reference).
+        num_clusters: requested K; the run uses `K = min(max(1, num_clusters), N)`.
+        max_iters: at most `max(1, max_iters)` assignment steps.
+        generator: CPU generator for `torch.randperm(N)[:K]`; None = the global one, as in the
+            reference (so `torch.manual_seed(s)` reproduces its draws).
+        mode: "fast" (default, vectorised, far fewer distances) or "exact" (reference loop).
+        init_indices: `[K]` int64 initial centre rows; skips the random draw (e.g. to inject
+            the fixture's `init_idx`). Its length must equal K.
+
+    Returns:
+        A `KMeansResult`; labels come from the last assignment, like the reference.
+
+    Exactness: "exact" gives the reference labels bitwise for bitwise-equal features. "fast"
+    gives the same labels, iterations and centres as "exact" whenever `result.exact_means` is
+    True (x86 CPU, float32/float64; see the module docstring); otherwise centres may differ
+    by an ulp and labels after many iterations can differ at float near-ties.
+    """
+    if features.dim() != 2 or features.shape[0] < 1:
+        raise ValueError(f"features must be [N >= 1, F], got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be floating point, got {features.dtype}")
+    if mode not in ("fast", "exact"):
+        raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
+    n = features.shape[0]
+    k = min(max(1, int(num_clusters)), n)
+    if init_indices is None:
+        # The reference draws on the CPU generator; draw there and move, whatever the device.
+        init = torch.randperm(n, generator=generator)[:k].to(features.device)
+    else:
+        init = torch.as_tensor(init_indices).reshape(-1).to(features.device, torch.int64)
+        if init.numel() != k:
+            raise ValueError(f"init_indices has {init.numel()} entries, expected K = {k}")
+        if int(init.min()) < 0 or int(init.max()) >= n:
+            raise ValueError(f"init_indices must lie in [0, {n})")
+    iters = max(1, int(max_iters))
+    if mode == "exact":
+        return _kmeans_exact(features, init, iters)
+    return _kmeans_fast(features, init, iters)
+
+
+# --------------------------------------------------------------------------------------------
+# exact mode
+
+
+def _kmeans_exact(x: Tensor, init: Tensor, iters: int) -> KMeansResult:
+    """The reference loop, op for op (see the parity README step 8)."""
+    n, k = x.shape[0], init.numel()
+    centers = x[init]
+    labels = labels_iter1 = centers_iter1 = None
+    converged = False
+    it = 0
+    for it in range(1, iters + 1):
+        labels = torch.cdist(x, centers, p=2.0).argmin(dim=1)
+        new = centers.clone()
+        for j in range(k):
+            member = labels == j
+            if bool(member.any()):
+                new[j] = x[member].mean(0)
+        if it == 1:
+            labels_iter1, centers_iter1 = labels.clone(), new.clone()
+        converged = torch.allclose(new, centers)
+        centers = new
+        if converged:
+            break
+    assert labels is not None and labels_iter1 is not None and centers_iter1 is not None
+    return KMeansResult(
+        labels=labels,
+        init_indices=init,
+        labels_iter1=labels_iter1,
+        centers_iter1=centers_iter1,
+        iterations=it,
+        converged=converged,
+        distance_evaluations=it * n * k,
+        centers=centers,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# fast mode: driver
+
+
+def _kmeans_fast(x: Tensor, init: Tensor, iters: int) -> KMeansResult:
+    """Same iterations as `_kmeans_exact`, with cached/bounded distances and partial updates."""
+    x = x.contiguous()
+    n, _ = x.shape
+    k = init.numel()
+    if n <= 25 and k <= 25:
+        # cdist takes its direct (non-matmul) path here; the problem is tiny anyway.
+        return _kmeans_exact(x, init, iters)
+    engine: _CachedDistances | _BoundedDistances
+    if n * k * x.element_size() <= _CACHE_BYTES:
+        engine = _CachedDistances(x, k)
+    else:
+        engine = _BoundedDistances(x, k)
+    means = _ClusterMeans(x, k)
+
+    centers = x[init].clone()
+    labels = engine.first(centers)
+    labels_iter1 = labels.clone()
+    means.recompute(labels, None)
+    new = means.centers(centers)
+    centers_iter1 = new.clone()
+    converged = False
+    it = 1
+    while True:
+        # Unchanged rows pass allclose trivially; test only the centres that moved.
+        moved = (new != centers).any(dim=1).nonzero().squeeze(1)
+        converged = torch.allclose(new[moved], centers[moved])
+        if converged or it >= iters:
+            centers = new
+            break
+        old_centers, centers = centers, new
+        it += 1
+        old_labels = labels
+        labels = engine.step(centers, old_centers, moved, labels)
+        changed = labels != old_labels
+        if bool(changed.any()):
+            affected = torch.cat([old_labels[changed], labels[changed]]).unique()
+            means.recompute(labels, affected)
+        new = means.centers(centers)
+
+    return KMeansResult(
+        labels=labels,
+        init_indices=init,
+        labels_iter1=labels_iter1,
+        centers_iter1=centers_iter1,
+        iterations=it,
+        converged=converged,
+        distance_evaluations=engine.evaluations,
+        centers=centers,
+        exact_means=means.exact,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# fast mode: distances kept in an N×K cache, recomputed per moved column
+
+
+class _CachedDistances:
+    """`cdist` matrix kept across iterations; only the columns of moved centres are redone.
+
+    `torch.cdist` (matmul path) computes `clamp_min(x_ @ y_.mT, 1e-30).sqrt()` with
+    `x_ = cat([-2 x, |x|², 1])` and `y_ = cat([c, 1, |c|²])`. `x_` does not depend on the
+    centres, so it is built once. A full refresh is that very GEMM (same shapes, so bitwise
+    `torch.cdist`); a column refresh is the same formula on a column subset. The cache is stored
+    transposed, `[K, N]`, so that refreshing a few columns writes a few contiguous rows.
+    """
+
+    def __init__(self, x: Tensor, k: int) -> None:
+        self.n, self.f = x.shape
+        self.k = k
+        norms = x.pow(2).sum(-1, keepdim=True)
+        self.xa = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
+        self.dist_t = torch.empty(k, self.n, dtype=x.dtype, device=x.device)
+        self.evaluations = 0
+
+    @staticmethod
+    def _augment(c: Tensor) -> Tensor:
+        norms = c.pow(2).sum(-1, keepdim=True)
+        return torch.cat([c, torch.ones_like(norms), norms], dim=-1)
+
+    def _rows_per_chunk(self, cols: int) -> int:
+        per_row = (self.f + 2 + 3 * cols) * self.dist_t.element_size()
+        return max(_MIN_GEMM_ROWS, _CHUNK_BYTES // per_row)
+
+    def first(self, centers: Tensor) -> Tensor:
+        """Fill the whole cache; `[N]` argmin labels."""
+        return self._full(centers)
+
+    def _full(self, centers: Tensor) -> Tensor:
+        ya = self._augment(centers)
+        labels = torch.empty(self.n, dtype=torch.int64, device=self.xa.device)
+        # One GEMM over all rows when it fits (then the entries are bitwise torch.cdist's,
+        # whatever the BLAS blocking); otherwise row chunks.
+        step = self.n if self.n * self.k * 4 <= 2 * _CHUNK_BYTES else self._rows_per_chunk(self.k)
+        for start in range(0, self.n, step):
+            stop = min(self.n, start + step)
+            xs = self.xa[start:stop]
+            r = stop - start
+            if r < min(self.n, _MIN_GEMM_ROWS):  # keep BLAS on its large-matrix kernel
+                xs = torch.cat([xs, self.xa[: _MIN_GEMM_ROWS - r]])
+            block = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_()
+            labels[start:stop] = block.argmin(dim=1)
+            self.dist_t[:, start:stop] = block.T
+        self.evaluations += self.n * self.k
+        return labels
+
+    def step(self, centers: Tensor, old_centers: Tensor, moved: Tensor, labels: Tensor) -> Tensor:
+        """Refresh the moved columns and return the new `[N]` argmin labels (first-index ties)."""
+        m = moved.numel()
+        if m == 0:
+            return labels
+        if 10 * m >= 9 * self.k:
+            return self._full(centers)
+        dev = moved.device
+        # A single column would make BLAS use a matrix-vector kernel (another summation
+        # order): pad with unmoved centres (their entries are rewritten unchanged).
+        cols = moved
+        if m < _MIN_GEMM_COLS and self.k > m:
+            unmoved = torch.ones(self.k, dtype=torch.bool, device=dev)
+            unmoved[moved] = False
+            cols = torch.cat([moved, unmoved.nonzero().squeeze(1)[: _MIN_GEMM_COLS - m]])
+        mc = cols.numel()
+        ya = self._augment(centers[cols])
+        new_labels = labels.clone()
+        farther = torch.empty(self.n, dtype=torch.bool, device=dev)
+        flat = self.dist_t.view(-1)
+        step = self._rows_per_chunk(mc)
+        for start in range(0, self.n, step):
+            stop = min(self.n, start + step)
+            r = stop - start
+            xs = self.xa[start:stop]
+            if r < min(self.n, _MIN_GEMM_ROWS):
+                xs = torch.cat([xs, self.xa[: _MIN_GEMM_ROWS - r]])
+            if mc >= _MIN_GEMM_ROWS:
+                # Many columns: the transposed product lands contiguous in the [K, N] cache.
+                block_t = torch.matmul(ya, xs.mT)[:, :r].clamp_min_(1e-30).sqrt_()
+            else:
+                block_t = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_().T
+            lab = labels[start:stop]
+            own_at = lab * self.n + torch.arange(start, stop, device=dev)
+            va_old = flat[own_at]
+            self.dist_t[:, start:stop].index_copy_(0, cols, block_t)
+            va = flat[own_at]
+            # The old argmin a (own distance d_a) is beaten only by a moved column j with
+            # d_j < d_a, or d_j == d_a and j < a (argmin keeps the first index): unmoved
+            # columns were already >= the old d_a. That stays true if a moved but got no
+            # farther; rows whose own distance grew get a full-row argmin below.
+            mv = block_t[:m]
+            jm_local = mv.argmin(dim=0)
+            vm = mv.gather(0, jm_local[None, :]).squeeze(0)
+            jm = moved[jm_local]
+            take = (vm < va) | ((vm == va) & (jm < lab))
+            new_labels[start:stop] = torch.where(take, jm, lab)
+            farther[start:stop] = va > va_old
+        om = farther.nonzero().squeeze(1)
+        if om.numel():
+            new_labels[om] = self.dist_t.index_select(1, om).argmin(dim=0)
+        self.evaluations += self.n * mc
+        return new_labels
+
+
+# --------------------------------------------------------------------------------------------
+# fast mode: bound-based engine (used when the N×K cache would be too large)
+
+
+class _BoundedDistances:
+    """Hamerly/Yinyang-style bounds; rows that fail the test get a full `cdist` row.
+
+    Bounds are on exact distances, in float64. `cdist` (matmul form) computes d² with an
+    absolute error of at most `err_i = coef (|x_i| + max|c|)²`, `coef = 4 (F + 4) u` (a generous
+    form of the gamma_n dot-product bound, u = unit roundoff). A point is skipped only when
+    its closest other centre is provably farther in squared distance by `2 err + guard`, so its
+    computed own distance is strictly the smallest, even after the final float sqrt.
+    """
+
+    def __init__(self, x: Tensor, k: int) -> None:
+        self.x = x
+        self.n, self.f = x.shape
+        self.k = k
+        self.groups = max(1, min(k, _MAX_BOUND_GROUPS))
+        self.group_size = -(-k // self.groups)
+        self.unit = torch.finfo(x.dtype).eps / 2
+        self.err_coef = 4.0 * (self.f + 4) * self.unit
+        step = max(1, _CHUNK_BYTES // (8 * self.f))
+        self.xnorm = torch.cat([c.double().norm(dim=1) for c in x.split(step)])
+        per_row = self.f * x.element_size() + 3 * k * 4 + 16 * self.groups
+        self.chunk = max(_MIN_GEMM_ROWS, _CHUNK_BYTES // per_row)
+        self.min_rows = min(self.n, _MIN_GEMM_ROWS)
+        self.upper = torch.empty(0)
+        self.lower = torch.empty(0)
+        self.evaluations = 0
+
+    def _err(self, rows: Tensor | None, cmax: float) -> Tensor:
+        xn = self.xnorm if rows is None else self.xnorm[rows]
+        return self.err_coef * (xn + cmax) ** 2
+
+    def _group_reduce(self, v: Tensor, fill: float, op: str) -> Tensor:
+        if self.groups == self.k:
+            return v
+        pad = self.groups * self.group_size - self.k
+        if pad:
+            v = torch.cat([v, v.new_full((*v.shape[:-1], pad), fill)], dim=-1)
+        v = v.view(*v.shape[:-1], self.groups, self.group_size)
+        return v.amin(dim=-1) if op == "min" else v.amax(dim=-1)
+
+    def _assign(self, rows: Tensor | None, centers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Full rows -> labels `[r]`, upper `[r]`, lower `[r, G]` (float64 bounds)."""
+        cmax = float(centers.double().norm(dim=1).max())
+        count = self.n if rows is None else rows.numel()
+        dev = self.x.device
+        labels = torch.empty(count, dtype=torch.int64, device=dev)
+        upper = torch.empty(count, dtype=torch.float64, device=dev)
+        lower = torch.empty(count, self.groups, dtype=torch.float64, device=dev)
+        f_up, f_dn = 1.0 + 4 * self.unit, 1.0 - 4 * self.unit
+        for start in range(0, count, self.chunk):
+            stop = min(count, start + self.chunk)
+            sel = None if rows is None else rows[start:stop]
+            xs = self.x[start:stop] if sel is None else self.x[sel]
+            r = xs.shape[0]
+            if r < self.min_rows:
+                xs = torch.cat([xs, self.x[: self.min_rows - r]], dim=0)
+            d = torch.cdist(xs, centers, p=2.0, compute_mode="use_mm_for_euclid_dist")[:r]
+            lab = d.argmin(dim=1)
+            own = d.gather(1, lab[:, None]).squeeze(1).double()
+            d.scatter_(1, lab[:, None], math.inf)
+            other = self._group_reduce(d, math.inf, "min").double()
+            xn = self.xnorm[start:stop] if sel is None else self.xnorm[sel]
+            err = self.err_coef * (xn + cmax) ** 2
+            # d = fl(sqrt(d²_computed)), so d² is within a factor (1 +- 4u) of d²_computed.
+            labels[start:stop] = lab
+            upper[start:stop] = (own * own * f_up + err).sqrt()
+            lower[start:stop] = (other * other * f_dn - err[:, None]).clamp_min(0.0).sqrt()
+        self.evaluations += count * self.k
+        return labels, upper, lower
+
+    def first(self, centers: Tensor) -> Tensor:
+        labels, self.upper, self.lower = self._assign(None, centers)
+        return labels
+
+    def _failing(self, lower: Tensor, upper: Tensor, err: Tensor) -> Tensor:
+        lmin = lower.amin(dim=1)
+        gap = (lmin - upper) * (lmin + upper)
+        ok = (lmin > upper) & (gap > 2.0 * err + 16.0 * self.unit * lmin * lmin)
+        return (~ok).nonzero().squeeze(1)
+
+    def step(self, centers: Tensor, old_centers: Tensor, moved: Tensor, labels: Tensor) -> Tensor:
+        """Move the bounds by the centre shifts, recompute the rows they cannot certify."""
+        shift = (centers.double() - old_centers.double()).norm(dim=1) * (1.0 + 1e-12)
+        self.upper += shift[labels]
+        self.lower -= self._group_reduce(shift, 0.0, "max")[None, :]
+        cmax = float(centers.double().norm(dim=1).max())
+        labels = labels.clone()
+        cand = self._failing(self.lower, self.upper, self._err(None, cmax))
+        if cand.numel():
+            # Tighten the upper bound with the (float64, ~exact) own distance, then retest.
+            step = max(1, _CHUNK_BYTES // (16 * self.f))
+            own = torch.cat(
+                [
+                    (self.x[c].double() - centers[labels[c]].double()).norm(dim=1)
+                    for c in cand.split(step)
+                ]
+            )
+            self.upper[cand] = own * (1.0 + 1e-12)
+            self.evaluations += cand.numel()
+            sub = self._failing(self.lower[cand], self.upper[cand], self._err(cand, cmax))
+            rows = cand[sub]
+            if rows.numel():
+                lab, up, lo = self._assign(rows, centers)
+                labels[rows] = lab
+                self.upper[rows] = up
+                self.lower[rows] = lo
+        return labels
+
+
+# --------------------------------------------------------------------------------------------
+# fast mode: centres
+
+
+class _ClusterMeans:
+    """Per-cluster means, recomputed only for the clusters whose membership changed.
+
+    Members are gathered in ascending position order (as `x[labels == j]` does) and summed in
+    one vectorised pass that follows torch's CPU cascade-sum order, so each mean is bitwise
+    `x[labels == j].mean(0)`. Falls back to float64 sums when the emulation self-check fails.
+    """
+
+    def __init__(self, x: Tensor, k: int) -> None:
+        self.x = x
+        self.k = k
+        self.lanes = _mean_emulation_lanes(x.shape[1], x.dtype, x.device)
+        self.exact = self.lanes is not None
+        self.counts = torch.zeros(k, dtype=torch.int64, device=x.device)
+        self.means = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+
+    def recompute(self, labels: Tensor, clusters: Tensor | None) -> None:
+        """Refresh counts/means of `clusters` (None = all) from `labels`."""
+        if clusters is None:
+            rows = torch.arange(labels.numel(), device=labels.device)
+            self.counts.zero_()
+        else:
+            pick = torch.zeros(self.k, dtype=torch.bool, device=labels.device)
+            pick[clusters] = True
+            rows = pick[labels].nonzero().squeeze(1)
+            self.counts[clusters] = 0  # clusters that just emptied stay at 0
+        lab = labels[rows]
+        order = torch.sort(lab, stable=True).indices  # by cluster, then ascending position
+        rows, lab = rows[order], lab[order]
+        ids, counts = torch.unique_consecutive(lab, return_counts=True)
+        self.counts[ids] = counts
+        # Batches of whole clusters keep the gathered rows within the chunk budget.
+        budget = max(1, _CHUNK_BYTES // (4 * self.x.shape[1] * self.x.element_size()))
+        bounds = torch.cumsum(counts, 0).tolist()
+        first, row0 = 0, 0
+        while first < ids.numel():
+            last = first
+            while last + 1 < ids.numel() and bounds[last + 1] - row0 <= budget:
+                last += 1
+            row1 = bounds[last]
+            self._batch(rows[row0:row1], ids[first : last + 1], counts[first : last + 1])
+            first, row0 = last + 1, row1
+
+    def _batch(self, rows: Tensor, ids: Tensor, counts: Tensor) -> None:
+        vals = self.x[rows]
+        nseg = ids.numel()
+        seg = torch.repeat_interleave(torch.arange(nseg, device=rows.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(rows.numel(), device=rows.device) - starts[seg]
+        if self.lanes is not None and int(counts.max()) <= _CASCADE_MAX_ROWS:
+            sums = _torch_like_sums(vals, seg, rank, nseg, self.lanes)
+            self.means[ids] = sums / counts.to(vals.dtype)[:, None]
+        else:
+            sums = torch.zeros(nseg, vals.shape[1], dtype=torch.float64, device=vals.device)
+            sums.index_add_(0, seg, vals.double())
+            self.means[ids] = (sums / counts.double()[:, None]).to(vals.dtype)
+
+    def centers(self, old: Tensor) -> Tensor:
+        """`[K, F]` new centres: member means, or the old centre for an empty cluster."""
+        return torch.where((self.counts > 0)[:, None], self.means, old)
+
+
+def _seq_group_sums(
+    vals: Tensor, seg: Tensor, rank: Tensor, nseg: int, group: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cut each segment's items (ordered by rank) into runs of `group`; sum every run
+    sequentially from 0, like one accumulator of torch's cascade sum.
+
+    Returns `(full_sums [G, C], full_seg [G], full_rank [G], residue [nseg, C])`: the sums of
+    the complete runs (with their segment and order) and of each segment's incomplete last run.
+    """
+    m, c = vals.shape
+    dev = vals.device
+    # Index m reads a zero row (x + 0 == x), the padding of incomplete runs.
+    padded = torch.cat([vals, vals.new_zeros(1, c)]) if m < 65536 else None
+    cnt = torch.bincount(seg, minlength=nseg)
+    nfull = cnt // group
+    g = int(nfull.sum())
+    fstart = torch.cumsum(nfull, 0) - nfull
+    gidx, pos = rank // group, rank % group
+    slot = torch.where(gidx < nfull[seg], fstart[seg] + gidx, g + seg)
+    table = torch.full((g + nseg, group), m, dtype=torch.int64, device=dev)
+    table[slot, pos] = torch.arange(m, device=dev)
+    acc = vals.new_zeros(g + nseg, c)
+    if padded is not None:
+        for p in range(group):
+            acc += padded.index_select(0, table[:, p])
+    else:
+        # Large inputs: skip the padded copy, mask the padding out instead.
+        for p in range(group):
+            idx = table[:, p]
+            real = idx < m
+            acc += torch.where(real[:, None], vals.index_select(0, idx.clamp_max(m - 1)), 0.0)
+    fseg = torch.repeat_interleave(torch.arange(nseg, device=dev), nfull)
+    frank = torch.arange(g, device=dev) - fstart[fseg]
+    return acc[:g], fseg, frank, acc[g:]
+
+
+def _cascade_sums(vals: Tensor, seg: Tensor, rank: Tensor, nseg: int) -> Tensor:
+    """Per-segment sums in the order of ATen's `multi_row_sum` (4 levels of 16, ≤ 2**19 rows):
+    rows go into acc0; every 16 rows acc0 is pushed into acc1, every 256 acc1 into acc2, every
+    4096 acc2 into acc3; the result is ((acc0 + acc1) + acc2) + acc3."""
+    blocks, bseg, brank, r0 = _seq_group_sums(vals, seg, rank, nseg, 16)
+    sup, sseg, srank, r1 = _seq_group_sums(blocks, bseg, brank, nseg, 16)
+    top, tseg, trank, r2 = _seq_group_sums(sup, sseg, srank, nseg, 16)
+    longest = int(torch.bincount(tseg, minlength=nseg).max()) if tseg.numel() else 0
+    r3 = _seq_group_sums(top, tseg, trank, nseg, longest + 1)[3]
+    return ((r0 + r1) + r2) + r3
+
+
+def _torch_like_sums(vals: Tensor, seg: Tensor, rank: Tensor, nseg: int, lanes: int) -> Tensor:
+    """Per-segment column sums bitwise equal to torch CPU `x.sum(0)` of each segment's rows.
+
+    ATen's outer reduction sums column blocks of `4 * lanes` with `multi_row_sum` (cascade),
+    and the remaining columns with `row_sum` (4 interleaved cascades, leftover rows added to
+    the first, then the other three added in order).
+    """
+    c = vals.shape[1]
+    wide = (c // (4 * lanes)) * (4 * lanes)
+    out = vals.new_empty(nseg, c)
+    if wide:
+        out[:, :wide] = _cascade_sums(vals[:, :wide], seg, rank, nseg)
+    if wide < c:
+        rest = vals[:, wide:]
+        cnt = torch.bincount(seg, minlength=nseg)
+        quads = cnt // 4
+        inside = rank < 4 * quads[seg]
+        sseg = seg[inside] * 4 + rank[inside] % 4
+        parts = _cascade_sums(rest[inside], sseg, rank[inside] // 4, nseg * 4)
+        parts = parts.view(nseg, 4, c - wide)
+        acc = parts[:, 0]
+        left = ~inside
+        lrank = rank[left] - 4 * quads[seg[left]]
+        table = torch.full((nseg, 3), int(left.sum()), dtype=torch.int64, device=vals.device)
+        table[seg[left], lrank] = torch.arange(int(left.sum()), device=vals.device)
+        lpad = torch.cat([rest[left], rest.new_zeros(1, c - wide)])
+        for p in range(3):
+            acc = acc + lpad[table[:, p]]
+        out[:, wide:] = ((acc + parts[:, 1]) + parts[:, 2]) + parts[:, 3]
+    return out
+
+
+_EMULATION_CACHE: dict[tuple, int | None] = {}
+
+
+def _mean_emulation_lanes(width: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """SIMD lane count for which `_torch_like_sums` reproduces `x[rows].mean(0)` bitwise here,
+    or None. Checked once per (width, dtype, device type, threads) on random clusters."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return None
+    key = (width, dtype, device.type, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+    if key in _EMULATION_CACHE:
+        return _EMULATION_CACHE[key]
+    gen = torch.Generator().manual_seed(12345)
+    sizes = torch.tensor([1, 2, 3, 5, 15, 16, 17, 33, 255, 257, 300, 4099])
+    vals = torch.randn(int(sizes.sum()), width, generator=gen, dtype=dtype)
+    seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    rank = torch.arange(vals.shape[0]) - (torch.cumsum(sizes, 0) - sizes)[seg]
+    want = torch.stack([part.mean(0) for part in vals.split(sizes.tolist())])
+    found = None
+    # 512-bit (AVX512) and 256-bit (AVX2 / default) vectors, float32 first.
+    for lanes in (16, 8, 4, 32, 2):
+        got = _torch_like_sums(vals, seg, rank, sizes.numel(), lanes) / sizes.to(dtype)[:, None]
+        if torch.equal(got, want):
+            found = lanes
+            break
+    _EMULATION_CACHE[key] = found
+    return found

@@ -1,0 +1,3 @@
+from uhrbat.configuration.configuration_uhrbat import UhrBatConfig, is_reference_config
+
+__all__ = ["UhrBatConfig", "is_reference_config"]

@@ -1,0 +1,40 @@
+"""Typed exceptions. Every user-facing failure is one of these, with a one-line message
+that names the offending input; the CLI prints the message and exits non-zero."""
+
+from __future__ import annotations
+
+
+class UhrBatError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ImageLoadError(UhrBatError, ValueError):
+    """An image is missing, unreadable, corrupt, not an image, or too large."""
+
+
+class BudgetError(UhrBatError, ValueError):
+    """Per-scale token budgets are malformed (negative, non-integer, wrong length, ...)."""
+
+
+class ContextOverflowError(BudgetError):
+    """Visual tokens + prompt would exceed the model's context length."""
+
+
+class PromptError(UhrBatError, ValueError):
+    """A prompt has zero or several `<image>` markers, or is otherwise malformed."""
+
+
+class ConfigError(UhrBatError, ValueError):
+    """A configuration value is invalid."""
+
+
+class CheckpointError(UhrBatError):
+    """A checkpoint folder is missing weights / residuals or has unexpected contents."""
+
+
+class MaskError(UhrBatError, ValueError):
+    """A segment mask has the wrong shape or cannot be read."""
+
+
+class BenchmarkDataError(UhrBatError, ValueError):
+    """A benchmark file or row is malformed."""

@@ -1,0 +1,208 @@
+"""Validated records shared by the loaders, the scorers and the runner.
+
+A `Sample` is one benchmark question in a format-independent shape. Loaders never raise on
+a bad row: they return a `Sample` whose `error` says what is wrong (with the row index), and
+the runner/scorers count it as an error that is never correct.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from uhrbat.errors import ImageLoadError
+
+__all__ = ["ImageRef", "Sample", "Prediction", "decode_base64_image", "open_images", "pixel_limit"]
+
+# Remote-sensing images routinely exceed Pillow's 178-MP decompression-bomb guard; every
+# official harness lifts it (lmms-eval tasks/xlrs/mcq_utils.py sets 1e9, LRS-VQA
+# Script/evaluation_LRSVQA.py 1e10). We lift it only while *we* decode an image.
+EVAL_MAX_IMAGE_PIXELS = 10_000_000_000
+
+
+@contextlib.contextmanager
+def pixel_limit(limit: int | None = EVAL_MAX_IMAGE_PIXELS) -> Iterator[None]:
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image of a sample lives: an absolute file path or encoded bytes (never both)."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ValueError("ImageRef needs exactly one of path / data")
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"<embedded {len(self.data or b'')} bytes>"
+
+    def to_json(self) -> str:
+        return self.describe()
+
+    def check(self) -> None:
+        """Cheap readability check (file exists and its header is an image); raises ImageLoadError."""
+        try:
+            with pixel_limit():
+                if self.path is not None:
+                    p = Path(self.path)
+                    if not p.is_file():
+                        raise ImageLoadError(f"image not found: {p}")
+                    with Image.open(p) as im:
+                        _ = im.size  # header only
+                else:
+                    with Image.open(io.BytesIO(self.data or b"")) as im:
+                        _ = im.size
+        except ImageLoadError:
+            raise
+        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
+            raise ImageLoadError(f"unreadable image {self.describe()}: {type(e).__name__}: {e}") from e
+
+    def open(self) -> Image.Image:
+        """Decode to an RGB PIL image; raises ImageLoadError on any failure."""
+        from uhrbat.io.images import to_rgb
+
+        try:
+            with pixel_limit():
+                if self.path is not None:
+                    p = Path(self.path)
+                    if not p.is_file():
+                        raise ImageLoadError(f"image not found: {p}")
+                    with Image.open(p) as im:
+                        im.load()
+                        return to_rgb(im)
+                with Image.open(io.BytesIO(self.data or b"")) as im:
+                    im.load()
+                    return to_rgb(im)
+        except ImageLoadError:
+            raise
+        except Exception as e:
+            raise ImageLoadError(f"unreadable image {self.describe()}: {type(e).__name__}: {e}") from e
+
+
+def decode_base64_image(text: str) -> bytes:
+    """Decode a (possibly `data:image/...;base64,`-prefixed) base64 string; ValueError if invalid."""
+    s = text.strip()
+    if s.startswith("data:") and "," in s:
+        s = s.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(s.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"invalid base64 image data: {e}") from e
+
+
+def open_images(refs: list[ImageRef], gap: int = 0) -> Image.Image:
+    """Open one image, or paste several side by side (left to right, top-aligned) into one.
+
+    The pipeline takes exactly one image per question; XLRS change-detection items carry two.
+    Concatenation keeps every pixel visible to the model; it is recorded in each row.
+    """
+    images = [r.open() for r in refs]
+    if len(images) == 1:
+        return images[0]
+    width = sum(im.width for im in images) + gap * (len(images) - 1)
+    height = max(im.height for im in images)
+    from uhrbat.io.images import PAD_RGB
+
+    canvas = Image.new("RGB", (width, height), PAD_RGB)
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    return canvas
+
+
+class Sample(BaseModel):
+    """One benchmark question, validated.
+
+    `answer` is the ground truth exactly as distributed (some official scorers compare the raw
+    string); `options` maps option letters to their text without the "(A)" prefix, and
+    `option_lines` keeps the option strings as distributed (official prompts print those).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    id: str
+    row: int = Field(ge=0, description="0-based row index in the source file")
+    images: list[ImageRef] = Field(default_factory=list)
+    question: str = ""
+    options: dict[str, str] = Field(default_factory=dict)
+    option_lines: list[str] = Field(default_factory=list)
+    answer: str | None = None
+    category: str | None = None
+    subcategory: str | None = None
+    source_format: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_to_str(cls, v: Any) -> str:
+        if v is None:
+            raise ValueError("id is missing")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        s = str(v).strip()
+        if not s:
+            raise ValueError("id is empty")
+        return s
+
+    @field_validator("options")
+    @classmethod
+    def _letters(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if len(k) != 1 or not ("A" <= k <= "Z"):
+                raise ValueError(f"option key {k!r} is not a single upper-case letter")
+        return v
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Prediction:
+    """One model output joined to a sample (by id). `output` None means no usable output."""
+
+    id: str
+    output: str | None = None
+    error: str | None = None
+    logit_choice: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Prediction":
+        out = row.get("output")
+        if out is not None and not isinstance(out, str):
+            out = str(out)
+        err = row.get("error")
+        lc = row.get("logit_choice")
+        rid = row["id"]
+        if isinstance(rid, float) and rid.is_integer():
+            rid = int(rid)
+        return cls(id=str(rid).strip(), output=out, error=str(err) if err else None, logit_choice=lc if isinstance(lc, str) else None)
+
+
+def is_within(root: str | os.PathLike, candidate: str | os.PathLike) -> bool:
+    """Lexical containment check (after normalising `..`), so symlinked data folders still work."""
+    r = os.path.normpath(os.path.abspath(root))
+    c = os.path.normpath(os.path.abspath(candidate))
+    return c == r or c.startswith(r.rstrip(os.sep) + os.sep)

@@ -1,0 +1,127 @@
+"""XLRS-Bench(-lite) scoring, reproducing lmms-eval `lmms_eval/tasks/xlrs/mcq_utils.py`
+(`extract_characters_regex`, `xlrs_aggregate_results`, `xlrs_aggregate_results_macro_score`);
+VLMEvalKit `XLRSBench.extract_characters_regex` is the same function.
+
+Decisions reproduced, quirks included:
+
+* Extraction: strip the stock prefixes by plain substring replacement. The prefix list is
+  missing two commas in the original, so "The best option isThe correct option is" and
+  "Best answer:Best option:" are single (never occurring) strings: "The correct option is" and
+  "Best answer:" are *not* stripped.
+* If no *upper-case* A–E occurs at all -> "" (so "b" alone is unparsed).
+* Else letters in parentheses "(x)" (either case); else the "word-boundary" pattern, whose
+  groups are all optional so it matches **every** a–e/A–E character anywhere; the third
+  fallback is therefore never reached. Upper-cased, de-duplicated.
+  => "B. Building" -> {B, D} (the "d" of Building) and is wrong for GT "B".
+* Correct iff `set(parsed) == set(answer)`, comparing characters of the raw ground-truth string.
+* micro = correct / all questions. macro = mean over the 13 official L3 tasks of their
+  accuracy, where a task with no questions counts as 0 (the task table is pre-filled).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Mapping
+
+from uhrbat.evaluation.records import Sample
+from uhrbat.evaluation.report import Report, category_table, pct
+from uhrbat.evaluation.scoring import Judged, score_benchmark
+
+NAME = "xlrs"
+SUPPORTS_ROBUST = True
+SUPPORTS_LOGITS = True
+
+TASK_PAIRS = (
+    "Complex reasoning/Anomaly Detection and Interpretation",
+    "Complex reasoning/Environmental condition reasoning",
+    "Complex reasoning/Route planning",
+    "Counting/Counting with changing detection",
+    "Counting/Counting with complex reasoning",
+    "Counting/Overall counting",
+    "Counting/Regional counting",
+    "Land use classification/Overall Land use classification",
+    "Land use classification/Regional Land use classification",
+    "Object properties/Object classification",
+    "Object properties/Object color",
+    "Object properties/Object motion state",
+    "Object spatial relationship/Object spatial relationship",
+)
+
+_PREFIXES = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is" "The correct option is",  # sic: missing comma in the original
+    "Best answer:" "Best option:",  # sic
+)
+
+META = {
+    "scorer": "lmms-eval tasks/xlrs/mcq_utils.py (extract_characters_regex, xlrs_aggregate_results[_macro_score])",
+    "extraction": "strip stock prefixes; '' if no upper-case A-E; letters in '(x)', else every a-e/A-E character; upper-cased set",
+    "comparison": "set(parsed letters) == set(characters of the ground-truth string)",
+    "micro": "correct / all questions (the README's full-bench 'Avg' and UHR-BAT's 'weighted average')",
+    "macro": "mean of the 13 official L3-task accuracies; a task without questions counts as 0 (lmms-eval)",
+    "macro_present": "mean over the L3 tasks present in the data (VLMEvalKit-style; equals macro on the full lite set)",
+}
+
+
+def extract(output: Any, sample: Sample | None = None) -> str:
+    if isinstance(output, dict):
+        output = ""
+    s = str(output).strip()
+    for p in _PREFIXES:
+        s = s.replace(p, "")
+    if not re.search("[ABCDE]", s):
+        return ""
+    matches = re.findall(r"\(([a-eA-E])\)", s)
+    if not matches:
+        matches = re.findall(r"(?:^|\s)?([a-eA-E])(?:$|[\s,.])?", s)
+    if not matches:
+        matches = re.findall(r"[a-eA-E]", s)
+    if not matches:
+        return ""
+    return "".join(sorted({m.upper() for m in matches}))
+
+
+def correct(parsed: str, sample: Sample) -> bool:
+    return set(parsed) == set(sample.answer or "")
+
+
+def _task(sample: Sample) -> str:
+    cat = sample.category or ""
+    parts = cat.split("/")
+    return "/".join(parts[:2]) if len(parts) >= 2 else (cat or "(no category)")
+
+
+def aggregate(rows: list[Judged]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    per_task = category_table((_task(r.sample), r.correct) for r in rows)
+    n = len(rows)
+    n_ok = sum(r.correct for r in rows)
+    macro_vals = [per_task[t]["accuracy"] if t in per_task else 0.0 for t in TASK_PAIRS]
+    present = [v["accuracy"] for v in per_task.values()]
+    metrics: dict[str, Any] = {
+        "micro": pct(n_ok, n),
+        "macro": sum(macro_vals) / len(macro_vals),
+        "macro_present": sum(present) / len(present) if present else 0.0,
+        "n_official_tasks_present": sum(1 for t in TASK_PAIRS if t in per_task),
+        "n_unknown_task_questions": sum(v["n"] for k, v in per_task.items() if k not in TASK_PAIRS),
+    }
+    l2 = category_table((_task(r.sample).split("/")[0], r.correct) for r in rows)
+    for k, v in l2.items():
+        metrics[f"L2/{k}"] = v["accuracy"]
+    return {"micro": metrics["micro"], "macro": metrics["macro"]}, metrics, per_task
+
+
+def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:
+    rep = score_benchmark(sys.modules[__name__], NAME, samples, predictions)
+    odd = [s.id for s in samples if s.ok and s.answer and not re.fullmatch(r"[A-E]+", s.answer)]
+    if odd:
+        rep.meta["note_answers"] = (f"{len(odd)} ground-truth answers contain characters other than A-E "
+                                    f"(e.g. {odd[:3]}); the official character-set comparison can never match them")
+    unknown = rep.metrics.get("n_unknown_task_questions", 0)
+    if unknown:
+        rep.meta["note_tasks"] = (f"{unknown} questions have a category outside the 13 official L3 tasks; they count in micro "
+                                  "but not in macro (lmms-eval would refuse them)")
+    return rep

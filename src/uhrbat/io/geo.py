@@ -1,0 +1,395 @@
+"""Where the evidence is: kept / merged visual tokens -> boxes in the original image, polygons in
+the image CRS and in WGS84, and RFC 7946 GeoJSON.
+
+Geometry (the inverse of the processor's pad-and-resize, §2.2 of the method notes). With the
+original image `W x H`, square side `L = max(W, H)` and pad offsets `ox = (L - W) // 2`,
+`oy = (L - H) // 2`, a token at scale `S` (grid `g = S // 336`), tile `t = r * g + c`, patch
+`(row, col)` covers the square pixels
+
+    x in [(c * 24 + col) * 14, +14) * L / S,   y in [(r * 24 + row) * 14, +14) * L / S
+
+and, in the original image, those minus `(ox, oy)`, clipped to `[0, W] x [0, H]`. Boxes are
+float pixel-edge coordinates (x right, y down, origin at the top-left corner of pixel (0, 0)).
+A cell entirely inside the square padding is dropped.
+
+Merged tokens: a merged token is the mean of its group's members, and K-Means groups use
+*tile-local* xy, so members can be far apart. We therefore keep the individual member cells
+(GeoJSON: a MultiPolygon of the cells, with horizontally adjacent cells of one row joined into
+one rectangle) and report the union bounding box separately (`box_px`); pass
+`merged_geometry="bbox"` to write the union box as the geometry instead. A non-merged token is
+its own single cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+PATCH = 14
+TOKENS_PER_SIDE = 24
+TOKENS_PER_TILE = TOKENS_PER_SIDE * TOKENS_PER_SIDE
+TILE = PATCH * TOKENS_PER_SIDE  # 336
+
+
+# ----------------------------------------------------------------------------- georeference
+@dataclass(frozen=True)
+class GeoRef:
+    """CRS + affine pixel->CRS transform of a raster (pixel-edge coordinates, GDAL convention).
+
+    `crs` is a `rasterio.crs.CRS` (or anything `rasterio`/`pyproj` accept: "EPSG:32617", WKT);
+    `transform` an `affine.Affine` or a 6-tuple `(a, b, c, d, e, f)`:
+    `X = a*x + b*y + c`, `Y = d*x + e*y + f`.
+    """
+
+    crs: Any
+    transform: Any
+
+    @property
+    def coefficients(self) -> tuple[float, float, float, float, float, float]:
+        t = self.transform
+        return tuple(float(v) for v in (tuple(t)[:6]))  # type: ignore[return-value]
+
+    @property
+    def crs_name(self) -> str | None:
+        if self.crs is None:
+            return None
+        to_epsg = getattr(self.crs, "to_epsg", None)
+        epsg = to_epsg() if callable(to_epsg) else None
+        if epsg:
+            return f"EPSG:{epsg}"
+        to_string = getattr(self.crs, "to_string", None)
+        return to_string() if callable(to_string) else str(self.crs)
+
+    def pixel_to_crs(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        a, b, c, d, e, f = self.coefficients
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        return a * x + b * y + c, d * x + e * y + f
+
+    def crs_to_wgs84(self, X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Image-CRS coordinates -> (longitude, latitude) in WGS84 degrees."""
+        if self.crs is None:
+            raise ValueError("this image has an affine transform but no CRS; WGS84 is unknown")
+        X = np.asarray(X, dtype=np.float64)
+        Y = np.asarray(Y, dtype=np.float64)
+        try:
+            from rasterio.warp import transform as _warp
+
+            lon, lat = _warp(self.crs, "EPSG:4326", X.ravel().tolist(), Y.ravel().tolist())
+        except ImportError:  # pragma: no cover - rasterio is what produces GeoRefs
+            from pyproj import Transformer
+
+            crs = self.crs.to_wkt() if hasattr(self.crs, "to_wkt") else self.crs
+            tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+            lon, lat = tr.transform(X.ravel(), Y.ravel())
+        return np.asarray(lon).reshape(X.shape), np.asarray(lat).reshape(X.shape)
+
+    def pixel_to_wgs84(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        return self.crs_to_wgs84(*self.pixel_to_crs(x, y))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"crs": self.crs_name, "transform": list(self.coefficients)}
+
+
+# ----------------------------------------------------------------------------- token -> boxes
+def _size_of(source: Any) -> tuple[int, int]:
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        return int(source[0]), int(source[1])
+    size = getattr(source, "size", None) or getattr(source, "image_size", None)
+    if size is None:
+        raise TypeError(f"need an image source or (width, height), got {type(source).__name__}")
+    return int(size[0]), int(size[1])
+
+
+def _georef_of(source: Any) -> GeoRef | None:
+    return None if isinstance(source, (tuple, list)) else getattr(source, "georef", None)
+
+
+def square_cells(scale: int, flat: Iterable[int]) -> np.ndarray:
+    """Flat positions (tile * 576 + row * 24 + col) at `scale` -> `[n, 4]` boxes (x0, y0, x1, y1)
+    in pixels of the `scale x scale` square."""
+    flat = np.asarray(list(flat) if not isinstance(flat, np.ndarray) else flat, dtype=np.int64).reshape(-1)
+    g = int(scale) // TILE
+    if g < 1:
+        raise ValueError(f"scale {scale} is smaller than one {TILE}-px tile")
+    if flat.size and (flat.min() < 0 or flat.max() >= g * g * TOKENS_PER_TILE):
+        raise ValueError(f"token position out of range for scale {scale} ({g * g} tiles): {flat.min()}..{flat.max()}")
+    tile, rc = np.divmod(flat, TOKENS_PER_TILE)
+    row, col = np.divmod(rc, TOKENS_PER_SIDE)
+    tr, tc = np.divmod(tile, g)
+    x0 = (tc * TOKENS_PER_SIDE + col) * PATCH
+    y0 = (tr * TOKENS_PER_SIDE + row) * PATCH
+    return np.stack([x0, y0, x0 + PATCH, y0 + PATCH], axis=1).astype(np.float64)
+
+
+def image_cells(scale: int, flat: Iterable[int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cells of `flat` positions in original-image pixels, clipped: (`[n, 4]` boxes, keep mask).
+
+    `keep[i]` is False when cell i lies entirely in the square padding (its box is then empty).
+    """
+    W, H = size
+    L = max(W, H)
+    ox, oy = (L - W) // 2, (L - H) // 2
+    cells = square_cells(scale, flat) * L / int(scale)  # integer product first: exact at edges
+    cells -= np.array([ox, oy, ox, oy], dtype=np.float64)
+    cells[:, 0] = np.clip(cells[:, 0], 0, W)
+    cells[:, 2] = np.clip(cells[:, 2], 0, W)
+    cells[:, 1] = np.clip(cells[:, 1], 0, H)
+    cells[:, 3] = np.clip(cells[:, 3], 0, H)
+    keep = (cells[:, 2] > cells[:, 0]) & (cells[:, 3] > cells[:, 1])
+    return cells, keep
+
+
+def token_members(token: Any) -> list[int]:
+    """Flat positions a token stands for (its own position when `members` is empty)."""
+    members = list(getattr(token, "members", None) or [])
+    if not members:
+        members = [int(token.tile) * TOKENS_PER_TILE + int(token.row) * TOKENS_PER_SIDE + int(token.col)]
+    return members
+
+
+@dataclass
+class TokenRegion:
+    """Where one kept / merged token lies in the original image."""
+
+    index: int  # position in the token list
+    token: Any  # KeptToken
+    box: tuple[float, float, float, float]  # union bbox of the in-image cells, pixels
+    cells: np.ndarray  # [k, 4] clipped member cells inside the image, pixels
+    n_members: int
+    n_in_padding: int = 0
+    rects: list[tuple[float, float, float, float]] = field(default_factory=list)  # cells joined by row
+
+    @property
+    def merged(self) -> bool:
+        return bool(getattr(self.token, "merged", False))
+
+    def geometry_rects(self, merged_geometry: str = "cells") -> list[tuple[float, float, float, float]]:
+        if self.merged and merged_geometry == "cells":
+            return self.rects
+        return [self.box]
+
+
+def join_rects(cells: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """Join horizontally adjacent cells of the same row into rectangles (exact union per row)."""
+    if len(cells) == 0:
+        return []
+    order = np.lexsort((cells[:, 0], cells[:, 3], cells[:, 1]))
+    out: list[list[float]] = []
+    for x0, y0, x1, y1 in cells[order].tolist():
+        if out and out[-1][1] == y0 and out[-1][3] == y1 and x0 <= out[-1][2] + 1e-9:
+            out[-1][2] = max(out[-1][2], x1)
+        else:
+            out.append([x0, y0, x1, y1])
+    return [tuple(r) for r in out]  # type: ignore[misc]
+
+
+def token_regions(tokens: Sequence[Any], source: Any) -> list[TokenRegion]:
+    """Regions of `tokens` in the original image of `source` (an ImageSource or (W, H)).
+
+    Tokens entirely inside the square padding are omitted (`TokenRegion.index` links back).
+    """
+    size = _size_of(source)
+    out = []
+    for i, tok in enumerate(tokens):
+        members = token_members(tok)
+        cells, keep = image_cells(int(tok.scale), members, size)
+        inside = cells[keep]
+        if len(inside) == 0:
+            continue
+        box = (float(inside[:, 0].min()), float(inside[:, 1].min()), float(inside[:, 2].max()), float(inside[:, 3].max()))
+        rects = join_rects(inside) if getattr(tok, "merged", False) else [box]
+        out.append(TokenRegion(i, tok, box, inside, len(members), int((~keep).sum()), rects))
+    return out
+
+
+def pixel_boxes(tokens: Sequence[Any], source: Any) -> list[list[float] | None]:
+    """Per token (same order): `[x0, y0, x1, y1]` in original-image pixels, or None when the
+    token lies entirely in the padding. Merged tokens: the union box of their members."""
+    boxes: list[list[float] | None] = [None] * len(tokens)
+    for r in token_regions(tokens, source):
+        boxes[r.index] = [round(v, 3) for v in r.box]
+    return boxes
+
+
+def tokens_with_boxes(tokens: Sequence[Any], source: Any) -> list[dict[str, Any]]:
+    """`token.to_dict()` plus `box_px` (see `pixel_boxes`) and, for georeferenced sources,
+    `box_crs` (the pixel box's corners' bounding box in the image CRS) — for `ask --json`."""
+    georef = _georef_of(source)
+    out = []
+    for tok, box in zip(tokens, pixel_boxes(tokens, source)):
+        d = tok.to_dict() if hasattr(tok, "to_dict") else dict(vars(tok))
+        d["box_px"] = box
+        if georef is not None and box is not None:
+            X, Y = georef.pixel_to_crs([box[0], box[2], box[2], box[0]], [box[1], box[1], box[3], box[3]])
+            d["box_crs"] = [float(X.min()), float(Y.min()), float(X.max()), float(Y.max())]
+        out.append(d)
+    return out
+
+
+# ----------------------------------------------------------------------------- polygons
+def rect_ring(rect: Sequence[float], densify: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Closed ring of a pixel rectangle (x0, y0, x1, y1), optionally with `densify` extra points
+    per edge (useful before a non-affine reprojection of large boxes)."""
+    x0, y0, x1, y1 = (float(v) for v in rect)
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+    xs, ys = [], []
+    for (ax, ay), (bx, by) in zip(corners[:-1], corners[1:]):
+        for k in range(densify + 1):
+            t = k / (densify + 1)
+            xs.append(ax + (bx - ax) * t)
+            ys.append(ay + (by - ay) * t)
+    xs.append(x0)
+    ys.append(y0)
+    return np.asarray(xs), np.asarray(ys)
+
+
+def _ccw(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    area2 = float(np.sum(xs[:-1] * ys[1:] - xs[1:] * ys[:-1]))
+    return (xs[::-1], ys[::-1]) if area2 < 0 else (xs, ys)
+
+
+def ring_coords(rect: Sequence[float], space: str, georef: GeoRef | None, densify: int = 0,
+                ndigits: int | None = None) -> list[list[float]]:
+    """One rectangle as a GeoJSON linear ring in `space`: 'pixel', 'crs' or 'wgs84'."""
+    xs, ys = rect_ring(rect, densify)
+    if space == "pixel":
+        pass
+    elif georef is None:
+        raise ValueError("this image has no georeference; only pixel coordinates are available")
+    elif space == "crs":
+        xs, ys = georef.pixel_to_crs(xs, ys)
+        xs, ys = _ccw(xs, ys)
+    elif space == "wgs84":
+        xs, ys = georef.pixel_to_wgs84(xs, ys)
+        xs, ys = _ccw(xs, ys)
+    else:
+        raise ValueError(f"unknown coordinate space {space!r} (pixel, crs, wgs84)")
+    if ndigits is not None:
+        return [[round(float(x), ndigits), round(float(y), ndigits)] for x, y in zip(xs, ys)]
+    return [[float(x), float(y)] for x, y in zip(xs, ys)]
+
+
+def region_geometry(region: TokenRegion, space: str, georef: GeoRef | None, *, merged_geometry: str = "cells",
+                    densify: int = 0, ndigits: int | None = None) -> dict[str, Any]:
+    """GeoJSON geometry of a region: Polygon (one rectangle) or MultiPolygon."""
+    rects = region.geometry_rects(merged_geometry)
+    polys = [[ring_coords(r, space, georef, densify, ndigits)] for r in rects]
+    if len(polys) == 1:
+        return {"type": "Polygon", "coordinates": polys[0]}
+    return {"type": "MultiPolygon", "coordinates": polys}
+
+
+# ----------------------------------------------------------------------------- GeoJSON
+_DIGITS = {"wgs84": 9, "crs": 4, "pixel": 3}
+
+
+def tokens_geojson(
+    tokens: Sequence[Any],
+    source: Any,
+    *,
+    coordinates: str = "auto",
+    merged_geometry: str = "cells",
+    densify: int = 0,
+    properties: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The FeatureCollection `write_geojson` writes (see there)."""
+    if merged_geometry not in ("cells", "bbox"):
+        raise ValueError(f"merged_geometry must be 'cells' or 'bbox', got {merged_geometry!r}")
+    size = _size_of(source)
+    georef = _georef_of(source)
+    if coordinates == "auto":
+        coordinates = "wgs84" if georef is not None and georef.crs is not None else "pixel"
+    if coordinates == "wgs84" and (georef is None or georef.crs is None):
+        raise ValueError("WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'")
+    ndigits = _DIGITS[coordinates] if coordinates in _DIGITS else None
+    regions = token_regions(tokens, source)
+    features = []
+    for reg in regions:
+        tok = reg.token
+        props: dict[str, Any] = {
+            "index": reg.index,
+            "scale": int(tok.scale),
+            "score": float(tok.score),
+            "status": "merged" if reg.merged else "kept",
+            "merged": reg.merged,
+            "kept": not reg.merged,
+            "group": int(tok.group),
+            "tile": int(tok.tile),
+            "row": int(tok.row),
+            "col": int(tok.col),
+            "n_members": reg.n_members,
+            "members_in_padding": reg.n_in_padding,
+            "box_px": [round(v, 3) for v in reg.box],
+        }
+        if georef is not None:
+            X, Y = georef.pixel_to_crs([reg.box[0], reg.box[2], reg.box[2], reg.box[0]],
+                                       [reg.box[1], reg.box[1], reg.box[3], reg.box[3]])
+            props["box_crs"] = [round(float(v), 4) for v in (X.min(), Y.min(), X.max(), Y.max())]
+        geom = region_geometry(reg, coordinates, georef, merged_geometry=merged_geometry, densify=densify,
+                               ndigits=ndigits)
+        features.append({"type": "Feature", "id": reg.index, "geometry": geom, "properties": props})
+    fc: dict[str, Any] = {"type": "FeatureCollection"}
+    all_pts = [p for f in features for p in _points(f["geometry"])]
+    if all_pts:
+        arr = np.asarray(all_pts)
+        fc["bbox"] = [float(v) for v in (arr[:, 0].min(), arr[:, 1].min(), arr[:, 0].max(), arr[:, 1].max())]
+    fc["coordinate_space"] = coordinates
+    if coordinates == "pixel":
+        fc["coordinate_note"] = ("coordinates are original-image pixels (x right, y down, origin at the top-left "
+                                 "corner of the image), NOT longitude/latitude: the image has no georeference")
+    elif coordinates == "crs":
+        fc["coordinate_note"] = f"coordinates are in the image CRS {georef.crs_name} (not RFC 7946 WGS84)"
+    fc["image"] = {"size": list(size), **({} if georef is None else georef.to_dict())}
+    path = getattr(source, "path", None)
+    if path is not None:
+        fc["image"]["path"] = str(path)
+    fc["merged_geometry"] = merged_geometry
+    fc["tokens_total"] = len(tokens)
+    fc["tokens_in_padding_dropped"] = len(tokens) - len(regions)
+    if properties:
+        fc.update({k: v for k, v in properties.items() if k not in ("type", "features")})
+    fc["features"] = features
+    return fc
+
+
+def _points(geom: dict[str, Any]) -> list[list[float]]:
+    if geom["type"] == "Polygon":
+        return [p for ring in geom["coordinates"] for p in ring]
+    return [p for poly in geom["coordinates"] for ring in poly for p in ring]
+
+
+def write_geojson(
+    path: str | os.PathLike,
+    tokens: Sequence[Any],
+    source: Any,
+    *,
+    coordinates: str = "auto",
+    merged_geometry: str = "cells",
+    densify: int = 0,
+    properties: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the kept / merged tokens as an RFC 7946 GeoJSON FeatureCollection; returns it.
+
+    coordinates: 'auto' (WGS84 lon/lat when the source is georeferenced with a CRS, else pixel
+        coordinates, flagged by the top-level `coordinate_space` / `coordinate_note` members),
+        'wgs84', 'pixel', or 'crs' (image CRS; not RFC 7946).
+    merged_geometry: 'cells' (MultiPolygon of a merged token's member cells) or 'bbox'.
+    properties: extra top-level members (e.g. question, answer, model).
+    Each feature has properties scale, score, status ('kept' | 'merged'), merged, kept, group,
+    tile, row, col, n_members, members_in_padding, box_px and (georeferenced) box_crs.
+    """
+    fc = tokens_geojson(tokens, source, coordinates=coordinates, merged_geometry=merged_geometry,
+                        densify=densify, properties=properties)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(fc, f, separators=(",", ":"))
+        f.write("\n")
+    return fc
+
+
+#: Alias (the name `uhrbat ask --json` uses).
+token_pixel_boxes = pixel_boxes

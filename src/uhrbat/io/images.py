@@ -1,0 +1,520 @@
+"""Image sources: anything the processor can turn into a square pyramid.
+
+An *image source* has `.size` -> (width, height) of the original image and
+`.square(side) -> PIL.Image` giving the image padded to a centred square with the CLIP mean
+colour and resized to `side x side` RGB, exactly as the reference does it (§2.2).
+
+`open_image` is the one reader used by the CLI, evaluation and training:
+
+* ordinary PNG/JPEG/... files and in-memory PIL images -> `PILSource`, bit-exact with the
+  reference (`pad_to_square(img).resize((side, side))`, Pillow's default bicubic filter);
+* GeoTIFF / COG / JPEG2000 (and any TIFF with geospatial metadata, nodata, >4 bands, a non-8-bit
+  type, internal overviews, or too big to pad in memory) -> `uhrbat.io.raster.RasterSource`,
+  which reads decimated from internal overviews, so a 20,000-px scene is never decoded at full
+  resolution (needs `rasterio`);
+* very large JPEGs -> `JPEGDraftSource` (DCT-domain reduced decode via `Image.draft`); very large
+  PNG/other files -> `RasterSource` through GDAL's streaming decoder when rasterio is installed.
+
+Geometry is the same for every source: the image is placed on a `max(W, H)` square at
+`((L - W) // 2, (L - H) // 2)` and the square is resampled to `side`. Only images whose padded
+square exceeds `exact_max_pixels` are resampled from a reduced intermediate (>= `oversample` x
+the target), which changes pixel values slightly but never the geometry.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from uhrbat.errors import ImageLoadError
+
+PAD_RGB = (122, 116, 104)  # tuple(int(m * 255)) of the CLIP mean, as in the reference
+
+#: Refuse inputs with more full-resolution pixels than this (decompression-bomb guard).
+DEFAULT_MAX_PIXELS = 1_500_000_000
+#: Images whose padded square has at most this many pixels are resampled exactly like the
+#: reference (full decode, pad, one bicubic resize). Larger ones use a reduced intermediate.
+EXACT_MAX_PIXELS = 16_000 * 16_000
+#: Percentile stretch (low, high) for 16-bit / float / integer data.
+DEFAULT_STRETCH = (2.0, 98.0)
+#: The reduced intermediate is at least this many times the requested side.
+DEFAULT_OVERSAMPLE = 2.0
+
+_PIL_LOCK = threading.RLock()
+
+
+class NotARasterError(ImageLoadError):
+    """GDAL does not recognise the file as a raster (used to fall back to other readers)."""
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    @property
+    def size(self) -> tuple[int, int]: ...
+
+    def square(self, side: int) -> Image.Image: ...
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = PAD_RGB) -> Image.Image:
+    """Paste `image` centred on a `max(W, H)` square canvas filled with `fill`."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def pad_offsets(size: tuple[int, int]) -> tuple[int, int, int]:
+    """(L, ox, oy): square side and where the image's top-left corner sits on it."""
+    w, h = size
+    side = max(w, h)
+    return side, (side - w) // 2, (side - h) // 2
+
+
+def reduced_scale(size: tuple[int, int], side: int, oversample: float = DEFAULT_OVERSAMPLE) -> float:
+    """Scale (<= 1) of the intermediate needed to resample the square to `side` well."""
+    L = max(size)
+    return min(1.0, oversample * side / L)
+
+
+def reduced_geometry(full_size: tuple[int, int], reduced_size: tuple[int, int]
+                     ) -> tuple[int, int, int, int, tuple[float, float, float, float]]:
+    """Canvas for resampling the padded square from a reduced copy of the image.
+
+    The reduced copy (`reduced_size`) covers the whole original (`full_size`). Returns
+    `(cw, ch, px0, py0, box)`: paste the copy at `(px0, py0)` on a `cw x ch` pad-coloured canvas;
+    the original's `L x L` square is then the float `box` of that canvas, so
+    `canvas.resize((side, side), BICUBIC, box=box)` has the reference geometry without
+    materialising the full square.
+    """
+    W, H = full_size
+    L, ox, oy = pad_offsets(full_size)
+    w_i, h_i = reduced_size
+    g = (w_i / W + h_i / H) / 2.0
+    # An axis reduced below one pixel keeps the nominal scale (the strip is 1 px wide there).
+    sx = w_i / W if W * g >= 1 else g
+    sy = h_i / H if H * g >= 1 else g
+    cw, ch = math.ceil(L * sx) + 2, math.ceil(L * sy) + 2
+    px0, py0 = math.floor(ox * sx) + 1, math.floor(oy * sy) + 1
+    bx, by = px0 - ox * sx, py0 - oy * sy
+    return cw, ch, px0, py0, (bx, by, min(cw, bx + L * sx), min(ch, by + L * sy))
+
+
+def square_from_reduced(
+    image: Image.Image,
+    full_size: tuple[int, int],
+    side: int,
+    fill: tuple[int, int, int] = PAD_RGB,
+) -> Image.Image:
+    """`pad_to_square(original).resize((side, side))` geometry from a reduced RGB copy."""
+    cw, ch, px0, py0, box = reduced_geometry(full_size, image.size)
+    canvas = Image.new("RGB", (cw, ch), fill)
+    canvas.paste(image, (px0, py0))
+    return canvas.resize((side, side), Image.Resampling.BICUBIC, box=box)
+
+
+# ----------------------------------------------------------------------------- value conversion
+def percentile_range(
+    values: np.ndarray, stretch: Sequence[float] | None, dtype: Any = None
+) -> tuple[float, float]:
+    """(lo, hi) for mapping `values` (finite, valid samples of one band) to 0..255.
+
+    `stretch=(p_lo, p_hi)` uses those percentiles; `None` uses the dtype's full range for
+    integer types and min/max for floats.
+    """
+    dtype = np.dtype(dtype if dtype is not None else values.dtype)
+    if stretch is None:
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            return float(max(info.min, 0) if info.min >= 0 else info.min), float(info.max)
+        stretch = (0.0, 100.0)
+    v = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v.astype(np.float64, copy=False), [float(stretch[0]), float(stretch[1])])
+    lo, hi = float(lo), float(hi)
+    if not hi > lo:  # constant data: fall back to the full range (ints) or mid-grey (floats)
+        if np.issubdtype(dtype, np.integer):
+            return percentile_range(values, None, dtype)
+        return lo - 0.5, lo + 0.5
+    return lo, hi
+
+
+def stretch_to_uint8(band: np.ndarray, lo: float, hi: float, rows: int = 1024) -> np.ndarray:
+    """Linear map [lo, hi] -> [0, 255] (clipped, NaN -> 0), in row chunks to bound memory."""
+    out = np.empty(band.shape, dtype=np.uint8)
+    scale = 255.0 / (hi - lo)
+    flat = band.reshape(-1, band.shape[-1]) if band.ndim > 1 else band.reshape(1, -1)
+    dst = out.reshape(flat.shape)
+    for r0 in range(0, flat.shape[0], rows):
+        x = flat[r0 : r0 + rows].astype(np.float32)
+        x -= lo
+        x *= scale
+        np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        np.clip(x, 0, 255, out=x)
+        np.rint(x, out=x)
+        dst[r0 : r0 + rows] = x.astype(np.uint8)
+    return out
+
+
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image, *, stretch: Sequence[float] | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    16-bit / 32-bit / float images are mapped linearly: with `stretch=None` (default) over the
+    full 16-bit range (or min..max for other types); with `stretch=(p_lo, p_hi)` between those
+    percentiles. Alpha is composited over the pad colour.
+    """
+    if im.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(im)
+        if stretch is None:
+            a64 = arr.astype(np.float64)
+            lo, hi = float(np.nanmin(a64)) if a64.size else 0.0, float(np.nanmax(a64)) if a64.size else 1.0
+            if im.mode.startswith("I;16") and hi <= 65535:
+                lo, hi = 0.0, 65535.0
+            scaled = np.zeros_like(a64) if hi <= lo else (a64 - lo) / (hi - lo) * 255.0
+            out = np.nan_to_num(scaled).round().clip(0, 255).astype("uint8")
+        else:
+            sample = arr[:: max(1, arr.shape[0] // 1024), :: max(1, arr.shape[1] // 1024)]
+            lo, hi = percentile_range(sample.ravel(), stretch)
+            out = stretch_to_uint8(arr, lo, hi)
+        im = Image.fromarray(out, mode="L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, PAD_RGB)
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def parse_bands(bands: Any) -> tuple[int, ...] | None:
+    """`"4,3,2"`, `[4, 3, 2]` or `None` -> tuple of ints (no range check here)."""
+    if bands is None:
+        return None
+    if isinstance(bands, str):
+        parts = [p for p in bands.replace(" ", "").split(",") if p]
+        try:
+            return tuple(int(p) for p in parts)
+        except ValueError:
+            raise ImageLoadError(f"bands must be comma-separated band numbers, got {bands!r}") from None
+    if isinstance(bands, int):
+        return (bands,)
+    out = []
+    for b in bands:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+            raise ImageLoadError(f"bands must be integers (1-based), got {list(bands)!r}")
+        out.append(int(b))
+    return tuple(out)
+
+
+def check_bands(bands: tuple[int, ...], count: int, what: str) -> None:
+    if len(bands) not in (1, 3) or any(b < 1 or b > count for b in bands):
+        raise ImageLoadError(
+            f"{what}: unsupported band list {list(bands)} for an image with {count} band(s); "
+            f"give 1 (grey) or 3 (R,G,B) band numbers between 1 and {count}"
+        )
+
+
+def _select_pil_bands(
+    im: Image.Image, bands: tuple[int, ...], stretch: Sequence[float] | None, what: str
+) -> Image.Image:
+    """Pick channels (1-based) of a decoded Pillow image and build an RGB image from them."""
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if (im.mode == "PA" or "transparency" in im.info) else "RGB")
+    elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    names = im.getbands()
+    check_bands(bands, len(names), what)
+    alpha = im.getchannel("A") if "A" in names else None
+    chans = [im.getchannel(names[b - 1]) for b in bands]
+    chans = [to_rgb(c, stretch=stretch).getchannel(0) if c.mode in _HIGH_BIT_MODES else c for c in chans]
+    if len(chans) == 1:
+        chans = chans * 3
+    out = Image.merge("RGB", chans)
+    if alpha is not None:
+        bg = Image.new("RGB", out.size, PAD_RGB)
+        bg.paste(out, mask=alpha)
+        out = bg
+    return out
+
+
+def convert_pil(im: Image.Image, *, bands: Any = None, stretch: Sequence[float] | None = DEFAULT_STRETCH,
+                what: str = "image") -> Image.Image:
+    """Decoded Pillow image -> RGB with band selection and high-bit stretch."""
+    sel = parse_bands(bands)
+    if sel is not None:
+        return _select_pil_bands(im, sel, stretch, what)
+    return to_rgb(im, stretch=stretch)
+
+
+# ----------------------------------------------------------------------------- Pillow guard
+@contextmanager
+def pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Set Pillow's decompression-bomb limit for the duration of one open (not globally).
+
+    Our own check (`max_pixels`) runs first with a clear message; Pillow's guard is set to the
+    same number (or off when `None`) only inside this block and restored afterwards.
+    """
+    with _PIL_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else int(max_pixels)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def pil_open(path: Any, max_pixels: int | None) -> Image.Image:
+    """`Image.open` (header only) with Pillow's guard set to `max_pixels` for this open only.
+
+    The guard is a process-wide setting, so it is changed under a lock and restored at once;
+    decoding (`.load()`) happens after the lock is released.
+    """
+    with pil_pixel_limit(max_pixels):
+        return Image.open(path)
+
+
+def check_pixel_limit(path: Any, size: tuple[int, int], max_pixels: int | None) -> None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageLoadError(
+            f"image {path} has {w}x{h} = {w * h:,} pixels, above the limit of {int(max_pixels):,} "
+            f"(max_pixels; pass max_pixels=None or --max-pixels 0 to lift it)"
+        )
+
+
+# ----------------------------------------------------------------------------- sources
+class PILSource:
+    """A decoded RGB image held in memory."""
+
+    georef = None
+
+    def __init__(self, image: Image.Image, *, exact_max_pixels: int | None = EXACT_MAX_PIXELS,
+                 oversample: float = DEFAULT_OVERSAMPLE) -> None:
+        self.image = image if image.mode == "RGB" else image.convert("RGB")
+        self._padded: Image.Image | None = None
+        self.exact_max_pixels = exact_max_pixels
+        self.oversample = oversample
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def _exact(self) -> bool:
+        w, h = self.image.size
+        L = max(w, h)
+        return w == h or self.exact_max_pixels is None or L * L <= self.exact_max_pixels
+
+    def square(self, side: int) -> Image.Image:
+        if self._exact():
+            if self._padded is None:
+                self._padded = pad_to_square(self.image)
+            # Pillow's default filter for RGB is bicubic (with antialias), as in the reference.
+            return self._padded.resize((side, side))
+        # Extremely elongated and huge (e.g. 1 x 20000): never materialise the L x L square.
+        g = reduced_scale(self.image.size, side, self.oversample)
+        w, h = self.image.size
+        small = self.image.resize((max(1, round(w * g)), max(1, round(h * g))), Image.Resampling.BICUBIC)
+        return square_from_reduced(small, (w, h), side)
+
+
+class JPEGDraftSource:
+    """A large JPEG decoded at a reduced DCT scale (1/2, 1/4, 1/8) per requested side."""
+
+    georef = None
+
+    def __init__(self, path: Path, size: tuple[int, int], *, bands: Any = None,
+                 stretch: Sequence[float] | None = DEFAULT_STRETCH, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 oversample: float = DEFAULT_OVERSAMPLE) -> None:
+        self.path = Path(path)
+        self._size = size
+        self.bands, self.stretch, self.max_pixels, self.oversample = bands, stretch, max_pixels, oversample
+        self._cache: tuple[float, Image.Image] | None = None  # (scale, reduced RGB image)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._size
+
+    def reduced(self, g: float) -> Image.Image:
+        """The whole image at a scale >= `g` (cached: the largest one decoded so far)."""
+        if self._cache is not None and self._cache[0] >= g:
+            return self._cache[1]
+        W, H = self._size
+        try:
+            with pil_open(self.path, self.max_pixels) as im:
+                rw, rh = im.size  # raw (pre-EXIF-rotation) size
+                im.draft(None, (max(1, math.ceil(rw * g)), max(1, math.ceil(rh * g))))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                img = convert_pil(im, bands=self.bands, stretch=self.stretch, what=str(self.path))
+        except ImageLoadError:
+            raise
+        except Exception as e:  # OSError, SyntaxError, ValueError from the decoder
+            raise ImageLoadError(f"corrupt or unreadable image {self.path}: {e}") from e
+        scale = min(img.size[0] / W, img.size[1] / H)
+        self._cache = (scale, img)
+        return img
+
+    def square(self, side: int) -> Image.Image:
+        g = reduced_scale(self._size, side, self.oversample)
+        img = self.reduced(g)
+        if img.size == self._size:
+            L = max(self._size)
+            if L * L <= EXACT_MAX_PIXELS:
+                return pad_to_square(img).resize((side, side))
+        return square_from_reduced(img, self._size, side)
+
+
+# ----------------------------------------------------------------------------- readers
+def load_pil(path: str | os.PathLike, *, bands: Any = None, stretch: Sequence[float] | None = DEFAULT_STRETCH,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files."""
+    p = _check_path(path)
+    try:
+        with pil_open(p, max_pixels) as im:
+            check_pixel_limit(p, im.size, max_pixels)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return convert_pil(im, bands=bands, stretch=stretch, what=f"image {p}")
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"not an image file (or an unsupported format): {p}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"image {p} exceeds the pixel limit of {max_pixels:,} pixels (max_pixels; "
+                             f"pass max_pixels=None or --max-pixels 0 to lift it): {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(f"corrupt or unreadable image {p}: {e}") from e
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ImageLoadError(f"image not found: {p}")
+    if p.is_dir():
+        raise ImageLoadError(f"image path is a directory, not a file: {p}")
+    if not os.access(p, os.R_OK):
+        raise ImageLoadError(f"image is not readable (permission denied): {p}")
+    return p
+
+
+def _sniff(p: Path) -> str | None:
+    """'tiff' / 'jp2' from the magic bytes, else None."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise ImageLoadError(f"cannot read image {p}: {e}") from e
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        return "jp2"
+    return None
+
+
+def rasterio_available() -> bool:
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_image(
+    image: "str | os.PathLike | Image.Image | ImageSource",
+    *,
+    bands: Any = None,
+    stretch: Sequence[float] | None = DEFAULT_STRETCH,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    exact_max_pixels: int | None = EXACT_MAX_PIXELS,
+    oversample: float = DEFAULT_OVERSAMPLE,
+) -> ImageSource:
+    """Turn a path, a PIL image or an existing source into an `ImageSource`.
+
+    bands: 1-based band numbers, 1 (grey) or 3 (R,G,B), e.g. `(4, 3, 2)` or `"4,3,2"`.
+    stretch: (low, high) percentiles for 16-bit / float / non-uint8 data (`None`: full range).
+    max_pixels: refuse inputs with more full-resolution pixels (`None`: no limit). Rasters with
+        internal overviews are exempt: they are only ever read decimated.
+    exact_max_pixels: padded squares up to this size are resampled exactly like the reference;
+        above it, a reduced intermediate (>= `oversample` x the side) is used.
+    """
+    if isinstance(image, Image.Image):
+        return PILSource(convert_pil(image, bands=bands, stretch=stretch), exact_max_pixels=exact_max_pixels,
+                         oversample=oversample)
+    if isinstance(image, (str, os.PathLike)):
+        return _open_path(Path(image), bands=bands, stretch=stretch, max_pixels=max_pixels,
+                          exact_max_pixels=exact_max_pixels, oversample=oversample)
+    if isinstance(image, ImageSource):
+        return image
+    raise ImageLoadError(f"unsupported image input of type {type(image).__name__}")
+
+
+def _open_raster(p: Path, **kw: Any) -> ImageSource:
+    from uhrbat.io.raster import RasterSource
+
+    return RasterSource(p, **kw)
+
+
+def _open_path(p: Path, *, bands: Any, stretch: Any, max_pixels: int | None, exact_max_pixels: int | None,
+               oversample: float) -> ImageSource:
+    p = _check_path(p)
+    kind = _sniff(p)
+    rkw = dict(bands=bands, stretch=stretch, max_pixels=max_pixels, exact_max_pixels=exact_max_pixels,
+               oversample=oversample)
+    if kind is not None and rasterio_available():
+        from uhrbat.io.raster import wants_raster_reader
+
+        if wants_raster_reader(p, exact_max_pixels):
+            return _open_raster(p, **rkw)
+    # Pillow: header first (cheap), then decide how to decode.
+    try:
+        with pil_open(p, max_pixels) as im:
+            size, fmt = im.size, im.format
+            orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+    except UnidentifiedImageError as e:
+        if rasterio_available():
+            try:
+                return _open_raster(p, **rkw)
+            except NotARasterError:
+                pass
+        raise ImageLoadError(f"not an image file (or an unsupported format): {p}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"image {p} exceeds the pixel limit of {max_pixels:,} pixels (max_pixels; "
+                             f"pass max_pixels=None or --max-pixels 0 to lift it): {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(f"corrupt or unreadable image {p}: {e}") from e
+    if orientation in (5, 6, 7, 8):
+        size = (size[1], size[0])
+    check_pixel_limit(p, size, max_pixels)
+    L = max(size)
+    # Decode in full whenever that is cheap; PILSource itself avoids materialising a huge padded
+    # square for extremely elongated images (1 x 20000).
+    if exact_max_pixels is None or size[0] * size[1] <= exact_max_pixels:
+        return PILSource(load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels),
+                         exact_max_pixels=exact_max_pixels, oversample=oversample)
+    if fmt == "JPEG":
+        src = JPEGDraftSource(p, size, bands=bands, stretch=stretch, max_pixels=max_pixels, oversample=oversample)
+        src.reduced(min(1.0, 256 / L))  # validate the file now (tiny decode)
+        return src
+    if orientation == 1 and rasterio_available():
+        try:
+            return _open_raster(p, **rkw)  # GDAL's streaming decoder: no full-resolution buffer
+        except ImageLoadError:
+            pass
+    return PILSource(load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels),
+                     exact_max_pixels=exact_max_pixels, oversample=oversample)

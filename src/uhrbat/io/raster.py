@@ -1,0 +1,379 @@
+"""GeoTIFF / COG / JPEG2000 (any GDAL raster) as an `ImageSource`, via `rasterio`.
+
+`RasterSource.square(side)` reads the raster *decimated* (`out_shape`), so GDAL serves it from
+internal overviews (COG, JPEG2000 resolution levels, `gdaladdo`) or streams the blocks: a
+20,000 x 20,000 scene is never decoded at full resolution. The read goes to an intermediate at
+`oversample` x the requested side, which is placed on the pad-coloured square with exactly the
+reference geometry (`uhrbat.io.images.square_from_reduced`) and resampled to `side` with Pillow's
+bicubic filter. Small rasters (padded square <= `exact_max_pixels`) are read once at full
+resolution and resampled exactly like `PILSource`.
+
+Bands: 1-based, 1 (grey) or 3 (R,G,B) numbers; by default the R,G,B colour-interpreted bands,
+else 1,2,3 (or band 1 as grey, or the palette expanded). Non-uint8 data is stretched to 8-bit
+per band between the `stretch` percentiles, computed once from a <= `stats_side`-px decimated
+read (an overview when there is one), ignoring nodata / masked / non-finite samples.
+Nodata, alpha and internal masks become the pad colour (alpha blends).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+from uhrbat.errors import ImageLoadError
+from uhrbat.io.geo import GeoRef
+from uhrbat.io.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_OVERSAMPLE,
+    DEFAULT_STRETCH,
+    EXACT_MAX_PIXELS,
+    PAD_RGB,
+    NotARasterError,
+    PILSource,
+    check_bands,
+    check_pixel_limit,
+    parse_bands,
+    percentile_range,
+    reduced_geometry,
+    reduced_scale,
+    stretch_to_uint8,
+)
+
+try:  # GDAL errors surface as CPLE_* exceptions
+    from rasterio._err import CPLE_BaseError as _CPLError
+except Exception:  # pragma: no cover
+    _CPLError = RasterioError
+
+#: GDAL block cache used for our reads (MB). GDAL's default is 5% of RAM, which would let the
+#: cache alone grow past the pyramid's memory budget on a big machine.
+DEFAULT_GDAL_CACHE_MB = 64
+#: Rasters are read in full (and resampled exactly like `PILSource`) only up to this padded
+#: square size; above it they are always read decimated (overviews), whatever `exact_max_pixels`.
+RASTER_EXACT_MAX_PIXELS = 8192 * 8192
+_READ_ERRORS = (RasterioError, _CPLError, OSError, ValueError, RuntimeError)
+
+
+def _gdal_message(e: BaseException) -> str:
+    """The most specific one-line message along an exception chain (GDAL's own text)."""
+    msgs = []
+    seen = set()
+    first = True
+    while e is not None and id(e) not in seen and (first or isinstance(e, (RasterioError, _CPLError))):
+        seen.add(id(e))
+        first = False
+        m = " ".join(str(e).split())
+        if m and "See previous exception" not in m:
+            msgs.append(m)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return msgs[-1] if msgs else "read failed"
+
+
+def _env(cache_mb: int) -> rasterio.Env:
+    return rasterio.Env(GDAL_CACHEMAX=int(cache_mb), GDAL_PAM_ENABLED="NO")
+
+
+def _open(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def georef_of(ds: Any) -> GeoRef | None:
+    """CRS + affine transform of an open dataset, or None when it is not georeferenced."""
+    crs = ds.crs
+    transform = ds.transform
+    if transform.is_identity:
+        gcps, gcp_crs = ds.gcps
+        if gcps:
+            from rasterio.transform import from_gcps
+
+            transform, crs = from_gcps(gcps), gcp_crs
+        else:
+            return None
+    if crs is None and transform.is_identity:
+        return None
+    return GeoRef(crs=crs, transform=transform)
+
+
+def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIXELS) -> bool:
+    """Should a TIFF / JPEG2000 file be read with rasterio rather than Pillow?
+
+    Pillow keeps plain 8-bit photos (<= 4 bands, no geospatial metadata, nodata or overviews,
+    small enough to pad in memory) exact and handles CMYK and EXIF orientation; everything else
+    goes to GDAL. Files GDAL cannot open go to Pillow (which then reports the error).
+    """
+    try:
+        with _env(DEFAULT_GDAL_CACHE_MB), _open(path) as ds:
+            if ds.driver not in ("GTiff", "COG", "JP2OpenJPEG", "JPEG2000", "JP2KAK", "JP2ECW"):
+                return True
+            plain = (
+                georef_of(ds) is None
+                and all(dt == "uint8" for dt in ds.dtypes)
+                and ds.count <= 4
+                and all(v is None for v in ds.nodatavals)
+                and not ds.overviews(1)
+                and all(MaskFlags.all_valid in f or MaskFlags.alpha in f for f in ds.mask_flag_enums)
+                and (exact_max_pixels is None or ds.width * ds.height <= exact_max_pixels)
+                and ds.driver == "GTiff"
+            )
+            return not plain
+    except _READ_ERRORS:
+        return False
+
+
+def _cmyk_to_rgb(c: np.ndarray, m: np.ndarray, y: np.ndarray, k: np.ndarray) -> list[np.ndarray]:
+    nk = 255 - k.astype(np.uint16)
+    return [(nk - (ch.astype(np.uint16) * nk + 127) // 255).astype(np.uint8) for ch in (c, m, y)]
+
+
+class RasterSource:
+    """A GDAL raster read lazily and decimated; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        bands: Any = None,
+        stretch: Sequence[float] | None = DEFAULT_STRETCH,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        exact_max_pixels: int | None = EXACT_MAX_PIXELS,
+        oversample: float = DEFAULT_OVERSAMPLE,
+        resampling: str = "average",
+        stats_side: int = 1024,
+        gdal_cache_mb: int = DEFAULT_GDAL_CACHE_MB,
+        raster_exact_max_pixels: int = RASTER_EXACT_MAX_PIXELS,
+    ) -> None:
+        self.path = Path(path)
+        self.stretch = None if stretch is None else (float(stretch[0]), float(stretch[1]))
+        if self.stretch is not None and not (0 <= self.stretch[0] < self.stretch[1] <= 100):
+            raise ImageLoadError(f"{self.path}: stretch percentiles must satisfy 0 <= low < high <= 100, got {stretch}")
+        self.exact_max_pixels = (None if exact_max_pixels is None
+                                 else min(int(exact_max_pixels), int(raster_exact_max_pixels)))
+        self.oversample = float(oversample)
+        self.resampling = Resampling[resampling] if isinstance(resampling, str) else Resampling(resampling)
+        self.stats_side = int(stats_side)
+        self.gdal_cache_mb = int(gdal_cache_mb)
+        self._full: PILSource | None = None
+        try:
+            with self._env(), _open(self.path) as ds:
+                self._inspect(ds, parse_bands(bands), max_pixels)
+        except ImageLoadError:
+            raise
+        except _READ_ERRORS as e:
+            msg = _gdal_message(e)
+            if "not recognized" in msg or "not a supported" in msg or "No such" in msg:
+                raise NotARasterError(f"not an image or raster file (GDAL: {msg}): {self.path}") from e
+            raise ImageLoadError(f"corrupt or unreadable raster {self.path}: {msg}") from e
+        # Validate the data now (a small decimated read), so corrupt files fail at open time.
+        if self._is_exact():
+            self._full = PILSource(self._read_full(), exact_max_pixels=None)
+        elif self.overview_factors or self._size[0] * self._size[1] <= 64_000_000:
+            # A 64-px decimated read: served by the smallest overview, touches the whole extent.
+            self._read_checked(max(1, round(self._size[0] * 64 / max(self._size))),
+                               max(1, round(self._size[1] * 64 / max(self._size))), resampling=Resampling.nearest)
+        else:  # huge and without overviews: only probe the first and last blocks (no full scan)
+            self._probe_corners()
+
+    # ------------------------------------------------------------------ metadata
+    def _env(self) -> rasterio.Env:
+        return _env(self.gdal_cache_mb)
+
+    def _inspect(self, ds: Any, bands: tuple[int, ...] | None, max_pixels: int | None) -> None:
+        if ds.count < 1:
+            raise NotARasterError(f"not a raster (no bands): {self.path}")
+        self._size = (int(ds.width), int(ds.height))
+        self.count = int(ds.count)
+        self.driver = ds.driver
+        self.overview_factors = list(ds.overviews(1))
+        if not self.overview_factors:
+            check_pixel_limit(self.path, self._size, max_pixels)
+        self.georef = georef_of(ds)
+        ci = list(ds.colorinterp)
+        self.mode = "bands"
+        self._lut = None
+        if bands is None:
+            if ds.count == 1 and ci[0] == ColorInterp.palette:
+                self.mode, bands = "palette", (1,)
+                cmap = ds.colormap(1)
+                lut = np.zeros((max(256, max(cmap) + 1), 4), np.uint8)
+                lut[:, 3] = 255
+                for k, v in cmap.items():
+                    lut[k] = v
+                self._lut = lut
+            elif all(c in ci for c in (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)):
+                self.mode = "cmyk"
+                bands = tuple(ci.index(c) + 1 for c in (ColorInterp.cyan, ColorInterp.magenta,
+                                                        ColorInterp.yellow, ColorInterp.black))
+            elif all(c in ci for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+                bands = tuple(ci.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+            elif ds.count >= 3 and ci[:3].count(ColorInterp.alpha) == 0:
+                bands = (1, 2, 3)
+            else:
+                bands = (1,)
+        else:
+            check_bands(bands, ds.count, f"raster {self.path}")
+        self.bands = tuple(bands)
+        self.dtype = np.dtype(ds.dtypes[self.bands[0] - 1])
+        dtypes = {ds.dtypes[b - 1] for b in self.bands}
+        if len(dtypes) > 1:
+            self.dtype = np.result_type(*[np.dtype(d) for d in dtypes])
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        self._has_mask = any(MaskFlags.all_valid not in f for f in flags)
+        self._is_float = np.issubdtype(self.dtype, np.floating)
+        self.stretch_ranges: list[tuple[float, float]] | None = None
+        if self.mode in ("bands",) and self.dtype != np.uint8:
+            self.stretch_ranges = self._compute_stretch(ds)
+
+    def _compute_stretch(self, ds: Any) -> list[tuple[float, float]]:
+        W, H = self._size
+        k = min(1.0, self.stats_side / max(W, H))
+        shape = (max(1, round(H * k)), max(1, round(W * k)))
+        ranges = []
+        valid = None
+        if self._has_mask:
+            valid = np.zeros(shape, bool)
+            for b in self.bands:
+                valid |= ds.read_masks(b, out_shape=shape, resampling=Resampling.nearest) > 0
+        for b in self.bands:
+            arr = ds.read(b, out_shape=shape, resampling=Resampling.nearest)
+            vals = arr[valid] if valid is not None else arr.ravel()
+            ranges.append(percentile_range(vals, self.stretch, dtype=self.dtype))
+        return ranges
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._size
+
+    def _is_exact(self) -> bool:
+        L = max(self._size)
+        return self.exact_max_pixels is None or L * L <= self.exact_max_pixels
+
+    def __repr__(self) -> str:
+        return (f"RasterSource({str(self.path)!r}, size={self._size}, bands={self.bands}, dtype={self.dtype}, "
+                f"overviews={self.overview_factors}, georef={'yes' if self.georef else 'no'})")
+
+    # ------------------------------------------------------------------ reading
+    def _probe_corners(self) -> None:
+        from rasterio.windows import Window
+
+        W, H = self._size
+        try:
+            with self._env(), _open(self.path) as ds:
+                bh, bw = ds.block_shapes[0]
+                for col, row in ((0, 0), (max(0, W - bw), max(0, H - bh))):
+                    ds.read(self.bands[0], window=Window(col, row, min(bw, W), min(bh, H)))
+        except _READ_ERRORS as e:
+            raise ImageLoadError(f"corrupt or unreadable raster {self.path}: {_gdal_message(e)}") from e
+
+    def _read_checked(self, w: int, h: int, out: np.ndarray | None = None,
+                      resampling: Resampling | None = None) -> np.ndarray:
+        """Read the raster at `(h, w)` into `out` (uint8 `(h, w, >=3)`, pre-filled with the pad
+        colour; a new RGBX array when None), blending nodata / alpha towards the pad colour."""
+        if out is None:
+            out = _pad_canvas(w, h)
+        try:
+            with self._env(), _open(self.path) as ds:
+                self._read_into(ds, out, resampling or self.resampling)
+        except ImageLoadError:
+            raise
+        except MemoryError:
+            raise
+        except _READ_ERRORS as e:
+            msg = _gdal_message(e)
+            raise ImageLoadError(f"corrupt or unreadable raster {self.path}: {msg}") from e
+        return out
+
+    def _read_into(self, ds: Any, out: np.ndarray, resampling: Resampling, rows: int = 1024) -> None:
+        h, w = out.shape[:2]
+        shape = (h, w)
+        alpha = None
+        if self.mode == "palette":
+            idx = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
+            for r0 in range(0, h, rows):
+                rgba = self._lut[idx[r0 : r0 + rows]]
+                out[r0 : r0 + rows, :, :3] = rgba[..., :3]
+            a = self._lut[:, 3]
+            if (a < 255).any():
+                alpha = a[idx]
+            del idx
+        elif self.mode == "cmyk":
+            arr = ds.read(list(self.bands), out_shape=(4, h, w), resampling=resampling)
+            for i, ch in enumerate(_cmyk_to_rgb(*arr)):
+                out[..., i] = ch
+            del arr
+        else:
+            finite = None
+            for b in dict.fromkeys(self.bands):  # distinct bands, in order
+                band = ds.read(b, out_shape=shape, resampling=resampling)
+                if self._is_float:
+                    fb = np.isfinite(band)
+                    finite = fb if finite is None else (finite | fb)
+                k = self.bands.index(b)
+                b8 = stretch_to_uint8(band, *self.stretch_ranges[k]) if self.stretch_ranges is not None else band
+                del band
+                targets = [i for i, bb in enumerate(self.bands) if bb == b] if len(self.bands) == 3 else [0, 1, 2]
+                for i in targets:
+                    out[..., i] = b8
+                del b8
+            if finite is not None and not finite.all():
+                alpha = finite.astype(np.uint8) * np.uint8(255)
+        if self._has_mask:
+            m = None
+            for b in (self.bands if self.mode != "cmyk" else self.bands[:1]):
+                mb = ds.read_masks(b, out_shape=shape, resampling=Resampling.nearest)
+                m = mb if m is None else np.maximum(m, mb, out=m)
+            if m is not None and m.min() < 255:
+                alpha = m if alpha is None else np.minimum(alpha, m)
+        if alpha is not None:
+            _blend_pad(out, alpha, rows)
+
+    def _read_full(self) -> Image.Image:
+        W, H = self._size
+        canvas = self._read_checked(W, H, resampling=Resampling.nearest)
+        return Image.frombuffer("RGBX", (W, H), canvas, "raw", "RGBX", 0, 1).convert("RGB")
+
+    def reduced(self, g: float) -> Image.Image:
+        """The whole raster (no padding) at scale ~`g` (<= 1) as RGB; nodata as pad colour."""
+        W, H = self._size
+        w, h = max(1, round(W * g)), max(1, round(H * g))
+        canvas = self._read_checked(w, h)
+        return Image.frombuffer("RGBX", (w, h), canvas, "raw", "RGBX", 0, 1).convert("RGB")
+
+    def square(self, side: int) -> Image.Image:
+        if self._full is not None:
+            return self._full.square(side)
+        W, H = self._size
+        g = reduced_scale(self._size, side, self.oversample)
+        w, h = max(1, round(W * g)), max(1, round(H * g))
+        cw, ch, px0, py0, box = reduced_geometry(self._size, (w, h))
+        # One RGBX canvas shared with Pillow (zero-copy): the read lands directly in it.
+        canvas = _pad_canvas(cw, ch)
+        self._read_checked(w, h, out=canvas[py0 : py0 + h, px0 : px0 + w])
+        im = Image.frombuffer("RGBX", (cw, ch), canvas, "raw", "RGBX", 0, 1)
+        return im.resize((side, side), Image.Resampling.BICUBIC, box=box).convert("RGB")
+
+
+def _pad_canvas(w: int, h: int) -> np.ndarray:
+    canvas = np.empty((h, w, 4), np.uint8)
+    canvas[..., :3] = PAD_RGB
+    canvas[..., 3] = 255
+    return canvas
+
+
+def _blend_pad(out: np.ndarray, alpha: np.ndarray, rows: int = 1024) -> None:
+    """out[..., :3] = out * a + pad * (1 - a), in row chunks (a = alpha / 255)."""
+    pad = np.asarray(PAD_RGB, np.uint16)
+    for r0 in range(0, out.shape[0], rows):
+        a = alpha[r0 : r0 + rows]
+        if a.min() == 255:
+            continue
+        a16 = a.astype(np.uint16)[..., None]
+        px = out[r0 : r0 + rows, :, :3].astype(np.uint16)
+        out[r0 : r0 + rows, :, :3] = ((px * a16 + pad * (255 - a16) + 127) // 255).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Model, checkpoint conversion and loading."""

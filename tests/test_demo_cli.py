@@ -1,0 +1,39 @@
+"""`uhrbat demo` is registered and wires the model, budgets and server options."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("fastapi")
+
+
+def test_demo_command_wiring(monkeypatch) -> None:
+    import uhrbat.pipeline
+    import uhrbat.serving.demo as demo
+    from uhrbat.cli.main import app
+    from uhrbat.serving.fake import FakePipeline
+
+    loaded, served = {}, {}
+
+    def fake_from_pretrained(model, device="cpu", dtype=None, **selection):
+        loaded.update(model=model, device=device, dtype=dtype, **selection)
+        return FakePipeline()
+
+    monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(demo, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
+    r = CliRunner().invoke(app, ["demo", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--port", "8123"])
+    assert r.exit_code == 0, r.output
+    assert loaded == {"model": "some/ckpt", "device": "cpu", "dtype": None, "budgets": [1, 2, 3, 4]}
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123
+    routes = {getattr(rt, "path", None) for rt in served["app"].routes}
+    assert {"/", "/api/ask", "/api/result/{key}/overlay.png"} <= routes
+
+
+def test_demo_help_lists_options() -> None:
+    from uhrbat.cli.main import app
+
+    r = CliRunner().invoke(app, ["demo", "--help"])
+    assert r.exit_code == 0
+    for opt in ("--model", "--budgets", "--host", "--port", "--max-pixels"):
+        assert opt in r.output
