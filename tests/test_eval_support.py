@@ -40,8 +40,8 @@ class FakePipeline:
 
     @staticmethod
     def _size(image: Any) -> tuple[int, int]:
-        if isinstance(image, Image.Image):
-            return image.size
+        if isinstance(image, Image.Image) or hasattr(image, "square"):  # PIL image or image source
+            return tuple(image.size)
         with Image.open(image) as im:  # a path: must be a readable image
             im.load()
             return im.size

@@ -113,12 +113,16 @@ def test_saved_checkpoint_answers_through_uhrbat_ask(setup, trained, capsys) -> 
     from uhrbat.cli.main import main
 
     out, _ = trained
-    with pytest.raises(SystemExit) as e:
+    code = 0
+    try:
         main(["ask", str(setup.images[0]), "How many ships are in the harbour?", "--model", str(out),
               "--max-new-tokens", "4", "--clusters", "4", "--iters", "2"])
+    except SystemExit as e:
+        code = e.code or 0
     captured = capsys.readouterr()
-    assert e.value.code in (0, None), captured.err
-    assert captured.out.strip() != "" or "decode" in captured.err
+    assert code == 0, captured.err
+    # 20 steps on 6 samples are enough for the tiny model to start the memorised answer.
+    assert captured.out.strip().startswith("There"), captured.out
 
 
 # ----------------------------------------------------------------------------- freeze policies

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -44,7 +45,8 @@ def prepare_sft_command(
         typer.echo(f"... and {report.skipped - show} more bad rows" + (f" (all in {bad_rows})" if bad_rows else ""), err=True)
     typer.echo(f"{out}: {report.summary()}", err=True)
     if report.written == 0:
-        raise typer.Exit(1)
+        # (an error, not typer.Exit: `uhrbat.cli.main.main` runs click with standalone_mode=False)
+        raise ConfigError(f"no usable sample in {', '.join(str(p) for p in inputs)}; {out} is empty")
 
 
 def train_command(
@@ -64,6 +66,7 @@ def train_command(
     compat: Optional[str] = typer.Option(None, "--compat", help="none | reference (two newlines after the image, reference labels, answer-leaking relevance query)."),
     overrides: List[str] = typer.Option([], "--set", help="Recipe override key=value (YAML value), repeatable: --set lora.alpha=32."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a JSON summary (steps, per-step losses, engine) here."),
 ) -> None:
     """Fine-tune UHR-BAT (HF Trainer; DeepSpeed / FSDP; resumes from the latest checkpoint)."""
     from uhrbat.training.recipe import load_recipe
@@ -84,7 +87,14 @@ def train_command(
     from uhrbat.training.trainer import run_training
 
     res = run_training(recipe)
-    msg = f"trained {res.global_step} steps; model in {res.output_dir}"
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(res.to_json(), indent=2, default=str) + "\n")
+    eng = res.engine
+    msg = f"trained {res.global_step} steps ({eng.get('engine')}"
+    if eng.get("engine") == "deepspeed":
+        msg += f" ZeRO-{eng.get('zero_stage')}, optimizer offload {eng.get('offload_optimizer')}"
+    msg += f", world size {eng.get('world_size')}); model in {res.output_dir}"
     if res.resumed_from:
         msg += f" (resumed from {res.resumed_from})"
     if res.dropped:
@@ -122,8 +132,10 @@ def masks_command(
     rep = generate_masks(images, out, sam, scales=scale_list, settings=settings, device=device, dtype=dtype,
                          keep_pixels=keep_pixels, limit=limit, progress=lambda m: typer.echo(m, err=True))
     typer.echo(f"{out}: {rep.summary()}", err=True)
+    for rel, why in rep.failed:
+        typer.echo(f"failed {rel}: {why}", err=True)
     if rep.failed and not rep.written and not rep.skipped:
-        raise typer.Exit(1)
+        raise ConfigError(f"every image failed ({len(rep.failed)}), e.g. {rep.failed[0][0]}: {rep.failed[0][1]}")
 
 
 def register(app: typer.Typer) -> None:

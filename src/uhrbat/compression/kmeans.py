@@ -329,7 +329,7 @@ class _CachedDistances:
             if r < min(self.n, _MIN_GEMM_ROWS):  # keep BLAS on its large-matrix kernel
                 xs = torch.cat([xs, self.xa[: _MIN_GEMM_ROWS - r]])
             block = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_()
-            labels[start:stop] = block.argmin(dim=1)
+            labels[start:stop] = block.min(dim=1).indices  # first index, like argmin
             self.dist_t[:, start:stop] = block.T
         self.evaluations += self.n * self.k
         return labels
@@ -364,8 +364,13 @@ class _CachedDistances:
             if mc >= _MIN_GEMM_ROWS:
                 # Many columns: the transposed product lands contiguous in the [K, N] cache.
                 block_t = torch.matmul(ya, xs.mT)[:, :r].clamp_min_(1e-30).sqrt_()
+                moved_t = block_t[:m]
+                vm = moved_t.amin(dim=0)
             else:
-                block_t = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_().T
+                block = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_()
+                block_t = block.T
+                moved_t = block_t[:m]
+                vm = block[:, :m].amin(dim=1)
             lab = labels[start:stop]
             own_at = lab * self.n + torch.arange(start, stop, device=dev)
             va_old = flat[own_at]
@@ -374,17 +379,18 @@ class _CachedDistances:
             # The old argmin a (own distance d_a) is beaten only by a moved column j with
             # d_j < d_a, or d_j == d_a and j < a (argmin keeps the first index): unmoved
             # columns were already >= the old d_a. That stays true if a moved but got no
-            # farther; rows whose own distance grew get a full-row argmin below.
-            mv = block_t[:m]
-            jm_local = mv.argmin(dim=0)
-            vm = mv.gather(0, jm_local[None, :]).squeeze(0)
-            jm = moved[jm_local]
-            take = (vm < va) | ((vm == va) & (jm < lab))
-            new_labels[start:stop] = torch.where(take, jm, lab)
+            # farther; rows whose own distance grew get a full-row argmin below. Only rows
+            # with min(moved) <= d_a need the index of that minimum.
+            cand = (vm <= va).nonzero().squeeze(1)
+            if cand.numel():
+                jm = moved[moved_t.index_select(1, cand).min(dim=0).indices]
+                lab_c = lab[cand]
+                take = (vm[cand] < va[cand]) | (jm < lab_c)
+                new_labels[start + cand] = torch.where(take, jm, lab_c)
             farther[start:stop] = va > va_old
         om = farther.nonzero().squeeze(1)
         if om.numel():
-            new_labels[om] = self.dist_t.index_select(1, om).argmin(dim=0)
+            new_labels[om] = self.dist_t.index_select(1, om).min(dim=0).indices
         self.evaluations += self.n * mc
         return new_labels
 
@@ -550,100 +556,117 @@ class _ClusterMeans:
             first, row0 = last + 1, row1
 
     def _batch(self, rows: Tensor, ids: Tensor, counts: Tensor) -> None:
-        vals = self.x[rows]
         nseg = ids.numel()
-        seg = torch.repeat_interleave(torch.arange(nseg, device=rows.device), counts)
+        seg = _segment_ids(counts, rows.numel())
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(rows.numel(), device=rows.device) - starts[seg]
         if self.lanes is not None and int(counts.max()) <= _CASCADE_MAX_ROWS:
-            sums = _torch_like_sums(vals, seg, rank, nseg, self.lanes)
-            self.means[ids] = sums / counts.to(vals.dtype)[:, None]
+            sums = _torch_like_sums(self.x, rows, seg, rank, counts, self.lanes)
+            self.means[ids] = sums / counts.to(self.x.dtype)[:, None]
         else:
-            sums = torch.zeros(nseg, vals.shape[1], dtype=torch.float64, device=vals.device)
-            sums.index_add_(0, seg, vals.double())
-            self.means[ids] = (sums / counts.double()[:, None]).to(vals.dtype)
+            sums = torch.zeros(nseg, self.x.shape[1], dtype=torch.float64, device=rows.device)
+            sums.index_add_(0, seg, self.x[rows].double())
+            self.means[ids] = (sums / counts.double()[:, None]).to(self.x.dtype)
 
     def centers(self, old: Tensor) -> Tensor:
         """`[K, F]` new centres: member means, or the old centre for an empty cluster."""
         return torch.where((self.counts > 0)[:, None], self.means, old)
 
 
-def _seq_group_sums(
-    vals: Tensor, seg: Tensor, rank: Tensor, nseg: int, group: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Cut each segment's items (ordered by rank) into runs of `group`; sum every run
-    sequentially from 0, like one accumulator of torch's cascade sum.
+def _segment_ids(counts: Tensor, total: int) -> Tensor:
+    """`[total]` segment index of every item, for items laid out segment after segment
+    (`counts` >= 1 each); a cumsum of start markers, cheaper than repeat_interleave."""
+    marks = torch.zeros(total, dtype=torch.int64, device=counts.device)
+    if counts.numel() > 1:
+        marks[torch.cumsum(counts, 0)[:-1]] = 1
+    return torch.cumsum(marks, 0)
 
-    Returns `(full_sums [G, C], full_seg [G], full_rank [G], residue [nseg, C])`: the sums of
-    the complete runs (with their segment and order) and of each segment's incomplete last run.
+
+def _run_sums(
+    src: Tensor, rows: Tensor | None, seg: Tensor, rank: Tensor, counts: Tensor, group: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One accumulator level of torch's cascade sum.
+
+    Item t is `src[rows[t]]` (or `src[t]` when `rows` is None). Each segment's items (ordered
+    by `rank`) are cut into runs of `group`; every run is summed sequentially starting from 0.
+    Returns `(full, full_seg, full_rank, full_counts, residue)`: the sums of the complete runs
+    (they are pushed to the next level, in order), their segment, rank and count per segment,
+    and each segment's incomplete last run `[nseg, C]`.
     """
-    m, c = vals.shape
-    dev = vals.device
-    # Index m reads a zero row (x + 0 == x), the padding of incomplete runs.
-    padded = torch.cat([vals, vals.new_zeros(1, c)]) if m < 65536 else None
-    cnt = torch.bincount(seg, minlength=nseg)
-    nfull = cnt // group
-    g = int(nfull.sum())
-    fstart = torch.cumsum(nfull, 0) - nfull
-    gidx, pos = rank // group, rank % group
-    slot = torch.where(gidx < nfull[seg], fstart[seg] + gidx, g + seg)
-    table = torch.full((g + nseg, group), m, dtype=torch.int64, device=dev)
-    table[slot, pos] = torch.arange(m, device=dev)
-    acc = vals.new_zeros(g + nseg, c)
-    if padded is not None:
-        for p in range(group):
-            acc += padded.index_select(0, table[:, p])
-    else:
-        # Large inputs: skip the padded copy, mask the padding out instead.
-        for p in range(group):
-            idx = table[:, p]
-            real = idx < m
-            acc += torch.where(real[:, None], vals.index_select(0, idx.clamp_max(m - 1)), 0.0)
-    fseg = torch.repeat_interleave(torch.arange(nseg, device=dev), nfull)
-    frank = torch.arange(g, device=dev) - fstart[fseg]
-    return acc[:g], fseg, frank, acc[g:]
+    dev = src.device
+    nfull = counts // group
+    slots = nfull + 1  # the complete runs, then the (possibly empty) residue
+    base = torch.cumsum(slots, 0) - slots
+    total = int(slots.sum())
+    dest = (base[seg] + rank // group) * group + rank % group
+    # Gather straight into the padded [slot, position] layout; unused positions read row 0
+    # and are zeroed (x + 0 == x, so zero padding leaves every sequential sum unchanged).
+    source = torch.zeros(total * group, dtype=torch.int64, device=dev)
+    source[dest] = torch.arange(rank.numel(), device=dev) if rows is None else rows
+    padded = src.index_select(0, source)
+    unused = torch.ones(total * group, dtype=torch.bool, device=dev)
+    unused[dest] = False
+    padded.index_fill_(0, unused.nonzero().squeeze(1), 0.0)
+    padded = padded.view(total, group, src.shape[1])
+    acc = src.new_zeros(total, src.shape[1])
+    for p in range(group):
+        acc += padded[:, p]
+    slot_seg = _segment_ids(slots, total)
+    slot_rank = torch.arange(total, device=dev) - base[slot_seg]
+    is_full = slot_rank < nfull[slot_seg]
+    return acc[is_full], slot_seg[is_full], slot_rank[is_full], nfull, acc[base + nfull]
 
 
-def _cascade_sums(vals: Tensor, seg: Tensor, rank: Tensor, nseg: int) -> Tensor:
-    """Per-segment sums in the order of ATen's `multi_row_sum` (4 levels of 16, ≤ 2**19 rows):
+def _cascade_sums(src: Tensor, rows: Tensor | None, seg: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
+    """Per-segment sums in the order of ATen's `multi_row_sum` (4 levels of 16, <= 2**19 rows):
     rows go into acc0; every 16 rows acc0 is pushed into acc1, every 256 acc1 into acc2, every
     4096 acc2 into acc3; the result is ((acc0 + acc1) + acc2) + acc3."""
-    blocks, bseg, brank, r0 = _seq_group_sums(vals, seg, rank, nseg, 16)
-    sup, sseg, srank, r1 = _seq_group_sums(blocks, bseg, brank, nseg, 16)
-    top, tseg, trank, r2 = _seq_group_sums(sup, sseg, srank, nseg, 16)
-    longest = int(torch.bincount(tseg, minlength=nseg).max()) if tseg.numel() else 0
-    r3 = _seq_group_sums(top, tseg, trank, nseg, longest + 1)[3]
-    return ((r0 + r1) + r2) + r3
+    out = None
+    for _level in range(3):
+        src, seg, rank, counts, residue = _run_sums(src, rows, seg, rank, counts, 16)
+        rows = None
+        out = residue if out is None else out + residue
+        if src.shape[0] == 0:  # nothing pushed up: the higher accumulators stay 0
+            return out
+    longest = int(counts.max())
+    return out + _run_sums(src, None, seg, rank, counts, longest + 1)[4]
 
 
-def _torch_like_sums(vals: Tensor, seg: Tensor, rank: Tensor, nseg: int, lanes: int) -> Tensor:
-    """Per-segment column sums bitwise equal to torch CPU `x.sum(0)` of each segment's rows.
+def _torch_like_sums(
+    src: Tensor, rows: Tensor, seg: Tensor, rank: Tensor, counts: Tensor, lanes: int
+) -> Tensor:
+    """Per-segment column sums bitwise equal to torch's CPU `x[rows_s].sum(0)` per segment s
+    (segment s = the items with seg == s, contiguous and in order in `rows`; `counts` >= 1).
 
     ATen's outer reduction sums column blocks of `4 * lanes` with `multi_row_sum` (cascade),
-    and the remaining columns with `row_sum` (4 interleaved cascades, leftover rows added to
-    the first, then the other three added in order).
+    and the remaining columns with `row_sum` (4 interleaved cascades, the leftover rows added
+    to the first, then the other three added in order).
     """
-    c = vals.shape[1]
+    nseg = counts.numel()
+    c = src.shape[1]
     wide = (c // (4 * lanes)) * (4 * lanes)
-    out = vals.new_empty(nseg, c)
+    out = src.new_empty(nseg, c)
     if wide:
-        out[:, :wide] = _cascade_sums(vals[:, :wide], seg, rank, nseg)
+        out[:, :wide] = _cascade_sums(src[:, :wide], rows, seg, rank, counts)
     if wide < c:
-        rest = vals[:, wide:]
-        cnt = torch.bincount(seg, minlength=nseg)
-        quads = cnt // 4
+        rest = src[rows, wide:]
+        quads = counts // 4
         inside = rank < 4 * quads[seg]
         sseg = seg[inside] * 4 + rank[inside] % 4
-        parts = _cascade_sums(rest[inside], sseg, rank[inside] // 4, nseg * 4)
+        scounts = quads[:, None].expand(nseg, 4).reshape(-1)
+        if bool(inside.any()):
+            order = torch.sort(sseg, stable=True).indices  # streams contiguous, rows in order
+            parts = _cascade_sums(rest[inside][order], None, sseg[order], (rank[inside] // 4)[order], scounts)
+        else:
+            parts = rest.new_zeros(nseg * 4, c - wide)
         parts = parts.view(nseg, 4, c - wide)
         acc = parts[:, 0]
         left = ~inside
         lrank = rank[left] - 4 * quads[seg[left]]
-        table = torch.full((nseg, 3), int(left.sum()), dtype=torch.int64, device=vals.device)
-        table[seg[left], lrank] = torch.arange(int(left.sum()), device=vals.device)
-        lpad = torch.cat([rest[left], rest.new_zeros(1, c - wide)])
+        lpad = rest.new_zeros(nseg, 3, c - wide)
+        lpad[seg[left], lrank] = rest[left]
         for p in range(3):
-            acc = acc + lpad[table[:, p]]
+            acc = acc + lpad[:, p]
         out[:, wide:] = ((acc + parts[:, 1]) + parts[:, 2]) + parts[:, 3]
     return out
 
@@ -662,13 +685,14 @@ def _mean_emulation_lanes(width: int, dtype: torch.dtype, device: torch.device) 
     gen = torch.Generator().manual_seed(12345)
     sizes = torch.tensor([1, 2, 3, 5, 15, 16, 17, 33, 255, 257, 300, 4099])
     vals = torch.randn(int(sizes.sum()), width, generator=gen, dtype=dtype)
-    seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    seg = _segment_ids(sizes, vals.shape[0])
     rank = torch.arange(vals.shape[0]) - (torch.cumsum(sizes, 0) - sizes)[seg]
     want = torch.stack([part.mean(0) for part in vals.split(sizes.tolist())])
     found = None
     # 512-bit (AVX512) and 256-bit (AVX2 / default) vectors, float32 first.
     for lanes in (16, 8, 4, 32, 2):
-        got = _torch_like_sums(vals, seg, rank, sizes.numel(), lanes) / sizes.to(dtype)[:, None]
+        got = _torch_like_sums(vals, torch.arange(vals.shape[0]), seg, rank, sizes, lanes)
+        got = got / sizes.to(dtype)[:, None]
         if torch.equal(got, want):
             found = lanes
             break

@@ -77,8 +77,25 @@ class ImageRef:
         except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
             raise ImageLoadError(f"unreadable image {self.describe()}: {type(e).__name__}: {e}") from e
 
-    def open(self) -> Image.Image:
-        """Decode to an RGB PIL image; raises ImageLoadError on any failure."""
+    def open(self) -> Any:
+        """An image source for the pipeline, through the shared reader (`uhrbat.io.open_image`:
+        GeoTIFF/COG, huge PNG/JPEG, 16-bit, pixel limit); raises ImageLoadError on any failure."""
+        from uhrbat.io.images import PILSource, open_image
+
+        if self.path is not None:
+            p = Path(self.path)
+            if not p.is_file():
+                raise ImageLoadError(f"image not found: {p}")
+            try:
+                return open_image(p, max_pixels=EVAL_MAX_IMAGE_PIXELS)
+            except ImageLoadError:
+                raise
+            except Exception as e:
+                raise ImageLoadError(f"unreadable image {self.describe()}: {type(e).__name__}: {e}") from e
+        return PILSource(self.open_pil())
+
+    def open_pil(self) -> Image.Image:
+        """Decode to an RGB PIL image (used to paste multi-image items side by side)."""
         from uhrbat.io.images import to_rgb
 
         try:
@@ -110,15 +127,15 @@ def decode_base64_image(text: str) -> bytes:
         raise ValueError(f"invalid base64 image data: {e}") from e
 
 
-def open_images(refs: list[ImageRef], gap: int = 0) -> Image.Image:
+def open_images(refs: list[ImageRef], gap: int = 0) -> Any:
     """Open one image, or paste several side by side (left to right, top-aligned) into one.
 
     The pipeline takes exactly one image per question; XLRS change-detection items carry two.
     Concatenation keeps every pixel visible to the model; it is recorded in each row.
     """
-    images = [r.open() for r in refs]
-    if len(images) == 1:
-        return images[0]
+    if len(refs) == 1:
+        return refs[0].open()
+    images = [r.open_pil() for r in refs]
     width = sum(im.width for im in images) + gap * (len(images) - 1)
     height = max(im.height for im in images)
     from uhrbat.io.images import PAD_RGB

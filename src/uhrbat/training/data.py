@@ -61,7 +61,7 @@ class Sample:
         def res(p: str | None) -> str | None:
             if p is None or root is None or os.path.isabs(p):
                 return p
-            return str(root / p)
+            return os.path.normpath(str(root / p))
 
         return cls(id=str(d["id"]), image=res(d["image"]), messages=list(d["messages"]), masks=res(d.get("masks")),
                    source=d.get("source"))

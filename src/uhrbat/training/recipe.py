@@ -61,6 +61,7 @@ class TrainRecipe:
     gradient_checkpointing: bool = True
     # engine
     deepspeed: str | None = "zero2_offload"
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON
     fsdp: bool | str | None = None  # true, or legacy "full_shard auto_wrap" / "shard_grad_op offload"
     fsdp_config: str | None = None  # shipped name (fsdp, fsdp_offload) or a JSON path; default fsdp
     # optimisation
@@ -113,6 +114,16 @@ class TrainRecipe:
     def deepspeed_path(self) -> str | None:
         return resolve_engine_config(self.deepspeed, DEEPSPEED_CONFIGS)
 
+    def deepspeed_config(self) -> str | dict[str, Any] | None:
+        """The DeepSpeed config for `TrainingArguments.deepspeed`: the file, or a dict with
+        `deepspeed_overrides` deep-merged into it."""
+        path = self.deepspeed_path()
+        if path is None or not self.deepspeed_overrides:
+            return path
+        import json
+
+        return deep_merge(json.loads(Path(path).read_text()), self.deepspeed_overrides)
+
     def fsdp_config_path(self) -> str | None:
         if not self.fsdp:
             return None
@@ -139,6 +150,13 @@ class TrainRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def resolve_engine_config(name: str | None, shipped: dict[str, str]) -> str | None:

@@ -27,21 +27,11 @@ ANSWERS = [
 
 def make_tiny_training_checkpoint(path: str | os.PathLike, scales: Sequence[int] = (336, 672, 1008),
                                   budgets: Sequence[int] = (4, 8, 8), seed: int = 0, **overrides: Any) -> Path:
-    """`uhrbat.testing.make_tiny_checkpoint` with a custom pyramid (processor config kept in sync)."""
+    """`uhrbat.testing.make_tiny_checkpoint` with a small pyramid (fast on CPU)."""
     from uhrbat.testing import make_tiny_checkpoint
 
     base = overrides.pop("base_scale", 672 if 672 in scales else scales[0])
-    p = make_tiny_checkpoint(path, seed=seed, scales=list(scales), budgets=list(budgets), base_scale=base, **overrides)
-    # make_tiny_checkpoint writes the default pyramid into the processor config; align it.
-    cfg_path = p / "preprocessor_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["scales"] = list(scales)
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    proc_path = p / "processor_config.json"
-    pcfg = json.loads(proc_path.read_text())
-    pcfg["budgets"] = list(budgets)
-    proc_path.write_text(json.dumps(pcfg, indent=2) + "\n")
-    return p
+    return make_tiny_checkpoint(path, seed=seed, scales=list(scales), budgets=list(budgets), base_scale=base, **overrides)
 
 
 def make_images(folder: str | os.PathLike, n: int, seed: int = 0, size: tuple[int, int] = (90, 70)) -> list[Path]:
@@ -93,3 +83,31 @@ def make_tiny_training_setup(root: str | os.PathLike, n: int = 8, scales: Sequen
     if report.skipped:
         raise RuntimeError(f"tiny setup produced bad rows: {report.bad}")
     return TinySetup(ck, manifest, images)
+
+
+def engine_smoke(*runs: Sequence[str]) -> None:
+    """`uhrbat train RUN` for each run, in this process, for engine tests.
+
+    Sets single-process distributed env defaults and skips DeepSpeed's shared-memory comm op (a
+    ~2-minute JIT build that a one-process CPU run does not use). Use a fresh interpreter, and put
+    a ZeRO-3 run last (its global config makes later model loads partitioned):
+    `python -c "from uhrbat.training.testing import engine_smoke; engine_smoke([...], [...])"`.
+    """
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(k, v)
+    try:
+        import importlib
+
+        # (not `import deepspeed.comm.torch as m`: that name resolves to the `torch` package)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    except ImportError:
+        pass
+    from uhrbat.cli.main import main
+
+    for argv in runs:
+        try:
+            main(["train", *argv])
+        except SystemExit as e:
+            if e.code:
+                raise

@@ -282,10 +282,11 @@ def training_arguments(recipe: TrainRecipe, resume: bool = False) -> TrainingArg
         save_total_limit=recipe.save_total_limit,
         dataloader_num_workers=recipe.dataloader_num_workers,
         dataloader_drop_last=recipe.dataloader_drop_last,
+        dataloader_pin_memory=torch.cuda.is_available(),
         report_to=_report_to(recipe.report_to),
         seed=recipe.seed,
         remove_unused_columns=False,
-        deepspeed=recipe.deepspeed_path(),
+        deepspeed=recipe.deepspeed_config(),
     )
     if recipe.tf32 is not None and torch.cuda.is_available():
         kw["tf32"] = recipe.tf32
@@ -305,6 +306,33 @@ class TrainResult:
     resumed_from: str | None
     dropped: int
     trainable: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def engine_info(trainer: Trainer) -> dict[str, Any]:
+    """What actually ran: DeepSpeed stage and offload, FSDP, world size, device, dtype."""
+    info: dict[str, Any] = {"world_size": trainer.args.world_size, "device": str(trainer.args.device)}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    if trainer.is_deepspeed_enabled:
+        eng = trainer.model_wrapped
+        zero = eng.config.get("zero_optimization", {}) if isinstance(getattr(eng, "config", None), dict) else {}
+        info["engine"] = "deepspeed"
+        info["zero_stage"] = int(eng.zero_optimization_stage())
+        info["offload_optimizer"] = (zero.get("offload_optimizer") or {}).get("device", "none")
+        info["offload_param"] = (zero.get("offload_param") or {}).get("device", "none")
+        info["optimizer"] = type(getattr(eng, "basic_optimizer", None) or eng.optimizer).__name__
+    elif trainer.is_fsdp_enabled:
+        info["engine"] = "fsdp"
+        info["fsdp_version"] = int(trainer.args.fsdp_config.get("version", 2))
+    else:
+        info["engine"] = "ddp" if trainer.args.world_size > 1 else "single"
+    return info
 
 
 def build_trainer(recipe: TrainRecipe, callbacks: list[Any] | None = None, model: Any = None, processor: Any = None) -> UhrBatTrainer:
@@ -352,7 +380,7 @@ def run_training(recipe: TrainRecipe, callbacks: list[Any] | None = None) -> Tra
     return TrainResult(
         output_dir=recipe.output_dir, global_step=trainer.state.global_step, step_losses=list(trainer.step_losses),
         log_history=list(trainer.state.log_history), resumed_from=resume, dropped=dropped,
-        trainable=trainable_names(trainer.accelerator.unwrap_model(trainer.model)),
+        trainable=trainable_names(trainer.accelerator.unwrap_model(trainer.model)), engine=engine_info(trainer),
     )
 
 
