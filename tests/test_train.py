@@ -264,3 +264,24 @@ def test_forward_with_labels_scores_from_prompt_only(setup) -> None:
         batch.pop("query_index")
         implicit = model(**batch).loss
     torch.testing.assert_close(explicit, implicit, rtol=0, atol=0)
+
+
+def test_segments_selector_trains_with_mask_files(setup, tmp_path) -> None:
+    """Masks named in the manifest reach the model through the collator and the Trainer."""
+    from safetensors.torch import save_file
+
+    from uhrbat.training.data import prepare_sft, sanitize
+    from uhrbat.training.trainer import run_training
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p in setup.images:
+        ids = {f"scale.{s}": (torch.arange((s // 336) ** 2 * 576, dtype=torch.int32) // 97 % 5).reshape(-1, 24, 24)
+               for s in SCALES}
+        save_file(ids, str(masks / f"{sanitize(p.name)}.safetensors"))
+    manifest = tmp_path / "m.jsonl"
+    rep = prepare_sft([setup.images[0].parent / "sft.json"], manifest, mask_dir=masks, scales=SCALES)
+    assert rep.with_masks == len(setup.images)
+    res = run_training(_recipe(setup, tmp_path / "run", data=str(manifest), selector="segments", max_steps=2,
+                               save_steps=100, per_device_train_batch_size=2))
+    assert res.global_step == 2 and all(torch.isfinite(torch.tensor(res.step_losses)))

@@ -118,7 +118,15 @@ def load_reference_checkpoint(
                 if ours is None or ours in loaded:
                     continue  # ignored, or the duplicate alias of the token MLP
                 loaded[ours] = fh.get_tensor(key)
-    if not any(k.startswith("vision_tower.") for k in loaded) and vpath is not None:
+    if not any(k.startswith("vision_tower.") for k in loaded) and vpath is None:
+        # The release names the tower by hub id (openai/clip-vit-large-patch14-336).
+        from uhrbat.modeling.loading import local_dir
+
+        name = str(vision_tower or os.environ.get("UHR_BAT_VISION_TOWER") or json.loads((directory / "config.json").read_text()).get("mm_vision_tower") or "")
+        if not name:
+            raise CheckpointError(f"{directory}: no vision tower weights in the checkpoint and no mm_vision_tower; pass --vision-tower")
+        vpath = local_dir(name)
+    if not any(k.startswith("vision_tower.") for k in loaded):
         vfiles = _weight_files(vpath)
         for f in vfiles:
             with safe_open(str(f), framework="pt", device=str(device)) as fh:

@@ -44,7 +44,8 @@ def local_dir(model: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(str(model), allow_patterns=_DOWNLOAD_PATTERNS))
     except Exception as e:  # offline, unknown repo, auth
-        raise CheckpointError(f"could not fetch {model!r} from the hub ({type(e).__name__}: {e}); pass a local folder") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"could not fetch {model!r} from the hub ({type(e).__name__}: {first}); pass a local folder") from e
 
 
 def load(

@@ -15,6 +15,7 @@ Each tile is encoded exactly once; scoring and selection inputs derive from the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -116,7 +117,7 @@ class ImageTrace:
     clip_features: dict[int, torch.Tensor] = field(default_factory=dict)
     score_inputs_embeds: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    want_clip: bool = False
+    want_clip: bool = False  # also keep CLIP and projected features of every scale (tracing)
 
 
 @dataclass
@@ -315,8 +316,6 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
                 return select_topk(embeds, rel, budget)
             seg = segment_ids_for_scale(mask, scale, self.config.tile_size, self.config.patch_size).to(embeds.device)
             return select_segments(embeds, rel, budget, seg)
-        import time
-
         t0 = time.perf_counter()
         k = opts.kmeans_clusters if opts.kmeans_clusters else max(1, budget)
         feats = clustering_features(embeds, n_tiles, feat_scale=self.config.kmeans_feat_scale,
@@ -338,8 +337,6 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         trace: ImageTrace | None = None,
     ) -> torch.Tensor:
         """All tiles of one image -> `[n_visual, H]` post-MLP tokens for the LLM."""
-        import time
-
         cfg = self.config
         t0 = time.perf_counter()
         # Training: selection runs without gradient, then only the rows that reach the LLM are
@@ -360,20 +357,22 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         generator = torch.Generator(device="cpu").manual_seed(opts.seed)
         chosen: list[torch.Tensor] = []
         for s, rel, budget in zip(cfg.scales, rels, opts.budgets):
-            f = feats[sl[s]]
-            if cfg.enable_scale_pos_residual:
-                # The released weights were trained with the residual added twice (§2.5).
-                f = (f + res[s]) + res[s]
-            emb = f.reshape(-1, f.shape[-1])
             with torch.no_grad():
-                sel = self._select_scale(emb.detach(), rel.reshape(-1).to(emb.device), budget, s, opts, generator, masks, trace)
+                f = feats[sl[s]]
+                if cfg.enable_scale_pos_residual:
+                    # The released weights were trained with the residual added twice (§2.5).
+                    f = (f + res[s]) + res[s]
+                emb = f.reshape(-1, f.shape[-1])
+                sel = self._select_scale(emb, rel.reshape(-1).to(emb.device), budget, s, opts, generator, masks, trace)
+                del f, emb
             if need_grad:
                 sel.embeds = self._rows_with_grad(clip[sl[s]].reshape(-1, clip.shape[-1]), s, sel)
             chosen.append(sel.embeds)
             if trace is not None:
                 trace.selections[s] = sel
                 trace.relevance[s] = rel
-                trace.features[s] = (feats[sl[s]] + res[s]).detach()
+                if trace.want_clip:
+                    trace.features[s] = (feats[sl[s]] + res[s]).detach()
         pre = torch.cat(chosen)
         post = self.token_mlp(pre)
         t3 = time.perf_counter()

@@ -1,8 +1,8 @@
 """`UhrBatImageProcessor`: image -> padded square pyramid -> normalised 336-px tiles.
 
-Vectorised per scale (one resize, one normalisation and one reshape per scale, no per-tile
-processor calls) and bit-exact with the reference's CLIPImageProcessor path: uint8 ->
-float64 * (1/255) -> float32 -> (x - mean) / std in float32.
+Vectorised per scale (one resize and one table lookup per channel and tile row, written
+straight into the output tensor, no per-tile processor calls) and bit-exact with the
+reference's CLIPImageProcessor path: uint8 -> float64 * (1/255) -> float32 -> (x - mean) / std.
 """
 
 from __future__ import annotations
@@ -45,30 +45,52 @@ class UhrBatImageProcessor:
         self.image_std = [float(s) for s in image_std]
 
     # ---------------------------------------------------------------- core
-    def tiles_for_square(self, square: Any) -> np.ndarray:
+    def _lut(self) -> np.ndarray:
+        """`[3, 256]` float32: the normalised value of every uint8 level per channel.
+
+        Computed with exactly CLIPImageProcessor's rounding (uint8 -> float64 * (1/255) ->
+        float32 -> (x - mean) / std in float32), so a table lookup is bit-identical to it."""
+        levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        return (levels[None, :] - mean) / std
+
+    def tiles_for_square(self, square: Any, out: np.ndarray | None = None) -> np.ndarray:
         """`square`: PIL image side x side -> `[g*g, 3, tile, tile]` float32, row-major tiles."""
         arr = np.asarray(square.convert("RGB") if square.mode != "RGB" else square)
-        side = arr.shape[0]
-        g = side // self.tile_size
+        g = arr.shape[0] // self.tile_size
         t = self.tile_size
-        arr = arr[: g * t, : g * t]
-        # Same rounding as CLIPImageProcessor.rescale/normalize (float64 product, cast, float32 affine).
-        x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
-        x = (x - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
-        x = x.reshape(g, t, g, t, 3).transpose(0, 2, 4, 1, 3)  # (r, c, C, y, x)
-        return np.ascontiguousarray(x.reshape(g * g, 3, t, t))
+        lut = self._lut()
+        if out is None:
+            out = np.empty((g * g, 3, t, t), dtype=np.float32)
+        view = out.reshape(g, g, 3, t, t)
+        for r in range(g):  # one row of tiles at a time; the remainder past g*t is dropped
+            band = arr[r * t : (r + 1) * t, : g * t].reshape(t, g, t, 3).transpose(1, 3, 0, 2)  # (c, C, y, x)
+            for ch in range(3):
+                view[r, :, ch] = lut[ch][band[:, ch]]
+        return out
 
-    def pyramid(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+    def pyramid(self, image: Any, out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image (path, PIL image or ImageSource) -> (`[T, 3, tile, tile]`, (W, H))."""
         source: ImageSource = open_image(image)
-        parts = [torch.from_numpy(self.tiles_for_square(source.square(s))) for s in self.scales]
-        return torch.cat(parts, dim=0), tuple(source.size)
+        t = self.tile_size
+        if out is None:
+            out = torch.empty((self.num_tiles(), 3, t, t), dtype=torch.float32)
+        arr = out.numpy()
+        off = 0
+        for s in self.scales:
+            n = (s // t) ** 2
+            self.tiles_for_square(source.square(s), out=arr[off : off + n])
+            off += n
+        return out, tuple(source.size)
 
     def __call__(self, images: Any, return_tensors: str | None = "pt") -> dict[str, torch.Tensor]:
         if not isinstance(images, (list, tuple)):
             images = [images]
-        tiles, sizes = zip(*(self.pyramid(im) for im in images))
-        return {"pixel_values": torch.stack(tiles), "image_sizes": torch.tensor(sizes, dtype=torch.long)}
+        t = self.tile_size
+        pixel_values = torch.empty((len(images), self.num_tiles(), 3, t, t), dtype=torch.float32)
+        sizes = [self.pyramid(im, out=pixel_values[i])[1] for i, im in enumerate(images)]
+        return {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes, dtype=torch.long)}
 
     def num_tiles(self) -> int:
         return sum((s // self.tile_size) ** 2 for s in self.scales)

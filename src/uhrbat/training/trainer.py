@@ -290,6 +290,8 @@ def training_arguments(recipe: TrainRecipe, resume: bool = False) -> TrainingArg
     )
     if recipe.tf32 is not None and torch.cuda.is_available():
         kw["tf32"] = recipe.tf32
+    if not torch.cuda.is_available() and not recipe.deepspeed:
+        kw["use_cpu"] = True  # CPU runs (bf16 autocast works there too)
     if recipe.fsdp:
         kw["fsdp"] = True
         kw["fsdp_config"] = recipe.fsdp_settings()
