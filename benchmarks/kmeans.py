@@ -79,14 +79,17 @@ def reference_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[to
     return labels, it, converged
 
 
-def run_case(x: torch.Tensor, k: int, iters: int, modes: list[str], unit: float, seed: int) -> None:
+def run_case(x: torch.Tensor, k: int, iters: int, modes: list[str], seed: int) -> None:
     n = x.shape[0]
     k = min(k, n)
     init = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
     print(f"\nN={n} F={x.shape[1]} K={k} max_iters={iters}")
     ref_labels = None
-    ref_time = None
+    ref_units = None
     for mode in modes:
+        # The unit is re-measured right before every run, so that a machine whose load
+        # changes during the benchmark still gives comparable unit counts.
+        unit = yardstick_seconds()
         t0 = time.perf_counter()
         if mode == "reference":
             labels, it, conv = reference_lloyd(x, init, iters)
@@ -98,15 +101,16 @@ def run_case(x: torch.Tensor, k: int, iters: int, modes: list[str], unit: float,
             work = res.distance_evaluations / (it * n * k)
             extra = f" exact_means={res.exact_means}"
         dt = time.perf_counter() - t0
+        units = dt / unit
         same = "" if ref_labels is None else f" labels==reference: {torch.equal(labels, ref_labels)}"
-        speed = "" if ref_time is None else f" speedup x{ref_time / dt:.1f}"
+        speed = "" if ref_units is None else f" speedup x{ref_units / units:.1f}"
         print(
-            f"  {mode:9s} {dt:8.2f} s = {dt / unit:8.0f} units  iters={it:3d} converged={conv}"
-            f" distance work={work:6.1%}{speed}{same}{extra}",
+            f"  {mode:9s} {dt:8.2f} s = {units:8.0f} units (unit {unit * 1e3:.1f} ms)  iters={it:3d}"
+            f" converged={conv} distance work={work:6.1%}{speed}{same}{extra}",
             flush=True,
         )
         if mode == "reference":
-            ref_labels, ref_time = labels, dt
+            ref_labels, ref_units = labels, units
 
 
 def main() -> None:
@@ -146,12 +150,12 @@ def main() -> None:
         feats = [tensors[name].float().contiguous()]
         print(f"features: {args.features}:{name} {tuple(feats[0].shape)}")
         for k, iters in pairs:
-            run_case(feats[0], k, iters, args.modes, unit, args.seed)
+            run_case(feats[0], k, iters, args.modes, args.seed)
         return
     for n in sizes:
         for k, iters in pairs:
             x = make_features(n, dim, k, args.spread, args.zipf, args.seed)
-            run_case(x, k, iters, args.modes, unit, args.seed)
+            run_case(x, k, iters, args.modes, args.seed)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ import torch
 
 PAPER_SCALES = [672, 1344, 2688, 4032]
 PAPER_BUDGETS = [80, 320, 600, 2000]
+# Bytes autograd keeps per projected row at the paper's sizes (CLIP 1024 -> 3584 -> GELU -> 3584,
+# bf16): the projector input, fc1 output and GELU output.
+PAPER_ROW_BYTES = (1024 + 3584 + 3584) * 2
 
 
 class SavedTensorMeter:
@@ -81,7 +84,7 @@ def build(scales: list[int], budgets: list[int], args: argparse.Namespace, root:
                                        hidden=args.hidden, clip_hidden=args.clip_hidden)
     model, proc = load(ck, device=args.device)
     if not args.no_gc:
-        from uhrbat.training.trainer import enable_gradient_checkpointing
+        from uhrbat.training.freeze import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)  # as the recipe: activation checkpointing on the LLM
     model.config.text_config.use_cache = False
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (K={args.clusters}, {args.iters} iters)" if args.selector == "kmeans" else "")
               + f"; LLM activation checkpointing {'off' if args.no_gc else 'on'}; {args.device}")
         print("\nBudget sweep (full pyramid): activation memory saved for backward, MB")
-        print(f"{'budgets':>24} {'visual':>7} | {'ours':>9} {'rows':>7} | {'naive':>9} {'rows':>8} | {'naive/ours':>10}")
+        print(f"{'budgets':>24} {'visual':>7} | {'ours':>9} {'rows':>7} | {'naive':>9} {'rows':>8} | {'naive/ours':>10}"
+              f" | projector path at paper dims, bf16 (estimate): ours / naive")
         for m in [float(x) for x in args.multiples.split(",")]:
             budgets = [max(1, int(round(b * m))) for b in PAPER_BUDGETS]
             ours = one_step(model, proc, img, budgets, args, naive=False)
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             results["budget_sweep"].append(row)
             print(f"{str(budgets):>24} {vis:>7} | {ours['saved_MB']:>9.1f} {ours['rows_with_grad']:>7} | "
                   f"{naive['saved_MB']:>9.1f} {naive['rows_with_grad']:>8} | {naive['saved_MB'] / ours['saved_MB']:>9.1f}x"
+                  f" | {ours['rows_with_grad'] * PAPER_ROW_BYTES / 2**20:>8.0f} MB / {naive['rows_with_grad'] * PAPER_ROW_BYTES / 2**30:.2f} GB"
                   + (f"   cuda peak {ours['cuda_peak_MB']:.0f} vs {naive['cuda_peak_MB']:.0f} MB" if "cuda_peak_MB" in ours else ""))
         del model
         print("\nPyramid sweep at a fixed budget (80 + 320 tokens; 0 at the larger scales): activation MB")

@@ -6,14 +6,13 @@ Golden data: ../shared/parity/case_{a,b} (see its README, step 8 and "Recommende
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-import sys
 
 import uhrbat.compression.kmeans  # noqa: F401  (the package re-exports a function of that name)
 from uhrbat.compression import (
@@ -40,7 +39,17 @@ SCALES = [672, 1344, 2688, 4032]
 TOKENS = {672: 2304, 1344: 9216, 2688: 36864, 4032: 82944}
 
 
-@lru_cache(maxsize=None)
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: these tests run many small ops, which on a busy machine suffer
+    from OpenMP thread hand-offs; results do not depend on the thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@cache
 def fixture(case: str) -> tuple[dict[str, torch.Tensor], dict]:
     folder = PARITY / case
     return load_file(str(folder / "fixture.safetensors")), json.loads((folder / "meta.json").read_text())
@@ -54,7 +63,7 @@ def selection_embeds(case: str, scale: int) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1]) + f[f"scale_residual.{scale}"].repeat(tiles, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def fixture_kmeans(case: str, scale: int, mode: str) -> KMeansResult:
     f, meta = fixture(case)
     c = meta["case"]
@@ -149,9 +158,8 @@ def test_kmeans_matches_fixture(case: str, scale: int, mode: str) -> None:
     assert res.converged == facts["converged_early"]
     assert int(res.labels.unique().numel()) == facts["num_nonempty_clusters"]
     if mode == "fast":
-        # The centre update reproduces torch's mean(0) bitwise on this CPU.
-        assert res.exact_means
-        assert torch.equal(res.centers_iter1, f[f"kmeans.{scale}.centers_iter1"])
+        if res.exact_means:  # the centre update reproduced torch's mean(0) bitwise
+            assert torch.equal(res.centers_iter1, f[f"kmeans.{scale}.centers_iter1"])
         assert res.distance_evaluations < res.iterations * TOKENS[scale] * res.num_clusters
     else:
         assert res.distance_evaluations == res.iterations * TOKENS[scale] * res.num_clusters
@@ -203,7 +211,9 @@ def test_fast_kmeans_does_less_distance_work() -> None:
     res = kmeans(x, 100, 100, generator=torch.Generator().manual_seed(0))
     assert res.converged and res.iterations > 5
     full = res.iterations * 6000 * 100
-    assert res.distance_evaluations < 0.6 * full
+    assert res.distance_evaluations < 0.6 * full  # 39 % here
+    exact = kmeans(x, 100, 100, generator=torch.Generator().manual_seed(0), mode="exact")
+    assert exact.distance_evaluations == full and torch.equal(exact.labels, res.labels)
 
 
 def test_kmeans_edge_cases() -> None:
@@ -221,12 +231,20 @@ def test_kmeans_edge_cases() -> None:
         kmeans(x, 3, 5, init_indices=torch.tensor([0, 1]))
     with pytest.raises(ValueError):
         kmeans(x.long(), 3, 5)
+    bad = x.clone()
+    bad[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans(bad, 3, 5)
 
 
 def test_mean_emulation_is_bitwise_torch_mean() -> None:
     lanes = km._mean_emulation_lanes(66, torch.float32, torch.device("cpu"))
-    if lanes is None:
-        pytest.skip("torch's mean(0) order is not the emulated one on this machine")
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert lanes is not None  # the x86 builds the fixtures come from
+    if lanes is None:  # elsewhere the fast mode must say that its centres are float64 means
+        res = kmeans(torch.randn(500, 66), 10, 3, generator=torch.Generator().manual_seed(0))
+        assert not res.exact_means
+        return
     gen = torch.Generator().manual_seed(7)
     sizes = torch.tensor([1, 4, 16, 31, 256, 300, 4096, 5000])
     vals = torch.randn(int(sizes.sum()), 66, generator=gen)
@@ -516,7 +534,7 @@ def test_segment_ids_formats() -> None:
 @pytest.mark.parametrize(
     "mask,match",
     [
-        (torch.zeros(3, 24, 24, dtype=torch.int64), r"scale 672: mask of shape \[3, 24, 24\]"),
+        (torch.zeros(3, 24, 24, dtype=torch.int64), r"scale 672: mask of shape \[3, 24, 24\] has 3 tiles, expected 4"),
         (torch.zeros(50, 50, dtype=torch.int64), r"scale 672.*\[50, 50\]"),
         (torch.full((4, 24, 24), -1), "scale 672: segment ids must be >= 0"),
         (torch.full((4, 24, 24), 0.5), "scale 672: segment ids must be integers"),

@@ -285,3 +285,22 @@ def test_segments_selector_trains_with_mask_files(setup, tmp_path) -> None:
     res = run_training(_recipe(setup, tmp_path / "run", data=str(manifest), selector="segments", max_steps=2,
                                save_steps=100, per_device_train_batch_size=2))
     assert res.global_step == 2 and all(torch.isfinite(torch.tensor(res.step_losses)))
+
+
+def test_lora_run_saves_merged_checkpoints_and_resumes(setup, tmp_path) -> None:
+    pytest.importorskip("peft")
+    from uhrbat.modeling.loading import load
+    from uhrbat.training.trainer import LORA_ADAPTER_FILE, run_training
+
+    kw = dict(max_steps=4, save_steps=2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    out = tmp_path / "a"
+    res = run_training(_recipe(setup, out, **kw))
+    assert (out / "checkpoint-2" / LORA_ADAPTER_FILE).exists()
+    model, _ = load(out / "checkpoint-2")  # merged: a plain checkpoint in our format
+    assert not any("lora" in k for k in model.state_dict())
+    run2 = tmp_path / "b"
+    run2.mkdir()
+    shutil.copytree(out / "checkpoint-2", run2 / "checkpoint-2")
+    stop = _StopAt(3)
+    res2 = run_training(_recipe(setup, run2, **kw), callbacks=[stop.callback])
+    assert res2.step_losses[0] == res.step_losses[2]

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # Without standalone mode Click returns (not raises) the code of `typer.Exit(n)`.
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
     except UhrBatError as e:
         if debug:
             raise

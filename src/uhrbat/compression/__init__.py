@@ -1,6 +1,11 @@
 """Pure-tensor token compression: K-Means, preserve-and-merge selection, segment masks."""
 
-from uhrbat.compression.kmeans import KMeansResult, clustering_features, kmeans, tile_coordinates
+from uhrbat.compression.kmeans import (
+    KMeansResult,
+    clustering_features,
+    kmeans,
+    tile_coordinates,
+)
 from uhrbat.compression.segments import load_mask_file, segment_ids_for_scale
 from uhrbat.compression.selection import (
     check_budget,

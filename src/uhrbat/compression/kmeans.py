@@ -1,28 +1,32 @@
 """Lloyd K-Means on tile-local clustering features (method §4.1, parity README step 8).
 
 Two implementations of one algorithm (random init, assign by `cdist(...).argmin(1)`, move each
-centre to its members' mean, stop when `torch.allclose(new, centers)`):
+centre to its members' mean, stop when `torch.allclose(new, centers)`, labels from the last
+assignment):
 
 * ``mode="exact"`` is the reference loop, op for op: a full ``torch.cdist`` and one
   ``features[labels == j].mean(0)`` per cluster in every iteration. O(K·N·F) per iteration plus
   a Python loop over clusters; kept for bitwise reproduction.
-* ``mode="fast"`` (default) runs the same iterations with much less work, no Python loop over
-  clusters or tokens, and (on x86 CPUs, float32/float64) **bitwise the same labels**:
+* ``mode="fast"`` (default) runs the same iterations with much less work and no Python loop
+  over clusters or tokens, and gives the same labels, iteration count and centres:
 
-  - Distances: the matmul form of ``cdist`` (``[-2x, |x|², 1] · [c, 1, |c|²]``, clamp, sqrt)
-    is evaluated by the same BLAS call on the same augmented rows, so every entry is bitwise
-    the one ``torch.cdist`` returns. The N×K matrix is kept between iterations and only the
-    columns of centres that actually moved are recomputed; in later Lloyd iterations few
-    centres move. The argmin is updated exactly (first-index tie rule) from the moved columns.
-    When that N×K cache would exceed ``_CACHE_BYTES``, a bound-based engine is used instead
-    (triangle-inequality upper/lower bounds with a rigorous float-error margin; rows that fail
-    the test get all their distances recomputed).
-  - Centres: only clusters whose membership changed are recomputed, all in one vectorised
-    pass that reproduces the summation order of torch's CPU ``mean(0)`` (its cascade sum), so
-    centres are bitwise the reference ones. A one-off self-check per feature width verifies
-    the emulation on this machine; if it fails (other ISA, GPU, dtype), centres fall back to
-    float64 sums cast to the feature dtype (≤ 1 ulp off, so far-out iterations may then differ
-    at float near-ties).
+  - Distances: the matmul form of ``cdist`` (``[-2x, |x|², 1] · [c, 1, |c|²]``, clamp, sqrt) is
+    evaluated on the same augmented rows. The first assignment is that very GEMM (bitwise
+    ``torch.cdist``); afterwards the N×K matrix is kept (transposed, ``[K, N]``) and only the
+    columns of centres that moved are recomputed; in later Lloyd iterations few centres move.
+    Labels follow the exact first-index argmin of that matrix without rescanning rows (see
+    `_CachedDistances`). For feature widths up to ~1000 (tested: 66, 130, 516) BLAS gives the
+    column blocks bitwise the entries of the full product on x86/MKL; for wider features the
+    blockings can differ in the last bit, so labels can then differ from plain Lloyd at exact
+    float near-ties only. When the N×K cache would exceed ``_CACHE_BYTES``, a bound engine is
+    used instead (Hamerly/Yinyang-style triangle-inequality bounds with a rigorous float-error
+    margin; only rows that fail the test get all their distances recomputed).
+  - Centres: only clusters whose membership changed are recomputed, in one vectorised pass
+    that follows the summation order of torch's CPU ``mean(0)`` (its cascade sum), so centres
+    are bitwise the reference ones. A one-off self-check per feature width verifies this on the
+    running machine; if it fails (another ISA, GPU, dtype), centres are float64 sums cast to the
+    feature dtype (<= 1 ulp off; far-out iterations may then differ at float near-ties, as the
+    parity README reports for a vectorised mean: 98.9 % equal labels at 4032).
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ _CHUNK_BYTES = 256 * 1024 * 1024
 # Largest persistent N×K distance cache the fast mode keeps; above it, the bound engine runs.
 _CACHE_BYTES = 1024 * 1024 * 1024
 # BLAS (MKL) switches to other kernels, with another summation order, for matrices with very
-# few rows or a single column. Row and column subsets are padded to at least these sizes so
+# few rows (fewer than ~16) or a single column. Subsets are padded to at least these sizes so
 # that (for feature widths up to ~1000) every entry is bitwise the entry of the full product;
 # wider features can get other blockings anyway (entries then differ in the last bit only).
 _MIN_GEMM_ROWS = 64
-_MIN_GEMM_COLS = 8
+_MIN_GEMM_COLS = 16
 # Number of per-point lower bounds (centre groups) kept by the bound engine.
 _MAX_BOUND_GROUPS = 64
 # torch's cascade sum uses 16-row levels for reductions of up to 2**19 rows.
@@ -160,14 +164,20 @@ def kmeans(
         A `KMeansResult`; labels come from the last assignment, like the reference.
 
     Exactness: "exact" gives the reference labels bitwise for bitwise-equal features. "fast"
-    gives the same labels, iterations and centres as "exact" whenever `result.exact_means` is
-    True (x86 CPU, float32/float64; see the module docstring); otherwise centres may differ
-    by an ulp and labels after many iterations can differ at float near-ties.
+    gives the same labels, iterations and centres as "exact" on x86 CPUs with float32/float64
+    features up to ~1000 wide (`result.exact_means` True); otherwise the two can differ at
+    float near-ties only (see the module docstring).
+
+    Memory (fast): an augmented copy of the features (N×(F+2)) and the N×K distance cache
+    (float32: 200 MB at N=82944, K=600), or the bound engine when the cache exceeds 1 GiB.
     """
     if features.dim() != 2 or features.shape[0] < 1:
         raise ValueError(f"features must be [N >= 1, F], got shape {tuple(features.shape)}")
     if not features.is_floating_point():
         raise ValueError(f"features must be floating point, got {features.dtype}")
+    # One cheap reduction first: a NaN / inf anywhere makes the sum non-finite.
+    if not bool(torch.isfinite(features.sum())) and not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or inf")
     if mode not in ("fast", "exact"):
         raise ValueError(f"mode must be 'fast' or 'exact', got {mode!r}")
     n = features.shape[0]
@@ -293,6 +303,11 @@ class _CachedDistances:
     centres, so it is built once. A full refresh is that very GEMM (same shapes, so bitwise
     `torch.cdist`); a column refresh is the same formula on a column subset. The cache is stored
     transposed, `[K, N]`, so that refreshing a few columns writes a few contiguous rows.
+
+    Labels are kept equal to the cache's first-index argmin without rescanning rows: with the
+    invariant "every non-own entry is > the own one, or equal with a larger index", only moved
+    columns can take a point over, unless its own centre moved away; for that case a per-point
+    lower bound `second` on its non-own entries settles most points, the rest are rescanned.
     """
 
     def __init__(self, x: Tensor, k: int) -> None:
@@ -301,6 +316,7 @@ class _CachedDistances:
         norms = x.pow(2).sum(-1, keepdim=True)
         self.xa = torch.cat([x.mul(-2), norms, torch.ones_like(norms)], dim=-1)
         self.dist_t = torch.empty(k, self.n, dtype=x.dtype, device=x.device)
+        self.second = torch.empty(self.n, dtype=x.dtype, device=x.device)
         self.evaluations = 0
 
     @staticmethod
@@ -316,23 +332,54 @@ class _CachedDistances:
         """Fill the whole cache; `[N]` argmin labels."""
         return self._full(centers)
 
-    def _full(self, centers: Tensor) -> Tensor:
+    def _full(self, centers: Tensor, previous: Tensor | None = None) -> Tensor:
+        """Recompute every entry; `previous` = the labels before (None on the first call)."""
         ya = self._augment(centers)
-        labels = torch.empty(self.n, dtype=torch.int64, device=self.xa.device)
-        # One GEMM over all rows when it fits (then the entries are bitwise torch.cdist's,
-        # whatever the BLAS blocking); otherwise row chunks.
-        step = self.n if self.n * self.k * 4 <= 2 * _CHUNK_BYTES else self._rows_per_chunk(self.k)
-        for start in range(0, self.n, step):
-            stop = min(self.n, start + step)
-            xs = self.xa[start:stop]
-            r = stop - start
-            if r < min(self.n, _MIN_GEMM_ROWS):  # keep BLAS on its large-matrix kernel
-                xs = torch.cat([xs, self.xa[: _MIN_GEMM_ROWS - r]])
-            block = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_()
-            labels[start:stop] = block.min(dim=1).indices  # first index, like argmin
-            self.dist_t[:, start:stop] = block.T
         self.evaluations += self.n * self.k
+        if previous is None and self.n * self.k * self.dist_t.element_size() <= 2 * _CHUNK_BYTES:
+            # The first refresh is `torch.cdist`'s own GEMM, same shapes, one call: bitwise
+            # torch.cdist at any feature width, so labels_iter1 is exact.
+            block = torch.matmul(self.xa, ya.mT).clamp_min_(1e-30).sqrt_()
+            own, labels = block.min(dim=1)  # first index of the minimum, like argmin
+            at = labels[:, None]
+            block.scatter_(1, at, math.inf)
+            self.second.copy_(block.amin(dim=1))
+            block.scatter_(1, at, own[:, None])
+            self.dist_t.copy_(block.T)
+            return labels
+        # Otherwise the transposed product straight into the [K, N] cache (bitwise
+        # torch.cdist for feature widths up to ~1000, see the module docstring).
+        torch.matmul(ya, self.xa.mT, out=self.dist_t)
+        d = self.dist_t.clamp_min_(1e-30).sqrt_()
+        if previous is None:
+            own, labels = d.min(dim=0)  # first index of the minimum, like argmin
+            at = labels[None, :]
+            d.scatter_(0, at, math.inf)
+            self.second.copy_(d.amin(dim=0))
+            d.scatter_(0, at, own[None, :])
+            return labels
+        # A min with indices along dim 0 is slow and most points keep their label: one pass
+        # of values over the other entries shows where the previous label is still the
+        # unique minimum; only the other points get an indexed min.
+        at = previous[None, :]
+        own = d.gather(0, at).squeeze(0)
+        d.scatter_(0, at, math.inf)
+        rest = d.amin(dim=0)
+        d.scatter_(0, at, own[None, :])
+        labels = previous.clone()
+        self.second.copy_(rest)
+        redo = (own >= rest).nonzero().squeeze(1)
+        if redo.numel():
+            self._rescan(redo, labels)
         return labels
+
+    def _rescan(self, rows: Tensor, labels: Tensor) -> None:
+        """Exact argmin and second-smallest entry of the given points, from the cache."""
+        cols = self.dist_t.index_select(1, rows)
+        lab = cols.min(dim=0).indices  # first index of the minimum, like argmin
+        labels[rows] = lab
+        cols.scatter_(0, lab[None, :], math.inf)
+        self.second[rows] = cols.amin(dim=0)
 
     def step(self, centers: Tensor, old_centers: Tensor, moved: Tensor, labels: Tensor) -> Tensor:
         """Refresh the moved columns and return the new `[N]` argmin labels (first-index ties)."""
@@ -340,10 +387,11 @@ class _CachedDistances:
         if m == 0:
             return labels
         if 10 * m >= 9 * self.k:
-            return self._full(centers)
+            return self._full(centers, previous=labels)
         dev = moved.device
-        # A single column would make BLAS use a matrix-vector kernel (another summation
-        # order): pad with unmoved centres (their entries are rewritten unchanged).
+        # The column set is the row count of the transposed GEMM: few rows would make BLAS
+        # use another kernel (another summation order), so pad with unmoved centres (their
+        # entries are rewritten unchanged).
         cols = moved
         if m < _MIN_GEMM_COLS and self.k > m:
             unmoved = torch.ones(self.k, dtype=torch.bool, device=dev)
@@ -351,8 +399,10 @@ class _CachedDistances:
             cols = torch.cat([moved, unmoved.nonzero().squeeze(1)[: _MIN_GEMM_COLS - m]])
         mc = cols.numel()
         ya = self._augment(centers[cols])
+        slot_of = torch.full((self.k,), -1, dtype=torch.int64, device=dev)
+        slot_of[moved] = torch.arange(m, device=dev)
         new_labels = labels.clone()
-        farther = torch.empty(self.n, dtype=torch.bool, device=dev)
+        rescan = torch.zeros(self.n, dtype=torch.bool, device=dev)
         flat = self.dist_t.view(-1)
         step = self._rows_per_chunk(mc)
         for start in range(0, self.n, step):
@@ -361,36 +411,41 @@ class _CachedDistances:
             xs = self.xa[start:stop]
             if r < min(self.n, _MIN_GEMM_ROWS):
                 xs = torch.cat([xs, self.xa[: _MIN_GEMM_ROWS - r]])
-            if mc >= _MIN_GEMM_ROWS:
-                # Many columns: the transposed product lands contiguous in the [K, N] cache.
-                block_t = torch.matmul(ya, xs.mT)[:, :r].clamp_min_(1e-30).sqrt_()
-                moved_t = block_t[:m]
-                vm = moved_t.amin(dim=0)
-            else:
-                block = torch.matmul(xs, ya.mT)[:r].clamp_min_(1e-30).sqrt_()
-                block_t = block.T
-                moved_t = block_t[:m]
-                vm = block[:, :m].amin(dim=1)
+            # The transposed product lands contiguous in the [K, N] cache.
+            block_t = torch.matmul(ya, xs.mT)[:, :r].clamp_min_(1e-30).sqrt_()
+            idx = torch.arange(start, stop, device=dev)
             lab = labels[start:stop]
-            own_at = lab * self.n + torch.arange(start, stop, device=dev)
+            own_at = lab * self.n + idx
             va_old = flat[own_at]
             self.dist_t[:, start:stop].index_copy_(0, cols, block_t)
             va = flat[own_at]
-            # The old argmin a (own distance d_a) is beaten only by a moved column j with
-            # d_j < d_a, or d_j == d_a and j < a (argmin keeps the first index): unmoved
-            # columns were already >= the old d_a. That stays true if a moved but got no
-            # farther; rows whose own distance grew get a full-row argmin below. Only rows
-            # with min(moved) <= d_a need the index of that minimum.
-            cand = (vm <= va).nonzero().squeeze(1)
+            # Smallest moved entry other than the own one.
+            own_slot = slot_of[lab]
+            own_moved = (own_slot >= 0).nonzero().squeeze(1)
+            moved_t = block_t[:m]
+            moved_t[own_slot[own_moved], own_moved] = math.inf
+            vm = moved_t.amin(dim=0)
+            # Invariant: every unmoved non-own entry is > the old own one (or equal with a
+            # larger index), and >= second. So the old label a loses only to a moved column j
+            # with d_j < d_a, or d_j == d_a and j < a (argmin keeps the first index) - unless
+            # a moved farther and the unmoved entries can no longer be ruled out: rescan those.
+            lb = self.second[start:stop]
+            unsure = (va > va_old) & (torch.minimum(va, vm) >= lb)
+            rescan[start:stop] = unsure
+            cand = ((vm <= va) & ~unsure).nonzero().squeeze(1)
+            second = torch.minimum(lb, vm)
             if cand.numel():
                 jm = moved[moved_t.index_select(1, cand).min(dim=0).indices]
                 lab_c = lab[cand]
                 take = (vm[cand] < va[cand]) | (jm < lab_c)
                 new_labels[start + cand] = torch.where(take, jm, lab_c)
-            farther[start:stop] = va > va_old
-        om = farther.nonzero().squeeze(1)
+                # After a switch the old own entry becomes a non-own one.
+                switched = cand[take]
+                second[switched] = torch.minimum(second[switched], va[switched])
+            self.second[start:stop] = second
+        om = rescan.nonzero().squeeze(1)
         if om.numel():
-            new_labels[om] = self.dist_t.index_select(1, om).min(dim=0).indices
+            self._rescan(om, new_labels)
         self.evaluations += self.n * mc
         return new_labels
 
@@ -564,6 +619,7 @@ class _ClusterMeans:
             sums = _torch_like_sums(self.x, rows, seg, rank, counts, self.lanes)
             self.means[ids] = sums / counts.to(self.x.dtype)[:, None]
         else:
+            self.exact = False
             sums = torch.zeros(nseg, self.x.shape[1], dtype=torch.float64, device=rows.device)
             sums.index_add_(0, seg, self.x[rows].double())
             self.means[ids] = (sums / counts.double()[:, None]).to(self.x.dtype)
@@ -583,7 +639,13 @@ def _segment_ids(counts: Tensor, total: int) -> Tensor:
 
 
 def _run_sums(
-    src: Tensor, rows: Tensor | None, seg: Tensor, rank: Tensor, counts: Tensor, group: int
+    src: Tensor,
+    rows: Tensor | None,
+    seg: Tensor,
+    rank: Tensor,
+    counts: Tensor,
+    group: int,
+    seq_sum: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One accumulator level of torch's cascade sum.
 
@@ -608,22 +670,29 @@ def _run_sums(
     unused[dest] = False
     padded.index_fill_(0, unused.nonzero().squeeze(1), 0.0)
     padded = padded.view(total, group, src.shape[1])
-    acc = src.new_zeros(total, src.shape[1])
-    for p in range(group):
-        acc += padded[:, p]
+    if seq_sum and group == 16:
+        # torch's outer sum of exactly 16 rows (column blocks of 4 lanes) is the sequential
+        # sum from 0 (one cascade level); checked by the emulation self-test.
+        acc = padded.sum(dim=1)
+    else:
+        acc = src.new_zeros(total, src.shape[1])
+        for p in range(group):
+            acc += padded[:, p]
     slot_seg = _segment_ids(slots, total)
     slot_rank = torch.arange(total, device=dev) - base[slot_seg]
     is_full = slot_rank < nfull[slot_seg]
     return acc[is_full], slot_seg[is_full], slot_rank[is_full], nfull, acc[base + nfull]
 
 
-def _cascade_sums(src: Tensor, rows: Tensor | None, seg: Tensor, rank: Tensor, counts: Tensor) -> Tensor:
+def _cascade_sums(
+    src: Tensor, rows: Tensor | None, seg: Tensor, rank: Tensor, counts: Tensor, seq_sum: bool = False
+) -> Tensor:
     """Per-segment sums in the order of ATen's `multi_row_sum` (4 levels of 16, <= 2**19 rows):
     rows go into acc0; every 16 rows acc0 is pushed into acc1, every 256 acc1 into acc2, every
     4096 acc2 into acc3; the result is ((acc0 + acc1) + acc2) + acc3."""
     out = None
     for _level in range(3):
-        src, seg, rank, counts, residue = _run_sums(src, rows, seg, rank, counts, 16)
+        src, seg, rank, counts, residue = _run_sums(src, rows, seg, rank, counts, 16, seq_sum)
         rows = None
         out = residue if out is None else out + residue
         if src.shape[0] == 0:  # nothing pushed up: the higher accumulators stay 0
@@ -647,7 +716,7 @@ def _torch_like_sums(
     wide = (c // (4 * lanes)) * (4 * lanes)
     out = src.new_empty(nseg, c)
     if wide:
-        out[:, :wide] = _cascade_sums(src[:, :wide], rows, seg, rank, counts)
+        out[:, :wide] = _cascade_sums(src[:, :wide], rows, seg, rank, counts, seq_sum=True)
     if wide < c:
         rest = src[rows, wide:]
         quads = counts // 4

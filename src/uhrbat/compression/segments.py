@@ -125,10 +125,12 @@ def segment_ids_for_scale(mask: Any, scale: int, tile_size: int = 336, patch_siz
     if m.dim() == 2 and shape == (full, full) and not (shape[0] >= grid * grid and shape[1] == per_tile):
         # Full-grid format: cut the whole-image token grid into row-major tiles.
         ids = m.reshape(grid, side, grid, side).permute(0, 2, 1, 3).reshape(-1)
-    elif m.dim() == 3 and shape[1:] == (side, side) and shape[0] >= grid * grid:
-        ids = m[: grid * grid].reshape(-1)
-    elif m.dim() == 2 and shape[1] == per_tile and shape[0] >= grid * grid:
-        ids = m[: grid * grid].reshape(-1)
+    elif (m.dim() == 3 and shape[1:] == (side, side)) or (m.dim() == 2 and shape[1] == per_tile):
+        if shape[0] < grid * grid:
+            raise MaskError(
+                f"scale {scale}: mask of shape {list(shape)} has {shape[0]} tiles, expected {grid * grid}"
+            )
+        ids = m[: grid * grid].reshape(-1)  # the reference trims extra tiles
     elif m.dim() == 1 and m.numel() >= grid * grid * per_tile and m.numel() % per_tile == 0:
         ids = m[: grid * grid * per_tile]
     else:

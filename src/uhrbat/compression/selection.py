@@ -6,13 +6,19 @@ above the group mean are kept one by one (highest first), then the remaining ("l
 averaged into one merged row. The walk stops when the budget is spent; groups never reached are
 dropped.
 
-`preserve_and_merge(..., exact=False)` (default) is fully vectorised. It decides every
-"score > group mean" comparison and the group order exactly as the reference does with its
-float32 `mean()` values: float64 group means settle all comparisons that are farther apart than
-a rigorous bound on the float32 rounding of `mean()`, and only the few groups with a member or
-a neighbouring group inside that band get their float32 `mean()` computed as the reference
-does. `exact=True` runs the reference's per-group loop for bitwise reproduction (including the
-row order of exactly tied scores, which follows torch's unstable CPU argsort).
+`preserve_and_merge(..., exact=False)` (default) is vectorised: group statistics by
+`index_add_`/`scatter_reduce`, group order by one stable sort, the emission sequence by one
+token sort plus cumsums, merged rows (float64 means) only for the groups actually reached. It
+decides every "score > group mean" test and the group order exactly as the reference does with
+its float32 `mean()` values: float64 group means settle every comparison farther apart than a
+rigorous bound on the rounding of a float32 `mean()` (any summation order), and only the few
+*reachable* groups with a member or a neighbouring group inside that band get their float32
+`mean()` computed the reference's way (a short Python loop; 0 to 5 groups on the fixtures).
+Rows of exactly tied scores inside a group come in position order (stable), where the
+reference follows torch's unstable CPU argsort; the set of rows is the same.
+
+`exact=True` runs the reference's per-group loop, op for op, for bitwise reproduction
+(including that tie order).
 """
 
 from __future__ import annotations
@@ -276,9 +282,9 @@ def _preserve_and_merge_fast(
     multi = (merged & (sizes > 1)).nonzero().squeeze(1)
     if multi.numel():
         # Merged rows: float64 member means (a one-member row is its member, exactly).
-        member_rows = row[torch.isin(row, multi)]
-        member_tok = tokens[torch.isin(row, multi)]
-        slot = torch.searchsorted(multi, member_rows)
+        in_multi = torch.isin(row, multi)
+        member_tok = tokens[in_multi]
+        slot = torch.searchsorted(multi, row[in_multi])
         acc = torch.zeros(multi.numel(), embeds.shape[1], dtype=torch.float64, device=dev)
         acc.index_add_(0, slot, embeds[member_tok].double())
         cnt = sizes[multi].double()[:, None]

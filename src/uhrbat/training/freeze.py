@@ -139,6 +139,14 @@ def inject_lora(model: nn.Module, lora: LoraSettings) -> None:
         p.requires_grad_("lora_" in n)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing on the LLM's decoder layers (the only part with a big graph)."""
+    lm = model.language_model
+    fn = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    kw_name = "activation_checkpointing_kwargs" if fn.__name__ == "activation_checkpointing_enable" else "gradient_checkpointing_kwargs"
+    fn(**{kw_name: {"use_reentrant": False}})
+
+
 def has_lora(model: nn.Module) -> bool:
     return any("lora_" in n for n, _ in model.named_parameters())
 

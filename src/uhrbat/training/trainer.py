@@ -35,6 +35,7 @@ from uhrbat.training.dataset import SftDataset
 from uhrbat.training.freeze import (
     LoraSettings,
     apply_freeze,
+    enable_gradient_checkpointing,
     has_lora,
     lora_state_dict,
     merged_state_dict,
@@ -111,7 +112,9 @@ class UhrBatTrainer(Trainer):
         if has_lora(model):
             from safetensors.torch import save_file
 
-            save_file(lora_state_dict(model), os.path.join(output_dir, LORA_ADAPTER_FILE), metadata={"format": "pt"})
+            adapters = ({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if "lora_" in k}
+                        if state_dict is not None else lora_state_dict(model))  # gathered under ZeRO-3 / FSDP
+            save_file(adapters, os.path.join(output_dir, LORA_ADAPTER_FILE), metadata={"format": "pt"})
             if self.recipe is not None:
                 Path(output_dir, LORA_CONFIG_FILE).write_text(json.dumps(self.recipe.lora.__dict__, indent=2) + "\n")
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
@@ -217,14 +220,6 @@ def load_model_for_training(recipe: TrainRecipe, device: str | None = None):
     model.config.text_config.use_cache = False
     model.train()
     return model, processor
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing on the LLM's decoder layers (the only part with a big graph)."""
-    lm = model.language_model
-    fn = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-    kw_name = "activation_checkpointing_kwargs" if fn.__name__ == "activation_checkpointing_enable" else "gradient_checkpointing_kwargs"
-    fn(**{kw_name: {"use_reentrant": False}})
 
 
 def selection_kwargs(recipe: TrainRecipe) -> dict[str, Any]:
