@@ -81,8 +81,10 @@ def load(
         if net.config.pad_token_id is None:
             net.config.pad_token_id = tok.pad_token_id
     else:
+        # device_map loads the shards straight onto the accelerator (no full copy in host RAM).
+        placement = {} if str(device) == "cpu" else {"device_map": str(device)}
         net = UhrBatForConditionalGeneration.from_pretrained(
-            str(directory), dtype=torch_dtype, **config_overrides
+            str(directory), dtype=torch_dtype, **placement, **config_overrides
         ).to(device)
         processor = UhrBatProcessor.from_pretrained(
             directory, budgets=net.config.budgets, max_context=net.config.max_context, compat=net.config.compat
