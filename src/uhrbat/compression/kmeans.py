@@ -42,6 +42,10 @@ __all__ = ["KMeansResult", "clustering_features", "kmeans", "tile_coordinates"]
 
 # Upper bound, in bytes, on the temporaries of one chunk (gathered rows, distance blocks).
 _CHUNK_BYTES = 256 * 1024 * 1024
+# Chunk of a column refresh in the cached engine: small enough that the clamp/sqrt/min passes
+# after each GEMM block run on cache-resident data (about 10 % faster than 256 MB chunks at
+# K=2000, N=82944 on one thread; the GEMM rows, hence the values, are unchanged).
+_STEP_CHUNK_BYTES = 32 * 1024 * 1024
 # Largest persistent N×K distance cache the fast mode keeps; above it, the bound engine runs.
 _CACHE_BYTES = 1024 * 1024 * 1024
 # BLAS (MKL) switches to other kernels, with another summation order, for matrices with very
@@ -326,7 +330,7 @@ class _CachedDistances:
 
     def _rows_per_chunk(self, cols: int) -> int:
         per_row = (self.f + 2 + 3 * cols) * self.dist_t.element_size()
-        return max(_MIN_GEMM_ROWS, _CHUNK_BYTES // per_row)
+        return max(_MIN_GEMM_ROWS, _STEP_CHUNK_BYTES // per_row)
 
     def first(self, centers: Tensor) -> Tensor:
         """Fill the whole cache; `[N]` argmin labels."""
