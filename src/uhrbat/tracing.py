@@ -18,7 +18,7 @@ from uhrbat.modeling.modeling_uhrbat import ImageTrace
 
 def trace_query(pipe: Any, image: Any, question: str, max_new_tokens: int = 8, **options: Any) -> dict[str, torch.Tensor]:
     """Run one query with greedy decoding and return its intermediates (CPU tensors)."""
-    model, proc = pipe.model, pipe.processor
+    model = pipe.model
     opts = pipe._options(options)
     timings: dict[str, float] = {}
     inputs, _ = pipe._inputs([image], [question], opts.get("budgets"), timings)

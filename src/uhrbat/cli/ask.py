@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -49,11 +48,7 @@ def _load(model: str, device: str, dtype: Optional[str], vision_tower: Optional[
     _err(f"loading {model} on {device} ...")
     pipe = UhrBatPipeline.from_pretrained(model, device=device, dtype=dtype, vision_tower=vision_tower,
                                           attn_implementation=attn, compat=compat, **selection)
-    n = len(pipe.model.config.scales)
-    if "budgets" in selection and len(selection["budgets"]) != n:
-        from uhrbat.errors import BudgetError
-
-        raise BudgetError(f"got {len(selection['budgets'])} budgets {selection['budgets']} but the model has {n} scales")
+    # The budget count is checked against the model's scales by the pipeline (SelectionOptions).
     return pipe, time.perf_counter() - t
 
 

@@ -34,6 +34,7 @@ from uhrbat.errors import BudgetError
 
 __all__ = [
     "check_budget",
+    "cluster_tokens",
     "max_selectable",
     "preserve_and_merge",
     "select_kmeans",
@@ -396,6 +397,28 @@ def select_topk(embeds: Tensor, scores: Tensor, budget: int) -> Selection:
     )
 
 
+def cluster_tokens(
+    embeds: Tensor,
+    budget: int,
+    *,
+    num_tiles: int,
+    num_clusters: int | None = None,
+    max_iters: int | None = 10,
+    generator: torch.Generator | None = None,
+    mode: str = "fast",
+    feat_scale: float = 1.0,
+    coord_scale: float = 0.05,
+    tokens_per_side: int = 24,
+) -> KMeansResult:
+    """The grouping half of `select_kmeans`: K-Means on `clustering_features(embeds)` with
+    K = `num_clusters` if > 0, else the budget (then `min(max(1, K), N)`)."""
+    n = embeds.shape[0]
+    k = num_clusters if num_clusters is not None and num_clusters > 0 else budget
+    k = min(max(1, int(k)), n)
+    feats = clustering_features(embeds, num_tiles, feat_scale, coord_scale, tokens_per_side)
+    return kmeans(feats, k, 10 if max_iters is None else max_iters, generator=generator, mode=mode)
+
+
 def select_kmeans(
     embeds: Tensor,
     scores: Tensor,
@@ -429,11 +452,8 @@ def select_kmeans(
     """
     budget = check_budget(budget)
     _check_inputs(embeds, scores)
-    n = embeds.shape[0]
-    k = num_clusters if num_clusters is not None and num_clusters > 0 else budget
-    k = min(max(1, int(k)), n)
-    feats = clustering_features(embeds, num_tiles, feat_scale, coord_scale)
-    result = kmeans(feats, k, 10 if max_iters is None else max_iters, generator=generator, mode=mode)
+    result = cluster_tokens(embeds, budget, num_tiles=num_tiles, num_clusters=num_clusters, max_iters=max_iters,
+                            generator=generator, mode=mode, feat_scale=feat_scale, coord_scale=coord_scale)
     selection = preserve_and_merge(
         embeds, scores, result.labels, budget, exact=(mode == "exact"), singleton_is_merged=True
     )

@@ -12,10 +12,9 @@ import binascii
 import contextlib
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -30,16 +29,11 @@ __all__ = ["ImageRef", "Sample", "Prediction", "decode_base64_image", "open_imag
 EVAL_MAX_IMAGE_PIXELS = 10_000_000_000
 
 
-@contextlib.contextmanager
-def pixel_limit(limit: int | None = EVAL_MAX_IMAGE_PIXELS) -> Iterator[None]:
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+def pixel_limit(limit: int | None = EVAL_MAX_IMAGE_PIXELS) -> contextlib.AbstractContextManager[None]:
+    """Pillow's decompression-bomb guard set to `limit` for one decode (the shared reader's lock-guarded helper)."""
+    from uhrbat.io.images import pil_pixel_limit
+
+    return pil_pixel_limit(limit)
 
 
 @dataclass(frozen=True)

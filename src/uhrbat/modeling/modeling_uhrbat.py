@@ -27,9 +27,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from uhrbat.compression import scoring
-from uhrbat.compression.kmeans import clustering_features, kmeans
 from uhrbat.compression.segments import segment_ids_for_scale
-from uhrbat.compression.selection import preserve_and_merge, select_segments, select_topk
+from uhrbat.compression.selection import cluster_tokens, preserve_and_merge, select_segments, select_topk
 from uhrbat.compression.types import Selection
 from uhrbat.configuration import UhrBatConfig
 from uhrbat.errors import BudgetError, ConfigError, PromptError
@@ -305,7 +304,6 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ selection
     def _select_scale(self, embeds: torch.Tensor, rel: torch.Tensor, budget: int, scale: int, opts: SelectionOptions,
                       generator: torch.Generator, masks: dict | None, trace: ImageTrace | None) -> Selection:
-
         n_tiles = self.config.num_tiles(scale)
         if opts.selector == "topk":
             return select_topk(embeds, rel, budget)
@@ -317,11 +315,12 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             seg = segment_ids_for_scale(mask, scale, self.config.tile_size, self.config.patch_size).to(embeds.device)
             return select_segments(embeds, rel, budget, seg)
         t0 = time.perf_counter()
-        k = opts.kmeans_clusters if opts.kmeans_clusters else max(1, budget)
-        feats = clustering_features(embeds, n_tiles, feat_scale=self.config.kmeans_feat_scale,
-                                    coord_scale=self.config.kmeans_coord_scale, tokens_per_side=self.config.tokens_per_side)
-        km = kmeans(feats, min(k, rel.numel()), opts.kmeans_iters, generator=generator, mode=opts.kmeans_mode)
-        del feats
+        # Grouping and merging are called separately (not `select_kmeans`) to time K-Means alone.
+        km = cluster_tokens(
+            embeds, budget, num_tiles=n_tiles, num_clusters=opts.kmeans_clusters, max_iters=opts.kmeans_iters,
+            generator=generator, mode=opts.kmeans_mode, feat_scale=self.config.kmeans_feat_scale,
+            coord_scale=self.config.kmeans_coord_scale, tokens_per_side=self.config.tokens_per_side,
+        )
         if trace is not None:
             trace.kmeans[scale] = km
             trace.timings["group"] = trace.timings.get("group", 0.0) + time.perf_counter() - t0

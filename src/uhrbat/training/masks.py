@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from uhrbat.errors import ConfigError
 
