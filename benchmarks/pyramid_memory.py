@@ -70,7 +70,7 @@ def measure(path: str, sides: list[int]) -> dict:
                     return int(line.split()[1]) / 1024
         return float("nan")
 
-    from uhrbat.io.images import open_image
+    from uhrbat.io.sources import open_image
 
     base = rss_mb()
     t0 = time.perf_counter()

@@ -29,3 +29,14 @@ def tiny_pipeline(tiny_checkpoint: Path):
     from uhrbat.pipeline import UhrBatPipeline
 
     return UhrBatPipeline.from_pretrained(tiny_checkpoint, budgets=[8, 16], kmeans_clusters=8, kmeans_iters=5)
+
+
+# Which parity regime ran (tests/test_parity.py fills it), printed at the end of every run.
+PARITY_REPORT: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    if PARITY_REPORT:
+        terminalreporter.write_sep("-", "parity regime (tests/test_parity.py)")
+        for key, line in PARITY_REPORT.items():
+            terminalreporter.write_line(f"{key}: {line}")

@@ -1,47 +1,92 @@
-"""The `uhrbat` command line: answers, JSON output, traces and one-line errors."""
+"""The `uhrbat` command line on tiny models: answers, several questions per scene, JSON output,
+GeoJSON/overlay files, traces and one-line errors (in-process through the Typer app; the error
+format of the console entry point is tested in test_cli_options.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+import stat
 
 import pytest
+from typer.testing import CliRunner
+
+from uhrbat.cli.main import app
 
 from conftest import ASSETS, PARITY
 
-AERIAL = ASSETS / "aerial" / "neon_yell_1249x1035.png"
+AERIAL = str(ASSETS / "aerial" / "neon_yell_1249x1035.png")
 SMALL = ["--budgets", "8,16", "--clusters", "6", "--iters", "3", "--max-new-tokens", "4"]
+runner = CliRunner()
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uhrbat.cli.main", *args], capture_output=True, text=True, timeout=300)
+def run(*args: str):
+    return runner.invoke(app, list(args))
 
 
 def test_help_lists_commands() -> None:
     r = run("--help")
-    assert r.returncode == 0
-    for cmd in ("ask", "trace", "convert"):
-        assert cmd in r.stdout
+    assert r.exit_code == 0
+    for cmd in ("ask", "chat", "trace", "convert", "eval", "demo"):
+        assert f"  {cmd} " in r.output or f"  {cmd}\n" in r.output, cmd
 
 
 def test_ask_json(tiny_checkpoint) -> None:
-    r = run("ask", str(AERIAL), "How many trees are there?", "--model", str(tiny_checkpoint), "--json", *SMALL)
-    assert r.returncode == 0, r.stderr
+    r = run("ask", AERIAL, "How many trees are there?", "--model", str(tiny_checkpoint), "--json", *SMALL)
+    assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert isinstance(out["answer"], str)
+    assert isinstance(out["answer"], str) and out["question"] == "How many trees are there?"
     assert set(out["timings"]) >= {"load", "tiles", "encode", "score", "select", "prefill", "decode"}
     assert out["num_visual_tokens"] == 8 + 16 == len(out["tokens"])
     tok = out["tokens"][0]
-    assert set(tok) >= {"scale", "tile", "row", "col", "score", "merged"}
+    assert set(tok) >= {"scale", "tile", "row", "col", "score", "merged", "box_px"}
+    # pixel boxes are really computed (this used to be swallowed: AttributeError -> no boxes)
+    boxes = [t["box_px"] for t in out["tokens"] if t["box_px"] is not None]
+    assert boxes and all(0 <= b[0] < b[2] <= 1249 and 0 <= b[1] < b[3] <= 1035 for b in boxes)
     assert [t["scale"] for t in out["tokens"]] == sorted(t["scale"] for t in out["tokens"])
-    assert "encode" in r.stderr  # stage timings on stderr
+    assert "encode" in r.stderr and "scene cache: miss" in r.stderr  # stage timings on stderr
+    # the settings that ran, checkpoint defaults filled in (--seed not given: the checkpoint's 0)
+    assert "budgets 8,16, selector kmeans (clusters 6, <= 3 iterations, seed 0, fast)" in r.stderr
+
+
+def test_ask_several_questions_prepares_the_scene_once(tiny_checkpoint) -> None:
+    qs = ["How many trees are there?", "Is there a road?", "What is in the corner?"]
+    r = run("ask", AERIAL, *qs, "--model", str(tiny_checkpoint), "--json", *SMALL)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["question"] for row in rows] == qs
+    assert [row["cache"] for row in rows] == ["miss", "hit", "hit"]
+    assert rows[1]["timings"]["encode"] == 0.0
+    timing_lines = [ln for ln in r.stderr.splitlines() if "(scene cache:" in ln]
+    assert [ln.split("]")[0] for ln in timing_lines] == ["[1/3", "[2/3", "[3/3"]
+    # each answer equals the one a single-question run gives
+    one = run("ask", AERIAL, qs[1], "--model", str(tiny_checkpoint), "--json", *SMALL)
+    single = json.loads(one.stdout)
+    assert single["answer"] == rows[1]["answer"] and single["tokens"] == rows[1]["tokens"]
+    plain = run("ask", AERIAL, *qs[:2], "--model", str(tiny_checkpoint), *SMALL)
+    assert plain.stdout == f"Q: {qs[0]}\nA: {rows[0]['answer']}\nQ: {qs[1]}\nA: {rows[1]['answer']}\n"
+
+
+def test_ask_writes_geojson_and_overlay_per_question(tiny_checkpoint, tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        r = run("ask", AERIAL, "Trees?", "Roads?", "--model", str(tiny_checkpoint), *SMALL,
+                "--geojson", str(tmp_path / "kept.geojson"), "--explain", str(tmp_path / "overlay.png"))
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["kept.1.geojson", "kept.2.geojson", "overlay.1.png", "overlay.2.png"]
+    fc = json.loads((tmp_path / "kept.2.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and fc["question"] == "Roads?" and len(fc["features"]) > 0
+    for p in tmp_path.iterdir():  # ordinary files (umask applies), never 0600
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
 
 
 def test_ask_plain_answer_on_stdout_reference_checkpoint() -> None:
-    r = run("ask", str(AERIAL), "Is there a road?", "--model", str(PARITY / "uhrbat_tiny"),
+    r = run("ask", AERIAL, "Is there a road?", "--model", str(PARITY / "uhrbat_tiny"),
             "--budgets", "8,16,24,32", "--clusters", "6", "--iters", "3", "--max-new-tokens", "4")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     assert r.stdout.endswith("\n") and "error" not in r.stderr
 
 
@@ -49,41 +94,45 @@ def test_ask_plain_answer_on_stdout_reference_checkpoint() -> None:
     "args, message",
     [
         (["missing.png", "q"], "image not found: missing.png"),
-        ([str(AERIAL), "q", "--budgets", "8,-1"], "budget -1 is negative"),
-        ([str(AERIAL), "q", "--budgets", "8,2.5"], "budget '2.5' is not an integer"),
-        ([str(AERIAL), "q", "--budgets", "8,16,4"], "got 3 budgets"),
-        ([str(AERIAL), "q", "--budgets", "2304,9216"], "context is"),
-        ([str(AERIAL), "two <image> <image>"], "extra '<image>' marker"),
-        ([str(AERIAL), "q", "--selector", "random"], "selector must be"),
+        ([AERIAL, "q", "--budgets", "8,16,4"], "got 3 budgets [8, 16, 4] but the model has 2 scales"),
+        ([AERIAL, "q", "--budgets", "2304,9216"], "context is"),
+        ([AERIAL, "two <image> <image>"], "extra '<image>' marker"),
+        ([AERIAL, " "], "the question is empty"),
     ],
 )
-def test_errors_are_one_line(tiny_checkpoint, args, message) -> None:
+def test_errors_are_typed_one_line(tiny_checkpoint, args, message) -> None:
+    from uhrbat.errors import UhrBatError
+
     r = run("ask", *args, "--model", str(tiny_checkpoint))
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.exit_code != 0
+    assert isinstance(r.exception, UhrBatError) and message in str(r.exception), r.output
+    assert "\n" not in str(r.exception)
 
 
 def test_not_an_image_and_missing_checkpoint(tmp_path, tiny_checkpoint) -> None:
+    from uhrbat.errors import UhrBatError
+
     txt = tmp_path / "notes.png"
     txt.write_text("not an image")
     r = run("ask", str(txt), "q", "--model", str(tiny_checkpoint))
-    assert r.returncode != 0 and "not an image file" in r.stderr and "Traceback" not in r.stderr
-    r = run("ask", str(AERIAL), "q", "--model", str(tmp_path / "nothing"))
-    assert r.returncode != 0 and "checkpoint folder not found" in r.stderr
-    r = run("--debug", "ask", str(txt), "q", "--model", str(tiny_checkpoint))
-    assert "Traceback" in r.stderr
+    assert isinstance(r.exception, UhrBatError) and "not an image file" in str(r.exception)
+    r = run("ask", AERIAL, "q", "--model", str(tmp_path / "nothing"))
+    assert isinstance(r.exception, UhrBatError) and "checkpoint folder not found" in str(r.exception)
 
 
 def test_trace_writes_fixture_names(tiny_checkpoint, tmp_path) -> None:
     from safetensors.torch import load_file
 
     out = tmp_path / "t.safetensors"
-    r = run("trace", "--model", str(tiny_checkpoint), "--image", str(AERIAL), "--question", "Where is the river?",
-            "--budgets", "8,16", "--clusters", "6", "--iters", "3", "--seed", "7", "--kmeans", "exact",
-            "--compat", "reference", "--max-new-tokens", "3", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    old = os.umask(0o022)
+    try:
+        r = run("trace", "--model", str(tiny_checkpoint), "--image", AERIAL, "--question", "Where is the river?",
+                "--budgets", "8,16", "--clusters", "6", "--iters", "3", "--seed", "7", "--kmeans", "exact",
+                "--compat", "reference", "--max-new-tokens", "3", "--out", str(out))
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
     t = load_file(str(out))
     for name in ("input_ids", "attn.base_scale_attention", "attn.by_scale.1344", "kmeans.672.init_idx",
                  "kmeans.1344.labels", "select.672.aggregated", "select.1344.pos_flat", "select.1344.pos_offsets",
@@ -91,3 +140,26 @@ def test_trace_writes_fixture_names(tiny_checkpoint, tmp_path) -> None:
         assert name in t, name
     assert (t["input_ids"] == -200).sum() == 1
     assert t["merged.post_mlp"].shape[0] == 24 and t["gen.new_token_ids"].numel() == 3
+
+
+def test_cache_dir_reuses_the_scene_across_runs(tiny_checkpoint, tmp_path) -> None:
+    args = ["ask", AERIAL, "Is there a road?", "--model", str(tiny_checkpoint), "--json", *SMALL,
+            "--cache-dir", str(tmp_path / "scenes")]
+    first, second = run(*args), run(*args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert (a["cache"], b["cache"]) == ("miss", "disk")
+    assert a["answer"] == b["answer"] and a["tokens"] == b["tokens"]
+    assert any((tmp_path / "scenes").iterdir())
+
+
+def test_convert_writes_readable_weights(tmp_path) -> None:
+    """safetensors creates files 0600; converted checkpoints follow the umask like any file."""
+    old = os.umask(0o022)
+    try:
+        r = run("convert", str(PARITY / "uhrbat_tiny"), str(tmp_path / "conv"))
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    weights = list((tmp_path / "conv").glob("*.safetensors"))
+    assert weights and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in weights)

@@ -206,6 +206,35 @@ def test_fast_equals_exact_on_random_clusters(seed: int) -> None:
         torch.testing.assert_close(fast.centers, exact.centers)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_device_kmeans_loop_matches_fixture(case: str) -> None:
+    """The accelerator (CUDA) fast path, run here on the CPU: fixed-shape iterations, float64
+    centres, convergence read every few iterations; same labels and stop as the reference."""
+    f, meta = fixture(case)
+    c = meta["case"]
+    for scale in (672, 1344):
+        feats = clustering_features(selection_embeds(case, scale), TOKENS[scale] // 576)
+        res = km._kmeans_device(feats, f[f"kmeans.{scale}.init_idx"], c["kmeans_max_iters"], check_every=8)
+        assert torch.equal(res.labels_iter1, f[f"kmeans.{scale}.labels_iter1"].long())
+        torch.testing.assert_close(res.centers_iter1, f[f"kmeans.{scale}.centers_iter1"], atol=1e-6, rtol=0)
+        assert torch.equal(res.labels, f[f"kmeans.{scale}.labels"].long()), scale
+        assert res.iterations == meta["kmeans"][str(scale)]["iterations_run"]
+        assert res.converged == meta["kmeans"][str(scale)]["converged_early"]
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8, 100])
+def test_device_kmeans_loop_stops_like_the_reference(check_every: int) -> None:
+    """Frozen-after-convergence blocks: the result does not depend on how often the host looks."""
+    x = _blobs(3000, 40, 12, 0, 1.0)
+    init = torch.randperm(3000, generator=torch.Generator().manual_seed(1))[:40]
+    for iters in (1, 4, 50):
+        exact = km._kmeans_exact(x, init, iters)
+        dev = km._kmeans_device(x, init, iters, check_every=check_every)
+        assert torch.equal(dev.labels, exact.labels) and torch.equal(dev.labels_iter1, exact.labels_iter1)
+        assert (dev.iterations, dev.converged) == (exact.iterations, exact.converged)
+        torch.testing.assert_close(dev.centers, exact.centers, atol=1e-6, rtol=1e-6)  # float64 means: <= 1 ulp
+
+
 def test_fast_kmeans_does_less_distance_work() -> None:
     x = _blobs(6000, 100, 16, 3, 1.5)
     res = kmeans(x, 100, 100, generator=torch.Generator().manual_seed(0))
@@ -462,6 +491,36 @@ def test_select_kmeans_determinism_and_dtype() -> None:
     )
     assert torch.equal(exact_res.labels, rc.labels)
     assert_same_selection(exact_sel, c, embeds_atol=None)
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_selection_ignores_autocast(mode: str) -> None:
+    """Under bf16 autocast (mixed-precision training) K-Means, merging and the relevance
+    arithmetic give bitwise the results of a run without autocast (they used to run their
+    GEMMs in bf16 and crash on mixed dtypes)."""
+    from uhrbat.compression.scoring import last_query_attention, upsample_relevance
+
+    gen = torch.Generator().manual_seed(11)
+    embeds = torch.randn(4 * 576, 16, generator=gen)
+    scores = torch.rand(4 * 576, generator=gen)
+    q, keys = torch.randn(4, 8, generator=gen), torch.randn(2, 50, 8, generator=gen)
+
+    def run():
+        sel, res = select_kmeans(embeds, scores, 60, num_tiles=4, num_clusters=300, max_iters=20,
+                                 generator=torch.Generator().manual_seed(3), mode=mode)
+        attn = last_query_attention(q, keys, 8)
+        up = upsample_relevance(scores, 2, [2, 4])
+        return sel, res, attn, up
+
+    sel, res, attn, up = run()
+    assert res.iterations > 2  # the cached/partial update path ran
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sel_ac, res_ac, attn_ac, up_ac = run()
+    assert torch.equal(res_ac.labels, res.labels) and torch.equal(res_ac.centers, res.centers)
+    assert_same_selection(sel_ac, sel)
+    assert sel_ac.embeds.dtype == torch.float32
+    assert torch.equal(attn_ac, attn) and attn_ac.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(up_ac, up))
 
 
 def test_singleton_semantics() -> None:

@@ -10,11 +10,10 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install fastapi uvicorn python-multipart)")
 pytest.importorskip("multipart", reason="the demo needs python-multipart")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from uhrbat.errors import BudgetError  # noqa: E402
-from uhrbat.serving.demo import create_app, parse_budget_field  # noqa: E402
-from uhrbat.serving.fake import FakePipeline  # noqa: E402
+from uhrbat.serving.demo import create_app
+from uhrbat.serving.fake import FakePipeline
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
@@ -45,11 +44,11 @@ def test_page_has_the_form(client_and_fake) -> None:
 def test_ask_returns_answer_overlay_and_geojson(client_and_fake) -> None:
     client, fake = client_and_fake
     r = client.post("/api/ask", files={"image": ("field.png", _png(), "image/png")},
-                    data={"question": "How many fields?", "budgets": "4, 5,6,7", "max_new_tokens": "12"})
+                    data={"question": "How many fields?", "budgets": "4, 5,6,7", "max_new_tokens": "40"})
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["answer"] == FakePipeline.answer_for("How many fields?")
-    assert fake.calls[-1]["budgets"] == [4, 5, 6, 7] and fake.calls[-1]["max_new_tokens"] == 12
+    assert fake.calls[-1]["budgets"] == [4, 5, 6, 7] and fake.calls[-1]["max_new_tokens"] == 40
     assert data["image_size"] == [300, 200] and data["kept"] == 3 + 4 + 5 + 6 and data["merged"] == 4
     png = client.get(data["overlay_url"] if data["overlay_url"].startswith("/") else "/" + data["overlay_url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
@@ -57,6 +56,47 @@ def test_ask_returns_answer_overlay_and_geojson(client_and_fake) -> None:
         assert list(im.size) == data["overlay_size"] and im.size[0] >= 400
     gj = client.get("/" + data["geojson_url"]).json()
     assert gj["type"] == "FeatureCollection" and gj["coordinate_space"] == "pixel" and gj["answer"] == data["answer"]
+    assert gj["image"]["path"] == "field.png"  # the uploaded file's name, not a server temp file
+
+
+def test_uploads_are_decoded_untrusted_inside_the_decode_section(client_and_fake, monkeypatch) -> None:
+    import contextlib
+
+    import uhrbat.io
+
+    entered = []
+    real_section, real_open = uhrbat.io.decode_section, uhrbat.io.open_image_bytes
+
+    @contextlib.contextmanager
+    def counting_section(*a, **k):
+        with real_section(*a, **k):
+            entered.append("in")
+            yield
+            entered.append("out")
+
+    def checked_open(data, **kw):
+        assert entered and entered[-1] == "in", "decoded outside uhrbat.io.decode_section()"
+        entered.append(kw.get("filename"))
+        return real_open(data, **kw)
+
+    monkeypatch.setattr(uhrbat.io, "decode_section", counting_section)
+    monkeypatch.setattr(uhrbat.io, "open_image_bytes", checked_open)
+    client, _ = client_and_fake
+    r = client.post("/api/ask", files={"image": ("field.png", _png(), "image/png")}, data={"question": "q"})
+    assert r.status_code == 200, r.text
+    assert entered[:3] == ["in", "field.png", "out"]
+
+
+def test_page_and_openai_api_share_one_app(client_and_fake) -> None:
+    import base64
+
+    client, fake = client_and_fake
+    url = "data:image/png;base64," + base64.b64encode(_png(50, 40)).decode()
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "How many fields?"}]}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == FakePipeline.answer_for("How many fields?")
+    assert fake.calls[-1]["size"] == (50, 40)
 
 
 def test_geotiff_upload_gives_wgs84_geojson(client_and_fake) -> None:
@@ -77,18 +117,21 @@ def test_geotiff_upload_gives_wgs84_geojson(client_and_fake) -> None:
     "files, data, status, needle",
     [
         ({"image": ("notes.png", b"not an image at all", "image/png")}, {"question": "q"}, 400, "'notes.png'"),
-        ({"image": ("a.png", _png(), "image/png")}, {"question": "q", "budgets": "1,2,x,4"}, 400, "non-negative"),
+        ({"image": ("a.png", _png(), "image/png")}, {"question": "q", "budgets": "1,2,x,4"}, 400, "'x'"),
         ({"image": ("a.png", _png(), "image/png")}, {"question": "q", "budgets": "1,2"}, 400, "4 scales"),
         ({"image": ("a.png", _png(), "image/png")}, {"question": "   "}, 400, "empty"),
         ({"image": ("a.png", _png(), "image/png")}, {"question": "q", "bands": "4,3,2"}, 400, "band list"),
         ({"image": ("e.png", b"", "image/png")}, {"question": "q"}, 400, "empty"),
+        ({}, {"question": "q"}, 400, "choose an image"),
+        ({"image": ("a.png", _png(), "image/png")}, {"question": "q", "max_new_tokens": "many"}, 400, "integer"),
     ],
 )
 def test_bad_requests_are_clear_json_errors(client_and_fake, files, data, status, needle) -> None:
     client, _ = client_and_fake
-    r = client.post("/api/ask", files=files, data=data)
-    assert r.status_code == status and needle in r.json()["error"]
-    assert "/tmp" not in r.json()["error"]  # names the upload, not the server's temp file
+    r = client.post("/api/ask", files=files or None, data=data)
+    err = r.json()["error"]  # one error shape for the whole app (OpenAI's), never FastAPI's 422 `detail`
+    assert r.status_code == status and needle in err["message"] and set(err) == {"message", "type", "param", "code"}
+    assert "/tmp" not in err["message"]  # names the upload, not a server path
 
 
 def test_pipeline_crash_is_reported_as_json(client_and_fake) -> None:
@@ -97,21 +140,18 @@ def test_pipeline_crash_is_reported_as_json(client_and_fake) -> None:
     def boom(*a, **k):
         raise RuntimeError("out of memory on the fake GPU")
 
-    fake.ask = boom  # type: ignore[method-assign]
+    fake.chat_batch = boom  # type: ignore[method-assign]
     with TestClient(client.app, raise_server_exceptions=False) as c:
         r = c.post("/api/ask", files={"image": ("a.png", _png(), "image/png")}, data={"question": "q"})
-    assert r.status_code == 500 and "out of memory" in r.json()["error"]
+    assert r.status_code == 500 and "out of memory" in r.json()["error"]["message"]
 
 
-def test_unknown_result_and_budget_parser() -> None:
+def test_unknown_result_and_health() -> None:
     app = create_app(FakePipeline())
     with TestClient(app) as c:
         assert c.get("/api/result/nope/overlay.png").status_code == 404
-        assert c.get("/healthz").json() == {"ok": True, "model_loaded": True}
-    assert parse_budget_field(" 80, 320 ,600,2000") == [80, 320, 600, 2000]
-    assert parse_budget_field("") is None
-    with pytest.raises(BudgetError):
-        parse_budget_field("-1,2")
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["model_loaded"] is True
 
 
 def test_lazy_pipeline_factory() -> None:
@@ -123,6 +163,6 @@ def test_lazy_pipeline_factory() -> None:
 
     app = create_app(pipeline_factory=factory)
     with TestClient(app) as c:
-        assert not made and c.get("/healthz").json()["model_loaded"] is False
+        assert not made and c.get("/health").json()["model_loaded"] is False
         r = c.post("/api/ask", files={"image": ("a.png", _png(40, 40), "image/png")}, data={"question": "q"})
         assert r.status_code == 200 and made == [1] and r.json()["kept"] == 2 + 3

@@ -152,8 +152,8 @@ def _ask_in_page(cdp: CDP, base_url: str, image: Path, question: str, budgets: s
 
 def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
     pytest.importorskip("fastapi")
-    from uhrbat.io.images import open_image
     from uhrbat.io.overlay import render_overlay
+    from uhrbat.io.sources import open_image
     from uhrbat.serving.demo import create_app, serve_in_thread
     from uhrbat.serving.fake import FakePipeline
 
@@ -177,7 +177,7 @@ def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
         bad = tmp_path / "notes.png"
         bad.write_text("not an image")
         state, out = _ask_in_page(browser, url, bad, "q")
-        assert state == "error" and "not an image" in out["error"] and "'notes.png'" in out["error"]
+        assert state == "error" and "not accepted" in out["error"] and "'notes.png'" in out["error"]
 
 
 def test_demo_page_with_tiny_model_in_chromium(browser, tiny_pipeline) -> None:

@@ -10,24 +10,25 @@ pytest.importorskip("fastapi")
 
 def test_demo_command_wiring(monkeypatch) -> None:
     import uhrbat.pipeline
-    import uhrbat.serving.demo as demo
     from uhrbat.cli.main import app
+    from uhrbat.serving import demo
     from uhrbat.serving.fake import FakePipeline
 
     loaded, served = {}, {}
 
-    def fake_from_pretrained(model, device="cpu", dtype=None, **selection):
-        loaded.update(model=model, device=device, dtype=dtype, **selection)
+    def fake_from_pretrained(model, device="cpu", dtype=None, **kw):
+        loaded.update(model=model, device=device, dtype=dtype, **{k: v for k, v in kw.items() if v is not None})
         return FakePipeline()
 
     monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
     monkeypatch.setattr(demo, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
-    r = CliRunner().invoke(app, ["demo", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--port", "8123"])
+    r = CliRunner().invoke(app, ["demo", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--port", "8123",
+                                 "--clusters", "5"])
     assert r.exit_code == 0, r.output
-    assert loaded == {"model": "some/ckpt", "device": "cpu", "dtype": None, "budgets": [1, 2, 3, 4]}
+    assert loaded == {"model": "some/ckpt", "device": "cpu", "dtype": None, "budgets": [1, 2, 3, 4], "kmeans_clusters": 5}
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
     routes = {getattr(rt, "path", None) for rt in served["app"].routes}
-    assert {"/", "/api/ask", "/api/result/{key}/overlay.png"} <= routes
+    assert {"/", "/api/ask", "/api/result/{key}/overlay.png", "/v1/chat/completions", "/health"} <= routes
 
 
 def test_demo_help_lists_options() -> None:
@@ -35,5 +36,5 @@ def test_demo_help_lists_options() -> None:
 
     r = CliRunner().invoke(app, ["demo", "--help"])
     assert r.exit_code == 0
-    for opt in ("--model", "--budgets", "--host", "--port", "--max-pixels"):
+    for opt in ("--model", "--budgets", "--clusters", "--iters", "--selector", "--host", "--port", "--max-pixels"):
         assert opt in r.output

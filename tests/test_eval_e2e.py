@@ -10,7 +10,7 @@ import pytest
 
 from test_eval_support import make_hrbench
 
-from uhrbat.evaluation.runner import read_jsonl_rows
+from uhrbat.runfiles import read_jsonl
 
 
 def _main(argv: list[str]) -> int:
@@ -41,16 +41,22 @@ def test_eval_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, monkeypatch,
             "--budgets", "4,8", "--selector", "topk", "--seed", "0", "--device", "cpu", "--max-new-tokens", "3",
             "--batch-size", "2", "--choice-by-logits", "--no-progress"]
     assert _main(argv) == 0, capsys.readouterr().err
-    rows, _, problems = read_jsonl_rows(out / "predictions.jsonl")
-    assert not problems and [r["id"] for r in rows] == ["0", "1", "2", "3"]
+    rows, n_torn = read_jsonl(out / "predictions.jsonl")
+    assert n_torn == 0 and [r["id"] for r in rows] == ["0", "1", "2", "3"]
     for r in rows:
         assert r["error"] is None, r["error"]
         assert isinstance(r["output"], str)
         assert r["num_visual_tokens"] == 4 + 8
         assert set(r["timings"]) >= {"encode", "decode"}
         assert r["logit_choice"] in "ABCD" and set(r["logprobs"]) == {"A", "B", "C", "D"}
+    # per-sample figures under --batch-size 2: a row's stages add up to its own share of the batch's time,
+    # not to the whole batch's (which would double the sum)
+    assert sum(sum(r["timings"].values()) for r in rows) <= 1.05 * sum(r["latency_s"] for r in rows) + 0.05
     report = json.loads((out / "report.json").read_text())
     assert report["benchmark"] == "hrbench-4k" and report["n"] == 4 and report["n_errors"] == 0
+    # the four questions share one embedded image: one scene prepared, three reuses
+    assert [r["cache"] for r in rows] == ["miss", "hit", "hit", "hit"]
+    assert report["metrics"]["runtime/scenes_prepared"] == 1 and report["metrics"]["runtime/scene_cache_hits"] == 3
     assert set(report["headline"]) == {"overall", "fsp", "fcp"}
     assert "logits/overall" in report["metrics"] and report["meta"]["selection"]["budgets"] == [4, 8]
     assert (out / "report.md").read_text().startswith("# hrbench-4k")

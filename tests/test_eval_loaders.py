@@ -137,13 +137,44 @@ def test_bad_rows_become_error_rows(tmp_path):
     assert by_id["ok"].ok
     assert "missing answer" in by_id["no-answer"].error and by_id["no-answer"].error.startswith("row 1:")
     assert "escapes the image root" in by_id["escape"].error
-    assert by_id["absolute"].ok  # absolute paths are allowed
+    assert "outside the image root" in by_id["absolute"].error  # issue 8 item 6: refused unless allowed
+    assert by_id["absolute"].error_kind == "image" and by_id["no-answer"].error_kind == "data"
     assert "image not found" in by_id["missing"].error
     assert by_id["broken"].ok  # only unreadable at decode time -> error row in the runner
     with pytest.raises(ImageLoadError):
         by_id["broken"].images[0].check()
     assert "duplicate id" in by_id["ok#dup1"].error
     assert by_id["row-7"].error.startswith("row 7: missing id")
+
+
+def test_images_outside_the_root_are_refused_after_resolving_symlinks(tmp_path):
+    root = tmp_path / "root"
+    write_png(root / "ok.png")
+    secret = write_png(tmp_path / "secret" / "s.png")
+    (root / "link.png").symlink_to(secret)  # a symlink inside the root pointing out of it
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to(tmp_path / "secret", target_is_directory=True)
+    (tmp_path / "alias").symlink_to(root, target_is_directory=True)  # the root itself may be a symlink
+    rows = [
+        {"id": "ok", "images": ["ok.png"], "question": "q", "options": ["a", "b"], "answer": "A"},
+        {"id": "abs-in", "images": [str(root / "ok.png")], "question": "q", "options": ["a", "b"], "answer": "A"},
+        {"id": "abs-out", "images": [str(secret)], "question": "q", "options": ["a", "b"], "answer": "A"},
+        {"id": "link", "images": ["link.png"], "question": "q", "options": ["a", "b"], "answer": "A"},
+        {"id": "dirlink", "images": ["sub/up/s.png"], "question": "q", "options": ["a", "b"], "answer": "A"},
+        {"id": "dotdot", "images": ["../secret/s.png"], "question": "q", "options": ["a", "b"], "answer": "A"},
+    ]
+    data = tmp_path / "dataset.json"
+    data.write_text(json.dumps(rows))
+    by_id = {s.id: s for s in load_benchmark("rshr", data, tmp_path / "alias")}
+    assert by_id["ok"].ok and by_id["abs-in"].ok
+    assert by_id["ok"].images[0].path == str((root / "ok.png").resolve())  # the real file is what gets read
+    for sid in ("abs-out", "link", "dirlink", "dotdot"):
+        err = by_id[sid].error
+        assert err and ("outside the image root" in err or "escapes the image root" in err), (sid, err)
+        assert "--allow-outside-images" in err and by_id[sid].error_kind == "image"
+    allowed = {s.id: s for s in load_benchmark("rshr", data, tmp_path / "alias", allow_outside_images=True)}
+    assert all(s.ok for s in allowed.values())
+    assert allowed["link"].images[0].path == str(secret.resolve())
 
 
 def test_invalid_jsonl_line_is_an_error_row(tmp_path):

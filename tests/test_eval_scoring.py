@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from uhrbat.evaluation import benchmarks, hrbench, lrs_vqa, mme_realworld, rshr, wordnet, xlrs
+from uhrbat.evaluation import benchmarks, wordnet
+from uhrbat.evaluation.benchmarks import hrbench, lrs_vqa, mme_realworld, rshr, xlrs
 from uhrbat.evaluation.records import Prediction, Sample
 from uhrbat.evaluation.scoring import robust_letters
 
@@ -282,13 +283,28 @@ def test_wordnet_shared_synset_equals_path_similarity(mini_wordnet):
         assert mini_wordnet.are_synonyms(a, b) == mini_wordnet.path_similarity_rule(a, b)
 
 
-def test_lrs_without_wordnet_is_exact_only(monkeypatch):
-    monkeypatch.setattr(wordnet, "get_wordnet", lambda: None)
+def test_lrs_without_wordnet_refuses_unless_exact_match_is_asked_for(monkeypatch, mini_wordnet):
+    from uhrbat.errors import ConfigError
+
     s = _s(answer="2", options={}, lines=[], category="count", sid="FAIR_1")
-    assert lrs_vqa.correct("two", s) is False
-    with pytest.warns(RuntimeWarning):
-        rep = lrs_vqa.score([s], {"FAIR_1": "two"})
-    assert rep.meta["wordnet"].startswith("NOT AVAILABLE")
+    # WordNet present: "two" is a synonym of "2" (official rule) ...
+    assert lrs_vqa.score([s], {"FAIR_1": "two"}).headline["FAIR"] == 100.0
+    # ... but exact-match-only scoring, asked for by name, ignores it even when installed
+    rep = lrs_vqa.score([s], {"FAIR_1": "two"}, lrs_synonyms="none")
+    assert rep.headline["FAIR"] == 0.0 and "exact match only" in rep.meta["wordnet"]
+    assert benchmarks.score("lrs-vqa", [s], {"FAIR_1": "two"}, lrs_synonyms="none").headline["FAIR"] == 0.0
+    # WordNet missing: one line with the fix instead of a silently lower score
+    monkeypatch.setattr(wordnet, "get_wordnet", lambda: None)
+    for call in (lambda: lrs_vqa.score([s], {"FAIR_1": "two"}),
+                 lambda: benchmarks.check_score_options("lrs-vqa", lrs_synonyms=None)):
+        with pytest.raises(ConfigError, match="wordnet-base") as e:
+            call()
+        assert "--lrs-synonyms none" in str(e.value) and "\n" not in str(e.value)
+    assert lrs_vqa.score([s], {"FAIR_1": "2"}, lrs_synonyms="none").headline["FAIR"] == 100.0
+    with pytest.raises(ConfigError, match="--lrs-synonyms must be one of"):
+        lrs_vqa.check_options("maybe")
+    with pytest.raises(ConfigError, match="--lrs-synonyms does not apply to xlrs"):
+        benchmarks.check_score_options("xlrs", lrs_synonyms="none")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ class FakePipeline:
         self.model = model
         self.kwargs = kwargs
         self.calls: list[tuple[str, int]] = []
+        self.asked: list[Any] = []  # the image argument of every question, in order
+        self._seen: set[Any] = set()  # a scene cache stand-in: an image seen before is a "hit"
         self.delay = float(os.environ.get("UHRBAT_FAKE_DELAY", "0"))
         FakePipeline.instances.append(self)
 
@@ -48,14 +50,18 @@ class FakePipeline:
 
     def _answer(self, image: Any, question: str) -> AskResult:
         size = self._size(image)
+        self.asked.append(image)
         if "[[RAISE]]" in question:
             raise RuntimeError("fake model failure")
         m = _ANS.search(question)
         answer = m.group(1) if m else "A"
         if self.delay:
             time.sleep(self.delay)
-        return AskResult(answer=answer, tokens=[], timings={"encode": 0.001, "decode": 0.002}, num_visual_tokens=42,
-                         image_size=size, scales=[672])
+        key = image if isinstance(image, str) else id(image)
+        cache = "hit" if key in self._seen else "miss"
+        self._seen.add(key)
+        return AskResult(answer=answer, tokens=[], timings={"encode": 0.001 if cache == "miss" else 0.0, "decode": 0.002},
+                         num_visual_tokens=42, image_size=size, scales=[672], cache=cache)
 
     def ask(self, image: Any, question: str, max_new_tokens: int = 512, **kw: Any) -> AskResult:
         self.calls.append(("ask", 1))

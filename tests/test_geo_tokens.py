@@ -21,7 +21,7 @@ from uhrbat.io.geo import (
     tokens_with_boxes,
     write_geojson,
 )
-from uhrbat.io.images import open_image
+from uhrbat.io.sources import open_image
 from uhrbat.results import KeptToken
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
@@ -111,6 +111,80 @@ def test_tokens_with_boxes_for_json() -> None:
     assert rows[0]["box_px"] is None  # over the left padding (ox = 168)
     assert rows[1]["box_px"] == pytest.approx([336 - 168, 0, 350 - 168, 14])
     assert rows[1]["scale"] == 672 and "members" in rows[1]
+
+
+# ----------------------------------------------------------------------------- token geometry
+def expected_box_geometry(scale: int, tile: int, row: int, col: int, W: int, H: int, tile_px: int, patch: int):
+    """`expected_box` for any tile / patch side, written out by hand."""
+    n = tile_px // patch
+    L = max(W, H)
+    g = scale // tile_px
+    r, c = divmod(tile, g)
+    ox, oy = (L - W) // 2, (L - H) // 2
+    x0, y0 = (c * n + col) * patch * L / scale - ox, (r * n + row) * patch * L / scale - oy
+    x1, y1 = x0 + patch * L / scale, y0 + patch * L / scale
+    x0, x1 = min(max(x0, 0), W), min(max(x1, 0), W)
+    y0, y1 = min(max(y0, 0), H), min(max(y1, 0), H)
+    return None if x1 <= x0 or y1 <= y0 else (x0, y0, x1, y1)
+
+
+@pytest.mark.parametrize("tile_px, patch", [(224, 14), (336, 16), (448, 32)])
+def test_boxes_follow_a_non_default_token_geometry(tile_px, patch) -> None:
+    """A 224/14 (16 tokens per side), 336/16 (21) or 448/32 (14) tower: boxes, flat positions,
+    merged members and GeoJSON follow the tokens' geometry, never CLIP-336/14's."""
+    from uhrbat.configuration import TokenGeometry
+
+    geo = TokenGeometry(tile_px, patch)
+    n = geo.tokens_per_side
+    W, H = 1000, 700
+    rng = np.random.default_rng(tile_px + patch)
+    toks = []
+    for scale in (tile_px * 2, tile_px * 3, tile_px * 5):
+        g = scale // tile_px
+        for _ in range(30):
+            t, r, c = int(rng.integers(g * g)), int(rng.integers(n)), int(rng.integers(n))
+            toks.append(KeptToken(scale, t, r, c, 0.5, False, 0, [geo.flat(t, r, c)],
+                                  tile_size=tile_px, patch_size=patch))
+    for t, box in zip(toks, pixel_boxes(toks, (W, H))):
+        exp = expected_box_geometry(t.scale, t.tile, t.row, t.col, W, H, tile_px, patch)
+        assert (box is None) if exp is None else box == pytest.approx(exp, abs=1e-3)
+    # Records without members use (tile, row, col) through the same geometry.
+    bare = KeptToken(tile_px * 2, 3, n - 1, 0, 0.5, False, 0, [], tile_size=tile_px, patch_size=patch)
+    assert pixel_boxes([bare], (W, H))[0] == pytest.approx(
+        expected_box_geometry(tile_px * 2, 3, n - 1, 0, W, H, tile_px, patch), abs=1e-3)
+    # GeoJSON (pixel space) rings are the same boxes.
+    fc = tokens_geojson(toks, (W, H))
+    for feat in fc["features"]:
+        t = toks[feat["properties"]["index"]]
+        x0, y0, x1, y1 = expected_box_geometry(t.scale, t.tile, t.row, t.col, W, H, tile_px, patch)
+        ring = feat["geometry"]["coordinates"][0]
+        assert ring[0] == pytest.approx([x0, y0], abs=1e-3) and ring[2] == pytest.approx([x1, y1], abs=1e-3)
+    # Positions past the scale's token count (with this geometry) are rejected.
+    with pytest.raises(ValueError, match="out of range"):
+        square_cells(tile_px * 2, [4 * geo.tokens_per_tile], geo)
+
+
+def test_pipeline_tokens_carry_the_config_geometry(tmp_path) -> None:
+    """End to end with a 224-px / 14-px tower (16 x 16 tokens per tile): the pipeline's kept
+    tokens carry the config's geometry, so their GeoJSON boxes are right."""
+    from uhrbat.pipeline import UhrBatPipeline
+    from uhrbat.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ck", scales=[448, 896], base_scale=448, budgets=[6, 12], tile_size=224,
+                                clip_image_size=224, clip_layers=2)
+    pipe = UhrBatPipeline.from_pretrained(ckpt, selector="topk")
+    assert pipe.processor.image_processor.tokens_per_side == 16 and pipe.model.config.tokens_per_side == 16
+    image = Image.new("RGB", (500, 300), (10, 120, 40))
+    res = pipe.ask(image, "Where is the field?", max_new_tokens=2)
+    assert len(res.tokens) == 18
+    assert all((t.tile_size, t.patch_size) == (224, 14) and t.row < 16 and t.col < 16 for t in res.tokens)
+    assert all(t.members == [t.tile * 256 + t.row * 16 + t.col] for t in res.tokens)
+    fc = tokens_geojson(res.tokens, res.image_size)
+    for feat in fc["features"]:
+        t = res.tokens[feat["properties"]["index"]]
+        exp = expected_box_geometry(t.scale, t.tile, t.row, t.col, 500, 300, 224, 14)
+        assert feat["properties"]["box_px"] == pytest.approx(list(exp), abs=1e-3)
+    assert len(fc["features"]) + fc["tokens_in_padding_dropped"] == 18
 
 
 # ----------------------------------------------------------------------------- georeference

@@ -15,11 +15,11 @@ from uhrbat.io.images import (
     JPEGDraftSource,
     PILSource,
     load_pil,
-    open_image,
     pad_to_square,
     reduced_geometry,
     to_rgb,
 )
+from uhrbat.io.sources import open_image
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 

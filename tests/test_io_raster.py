@@ -13,7 +13,8 @@ from rasterio.enums import Resampling  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 
 from uhrbat.errors import ImageLoadError  # noqa: E402
-from uhrbat.io.images import PAD_RGB, PILSource, open_image  # noqa: E402
+from uhrbat.io.images import PAD_RGB, PILSource  # noqa: E402
+from uhrbat.io.sources import open_image  # noqa: E402
 from uhrbat.io.raster import RasterSource  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

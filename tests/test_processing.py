@@ -8,12 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ASSETS, PARITY
 from PIL import Image
 
-from conftest import ASSETS, PARITY
 from uhrbat.configuration import UhrBatConfig
-from uhrbat.errors import BudgetError, ConfigError, ContextOverflowError, ImageLoadError, PromptError
-from uhrbat.io.images import PAD_RGB, open_image
+from uhrbat.errors import (
+    BudgetError,
+    ConfigError,
+    ContextOverflowError,
+    ImageLoadError,
+    PromptError,
+)
+from uhrbat.io.images import PAD_RGB
+from uhrbat.io.sources import open_image
 from uhrbat.processing import UhrBatImageProcessor, UhrBatProcessor, parse_budgets
 from uhrbat.processing.prompt import question_prompt
 
@@ -74,7 +81,7 @@ def test_parse_budgets_errors(value, message) -> None:
 
 def test_parse_budgets_ok() -> None:
     assert parse_budgets("80, 320,600,2000", 4) == [80, 320, 600, 2000]
-    assert parse_budgets([1.0, 2, "3", 0], 4) == [1, 2, 3, 0]
+    assert parse_budgets([1, 2, "3", 0], 4) == [1, 2, 3, 0]  # floats such as 1.0 are refused (one rule)
 
 
 # ----------------------------------------------------------------------------- image processor
@@ -241,3 +248,56 @@ def test_real_qwen2_tokenizer_ids() -> None:
     assert ids[:3] == [151644, 8948, 198]  # <|im_start|> system \n
     assert p.image_token_id == 151646 and ids.count(151646) == 3000
     assert ids[-5:] == [151645, 198, 151644, 77091, 198]  # <|im_end|>\n<|im_start|>assistant\n
+
+
+# ----------------------------------------------------------------------------- transformers integration
+def test_processors_are_transformers_classes(processor, tmp_path) -> None:
+    """ProcessorMixin / BaseImageProcessor: the composite processor_config.json, AutoProcessor and
+    AutoImageProcessor load it back (registered by `import uhrbat`), outputs identical."""
+    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers.image_processing_utils import BaseImageProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    assert isinstance(processor, ProcessorMixin) and isinstance(processor.image_processor, BaseImageProcessor)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "UhrBatProcessor" and saved["budgets"] == [10, 20]
+    assert saved["image_processor"]["image_processor_type"] == "UhrBatImageProcessor"
+    assert saved["image_processor"]["scales"] == [672, 1344] and saved["image_processor"]["patch_size"] == 14
+    auto = AutoProcessor.from_pretrained(tmp_path)
+    assert type(auto) is UhrBatProcessor and auto.max_context == 200 and auto.compat == "none"
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is UhrBatImageProcessor
+    img = Image.new("RGB", (40, 30), (200, 10, 10))
+    a = processor(images=img, text=processor.build_prompt("q?"))
+    b = auto(images=img, text=auto.build_prompt("q?"))
+    assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes"))
+
+
+def test_round_one_processor_folders_still_load(processor, tmp_path) -> None:
+    """Folders written before the ProcessorMixin port (flat processor_config.json next to a
+    preprocessor_config.json) load unchanged; overrides replace saved settings."""
+    processor.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "UhrBatImageProcessor", "scales": [672, 1344], "tile_size": 336,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "UhrBatProcessor", "budgets": [10, 20], "max_context": 200, "compat": "reference"}))
+    p = UhrBatProcessor.from_pretrained(tmp_path)
+    assert p.budgets == [10, 20] and p.max_context == 200 and p.compat == "reference"
+    assert p.image_processor.image_mean == [0.5, 0.5, 0.5] and p.image_processor.patch_size == 14
+    q = UhrBatProcessor.from_pretrained(tmp_path, budgets=[1, 2], compat="none", patch_size=16)
+    assert q.budgets == [1, 2] and q.compat == "none" and q.image_processor.image_mean == [0.5, 0.5, 0.5]
+    assert q.image_processor.tokens_per_side == 21 and q.tokens_per_scale([10_000, 10_000]) == [4 * 441, 16 * 441]
+
+
+def test_token_counts_follow_the_patch_size(processor) -> None:
+    """Placeholder counts come from the image processor's tile / patch sides, not CLIP-336/14."""
+    p = UhrBatProcessor(UhrBatImageProcessor(scales=[448, 896], tile_size=224, patch_size=14), processor.tokenizer,
+                        budgets=[10_000, 50], max_context=10_000)
+    assert p.tokens_per_scale() == [4 * 256, 50]
+    ids = p(text=p.build_prompt("q"))["input_ids"][0]
+    assert int((ids == p.image_token_id).sum()) == 1024 + 50
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        UhrBatImageProcessor(tile_size=336, patch_size=15)
+    with pytest.raises(ConfigError, match=">= tile_size"):
+        UhrBatImageProcessor(scales=[224], tile_size=336)

@@ -1,8 +1,11 @@
 """UHR-BAT: budget-aware token compression VLM for ultra-high-resolution remote sensing.
 
-Importing the package registers `uhrbat` with transformers' Auto classes.
+Importing the package registers `uhrbat` with transformers' Auto classes (`AutoConfig`,
+`AutoModel`, `AutoModelForImageTextToText`, `AutoProcessor`, `AutoImageProcessor`; see
+`uhrbat.auto`).
 """
 
+from uhrbat.auto import register_auto_classes
 from uhrbat.configuration import UhrBatConfig
 from uhrbat.errors import (
     BudgetError,
@@ -13,6 +16,9 @@ from uhrbat.errors import (
     PromptError,
     UhrBatError,
 )
+from uhrbat.modeling.modeling_uhrbat import UhrBatForConditionalGeneration
+from uhrbat.processing.image_processing_uhrbat import UhrBatImageProcessor
+from uhrbat.processing.processing_uhrbat import UhrBatProcessor
 
 __version__ = "0.1.0"
 
@@ -31,21 +37,11 @@ __all__ = [
     "UhrBatProcessor",
 ]
 
+register_auto_classes()
+
 
 def __getattr__(name: str):
-    # Lazy: keep `import uhrbat` (and the CLI's start-up) light.
-    if name == "UhrBatForConditionalGeneration":
-        from uhrbat.modeling.modeling_uhrbat import UhrBatForConditionalGeneration
-
-        return UhrBatForConditionalGeneration
-    if name == "UhrBatProcessor":
-        from uhrbat.processing.processing_uhrbat import UhrBatProcessor
-
-        return UhrBatProcessor
-    if name == "UhrBatImageProcessor":
-        from uhrbat.processing.image_processing_uhrbat import UhrBatImageProcessor
-
-        return UhrBatImageProcessor
+    # Lazy: the pipeline pulls in the image readers and generation plumbing only when used.
     if name == "UhrBatPipeline":
         from uhrbat.pipeline import UhrBatPipeline
 

@@ -38,3 +38,23 @@ class MaskError(UhrBatError, ValueError):
 
 class BenchmarkDataError(UhrBatError, ValueError):
     """A benchmark file or row is malformed."""
+
+
+class RunLockedError(UhrBatError):
+    """An output directory is in use by another run (an advisory lock is held on it)."""
+
+
+class BatchInputError(UhrBatError, ValueError):
+    """A `uhrbat batch` input list is malformed (unreadable file, missing column, duplicate ids, ...)."""
+
+
+class BatchEngineError(UhrBatError):
+    """A `uhrbat batch` engine failed as a whole (e.g. the Ray job died); rerun to resume."""
+
+
+class ServerBusyError(UhrBatError):
+    """`uhrbat serve`'s request queue is full (the server answers 503 with Retry-After)."""
+
+
+class DecodeBusyError(UhrBatError):
+    """Every `uhrbat.io.decode_section()` slot stayed busy past the caller's timeout."""

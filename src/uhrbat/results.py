@@ -5,14 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from uhrbat.configuration.geometry import CLIP_336_14, TokenGeometry
+
 
 @dataclass
 class KeptToken:
     """One visual token the LLM saw.
 
-    `tile` is the row-major tile index at `scale`, (`row`, `col`) the 14-px patch inside that
-    336-px tile. For a merged token these describe its first member; `members` lists every
-    member as flat positions (tile * 576 + row * 24 + col) at that scale.
+    `tile` is the row-major tile index at `scale`, (`row`, `col`) the `patch_size`-px patch inside
+    that `tile_size`-px tile (14 and 336 for CLIP ViT-L/14-336). For a merged token these describe
+    its first member; `members` lists every member as flat positions
+    (tile * tokens_per_tile + row * tokens_per_side + col, i.e. tile * 576 + row * 24 + col for
+    336 / 14) at that scale. `tile_size` / `patch_size` come from the model config, so boxes
+    (`uhrbat.io.geo`, overlays) are right for any vision tower.
     """
 
     scale: int
@@ -23,6 +28,12 @@ class KeptToken:
     merged: bool
     group: int
     members: list[int] = field(default_factory=list)
+    tile_size: int = CLIP_336_14.tile_size
+    patch_size: int = CLIP_336_14.patch_size
+
+    @property
+    def geometry(self) -> TokenGeometry:
+        return TokenGeometry(self.tile_size, self.patch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,9 +43,14 @@ class KeptToken:
 class AskResult:
     """The answer to one question about one image, with what the model kept and timings.
 
-    `timings` holds seconds per stage: load, tiles, encode, score, select, prefill, decode.
-    `image_size` is the original (width, height); `relevance` (optional) maps scale ->
-    `[tiles, 24, 24]` float tensor of relevance.
+    `timings` holds float seconds per stage for *this* sample: load, tiles, encode, score,
+    select, prefill, decode (a batch's prefill and decoding are shared equally by its rows;
+    load/tiles/encode are 0 when the scene was reused). `image_size` is the original
+    (width, height); `relevance` (optional) maps scale -> `[tiles, 24, 24]` float tensor.
+    `cache` says where the scene's features came from: "off" (no scene cache), "miss"
+    (computed now), "hit" (memory, or prepared earlier in the same call), "disk".
+    `prompt_tokens` counts the prompt the LLM read (visual tokens included),
+    `completion_tokens` the generated tokens (end-of-sequence included when emitted).
     """
 
     answer: str
@@ -46,6 +62,9 @@ class AskResult:
     generated_ids: list[int] = field(default_factory=list)
     relevance: dict[int, Any] | None = None
     timings_detail: dict[str, float] = field(default_factory=dict)  # sub-stages, e.g. "group" (K-Means) within "select"
+    cache: str = "off"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def to_dict(self, with_tokens: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -54,6 +73,9 @@ class AskResult:
             "image_size": list(self.image_size),
             "scales": list(self.scales),
             "timings": dict(self.timings),
+            "cache": self.cache,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
         }
         if with_tokens:
             out["tokens"] = [t.to_dict() for t in self.tokens]

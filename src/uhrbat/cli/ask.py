@@ -1,14 +1,21 @@
-"""`uhrbat ask` and `uhrbat trace`."""
+"""`uhrbat ask` (one or several questions about one image) and `uhrbat trace`.
+
+Everything that can be checked without the model is checked first (questions, option values,
+output paths, the device, the image file, the mask file), so a bad input never costs a model
+load or a minute of compute.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 import typer
 
+from uhrbat.cli import options as opt
+from uhrbat.errors import PromptError
 from uhrbat.modeling.loading import DEFAULT_MODEL
 
 
@@ -16,56 +23,28 @@ def _err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-class SelectionArgs:
-    """Options shared by every command that runs the model."""
+def check_questions(questions: Sequence[str]) -> list[str]:
+    """Validate every question before anything runs (`PromptError` naming the question)."""
+    from uhrbat.processing.prompt import validate_question
 
-    @staticmethod
-    def collect(budgets: Optional[str], selector: Optional[str], clusters: Optional[int], iters: Optional[int],
-                seed: Optional[int], kmeans: Optional[str]) -> dict[str, Any]:
-        from uhrbat.processing.processing_uhrbat import parse_budgets
-
-        out: dict[str, Any] = {}
-        if budgets is not None:
-            out["budgets"] = parse_budgets(budgets, len(budgets.split(",")))
-        if selector is not None:
-            out["selector"] = selector
-        if clusters is not None:
-            out["kmeans_clusters"] = clusters
-        if iters is not None:
-            out["kmeans_iters"] = iters
-        if seed is not None:
-            out["seed"] = seed
-        if kmeans is not None:
-            out["kmeans_mode"] = kmeans
-        return out
+    out = []
+    for i, q in enumerate(questions):
+        try:
+            validate_question(q)
+        except PromptError as e:
+            raise PromptError(f"question {i + 1}: {e}" if len(questions) > 1 else str(e)) from None
+        out.append(q)
+    return out
 
 
-def _load(model: str, device: str, dtype: Optional[str], vision_tower: Optional[str], attn: Optional[str],
-          compat: Optional[str], selection: dict[str, Any]):
-    from uhrbat.pipeline import UhrBatPipeline
+def open_source(image: Path, read: dict[str, Any]):
+    """Open the image with the shared reader options (`opt.read_kwargs`)."""
+    from uhrbat.io.sources import open_image
 
-    t = time.perf_counter()
-    _err(f"loading {model} on {device} ...")
-    pipe = UhrBatPipeline.from_pretrained(model, device=device, dtype=dtype, vision_tower=vision_tower,
-                                          attn_implementation=attn, compat=compat, **selection)
-    # The budget count is checked against the model's scales by the pipeline (SelectionOptions).
-    return pipe, time.perf_counter() - t
+    return open_image(image, **read)
 
 
-def open_source(image: Path, bands: Optional[str], stretch: Optional[str], max_pixels: int):
-    """Open an image with the shared reader options (`--bands`, `--stretch`, `--max-pixels`)."""
-    from uhrbat.errors import ImageLoadError
-    from uhrbat.io.images import open_image
-
-    try:
-        band_list = tuple(int(b) for b in bands.split(",")) if bands else None
-        pct = tuple(float(x) for x in stretch.split(",")) if stretch else (2.0, 98.0)
-    except ValueError as e:
-        raise ImageLoadError(f"bad --bands {bands!r} or --stretch {stretch!r}: {e}") from None
-    return open_image(image, bands=band_list, stretch=pct, max_pixels=None if max_pixels == 0 else max_pixels)
-
-
-def _masks(path: Optional[Path]) -> Optional[dict]:
+def load_masks(path: Optional[Path]) -> Optional[dict]:
     if path is None:
         return None
     from uhrbat.compression.segments import load_mask_file
@@ -73,92 +52,158 @@ def _masks(path: Optional[Path]) -> Optional[dict]:
     return load_mask_file(path)
 
 
+def load_pipeline(model: str, load: dict[str, Any], selection: dict[str, Any]):
+    """`UhrBatPipeline.from_pretrained` with a progress line; returns (pipe, seconds)."""
+    from uhrbat.pipeline import UhrBatPipeline
+
+    t = time.perf_counter()
+    _err(f"loading {model} on {load['device']} ...")
+    pipe = UhrBatPipeline.from_pretrained(model, **load, **selection)
+    # The number of budgets is checked against the model's scales here (SelectionOptions).
+    return pipe, time.perf_counter() - t
+
+
+def describe_selection(pipe: Any, selection: dict[str, Any]) -> str:
+    """The settings that will run, checkpoint defaults filled in (the help can only say
+    "the checkpoint's")."""
+    from uhrbat.modeling.modeling_uhrbat import SelectionOptions
+
+    o = SelectionOptions.resolve(pipe.model.config, **selection)
+    text = f"budgets {','.join(map(str, o.budgets))}, selector {o.selector}"
+    if o.selector == "kmeans":
+        k = "the scale's budget" if not o.kmeans_clusters else f"{o.kmeans_clusters}"
+        text += f" (clusters {k}, <= {o.kmeans_iters} iterations, seed {o.seed}, {o.kmeans_mode})"
+    return text
+
+
+def numbered(path: Optional[Path], i: int, n: int) -> Optional[Path]:
+    """With several questions each gets its own output file: `overlay.png` -> `overlay.2.png`."""
+    if path is None or n == 1:
+        return path
+    return path.with_name(f"{path.stem}.{i + 1}{path.suffix}")
+
+
+def format_timings(res: Any) -> str:
+    stages = "  ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())
+    return f"{stages}  (scene cache: {res.cache})"
+
+
 def ask(
-    image: Path = typer.Argument(..., help="Image file (PNG/JPEG/TIFF/GeoTIFF ...)."),
-    question: str = typer.Argument(..., help="The question about the image."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder or hub id."),
-    budgets: Optional[str] = typer.Option(None, "--budgets", help="Visual tokens per scale, e.g. 80,320,600,2000."),
-    selector: Optional[str] = typer.Option(None, "--selector", help="kmeans | segments | topk."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-Means clusters per scale (0 = the budget)."),
-    iters: Optional[int] = typer.Option(None, "--iters", help="Maximum K-Means iterations."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="K-Means initialisation seed."),
-    kmeans: Optional[str] = typer.Option(None, "--kmeans", help="fast (default) | exact (reference loop order)."),
-    masks: Optional[Path] = typer.Option(None, "--masks", help="Segment-id mask file for --selector segments."),
-    compat: Optional[str] = typer.Option(None, "--compat", help="none | reference (reproduce the reference's eval bugs)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1 ..."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: checkpoint's)."),
-    attn: Optional[str] = typer.Option(None, "--attn", help="LLM attention: sdpa | eager | flash_attention_2."),
-    vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="CLIP folder for reference checkpoints without one."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (answer, kept tokens, timings)."),
-    geojson: Optional[Path] = typer.Option(None, "--geojson", help="Write the kept tokens as GeoJSON."),
-    explain: Optional[Path] = typer.Option(None, "--explain", help="Write an overlay PNG of relevance and kept tokens."),
-    bands: Optional[str] = typer.Option(None, "--bands", help="Raster bands to use as R,G,B (1-based), e.g. 4,3,2."),
-    stretch: str = typer.Option("2,98", "--stretch", help="Percentiles for 16-bit/float to 8-bit stretching."),
-    max_pixels: int = typer.Option(1_500_000_000, "--max-pixels", help="Refuse images with more pixels (0 = no limit)."),
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file (PNG/JPEG/TIFF/GeoTIFF/COG/JPEG2000 ...).")],
+    questions: Annotated[list[str], typer.Argument(
+        metavar="QUESTION", help="One or more questions; the scene is prepared once and reused for each.")],
+    model: opt.Model = DEFAULT_MODEL,
+    budgets: opt.Budgets = None,
+    selector: opt.Selector = None,
+    clusters: opt.Clusters = None,
+    iters: opt.Iters = None,
+    seed: opt.Seed = None,
+    kmeans: opt.KMeans = None,
+    masks: opt.Masks = None,
+    compat: opt.Compat = None,
+    device: opt.Device = "cpu",
+    dtype: opt.Dtype = None,
+    attn: opt.Attn = None,
+    vision_tower: opt.VisionTower = None,
+    cache_dir: opt.CacheDir = None,
+    max_new_tokens: opt.MaxNewTokens = 512,
+    as_json: opt.Json = False,
+    geojson: opt.GeoJson = None,
+    explain: opt.Explain = None,
+    bands: opt.Bands = None,
+    stretch: opt.Stretch = opt.DEFAULT_STRETCH,
+    max_pixels: opt.MaxPixels = opt.DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Ask a question about a (huge) image; the answer goes to stdout."""
-    selection = SelectionArgs.collect(budgets, selector, clusters, iters, seed, kmeans)
-    t0 = time.perf_counter()
-    source = open_source(image, bands, stretch, max_pixels)
-    t_img = time.perf_counter() - t0
-    pipe, t_load = _load(model, device, dtype, vision_tower, attn, compat, selection)
-    res = pipe.ask(source, question, max_new_tokens=max_new_tokens, masks=_masks(masks),
-                   return_relevance=explain is not None)
-    res.timings["load"] = t_load + t_img + res.timings.get("load", 0.0)
-    _err("  ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
+    """Ask questions about a (huge) image; answers go to stdout, stage timings to stderr.
+
+    One question: the answer alone (or one JSON object with --json). Several questions: a
+    "Q: ... / A: ..." pair each (or one JSON object per line with --json); --geojson/--explain
+    then write one file per question (kept.geojson -> kept.1.geojson, kept.2.geojson, ...).
+    """
+    questions = check_questions(questions)
+    n = len(questions)
+    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
+    load = opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir)
+    for path in (geojson, explain):  # numbered files land next to the checked path
+        for i in range(n if path is not None and n > 1 else 0):
+            opt.check_writable(numbered(path, i, n))
+    source = open_source(image, opt.read_kwargs(bands, stretch, max_pixels))
+    mask = load_masks(masks)
+    pipe, t_load = load_pipeline(model, load, selection)
+    _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, selection)}")
+    results = pipe.ask_many(source, questions, max_new_tokens=max_new_tokens, masks=mask,
+                            return_relevance=explain is not None)
+    for i, (q, res) in enumerate(zip(questions, results)):
+        _err((f"[{i + 1}/{n}] " if n > 1 else "") + format_timings(res))
+        write_outputs(res, source, q, numbered(geojson, i, n), numbered(explain, i, n))
+        if as_json:
+            typer.echo(json.dumps(result_json(res, source, q), ensure_ascii=False))
+        elif n == 1:
+            typer.echo(res.answer)
+        else:
+            typer.echo(f"Q: {q}\nA: {res.answer}")
+
+
+def result_json(res: Any, source: Any, question: str) -> dict[str, Any]:
+    """`AskResult.to_dict()` with the question and each token's pixel box (and CRS box)."""
+    from uhrbat.io import geo
+
+    payload = {"question": question, **res.to_dict(with_tokens=False)}
+    payload["tokens"] = geo.tokens_with_boxes(res.tokens, source)
+    return payload
+
+
+def write_outputs(res: Any, source: Any, question: str, geojson: Optional[Path], explain: Optional[Path]) -> None:
     if geojson is not None:
         from uhrbat.io import geo
 
-        geo.write_geojson(geojson, res.tokens, source)
+        geo.write_geojson(geojson, res.tokens, source, properties={"question": question, "answer": res.answer})
         _err(f"wrote {geojson}")
     if explain is not None:
         from uhrbat.io import overlay
 
         overlay.render_overlay(source, res.tokens, res.relevance, question, res.answer, explain)
         _err(f"wrote {explain}")
-    if as_json:
-        payload = res.to_dict()
-        try:
-            from uhrbat.io import geo
 
-            for tok, box in zip(payload["tokens"], geo.token_pixel_boxes(res.tokens, source.size)):
-                tok["pixel_box"] = box
-        except (ImportError, AttributeError):
-            pass
-        typer.echo(json.dumps(payload))
-    else:
-        typer.echo(res.answer)
+
+def _out_safetensors(value: Path) -> Path:
+    return opt.check_writable(value)
 
 
 def trace(
-    image: Path = typer.Option(..., "--image", help="Image file."),
-    question: str = typer.Option(..., "--question"),
-    out: Path = typer.Option(..., "--out", help="Output .safetensors file."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
-    budgets: Optional[str] = typer.Option(None, "--budgets"),
-    selector: Optional[str] = typer.Option(None, "--selector"),
-    clusters: Optional[int] = typer.Option(None, "--clusters"),
-    iters: Optional[int] = typer.Option(None, "--iters"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    kmeans: Optional[str] = typer.Option(None, "--kmeans", help="fast | exact."),
-    compat: Optional[str] = typer.Option(None, "--compat", help="none | reference."),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
-    attn: Optional[str] = typer.Option("eager", "--attn", help="LLM attention (eager matches the fixtures bitwise)."),
-    vision_tower: Optional[str] = typer.Option(None, "--vision-tower"),
-    max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
+    image: Annotated[Path, typer.Option("--image", metavar="FILE", help="Image file.")],
+    question: Annotated[str, typer.Option("--question", help="The question.")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE.safetensors", callback=_out_safetensors,
+                                      help="Output .safetensors file (checked writable before the model runs).")],
+    model: opt.Model = DEFAULT_MODEL,
+    budgets: opt.Budgets = None,
+    selector: opt.Selector = None,
+    clusters: opt.Clusters = None,
+    iters: opt.Iters = None,
+    seed: opt.Seed = None,
+    kmeans: opt.KMeans = None,
+    compat: opt.Compat = None,
+    device: opt.Device = "cpu",
+    dtype: opt.Dtype = None,
+    attn: opt.Attn = "eager",
+    vision_tower: opt.VisionTower = None,
+    max_new_tokens: opt.MaxNewTokens = 8,
 ) -> None:
-    """Write the intermediates of one query (parity-fixture tensor names) to a safetensors file."""
-    from safetensors.torch import save_file
+    """Write the intermediates of one query (parity-fixture tensor names) to a safetensors file.
+
+    --attn defaults to eager here: it matches the parity fixtures bitwise."""
+    from safetensors.torch import save
 
     from uhrbat.tracing import trace_query
 
-    selection = SelectionArgs.collect(budgets, selector, clusters, iters, seed, kmeans)
-    pipe, _ = _load(model, device, dtype, vision_tower, attn, compat, selection)
+    check_questions([question])
+    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
+    load = opt.load_kwargs(device, dtype, attn, vision_tower, compat)
+    open_source(image, opt.read_kwargs())  # a missing / corrupt image fails before the model loads
+    pipe, _ = load_pipeline(model, load, selection)
     tensors = trace_query(pipe, str(image), question, max_new_tokens=max_new_tokens)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
+    # safetensors' save_file creates the file 0600; an ordinary open() follows the user's umask.
+    out.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
     ids = tensors["gen.new_token_ids"].tolist()
     _err(f"wrote {len(tensors)} tensors to {out}; new token ids {ids}")
 

@@ -5,66 +5,65 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from uhrbat.errors import BenchmarkDataError, ConfigError
+from uhrbat.cli import options as opt
+
+from uhrbat.errors import BenchmarkDataError
 
 _BENCH_HELP = "Benchmark: xlrs, mme-realworld-rs, rshr, hrbench-4k, hrbench-8k, lrs-vqa."
-
-
-def _parse_budgets(text: Optional[str]) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError as e:
-        raise ConfigError(f"--budgets must be comma-separated integers, got {text!r}") from e
-    if not vals or any(v < 0 for v in vals):
-        raise ConfigError(f"--budgets must be non-negative integers, got {text!r}")
-    return vals
+_LRS_HELP = ("LRS-VQA only: wordnet (default, the official synonym rule; needs nltk + WordNet 3.0) or none "
+             "(exact match only, a lower bound).")
 
 
 def eval_command(
     benchmark: str = typer.Option(..., "--benchmark", "-b", help=_BENCH_HELP),
     data: Path = typer.Option(..., "--data", help="Benchmark annotation file (json/jsonl/parquet/tsv) or its folder."),
-    model: str = typer.Option(..., "--model", "-m", help="Model folder or hub id for UhrBatPipeline.from_pretrained."),
+    model: opt.Model = ...,
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (created; rerunning the same command resumes)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Root that relative image paths resolve in (default: the data file's folder)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions (smoke runs)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Questions per ask_batch call."),
     prompt: str = typer.Option("official", "--prompt", help="official (the benchmark's own prompt) or reference (the UHR-BAT reference evaluator's)."),
     choice_by_logits: bool = typer.Option(False, "--choice-by-logits", help="Also pick the option whose letter has the highest first-token log-probability (reported separately)."),
-    budgets: Optional[str] = typer.Option(None, "--budgets", help="Per-scale token budgets, e.g. 80,320,600,2000."),
-    selector: Optional[str] = typer.Option(None, "--selector", help="Token selector: kmeans, segments or topk."),
-    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-Means clusters per scale."),
-    iters: Optional[int] = typer.Option(None, "--iters", help="K-Means iterations."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Selection seed."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ..."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype (e.g. bfloat16, float16, float32)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation length (default: the benchmark's official setting)."),
-    retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again the questions whose rows are model/image errors."),
+    budgets: opt.Budgets = None,
+    selector: opt.Selector = None,
+    clusters: opt.Clusters = None,
+    iters: opt.Iters = None,
+    seed: opt.Seed = None,
+    kmeans: opt.KMeans = None,
+    compat: opt.Compat = None,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")] = "auto",
+    dtype: opt.Dtype = None,
+    attn: opt.Attn = None,
+    vision_tower: opt.VisionTower = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.  [default: the benchmark's official setting]")] = None,
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again every question whose row is an error (image, model or data)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw the progress bar."),
+    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Read image paths that resolve outside --images (absolute paths, symlinks pointing out); refused by default."),
+    lrs_synonyms: Optional[str] = typer.Option(None, "--lrs-synonyms", help=_LRS_HELP),
 ) -> None:
     """Run a model on a benchmark: resumable, batched, sharded under torchrun / accelerate launch."""
     from uhrbat.evaluation.runner import EvalConfig, run_eval
+    from uhrbat.evaluation.scoring import check_not_all_errors
 
-    if selector is not None and selector not in ("kmeans", "segments", "topk"):
-        raise ConfigError(f"--selector must be kmeans, segments or topk, got {selector!r}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
+    # Option values were parsed and checked by uhrbat.cli.options (the same rules as `ask`).
     cfg = EvalConfig(
         benchmark=benchmark, data=data, out=out, model=model, images=images, limit=limit, batch_size=batch_size,
-        prompt=prompt, choice_by_logits=choice_by_logits, budgets=_parse_budgets(budgets), selector=selector,
-        clusters=clusters, iters=iters, seed=seed, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-        retry_errors=retry_errors, progress=not no_progress,
+        prompt=prompt, choice_by_logits=choice_by_logits, budgets=budgets, selector=selector,
+        clusters=clusters, iters=iters, seed=seed, kmeans_mode=kmeans, compat=compat, attn=attn,
+        vision_tower=vision_tower, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+        retry_errors=retry_errors, progress=not no_progress, allow_outside_images=allow_outside_images,
+        lrs_synonyms=lrs_synonyms,
     )
     report = run_eval(cfg)
     if report is None:
         typer.echo(f"this rank finished its shard in {out}; rank 0 merges and writes the report", err=True)
         return
     _print_summary(report, out)
+    check_not_all_errors(report, f"the report is in {out}")
 
 
 def score_command(
@@ -73,19 +72,28 @@ def score_command(
     predictions: Path = typer.Option(..., "--predictions", "-p", help='JSONL with one {"id": ..., "output": "raw model text"} per line.'),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root; when given, rows whose images cannot be found count as errors (default: images are not checked)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="With --images: accept image paths that resolve outside it."),
+    lrs_synonyms: Optional[str] = typer.Option(None, "--lrs-synonyms", help=_LRS_HELP),
 ) -> None:
-    """Score saved model outputs with the benchmark's official rules (no model needed)."""
+    """Score saved model outputs with the benchmark's official rules (no model needed).
+
+    Unusable prediction lines are skipped and listed; missing and unmatched ids are listed; the
+    command fails (one line, exit 2) only when every question ends up an error."""
     from uhrbat.evaluation import benchmarks
     from uhrbat.evaluation.loaders import load_benchmark
     from uhrbat.evaluation.runner import load_predictions
+    from uhrbat.evaluation.scoring import check_not_all_errors
 
     spec = benchmarks.get_spec(benchmark)
-    samples = load_benchmark(spec.name, data, images, check_images=images is not None)
+    benchmarks.check_score_options(spec.name, lrs_synonyms=lrs_synonyms)
+    samples = load_benchmark(spec.name, data, images, check_images=images is not None,
+                             allow_outside_images=allow_outside_images)
     preds, notes = load_predictions(predictions)
-    report = benchmarks.score(spec.name, samples, preds)
+    report = benchmarks.score(spec.name, samples, preds, lrs_synonyms=lrs_synonyms)
     if notes:
         report.meta["prediction_file_notes"] = notes
     report.meta["prompt_template"] = "unknown (predictions scored offline)"
+    check_not_all_errors(report, f"--predictions {predictions}")
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
         return
@@ -95,6 +103,8 @@ def score_command(
 def _print_summary(report, out: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from uhrbat.evaluation.scoring import problem_lines
 
     console = Console()
     t = Table(title=f"{report.benchmark}: {report.n} questions, {report.n_errors} errors (scored wrong)")
@@ -110,6 +120,8 @@ def _print_summary(report, out: Path | None) -> None:
         for k, v in report.per_category.items():
             ct.add_row(k, str(v["n"]), f"{v['accuracy']:.2f}")
         console.print(ct)
+    for line in problem_lines(report):
+        console.print(line, markup=False, highlight=False)
     if out is not None:
         console.print(f"report: {Path(out) / 'report.json'} and {Path(out) / 'report.md'}")
 

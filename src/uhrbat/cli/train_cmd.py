@@ -21,7 +21,7 @@ def prepare_sft_command(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder relative image paths live in (default: images/ beside the parquet, the JSON file's folder)."),
     masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of per-image segment masks (`uhrbat masks` output, or the reference's .pt files)."),
     keep_prefix: bool = typer.Option(False, "--keep-images-prefix", help="Do not strip a leading 'images/' from parquet image paths."),
-    verify: str = typer.Option("header", "--verify", help="header (open each image header), full (decode a thumbnail) or none (existence only)."),
+    verify: str = typer.Option("header", "--verify", help="header (the header parses and a PNG/JPEG file is complete; pixels are not decoded), full (decode every image) or none (existence only)."),
     relative: bool = typer.Option(False, "--relative", help="Write paths relative to the manifest's folder."),
     bad_rows: Optional[Path] = typer.Option(None, "--bad-rows", help="Write the skipped rows and reasons here (JSONL)."),
     scales: str = typer.Option("672,1344,2688,4032", "--scales", help="Pyramid sides the masks must cover."),
@@ -75,7 +75,7 @@ def train_command(
              "lora.quantize": qlora, "fsdp": fsdp, "max_steps": max_steps, "learning_rate": learning_rate,
              "resume": resume, "compat": compat}
     if budgets is not None:
-        named["budgets"] = [int(b) for b in budgets.split(",") if b.strip()]
+        named["budgets"] = budgets  # parsed by the one budget parser (`parse_budgets`) in build_recipe
     if fsdp is not None:
         named["deepspeed"] = deepspeed or "none"
     elif deepspeed is not None:
@@ -83,6 +83,8 @@ def train_command(
     recipe = load_recipe(config, overrides, **named)
     if dry_run:
         typer.echo(json.dumps(recipe.to_dict(), indent=2, default=str))
+        for problem in recipe.machine_problems():
+            typer.echo(f"will not run on this machine: {problem}", err=True)
         return
     from uhrbat.training.trainer import run_training
 

@@ -12,7 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from uhrbat.compression.precision import autocast_off
 
+
+@autocast_off
 def last_query_attention(q_last: torch.Tensor, keys: torch.Tensor, head_dim: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of one query row over all keys, per head, in float32.
 
@@ -36,6 +39,7 @@ def last_query_attention(q_last: torch.Tensor, keys: torch.Tensor, head_dim: int
     return torch.softmax(scores, dim=-1)
 
 
+@autocast_off
 def image_relevance(attn: torch.Tensor, image_positions: torch.Tensor) -> torch.Tensor:
     """`[H, L]` attention -> `[N_img]` relevance (head mean at the image positions, no renormalisation)."""
     return attn[:, image_positions].mean(dim=0)
@@ -53,6 +57,7 @@ def grid_to_tiles(grid_map: torch.Tensor, grid: int, tokens_per_side: int = 24) 
     return grid_map.reshape(grid, t, grid, t).permute(0, 2, 1, 3).reshape(grid * grid, t, t)
 
 
+@autocast_off
 def upsample_relevance(base: torch.Tensor, base_grid: int, grids: list[int], tokens_per_side: int = 24) -> list[torch.Tensor]:
     """Bilinearly transfer the base-scale relevance to every scale (align_corners=False).
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from uhrbat.compression.kmeans import KMeansResult, clustering_features, kmeans
+from uhrbat.compression.precision import autocast_off
 from uhrbat.compression.types import Selection
 from uhrbat.errors import BudgetError
 
@@ -179,6 +180,7 @@ class _Groups:
         self.fallbacks = int(todo.numel())
 
 
+@autocast_off
 def max_selectable(scores: Tensor, groups: Tensor) -> int:
     """Rows preserve-and-merge can emit with an unlimited budget: every above-mean token plus
     one merged row per group that has below-or-equal-mean members.
@@ -197,6 +199,7 @@ def max_selectable(scores: Tensor, groups: Tensor) -> int:
 # preserve-and-merge
 
 
+@autocast_off
 def preserve_and_merge(
     embeds: Tensor,
     scores: Tensor,
@@ -370,6 +373,7 @@ def _preserve_and_merge_loop(
 # selectors
 
 
+@autocast_off
 def select_topk(embeds: Tensor, scores: Tensor, budget: int) -> Selection:
     """The `min(budget, N)` most relevant tokens as single rows, by descending score.
 
@@ -397,6 +401,7 @@ def select_topk(embeds: Tensor, scores: Tensor, budget: int) -> Selection:
     )
 
 
+@autocast_off
 def cluster_tokens(
     embeds: Tensor,
     budget: int,
@@ -419,6 +424,7 @@ def cluster_tokens(
     return kmeans(feats, k, 10 if max_iters is None else max_iters, generator=generator, mode=mode)
 
 
+@autocast_off
 def select_kmeans(
     embeds: Tensor,
     scores: Tensor,
@@ -460,6 +466,7 @@ def select_kmeans(
     return selection, result
 
 
+@autocast_off
 def select_segments(embeds: Tensor, scores: Tensor, budget: int, segment_ids: Tensor) -> Selection:
     """SAM branch (method §4.2): background tokens compete singly, segments as groups.
 

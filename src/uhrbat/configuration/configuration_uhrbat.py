@@ -7,11 +7,15 @@ reference implementation's flat `llava_qwen` `config.json`.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+from uhrbat.configuration.geometry import TokenGeometry
 from uhrbat.errors import ConfigError
 
 SELECTORS = ("kmeans", "segments", "topk")
@@ -151,6 +155,11 @@ class UhrBatConfig(PreTrainedConfig):
         return int(self.vision_config.patch_size)
 
     @property
+    def geometry(self) -> TokenGeometry:
+        """Tile and patch sides: how kept tokens map back to pixels (GeoJSON, overlays)."""
+        return TokenGeometry(self.tile_size, self.patch_size)
+
+    @property
     def tokens_per_side(self) -> int:
         """Patch tokens per tile side (24 for 336 / 14)."""
         return self.tile_size // self.patch_size
@@ -226,4 +235,7 @@ def is_reference_config(d: dict[str, Any]) -> bool:
     return d.get("model_type") in ("llava_qwen", "uhr_bat", "llava") or any("Llava" in a for a in archs)
 
 
-AutoConfig.register("uhrbat", UhrBatConfig)
+def is_reference_checkpoint(directory: str | os.PathLike) -> bool:
+    """True when the folder `directory` holds a reference-format (`LlavaQwenForCausalLM`) checkpoint."""
+    cfg = Path(directory) / "config.json"
+    return cfg.is_file() and is_reference_config(json.loads(cfg.read_text()))

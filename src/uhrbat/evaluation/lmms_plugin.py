@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -106,7 +107,12 @@ class UhrBatLmms(_LmmsBase):  # type: ignore[misc, valid-type]
                  **kwargs: Any) -> None:
         if _LmmsBase is not object:
             super().__init__()
-        from uhrbat.evaluation.runner import EvalConfig, _resolve_device, dist_info, make_pipeline
+        from uhrbat.evaluation.runner import (
+            EvalConfig,
+            _resolve_device,
+            dist_info,
+            make_pipeline,
+        )
 
         self._rank, self._world_size, local = dist_info()
         self.batch_size_per_gpu = int(batch_size)

@@ -1,26 +1,20 @@
-"""Loaders for the formats the UHR benchmarks are distributed in.
+"""Reading benchmark files into validated `Sample`s — the part every benchmark shares.
 
-One normaliser per format turns a raw row into a validated `Sample`:
+* files: JSON, JSONL, Parquet (streamed), TSV/CSV; a folder picks `dataset.json` or its
+  parquet shards (a benchmark's `pick_files` may choose among them);
+* field helpers for the per-benchmark normalisers (`missing`, `first`, `text`,
+  `answer_text`, `parse_options`, `row_images`);
+* the generic LLaVA / LongVA conversation format (`id`, `image`|`images`, `conversations`),
+  accepted by every benchmark (the reference evaluator's `*_relative.json` files use it).
 
-* XLRS-Bench-lite (hub parquet / jsonl): `index`, `question`, `multi-choice options`, `answer`
-  (one or several letters), `category` ("L2/L3"), `l2-category`, `image` (list of images).
-* MME-RealWorld official JSON (`Question_id`, `Image`, `Text`, `Answer choices`,
-  `Ground truth`, `Task`, `Subtask`, `Category`; also the Lite file) and the lmms-eval variant
-  (`index`, `question`, `multi-choice options`, `answer`, `category`, `l2-category`, base64
-  `bytes`), filtered to the remote-sensing subtask.
-* RSHR-Bench / XHRBench `dataset.json` (`id`, `images`, `question`, `options` list or dict,
-  `answer`, `category`) and the hub parquet with embedded images.
-* HR-Bench 4K/8K parquet / TSV (`index`, `question`, `A`..`D`, `answer`, `category`,
-  `cycle_category`, base64 `image`).
-* LRS-VQA JSONL (`question_id`, `image`, `category`, `text`, `ground_truth`).
-* Generic LLaVA / LongVA conversation JSON (`id`, `image`|`images`, `conversations`), accepted
-  by every benchmark (the reference evaluator's `*_relative.json` files use it).
+Each benchmark's own row format lives in its module in `uhrbat.evaluation.benchmarks`.
 
-Images are resolved relative to the image root only (a path escaping it is an error row),
-or taken as absolute paths, or decoded from embedded bytes / base64. A malformed row never
-stops loading: it becomes a `Sample` with `error` set (its row index and the reason).
-Problems with the file as a whole (missing, unreadable, empty, unknown format) raise
-`BenchmarkDataError`.
+Images: relative paths resolve in the image root; every path, after symlinks are resolved,
+must stay inside that root (an absolute path elsewhere, a `..` escape or a symlink pointing
+out is an error row) unless `allow_outside_images`; embedded bytes / base64 are decoded. A
+malformed row never stops loading: it becomes a `Sample` with `error` set (its row index and
+the reason) and `error_kind` "data" or "image". Problems with the file as a whole (missing,
+unreadable, empty, unknown format) raise `BenchmarkDataError`.
 """
 
 from __future__ import annotations
@@ -35,28 +29,33 @@ import os
 import re
 import string
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from pydantic import ValidationError
 
 from uhrbat.errors import BenchmarkDataError
 from uhrbat.evaluation.records import ImageRef, Sample, decode_base64_image, is_within
+from uhrbat.evaluation.spec import BenchmarkSpec
 
-__all__ = ["BENCHMARK_NAMES", "load_benchmark", "iter_rows", "parse_options", "LoadContext"]
-
-BENCHMARK_NAMES = ("xlrs", "mme-realworld-rs", "rshr", "hrbench-4k", "hrbench-8k", "lrs-vqa")
+__all__ = ["load_benchmark", "iter_rows", "parse_options", "LoadContext", "RowError", "ImageRowError", "missing", "first_of",
+           "text_field", "answer_text", "row_images", "strip_image_markers", "OPTION_RE"]
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".tsv", ".csv")
 
-_OPTION_RE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.):：])\s*(.*)$", re.DOTALL)
+OPTION_RE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.):：])\s*(.*)$", re.DOTALL)
 _LEADING_IMAGE_RE = re.compile(r"^(?:\s*<image>\s*)+", re.IGNORECASE)
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 
 
 class RowError(ValueError):
     """A row is malformed; becomes an error Sample."""
+
+
+class ImageRowError(RowError):
+    """A row's image is missing, outside the image root, or unusable; an error Sample of kind "image"."""
 
 
 @dataclass
@@ -66,6 +65,7 @@ class LoadContext:
     root: Path
     notes: list[str] = field(default_factory=list)
     check_images: bool = True
+    allow_outside: bool = False
     _blobs: dict[bytes, bytes] = field(default_factory=dict)
 
     def blob(self, data: bytes) -> bytes:
@@ -79,7 +79,7 @@ class LoadContext:
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_data_path(path: Path, benchmark: str) -> list[Path]:
+def _resolve_data_path(path: Path, spec: BenchmarkSpec) -> list[Path]:
     if not path.exists():
         raise BenchmarkDataError(f"benchmark data not found: {path}")
     if path.is_file():
@@ -93,14 +93,8 @@ def _resolve_data_path(path: Path, benchmark: str) -> list[Path]:
         if (path / name).is_file():
             return [path / name]
     shards = sorted(path.glob("*.parquet")) or sorted(path.glob("*/*.parquet"))
-    if shards and benchmark in ("hrbench-4k", "hrbench-8k"):
-        # the hub folder holds both splits (hrbench_4k-*.parquet, hrbench_8k-*.parquet): keep ours
-        want = benchmark.split("-")[1]
-        tagged = [p for p in shards if re.search(r"(4k|8k)", p.name, re.IGNORECASE)]
-        if tagged:
-            shards = [p for p in tagged if want in p.name.lower()]
-            if not shards:
-                raise BenchmarkDataError(f"no {want.upper()} parquet shard in {path}")
+    if shards and spec.pick_files is not None:
+        shards = spec.pick_files(shards, path)
     if shards:
         return shards
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
@@ -207,7 +201,7 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any] 
 # --------------------------------------------------------------------------------------------
 
 
-def _missing(v: Any) -> bool:
+def missing(v: Any) -> bool:
     if v is None:
         return True
     if isinstance(v, float) and math.isnan(v):
@@ -217,15 +211,15 @@ def _missing(v: Any) -> bool:
     return False
 
 
-def _first(row: dict[str, Any], *keys: str) -> Any:
+def first_of(row: dict[str, Any], *keys: str) -> Any:
     for k in keys:
-        if k in row and not _missing(row[k]):
+        if k in row and not missing(row[k]):
             return row[k]
     return None
 
 
-def _text(v: Any, what: str) -> str:
-    if _missing(v):
+def text_field(v: Any, what: str) -> str:
+    if missing(v):
         raise RowError(f"missing {what}")
     if isinstance(v, (dict, list)):
         raise RowError(f"{what} is not text")
@@ -241,7 +235,7 @@ def parse_options(value: Any) -> tuple[dict[str, str], list[str]]:
     letters to text (sorted by key, as the reference evaluator does); a string is split
     into lines.
     """
-    if _missing(value):
+    if missing(value):
         return {}, []
     if isinstance(value, str):
         s = value.strip()
@@ -259,14 +253,14 @@ def parse_options(value: Any) -> tuple[dict[str, str], list[str]]:
             letter = str(k).strip().upper()
             if len(letter) != 1 or not letter.isalpha() or not letter.isascii():
                 raise RowError(f"option key {k!r} is not a letter")
-            if not _missing(value[k]):
+            if not missing(value[k]):
                 out[letter] = str(value[k]).strip()
         return out, [f"{k}. {v}" for k, v in out.items()]
     if isinstance(value, (list, tuple)):
-        lines = [str(v) for v in value if not _missing(v)]
+        lines = [str(v) for v in value if not missing(v)]
         out = {}
         for pos, line in enumerate(lines):
-            m = _OPTION_RE.match(line)
+            m = OPTION_RE.match(line)
             if m:
                 letter = m.group(1) or m.group(2)
                 text = m.group(3).strip()
@@ -281,16 +275,16 @@ def parse_options(value: Any) -> tuple[dict[str, str], list[str]]:
     raise RowError(f"options have an unsupported type {type(value).__name__}")
 
 
-def _answer_text(v: Any) -> str:
+def answer_text(v: Any) -> str:
     if isinstance(v, (list, tuple)):
-        parts = [str(x).strip() for x in v if not _missing(x)]
+        parts = [str(x).strip() for x in v if not missing(x)]
         if not parts:
             raise RowError("missing answer")
         return "".join(parts)  # as the reference evaluator joins list answers
-    return _text(v, "answer")
+    return text_field(v, "answer")
 
 
-def _strip_image_markers(text: str) -> str:
+def strip_image_markers(text: str) -> str:
     return _LEADING_IMAGE_RE.sub("", text, count=1).lstrip("\n")
 
 
@@ -314,7 +308,7 @@ def _looks_base64(s: str) -> bool:
 
 def resolve_images(value: Any, ctx: LoadContext) -> list[ImageRef]:
     """Any distributed image value -> list of ImageRef (paths checked for containment + existence)."""
-    if _missing(value):
+    if missing(value):
         raise RowError("missing image")
     if isinstance(value, (list, tuple)):
         refs: list[ImageRef] = []
@@ -324,15 +318,15 @@ def resolve_images(value: Any, ctx: LoadContext) -> list[ImageRef]:
             raise RowError("missing image")
         return refs
     if isinstance(value, dict):  # Hugging Face `Image` feature: {"bytes": ..., "path": ...}
-        if not _missing(value.get("bytes")):
+        if not missing(value.get("bytes")):
             return resolve_images(value["bytes"], ctx)
-        if not _missing(value.get("path")):
+        if not missing(value.get("path")):
             return resolve_images(value["path"], ctx)
         raise RowError("image entry has neither bytes nor path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         if not data:
-            raise RowError("empty embedded image")
+            raise ImageRowError("empty embedded image")
         return [ImageRef(data=ctx.blob(data))]
     if isinstance(value, str):
         s = value.strip()
@@ -347,12 +341,12 @@ def resolve_images(value: Any, ctx: LoadContext) -> list[ImageRef]:
             try:
                 return [ImageRef(data=ctx.blob(decode_base64_image(s)))]
             except ValueError as e:
-                raise RowError(str(e)) from e
+                raise ImageRowError(str(e)) from e
         return [_resolve_path(s, ctx)]
     raise RowError(f"unsupported image value of type {type(value).__name__}")
 
 
-def _images(value: Any, ctx: LoadContext) -> list[ImageRef]:
+def row_images(value: Any, ctx: LoadContext) -> list[ImageRef]:
     """Image references of a row; when only scoring (`check_images=False`) problems are ignored."""
     if ctx.check_images:
         return resolve_images(value, ctx)
@@ -363,19 +357,28 @@ def _images(value: Any, ctx: LoadContext) -> list[ImageRef]:
 
 
 def _resolve_path(s: str, ctx: LoadContext) -> ImageRef:
-    if os.path.isabs(s):
-        p = os.path.normpath(s)
-    else:
-        p = os.path.normpath(os.path.join(os.path.abspath(ctx.root), s))
-        if not is_within(ctx.root, p):
-            raise RowError(f"image path {s!r} escapes the image root {ctx.root}")
-    if not os.path.isfile(p):
-        raise RowError(f"image not found: {p}")
-    return ImageRef(path=p)
+    """A row's image path -> ImageRef of the real file, refused outside the image root.
+
+    The check runs on the *real* path (symlinks resolved), so an absolute path elsewhere or a
+    symlink inside the root that points out of it is refused like a `..` escape, unless the
+    user allowed it (`--allow-outside-images`). The root itself may be a symlink.
+    """
+    relative = not os.path.isabs(s)
+    p = os.path.normpath(os.path.join(os.path.abspath(ctx.root), s) if relative else s)
+    real = os.path.realpath(p)
+    if not ctx.allow_outside:
+        fix = "pass --allow-outside-images to allow it"
+        if relative and not is_within(ctx.root, p):
+            raise ImageRowError(f"image path {s!r} escapes the image root {ctx.root}; {fix}")
+        if not is_within(os.path.realpath(ctx.root), real):
+            raise ImageRowError(f"image path {s!r} resolves to {real}, outside the image root {ctx.root}; {fix}")
+    if not os.path.isfile(real):
+        raise ImageRowError(f"image not found: {p}")
+    return ImageRef(path=real)
 
 
 def _id_of(row: dict[str, Any], keys: tuple[str, ...], idx: int) -> str | None:
-    v = _first(row, *keys)
+    v = first_of(row, *keys)
     if v is None:
         return None
     if isinstance(v, float) and v.is_integer():
@@ -398,186 +401,48 @@ def _llava(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
             q = msg.get("value", msg.get("content"))
         elif role in ("gpt", "assistant") and a is None:
             a = msg.get("value", msg.get("content"))
-    if _missing(q):
+    if missing(q):
         raise RowError("conversations have no human turn")
-    question = _strip_image_markers(str(q))
+    question = strip_image_markers(str(q))
     options: dict[str, str] = {}
     lines: list[str] = []
     for line in question.splitlines():
-        m = _OPTION_RE.match(line)
+        m = OPTION_RE.match(line)
         if m and (m.group(1) or m.group(2)) not in options:
             options[m.group(1) or m.group(2)] = m.group(3).strip()
             lines.append(line)
     return dict(
-        images=_images(_first(row, "image", "images"), ctx),
+        images=row_images(first_of(row, "image", "images"), ctx),
         question=question,
         options=options,
         option_lines=lines,
-        answer=_answer_text(a) if not _missing(a) else None,
-        category=None if _missing(row.get("category")) else str(row["category"]),
-        subcategory=None if _missing(row.get("l2-category")) else str(row["l2-category"]),
+        answer=answer_text(a) if not missing(a) else None,
+        category=None if missing(row.get("category")) else str(row["category"]),
+        subcategory=None if missing(row.get("l2-category")) else str(row["l2-category"]),
         source_format="llava",
-        extra={k: row[k] for k in ("cycle_category", "task", "type") if k in row and not _missing(row[k])},
+        extra={k: row[k] for k in ("cycle_category", "task", "type") if k in row and not missing(row[k])},
     )
-
-
-def _xlrs(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
-    options, lines = parse_options(_first(row, "multi-choice options", "options"))
-    if not options:
-        raise RowError("missing multi-choice options")
-    return dict(
-        images=_images(_first(row, "image", "images", "image_path"), ctx),
-        question=_text(row.get("question"), "question"),
-        options=options,
-        option_lines=lines,
-        answer=_answer_text(row.get("answer")) if not _missing(row.get("answer")) else None,
-        category=None if _missing(row.get("category")) else str(row["category"]).strip(),
-        subcategory=None if _missing(row.get("l2-category")) else str(row["l2-category"]).strip(),
-        source_format="xlrs",
-    )
-
-
-def _is_remote_sensing(row: dict[str, Any]) -> bool | None:
-    sub = _first(row, "Subtask", "subtask")
-    if sub is not None:
-        return str(sub).strip().lower().replace("_", " ") == "remote sensing"
-    cat = _first(row, "category")
-    if cat is not None:
-        parts = [p.strip().lower().replace("_", " ") for p in str(cat).split("/")]
-        return "remote sensing" in parts
-    return None  # no subtask information: keep (the reference evaluator does the same)
-
-
-def _mme(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any] | None:
-    if _is_remote_sensing(row) is False:
-        return None
-    if "Text" in row or "Question_id" in row or "Answer choices" in row:  # official JSON / Lite
-        options, lines = parse_options(row.get("Answer choices"))
-        task = _first(row, "Task")
-        return dict(
-            images=_images(_first(row, "Image", "image"), ctx),
-            question=_text(row.get("Text"), "Text"),
-            options=options,
-            option_lines=lines,
-            answer=None if _missing(row.get("Ground truth")) else _text(row.get("Ground truth"), "Ground truth"),
-            category=None if _missing(row.get("Category")) else str(row["Category"]),
-            subcategory=None if _missing(row.get("Subtask")) else str(row["Subtask"]),
-            source_format="mme-realworld",
-            extra={"task": str(task) if task is not None else None},
-        )
-    # lmms-eval variant (lmms_eval/tasks/mme_realworld/utils.py): Task from `category`,
-    # Subtask = last part of `category`, Category = `l2-category`.
-    options, lines = parse_options(_first(row, "multi-choice options", "options"))
-    cat = str(_first(row, "category") or "")
-    return dict(
-        images=_images(_first(row, "bytes", "image", "images"), ctx),
-        question=_text(row.get("question"), "question"),
-        options=options,
-        option_lines=lines,
-        answer=None if _missing(row.get("answer")) else _text(row.get("answer"), "answer"),
-        category=None if _missing(row.get("l2-category")) else str(row["l2-category"]),
-        subcategory=cat.split("/")[-1] if cat else None,
-        source_format="mme-realworld-lmms-eval",
-        extra={"task": "Perception" if "perception" in cat.lower() else "Reasoning"},
-    )
-
-
-_RSHR_GROUP_KEYS = ("group", "task_type", "dimension", "l1-category", "l1_category", "task", "type", "capability")
-
-
-def _rshr(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
-    options, lines = parse_options(_first(row, "options", "multi-choice options", "choices"))
-    extra = {k: str(row[k]) for k in _RSHR_GROUP_KEYS if k in row and not _missing(row[k])}
-    ans = row.get("answer")
-    return dict(
-        images=_images(_first(row, "images", "image", "image_path"), ctx),
-        question=_text(row.get("question"), "question"),
-        options=options,
-        option_lines=lines,
-        answer=None if _missing(ans) or (isinstance(ans, (list, tuple)) and not ans) else _answer_text(ans),
-        category=None if _missing(row.get("category")) else str(row["category"]).strip(),
-        subcategory=None if _missing(row.get("l2-category")) else str(row["l2-category"]),
-        source_format="rshr",
-        extra=extra,
-    )
-
-
-def _hrbench(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
-    # lmms_eval/tasks/hrbench/utils.py: options are every single upper-case letter column that
-    # is present and not NaN (an empty TSV cell is NaN under pandas).
-    options = {c: str(row[c]).strip() for c in string.ascii_uppercase if c in row and not _missing(row[c])}
-    if not options:
-        raise RowError("no option columns (A, B, ...)")
-    extra = {}
-    if not _missing(row.get("cycle_category")):
-        extra["cycle_category"] = str(row["cycle_category"])
-    return dict(
-        images=_images(_first(row, "image", "images", "image_path"), ctx),
-        question=_text(row.get("question"), "question"),
-        options=options,
-        option_lines=[f"{k}. {v}" for k, v in options.items()],
-        answer=None if _missing(row.get("answer")) else _text(row.get("answer"), "answer").strip(),
-        category=None if _missing(row.get("category")) else str(row["category"]).strip(),
-        source_format="hrbench",
-        extra=extra,
-    )
-
-
-def _lrs(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
-    gt = row.get("ground_truth")
-    if _missing(row.get("category")):
-        raise RowError("missing category (the official LRS-VQA scorer drops such rows)")
-    return dict(
-        images=_images(_first(row, "image", "images"), ctx),
-        question=_text(row.get("text"), "text"),
-        # Not stripped: Script/evaluation_LRSVQA.py only lower-cases the ground truth.
-        answer=None if _missing(gt) else (gt if isinstance(gt, str) else _text(gt, "ground_truth")),
-        category=str(row["category"]),
-        source_format="lrs-vqa",
-        extra={k: row[k] for k in ("image_size", "size_bin") if k in row and not _missing(row[k])},
-    )
-
-
-@dataclass(frozen=True)
-class _Format:
-    normalise: Callable[[dict[str, Any], int, LoadContext], dict[str, Any] | None]
-    id_keys: tuple[str, ...]
-
-
-_FORMATS: dict[str, _Format] = {
-    "xlrs": _Format(_xlrs, ("index", "id", "question_id")),
-    "mme-realworld-rs": _Format(_mme, ("Question_id", "index", "id", "question_id")),
-    "rshr": _Format(_rshr, ("id", "index", "question_id")),
-    "hrbench-4k": _Format(_hrbench, ("index", "id")),
-    "hrbench-8k": _Format(_hrbench, ("index", "id")),
-    "lrs-vqa": _Format(_lrs, ("question_id", "id")),
-}
-
-
-def check_benchmark(name: str) -> str:
-    key = name.strip().lower()
-    aliases = {"xlrs-lite": "xlrs", "xlrs-bench": "xlrs", "mme-rs": "mme-realworld-rs", "mme-realworld": "mme-realworld-rs",
-               "xhrbench": "rshr", "rshr-bench": "rshr", "lrsvqa": "lrs-vqa", "hrbench4k": "hrbench-4k", "hrbench8k": "hrbench-8k"}
-    key = aliases.get(key, key)
-    if key not in _FORMATS:
-        raise BenchmarkDataError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARK_NAMES)}")
-    return key
 
 
 def load_benchmark(name: str, data: str | os.PathLike, images: str | os.PathLike | None = None,
-                   check_images: bool = True) -> list[Sample]:
+                   check_images: bool = True, allow_outside_images: bool = False) -> list[Sample]:
     """Load and validate a benchmark; malformed rows come back as error samples.
 
-    `check_images=False` (scoring saved outputs) ignores missing or unresolvable images.
+    Image paths must resolve (symlinks followed) inside `images` (default: the data file's
+    folder) unless `allow_outside_images`. `check_images=False` (scoring saved outputs)
+    ignores missing or unresolvable images.
     """
-    bench = check_benchmark(name)
-    fmt = _FORMATS[bench]
+    from uhrbat.evaluation.benchmarks import get_spec
+
+    spec = get_spec(name)
+    bench = spec.name
     data_path = Path(data).expanduser()
-    files = _resolve_data_path(data_path, bench)
+    files = _resolve_data_path(data_path, spec)
     root = Path(images).expanduser() if images is not None else files[0].parent
     if images is not None and not root.is_dir():
         raise BenchmarkDataError(f"image root is not a directory: {root}")
-    ctx = LoadContext(benchmark=bench, source=data_path, root=root.absolute(), check_images=check_images)
+    ctx = LoadContext(benchmark=bench, source=data_path, root=root.absolute(), check_images=check_images,
+                      allow_outside=allow_outside_images)
 
     samples: list[Sample] = []
     seen: dict[str, int] = {}
@@ -593,31 +458,30 @@ def load_benchmark(name: str, data: str | os.PathLike, images: str | os.PathLike
             try:
                 if isinstance(row, RowError):
                     raise row
-                if "conversations" in row:
-                    fields = _llava(row, gidx, ctx)
-                    if bench == "mme-realworld-rs" and _is_remote_sensing(row) is False:
-                        continue
-                else:
-                    fields = fmt.normalise(row, gidx, ctx)
-                    if fields is None:
-                        continue
-                sid = _id_of(row, fmt.id_keys, gidx)
+                if spec.keep_row is not None and not spec.keep_row(row):
+                    continue
+                fields = _llava(row, gidx, ctx) if "conversations" in row else spec.normalise(row, gidx, ctx)
+                if fields is None:
+                    continue
+                sid = _id_of(row, spec.id_keys, gidx)
                 if sid is None:
-                    raise RowError(f"missing id (one of {', '.join(fmt.id_keys)})")
+                    raise RowError(f"missing id (one of {', '.join(spec.id_keys)})")
                 if fields.get("answer") is None:
                     raise RowError("missing answer / ground truth")
                 sample = Sample(id=sid, row=gidx, **fields)
             except (RowError, ValidationError, ValueError) as e:
                 reason = _reason(e)
                 if sid is None and isinstance(row, dict):
-                    sid = _id_of(row, fmt.id_keys, gidx)
+                    sid = _id_of(row, spec.id_keys, gidx)
                 sample = Sample(id=sid or f"row-{gidx}", row=gidx, error=f"row {gidx}: {reason}",
+                                error_kind="image" if isinstance(e, ImageRowError) else "data",
                                 source_format=bench, question=_safe_question(row))
             if sample.id in seen:
                 seen[sample.id] += 1
                 sample = sample.model_copy(update={
                     "id": f"{sample.id}#dup{seen[sample.id]}",
                     "error": f"row {gidx}: duplicate id {sample.id!r} (first at row {samples[_first_index(samples, sample.id)].row})",
+                    "error_kind": "data",
                 })
             else:
                 seen[sample.id] = 0
@@ -626,8 +490,8 @@ def load_benchmark(name: str, data: str | os.PathLike, images: str | os.PathLike
     if n_rows == 0:
         raise BenchmarkDataError(f"no rows in benchmark data {data_path}")
     if not samples:
-        if bench == "mme-realworld-rs":
-            raise BenchmarkDataError(f"no Remote Sensing rows in {data_path} (MME-RealWorld is filtered to Subtask == 'Remote Sensing')")
+        if spec.no_rows_hint:
+            raise BenchmarkDataError(f"{spec.no_rows_hint} in {data_path}")
         raise BenchmarkDataError(f"no usable rows in benchmark data {data_path}")
     return samples
 

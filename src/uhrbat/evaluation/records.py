@@ -74,7 +74,8 @@ class ImageRef:
     def open(self) -> Any:
         """An image source for the pipeline, through the shared reader (`uhrbat.io.open_image`:
         GeoTIFF/COG, huge PNG/JPEG, 16-bit, pixel limit); raises ImageLoadError on any failure."""
-        from uhrbat.io.images import PILSource, open_image
+        from uhrbat.io.images import PILSource
+        from uhrbat.io.sources import open_image
 
         if self.path is not None:
             p = Path(self.path)
@@ -164,6 +165,7 @@ class Sample(BaseModel):
     source_format: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    error_kind: str | None = None  # "data" (malformed row) or "image" (missing / outside / unusable image)
 
     @field_validator("id", mode="before")
     @classmethod

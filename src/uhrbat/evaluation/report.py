@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = ["Report", "pct", "category_table", "write_report", "atomic_write_text"]
 
@@ -115,12 +116,31 @@ def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (threads may be running)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(old)
+    return old
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file + rename, so readers never see a half-written file."""
+    """Write via a temporary file + rename, so readers never see a half-written file.
+
+    The file gets the usual permissions of a new file (0666 minus the umask, e.g. 0644), not
+    the private 0600 of the temporary file it is written through.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

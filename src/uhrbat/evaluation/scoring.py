@@ -14,14 +14,16 @@ and `score(samples, predictions) -> Report`, which calls `score_benchmark` here.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any
 
 from uhrbat.evaluation.records import Prediction, Sample
 from uhrbat.evaluation.report import Report
 
-__all__ = ["Judged", "judge_rows", "score_benchmark", "robust_letters", "gt_letters", "normalise_predictions"]
+__all__ = ["Judged", "judge_rows", "score_benchmark", "robust_letters", "gt_letters", "normalise_predictions",
+           "check_not_all_errors", "problem_lines"]
 
 
 @dataclass
@@ -127,7 +129,10 @@ def score_benchmark(module: ModuleType, benchmark: str, samples: list[Sample], p
     unmatched = sorted(k for k in preds if k not in known)
     n_errors = sum(1 for r in rows if r.error)
     meta: dict[str, Any] = dict(getattr(module, "META", {}))
-    meta["n_missing_predictions"] = sum(1 for r in rows if r.error == "no prediction for this id")
+    missing_ids = [r.sample.id for r in rows if r.error == "no prediction for this id"]
+    meta["n_missing_predictions"] = len(missing_ids)
+    if missing_ids:
+        meta["missing_prediction_ids"] = missing_ids[:50]
     meta["n_unmatched_predictions"] = len(unmatched)
     if unmatched:
         meta["unmatched_prediction_ids"] = unmatched[:50]
@@ -177,3 +182,37 @@ def score_benchmark(module: ModuleType, benchmark: str, samples: list[Sample], p
         per_sample={r.sample.id: bool(r.correct) for r in rows},
         meta=meta,
     )
+
+
+def _ids(ids: list[str], total: int) -> str:
+    shown = ids[:10]
+    rest = total - len(shown)
+    return ", ".join(shown) + (f" ... and {rest} more" if rest > 0 else "")
+
+
+def problem_lines(report: Report) -> list[str]:
+    """What went wrong, for the text report: missing / unmatched ids and prediction-file notes."""
+    meta = report.meta
+    lines = []
+    if meta.get("n_missing_predictions"):
+        lines.append(f"missing predictions ({meta['n_missing_predictions']}, scored wrong): "
+                     f"{_ids(meta.get('missing_prediction_ids', []), meta['n_missing_predictions'])}")
+    if meta.get("n_unmatched_predictions"):
+        lines.append(f"predictions for ids not in the data ({meta['n_unmatched_predictions']}, ignored): "
+                     f"{_ids(meta.get('unmatched_prediction_ids', []), meta['n_unmatched_predictions'])}")
+    for note in meta.get("prediction_file_notes", []) or []:
+        lines.append(f"predictions file: {note}")
+    return lines
+
+
+def check_not_all_errors(report: Report, where: str) -> None:
+    """Fail loudly (one line) when not a single question could be scored — e.g. the wrong
+    --benchmark for the data, or predictions whose ids match nothing."""
+    if report.n == 0 or report.n_errors < report.n:
+        return
+    from uhrbat.errors import BenchmarkDataError
+
+    first = (report.meta.get("errors") or ["no prediction for any id"])[0]
+    raise BenchmarkDataError(
+        f"all {report.n} questions of {report.benchmark} are errors (first: {first}); check that --benchmark matches "
+        f"--data and that the prediction ids are the data's ids ({where})")

@@ -1,7 +1,17 @@
-"""Image input/output: one reader for every entry point (`open_image`), token geometry and
-GeoJSON (`uhrbat.io.geo`), overlays (`uhrbat.io.overlay`). `RasterSource` needs `rasterio`."""
+"""Image input/output: one reader for every entry point (`open_image`, `open_image_bytes`, with
+two trust levels: see `uhrbat.io.sources`), `decode_section` for bounding concurrent decodes,
+token geometry and GeoJSON (`uhrbat.io.geo`), overlays (`uhrbat.io.overlay`). `RasterSource`
+needs `rasterio`."""
 
-from uhrbat.io.geo import GeoRef, pixel_boxes, token_regions, tokens_geojson, tokens_with_boxes, write_geojson
+from uhrbat.io.decoding import decode_section, set_decode_concurrency
+from uhrbat.io.geo import (
+    GeoRef,
+    pixel_boxes,
+    token_regions,
+    tokens_geojson,
+    tokens_with_boxes,
+    write_geojson,
+)
 from uhrbat.io.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_STRETCH,
@@ -11,10 +21,10 @@ from uhrbat.io.images import (
     JPEGDraftSource,
     PILSource,
     load_pil,
-    open_image,
     pad_to_square,
     to_rgb,
 )
+from uhrbat.io.sources import open_image, open_image_bytes
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -26,11 +36,14 @@ __all__ = [
     "JPEGDraftSource",
     "PILSource",
     "RasterSource",
+    "decode_section",
     "load_pil",
     "open_image",
+    "open_image_bytes",
     "pad_to_square",
     "pixel_boxes",
     "render_overlay",
+    "set_decode_concurrency",
     "to_rgb",
     "token_regions",
     "tokens_geojson",

@@ -3,10 +3,14 @@ the image CRS and in WGS84, and RFC 7946 GeoJSON.
 
 Geometry (the inverse of the processor's pad-and-resize, §2.2 of the method notes). With the
 original image `W x H`, square side `L = max(W, H)` and pad offsets `ox = (L - W) // 2`,
-`oy = (L - H) // 2`, a token at scale `S` (grid `g = S // 336`), tile `t = r * g + c`, patch
+`oy = (L - H) // 2`, a token at scale `S` (grid `g = S // tile`), tile `t = r * g + c`, patch
 `(row, col)` covers the square pixels
 
-    x in [(c * 24 + col) * 14, +14) * L / S,   y in [(r * 24 + row) * 14, +14) * L / S
+    x in [(c * n + col) * p, +p) * L / S,   y in [(r * n + row) * p, +p) * L / S
+
+with patch side `p`, tile side `tile` and `n = tile // p` tokens per tile side: the token geometry
+of the model config that each `KeptToken` carries (`tile_size`, `patch_size`; 336 / 14 / 24 for
+CLIP ViT-L/14-336).
 
 and, in the original image, those minus `(ox, oy)`, clipped to `[0, W] x [0, H]`. Boxes are
 float pixel-edge coordinates (x right, y down, origin at the top-left corner of pixel (0, 0)).
@@ -29,10 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-PATCH = 14
-TOKENS_PER_SIDE = 24
-TOKENS_PER_TILE = TOKENS_PER_SIDE * TOKENS_PER_SIDE
-TILE = PATCH * TOKENS_PER_SIDE  # 336
+from uhrbat.configuration.geometry import CLIP_336_14, TokenGeometry
 
 
 # ----------------------------------------------------------------------------- georeference
@@ -109,24 +110,33 @@ def _georef_of(source: Any) -> GeoRef | None:
     return None if isinstance(source, (tuple, list)) else getattr(source, "georef", None)
 
 
-def square_cells(scale: int, flat: Iterable[int]) -> np.ndarray:
-    """Flat positions (tile * 576 + row * 24 + col) at `scale` -> `[n, 4]` boxes (x0, y0, x1, y1)
-    in pixels of the `scale x scale` square."""
+def geometry_of(token: Any) -> TokenGeometry:
+    """The token geometry a token carries (`KeptToken.tile_size` / `patch_size`); CLIP-336/14
+    for records without it."""
+    return TokenGeometry(int(getattr(token, "tile_size", CLIP_336_14.tile_size)),
+                         int(getattr(token, "patch_size", CLIP_336_14.patch_size)))
+
+
+def square_cells(scale: int, flat: Iterable[int], geometry: TokenGeometry = CLIP_336_14) -> np.ndarray:
+    """Flat positions (tile * tokens_per_tile + row * tokens_per_side + col) at `scale` ->
+    `[n, 4]` boxes (x0, y0, x1, y1) in pixels of the `scale x scale` square."""
     flat = np.asarray(list(flat) if not isinstance(flat, np.ndarray) else flat, dtype=np.int64).reshape(-1)
-    g = int(scale) // TILE
+    g = geometry.grid(scale)
+    n, p = geometry.tokens_per_side, geometry.patch_size
     if g < 1:
-        raise ValueError(f"scale {scale} is smaller than one {TILE}-px tile")
-    if flat.size and (flat.min() < 0 or flat.max() >= g * g * TOKENS_PER_TILE):
+        raise ValueError(f"scale {scale} is smaller than one {geometry.tile_size}-px tile")
+    if flat.size and (flat.min() < 0 or flat.max() >= g * g * geometry.tokens_per_tile):
         raise ValueError(f"token position out of range for scale {scale} ({g * g} tiles): {flat.min()}..{flat.max()}")
-    tile, rc = np.divmod(flat, TOKENS_PER_TILE)
-    row, col = np.divmod(rc, TOKENS_PER_SIDE)
+    tile, rc = np.divmod(flat, geometry.tokens_per_tile)
+    row, col = np.divmod(rc, n)
     tr, tc = np.divmod(tile, g)
-    x0 = (tc * TOKENS_PER_SIDE + col) * PATCH
-    y0 = (tr * TOKENS_PER_SIDE + row) * PATCH
-    return np.stack([x0, y0, x0 + PATCH, y0 + PATCH], axis=1).astype(np.float64)
+    x0 = (tc * n + col) * p
+    y0 = (tr * n + row) * p
+    return np.stack([x0, y0, x0 + p, y0 + p], axis=1).astype(np.float64)
 
 
-def image_cells(scale: int, flat: Iterable[int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def image_cells(scale: int, flat: Iterable[int], size: tuple[int, int],
+                geometry: TokenGeometry = CLIP_336_14) -> tuple[np.ndarray, np.ndarray]:
     """Cells of `flat` positions in original-image pixels, clipped: (`[n, 4]` boxes, keep mask).
 
     `keep[i]` is False when cell i lies entirely in the square padding (its box is then empty).
@@ -134,7 +144,7 @@ def image_cells(scale: int, flat: Iterable[int], size: tuple[int, int]) -> tuple
     W, H = size
     L = max(W, H)
     ox, oy = (L - W) // 2, (L - H) // 2
-    cells = square_cells(scale, flat) * L / int(scale)  # integer product first: exact at edges
+    cells = square_cells(scale, flat, geometry) * L / int(scale)  # integer product first: exact at edges
     cells -= np.array([ox, oy, ox, oy], dtype=np.float64)
     cells[:, 0] = np.clip(cells[:, 0], 0, W)
     cells[:, 2] = np.clip(cells[:, 2], 0, W)
@@ -148,7 +158,7 @@ def token_members(token: Any) -> list[int]:
     """Flat positions a token stands for (its own position when `members` is empty)."""
     members = list(getattr(token, "members", None) or [])
     if not members:
-        members = [int(token.tile) * TOKENS_PER_TILE + int(token.row) * TOKENS_PER_SIDE + int(token.col)]
+        members = [geometry_of(token).flat(token.tile, token.row, token.col)]
     return members
 
 
@@ -197,7 +207,7 @@ def token_regions(tokens: Sequence[Any], source: Any) -> list[TokenRegion]:
     out = []
     for i, tok in enumerate(tokens):
         members = token_members(tok)
-        cells, keep = image_cells(int(tok.scale), members, size)
+        cells, keep = image_cells(int(tok.scale), members, size, geometry_of(tok))
         inside = cells[keep]
         if len(inside) == 0:
             continue
@@ -305,7 +315,8 @@ def tokens_geojson(
     if coordinates == "auto":
         coordinates = "wgs84" if georef is not None and georef.crs is not None else "pixel"
     if coordinates == "wgs84" and (georef is None or georef.crs is None):
-        raise ValueError("WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'")
+        raise ValueError("WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'"
+                         + (f" ({source.georef_note})" if getattr(source, "georef_note", None) else ""))
     ndigits = _DIGITS[coordinates] if coordinates in _DIGITS else None
     regions = token_regions(tokens, source)
     features = []
@@ -341,7 +352,8 @@ def tokens_geojson(
     fc["coordinate_space"] = coordinates
     if coordinates == "pixel":
         fc["coordinate_note"] = ("coordinates are original-image pixels (x right, y down, origin at the top-left "
-                                 "corner of the image), NOT longitude/latitude: the image has no georeference")
+                                 "corner of the image), NOT longitude/latitude: "
+                                 + (getattr(source, "georef_note", None) or "the image has no georeference"))
     elif coordinates == "crs":
         fc["coordinate_note"] = f"coordinates are in the image CRS {georef.crs_name} (not RFC 7946 WGS84)"
     fc["image"] = {"size": list(size), **({} if georef is None else georef.to_dict())}

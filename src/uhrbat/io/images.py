@@ -1,24 +1,20 @@
-"""Image sources: anything the processor can turn into a square pyramid.
+"""Pillow-side image sources and the geometry every source shares.
 
 An *image source* has `.size` -> (width, height) of the original image and
 `.square(side) -> PIL.Image` giving the image padded to a centred square with the CLIP mean
 colour and resized to `side x side` RGB, exactly as the reference does it (§2.2).
 
-`open_image` is the one reader used by the CLI, evaluation and training:
-
-* ordinary PNG/JPEG/... files and in-memory PIL images -> `PILSource`, bit-exact with the
-  reference (`pad_to_square(img).resize((side, side))`, Pillow's default bicubic filter);
-* GeoTIFF / COG / JPEG2000 (and any TIFF with geospatial metadata, nodata, >4 bands, a non-8-bit
-  type, internal overviews, or too big to pad in memory) -> `uhrbat.io.raster.RasterSource`,
-  which reads decimated from internal overviews, so a 20,000-px scene is never decoded at full
-  resolution (needs `rasterio`);
-* very large JPEGs -> `JPEGDraftSource` (DCT-domain reduced decode via `Image.draft`); very large
-  PNG/other files -> `RasterSource` through GDAL's streaming decoder when rasterio is installed.
+This module holds the sources decoded by Pillow (`PILSource`: in memory, bit-exact with the
+reference; `JPEGDraftSource`: a DCT-reduced decode of a large JPEG), the padding / reduced
+geometry helpers and the value conversion (band selection, high-bit stretch). The reader that
+picks a source for a path or bytes is `uhrbat.io.sources.open_image` (exported as
+`uhrbat.io.open_image`); GDAL rasters are `uhrbat.io.raster.RasterSource`.
 
 Geometry is the same for every source: the image is placed on a `max(W, H)` square at
 `((L - W) // 2, (L - H) // 2)` and the square is resampled to `side`. Only images whose padded
-square exceeds `exact_max_pixels` are resampled from a reduced intermediate (>= `oversample` x
-the target), which changes pixel values slightly but never the geometry.
+square exceeds `exact_max_pixels` (or, for elongated images, `EXACT_PAD_RATIO` x the image and
+`REDUCED_CANVAS_PIXELS`) are resampled from a reduced intermediate (>= `oversample` x the
+target), which changes pixel values slightly but never the geometry.
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from uhrbat.errors import ImageLoadError
+from uhrbat.io.formats import check_file
 
 PAD_RGB = (122, 116, 104)  # tuple(int(m * 255)) of the CLIP mean, as in the reference
 
@@ -47,8 +44,23 @@ EXACT_MAX_PIXELS = 16_000 * 16_000
 DEFAULT_STRETCH = (2.0, 98.0)
 #: The reduced intermediate is at least this many times the requested side.
 DEFAULT_OVERSAMPLE = 2.0
+#: The exact path pads to an L x L canvas. For an elongated image that canvas can dwarf the
+#: image (1 x 16000 -> a 768 MB square), so the exact path is taken only while the square is at
+#: most this many times the image, or no bigger than `REDUCED_CANVAS_PIXELS`.
+EXACT_PAD_RATIO = 4
+#: The largest canvas the reduced path builds for the 4032-px level: (oversample x 4032)^2.
+REDUCED_CANVAS_PIXELS = (2 * 4032) ** 2
 
 _PIL_LOCK = threading.RLock()
+
+
+def exact_fits(size: tuple[int, int], exact_max_pixels: int | None) -> bool:
+    """Is padding the whole image to its square (the reference's exact path) affordable?"""
+    w, h = size
+    L = max(w, h)
+    if w == h or exact_max_pixels is None:
+        return True
+    return L * L <= exact_max_pixels and (L * L <= EXACT_PAD_RATIO * w * h or L * L <= REDUCED_CANVAS_PIXELS)
 
 
 class NotARasterError(ImageLoadError):
@@ -101,7 +113,9 @@ def reduced_geometry(full_size: tuple[int, int], reduced_size: tuple[int, int]
     W, H = full_size
     L, ox, oy = pad_offsets(full_size)
     w_i, h_i = reduced_size
-    g = (w_i / W + h_i / H) / 2.0
+    # The nominal scale is the long axis's: it is never clamped to 1 px, and it alone decides
+    # how big the L x L square becomes (~ L * g), whatever the aspect ratio.
+    g = w_i / W if W >= H else h_i / H
     # An axis reduced below one pixel keeps the nominal scale (the strip is 1 px wide there).
     sx = w_i / W if W * g >= 1 else g
     sy = h_i / H if H * g >= 1 else g
@@ -279,14 +293,22 @@ def pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = old
 
 
-def pil_open(path: Any, max_pixels: int | None) -> Image.Image:
+def pil_open(path: Any, max_pixels: int | None, formats: Sequence[str] | None = None) -> Image.Image:
     """`Image.open` (header only) with Pillow's guard set to `max_pixels` for this open only.
 
     The guard is a process-wide setting, so it is changed under a lock and restored at once;
-    decoding (`.load()`) happens after the lock is released.
+    decoding (`.load()`) happens after the lock is released. `formats` restricts the Pillow
+    plugins tried (untrusted input: only the one its magic bytes name).
     """
     with pil_pixel_limit(max_pixels):
-        return Image.open(path)
+        return Image.open(path, formats=None if formats is None else list(formats))
+
+
+def pixel_limit_error(path: Any, max_pixels: int | None, e: BaseException) -> ImageLoadError:
+    """Pillow's decompression-bomb guard fired: the same one-line message as ours."""
+    limit = "no" if max_pixels is None else f"{int(max_pixels):,}"
+    return ImageLoadError(f"image {path} exceeds the pixel limit of {limit} pixels (max_pixels; "
+                          f"pass max_pixels=None or --max-pixels 0 to lift it): {e}")
 
 
 def check_pixel_limit(path: Any, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -303,6 +325,8 @@ class PILSource:
     """A decoded RGB image held in memory."""
 
     georef = None
+    #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
+    georef_note: str | None = None
 
     def __init__(self, image: Image.Image, *, exact_max_pixels: int | None = EXACT_MAX_PIXELS,
                  oversample: float = DEFAULT_OVERSAMPLE) -> None:
@@ -316,9 +340,7 @@ class PILSource:
         return self.image.size
 
     def _exact(self) -> bool:
-        w, h = self.image.size
-        L = max(w, h)
-        return w == h or self.exact_max_pixels is None or L * L <= self.exact_max_pixels
+        return exact_fits(self.image.size, self.exact_max_pixels)
 
     def square(self, side: int) -> Image.Image:
         if self._exact():
@@ -337,13 +359,17 @@ class JPEGDraftSource:
     """A large JPEG decoded at a reduced DCT scale (1/2, 1/4, 1/8) per requested side."""
 
     georef = None
+    #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
+    georef_note: str | None = None
 
     def __init__(self, path: Path, size: tuple[int, int], *, bands: Any = None,
                  stretch: Sequence[float] | None = DEFAULT_STRETCH, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 oversample: float = DEFAULT_OVERSAMPLE) -> None:
+                 oversample: float = DEFAULT_OVERSAMPLE, formats: Sequence[str] | None = None) -> None:
         self.path = Path(path)
+        self.label = str(self.path)  # how messages name the file (an upload's name, not its temp copy)
         self._size = size
         self.bands, self.stretch, self.max_pixels, self.oversample = bands, stretch, max_pixels, oversample
+        self.formats = formats
         self._cache: tuple[float, Image.Image] | None = None  # (scale, reduced RGB image)
 
     @property
@@ -356,7 +382,7 @@ class JPEGDraftSource:
             return self._cache[1]
         W, H = self._size
         try:
-            with pil_open(self.path, self.max_pixels) as im:
+            with pil_open(self.path, self.max_pixels, self.formats) as im:
                 rw, rh = im.size  # raw (pre-EXIF-rotation) size
                 im.draft(None, (max(1, math.ceil(rw * g)), max(1, math.ceil(rh * g))))
                 im.load()
@@ -365,7 +391,7 @@ class JPEGDraftSource:
         except ImageLoadError:
             raise
         except Exception as e:  # OSError, SyntaxError, ValueError from the decoder
-            raise ImageLoadError(f"corrupt or unreadable image {self.path}: {e}") from e
+            raise ImageLoadError(f"corrupt or unreadable image {self.label}: {e}") from e
         scale = min(img.size[0] / W, img.size[1] / H)
         self._cache = (scale, img)
         return img
@@ -373,20 +399,18 @@ class JPEGDraftSource:
     def square(self, side: int) -> Image.Image:
         g = reduced_scale(self._size, side, self.oversample)
         img = self.reduced(g)
-        if img.size == self._size:
-            L = max(self._size)
-            if L * L <= EXACT_MAX_PIXELS:
-                return pad_to_square(img).resize((side, side))
+        if img.size == self._size and exact_fits(self._size, EXACT_MAX_PIXELS):
+            return pad_to_square(img).resize((side, side))
         return square_from_reduced(img, self._size, side)
 
 
 # ----------------------------------------------------------------------------- readers
 def load_pil(path: str | os.PathLike, *, bands: Any = None, stretch: Sequence[float] | None = DEFAULT_STRETCH,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None) -> Image.Image:
     """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files."""
-    p = _check_path(path)
+    p = check_file(path)
     try:
-        with pil_open(p, max_pixels) as im:
+        with pil_open(p, max_pixels, formats) as im:
             check_pixel_limit(p, im.size, max_pixels)
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -396,125 +420,14 @@ def load_pil(path: str | os.PathLike, *, bands: Any = None, stretch: Sequence[fl
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"not an image file (or an unsupported format): {p}") from e
     except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"image {p} exceeds the pixel limit of {max_pixels:,} pixels (max_pixels; "
-                             f"pass max_pixels=None or --max-pixels 0 to lift it): {e}") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageLoadError(f"corrupt or unreadable image {p}: {e}") from e
+        raise pixel_limit_error(p, max_pixels, e) from e
+    except MemoryError as e:
+        raise ImageLoadError(f"image {p} is too large to decode in the available memory") from e
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, KeyError, IndexError) as e:
+        raise ImageLoadError(f"corrupt or unreadable image {p}: {' '.join(str(e).split())}") from e
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ImageLoadError(f"image not found: {p}")
-    if p.is_dir():
-        raise ImageLoadError(f"image path is a directory, not a file: {p}")
-    if not os.access(p, os.R_OK):
-        raise ImageLoadError(f"image is not readable (permission denied): {p}")
-    return p
-
-
-def _sniff(p: Path) -> str | None:
-    """'tiff' / 'jp2' from the magic bytes, else None."""
-    try:
-        with open(p, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise ImageLoadError(f"cannot read image {p}: {e}") from e
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
-        return "jp2"
-    return None
-
-
-def rasterio_available() -> bool:
-    try:
-        import rasterio  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def open_image(
-    image: "str | os.PathLike | Image.Image | ImageSource",
-    *,
-    bands: Any = None,
-    stretch: Sequence[float] | None = DEFAULT_STRETCH,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    exact_max_pixels: int | None = EXACT_MAX_PIXELS,
-    oversample: float = DEFAULT_OVERSAMPLE,
-) -> ImageSource:
-    """Turn a path, a PIL image or an existing source into an `ImageSource`.
-
-    bands: 1-based band numbers, 1 (grey) or 3 (R,G,B), e.g. `(4, 3, 2)` or `"4,3,2"`.
-    stretch: (low, high) percentiles for 16-bit / float / non-uint8 data (`None`: full range).
-    max_pixels: refuse inputs with more full-resolution pixels (`None`: no limit). Rasters with
-        internal overviews are exempt: they are only ever read decimated.
-    exact_max_pixels: padded squares up to this size are resampled exactly like the reference;
-        above it, a reduced intermediate (>= `oversample` x the side) is used.
-    """
-    if isinstance(image, Image.Image):
-        return PILSource(convert_pil(image, bands=bands, stretch=stretch), exact_max_pixels=exact_max_pixels,
-                         oversample=oversample)
-    if isinstance(image, (str, os.PathLike)):
-        return _open_path(Path(image), bands=bands, stretch=stretch, max_pixels=max_pixels,
-                          exact_max_pixels=exact_max_pixels, oversample=oversample)
-    if isinstance(image, ImageSource):
-        return image
-    raise ImageLoadError(f"unsupported image input of type {type(image).__name__}")
-
-
-def _open_raster(p: Path, **kw: Any) -> ImageSource:
-    from uhrbat.io.raster import RasterSource
-
-    return RasterSource(p, **kw)
-
-
-def _open_path(p: Path, *, bands: Any, stretch: Any, max_pixels: int | None, exact_max_pixels: int | None,
-               oversample: float) -> ImageSource:
-    p = _check_path(p)
-    kind = _sniff(p)
-    rkw = dict(bands=bands, stretch=stretch, max_pixels=max_pixels, exact_max_pixels=exact_max_pixels,
-               oversample=oversample)
-    if kind is not None and rasterio_available():
-        from uhrbat.io.raster import wants_raster_reader
-
-        if wants_raster_reader(p, exact_max_pixels):
-            return _open_raster(p, **rkw)
-    # Pillow: header first (cheap), then decide how to decode.
-    try:
-        with pil_open(p, max_pixels) as im:
-            size, fmt = im.size, im.format
-            orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-    except UnidentifiedImageError as e:
-        if rasterio_available():
-            try:
-                return _open_raster(p, **rkw)
-            except NotARasterError:
-                pass
-        raise ImageLoadError(f"not an image file (or an unsupported format): {p}") from e
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(f"image {p} exceeds the pixel limit of {max_pixels:,} pixels (max_pixels; "
-                             f"pass max_pixels=None or --max-pixels 0 to lift it): {e}") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageLoadError(f"corrupt or unreadable image {p}: {e}") from e
-    if orientation in (5, 6, 7, 8):
-        size = (size[1], size[0])
-    check_pixel_limit(p, size, max_pixels)
-    L = max(size)
-    # Decode in full whenever that is cheap; PILSource itself avoids materialising a huge padded
-    # square for extremely elongated images (1 x 20000).
-    if exact_max_pixels is None or size[0] * size[1] <= exact_max_pixels:
-        return PILSource(load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels),
-                         exact_max_pixels=exact_max_pixels, oversample=oversample)
-    if fmt == "JPEG":
-        src = JPEGDraftSource(p, size, bands=bands, stretch=stretch, max_pixels=max_pixels, oversample=oversample)
-        src.reduced(min(1.0, 256 / L))  # validate the file now (tiny decode)
-        return src
-    if orientation == 1 and rasterio_available():
-        try:
-            return _open_raster(p, **rkw)  # GDAL's streaming decoder: no full-resolution buffer
-        except ImageLoadError:
-            pass
-    return PILSource(load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels),
-                     exact_max_pixels=exact_max_pixels, oversample=oversample)
+def __getattr__(name: str) -> Any:
+    if name == "open_image":  # the reader moved out of this module (it dispatches to GDAL too)
+        raise AttributeError("open_image is uhrbat.io.open_image (uhrbat.io.sources), not uhrbat.io.images")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from uhrbat.configuration import UhrBatConfig, is_reference_config
+from uhrbat.configuration import UhrBatConfig
 from uhrbat.errors import CheckpointError
+from uhrbat.modeling.hub import local_dir, weight_files
+from uhrbat.modeling.modeling_uhrbat import UhrBatForConditionalGeneration
 
 _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^model\.mm_projector\.0\.(.*)$"), r"projector.fc1.\1"),
@@ -49,20 +51,6 @@ def map_reference_key(key: str) -> str | None:
         if pattern.match(key):
             return pattern.sub(repl, key)
     raise CheckpointError(f"unexpected key in reference checkpoint: {key}")
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / f for f in files]
-    single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
-    found = sorted(directory.glob("*.safetensors"))
-    if not found:
-        raise CheckpointError(f"no safetensors weights in {directory} (expected model.safetensors or an index)")
-    return found
 
 
 def _resolve_vision_path(directory: Path, ref: dict[str, Any], vision_tower: str | os.PathLike | None) -> Path | None:
@@ -99,8 +87,6 @@ def load_reference_checkpoint(
     """Build a `UhrBatForConditionalGeneration` from a reference-format folder."""
     from accelerate import init_empty_weights
 
-    from uhrbat.modeling.modeling_uhrbat import UhrBatForConditionalGeneration
-
     directory = Path(directory)
     config, vpath = reference_config(directory, vision_tower)
     for k, v in config_overrides.items():
@@ -111,7 +97,7 @@ def load_reference_checkpoint(
         model = UhrBatForConditionalGeneration(config)
     expected = dict(model.named_parameters())
     loaded: dict[str, torch.Tensor] = {}
-    for f in _weight_files(directory):
+    for f in weight_files(directory):
         with safe_open(str(f), framework="pt", device=str(device)) as fh:
             for key in fh.keys():
                 ours = map_reference_key(key)
@@ -120,14 +106,12 @@ def load_reference_checkpoint(
                 loaded[ours] = fh.get_tensor(key)
     if not any(k.startswith("vision_tower.") for k in loaded) and vpath is None:
         # The release names the tower by hub id (openai/clip-vit-large-patch14-336).
-        from uhrbat.modeling.loading import local_dir
-
         name = str(vision_tower or os.environ.get("UHR_BAT_VISION_TOWER") or json.loads((directory / "config.json").read_text()).get("mm_vision_tower") or "")
         if not name:
             raise CheckpointError(f"{directory}: no vision tower weights in the checkpoint and no mm_vision_tower; pass --vision-tower")
         vpath = local_dir(name)
     if not any(k.startswith("vision_tower.") for k in loaded):
-        vfiles = _weight_files(vpath)
+        vfiles = weight_files(vpath)
         for f in vfiles:
             with safe_open(str(f), framework="pt", device=str(device)) as fh:
                 for key in fh.keys():
@@ -153,8 +137,3 @@ def load_reference_checkpoint(
     model.to(device=device)
     model.eval()
     return model
-
-
-def is_reference_checkpoint(directory: str | os.PathLike) -> bool:
-    cfg = Path(directory) / "config.json"
-    return cfg.exists() and is_reference_config(json.loads(cfg.read_text()))

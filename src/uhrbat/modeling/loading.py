@@ -1,26 +1,34 @@
-"""One entry point that loads a model + processor from any supported checkpoint.
+"""The one loading entry: `load(model)` -> `(model, processor)` from any supported checkpoint.
 
-Accepts a local folder or a hub id, in this package's format (`save_pretrained`) or the
-reference's `LlavaQwenForCausalLM` format (e.g. the released `RL-MIND/UHR-BAT`).
+Accepts a local folder or a hub id (`uhrbat.modeling.hub`), in this package's format
+(`save_pretrained`, also what `AutoModel` / `AutoProcessor` read) or the reference's
+`LlavaQwenForCausalLM` format (e.g. the released `RL-MIND/UHR-BAT`, mapped by
+`uhrbat.modeling.conversion`). This is the only place that decides between the two.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uhrbat.configuration import is_reference_checkpoint
+from uhrbat.devices import resolve_device
 from uhrbat.errors import CheckpointError
+from uhrbat.modeling.conversion import load_reference_checkpoint, reference_config
+from uhrbat.modeling.hub import DEFAULT_MODEL, local_dir
+from uhrbat.modeling.modeling_uhrbat import UhrBatForConditionalGeneration
 from uhrbat.processing.image_processing_uhrbat import UhrBatImageProcessor
 from uhrbat.processing.processing_uhrbat import UhrBatProcessor
 
-DEFAULT_MODEL = "RL-MIND/UHR-BAT"
-_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
+__all__ = ["DEFAULT_MODEL", "load", "local_dir", "resolve_dtype"]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype | None:
+    """`"fp32" | "bf16" | "fp16" | "auto"` (or a torch dtype, or None) -> torch dtype or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -30,24 +38,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     return names[dtype]
 
 
-def local_dir(model: str | os.PathLike) -> Path:
-    """A local folder for `model`, downloading a hub snapshot (weights as safetensors only)."""
-    p = Path(model)
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise CheckpointError(f"{p} is a file, not a checkpoint folder")
-    if str(model).startswith((".", "/")) or os.sep in str(model) and str(model).count("/") != 1:
-        raise CheckpointError(f"checkpoint folder not found: {model}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(model), allow_patterns=_DOWNLOAD_PATTERNS))
-    except Exception as e:  # offline, unknown repo, auth
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"could not fetch {model!r} from the hub ({type(e).__name__}: {first}); pass a local folder") from e
-
-
 def load(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
@@ -55,50 +45,88 @@ def load(
     vision_tower: str | os.PathLike | None = None,
     attn_implementation: str | None = None,
     **config_overrides: Any,
-):
+) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
     """Load `(model, processor)`; `config_overrides` set UhrBatConfig fields (budgets, compat, ...)."""
-    from uhrbat.modeling.conversion import is_reference_checkpoint, load_reference_checkpoint, reference_config
-    from uhrbat.modeling.modeling_uhrbat import UhrBatForConditionalGeneration
-
+    device = resolve_device(device)  # one clear line when e.g. CUDA is not available here
     directory = local_dir(model)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory} has no config.json; not a checkpoint folder")
     torch_dtype = resolve_dtype(dtype, device)
     if is_reference_checkpoint(directory):
-        net = load_reference_checkpoint(directory, vision_tower=vision_tower, dtype=torch_dtype, device=device, **config_overrides)
-        _, vpath = reference_config(directory, vision_tower)
-        ip = UhrBatImageProcessor.from_pretrained(vpath or directory, scales=net.config.scales, tile_size=net.config.tile_size)
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(directory), config=net.config.text_config)
-        except Exception as e:
-            raise CheckpointError(f"{directory}: tokenizer files missing or unreadable ({e})") from e
-        vocab_in_use = len(tok)
-        processor = UhrBatProcessor(ip, tok, budgets=net.config.budgets, max_context=net.config.max_context, compat=net.config.compat)
-        net.config.image_token_id = processor.image_token_id
-        net.config.vocab_in_use = min(vocab_in_use, net.config.text_config.vocab_size)
-        if net.config.pad_token_id is None:
-            net.config.pad_token_id = tok.pad_token_id
+        net, processor = _load_reference(directory, device, torch_dtype, vision_tower, config_overrides)
     else:
-        # device_map loads the shards straight onto the accelerator (no full copy in host RAM).
-        placement = {} if str(device) == "cpu" else {"device_map": str(device)}
-        net = UhrBatForConditionalGeneration.from_pretrained(
-            str(directory), dtype=torch_dtype, **placement, **config_overrides
-        ).to(device)
-        processor = UhrBatProcessor.from_pretrained(
-            directory, budgets=net.config.budgets, max_context=net.config.max_context, compat=net.config.compat
-        )
-        if net.config.image_token_id != processor.image_token_id:
-            raise CheckpointError(
-                f"{directory}: config image_token_id {net.config.image_token_id} != tokenizer's <image> id {processor.image_token_id}"
-            )
+        net, processor = _load_ours(directory, device, torch_dtype, config_overrides)
+    attn_implementation = attn_implementation or default_attn_implementation(device, net.dtype)
     if attn_implementation:
         # Only the LLM: CLIP stays on sdpa, which is what the reference's features were made with.
         net.language_model.set_attn_implementation(attn_implementation)
     _configure_generation(net, processor)
     net.eval()
     return net, processor
+
+
+def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The LLM attention used when none is asked for: flash-attention-2 on a CUDA device in bf16/fp16
+    when the `flash-attn` package is installed, else `None` (transformers' default, sdpa)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else None
+
+
+def _geometry(config: Any) -> dict[str, Any]:
+    """The image processor's pyramid settings, from the model config (one source of truth)."""
+    return {"scales": list(config.scales), "tile_size": config.tile_size, "patch_size": config.patch_size}
+
+
+def _load_ours(directory: Path, device: Any, dtype: torch.dtype | None,
+               overrides: dict[str, Any]) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
+    # device_map loads the shards straight onto the accelerator (no full copy in host RAM).
+    placement = {} if str(device) == "cpu" else {"device_map": str(device)}
+    net = UhrBatForConditionalGeneration.from_pretrained(str(directory), dtype=dtype, **placement, **overrides)
+    net = net.to(device)
+    cfg = net.config
+    processor = UhrBatProcessor.from_pretrained(
+        directory, budgets=cfg.budgets, max_context=cfg.max_context, compat=cfg.compat, **_geometry(cfg)
+    )
+    if cfg.image_token_id != processor.image_token_id:
+        raise CheckpointError(
+            f"{directory}: config image_token_id {cfg.image_token_id} != "
+            f"tokenizer's <image> id {processor.image_token_id}"
+        )
+    return net, processor
+
+
+def _load_reference(directory: Path, device: Any, dtype: torch.dtype | None, vision_tower: Any,
+                    overrides: dict[str, Any]) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
+    from transformers import AutoTokenizer
+
+    net = load_reference_checkpoint(directory, vision_tower=vision_tower, dtype=dtype, device=device, **overrides)
+    _, vpath = reference_config(directory, vision_tower)
+    ip = UhrBatImageProcessor(**_clip_normalisation(vpath or directory), **_geometry(net.config))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), config=net.config.text_config)
+    except Exception as e:
+        raise CheckpointError(f"{directory}: tokenizer files missing or unreadable ({e})") from e
+    vocab_in_use = len(tok)
+    cfg = net.config
+    processor = UhrBatProcessor(ip, tok, budgets=cfg.budgets, max_context=cfg.max_context, compat=cfg.compat)
+    cfg.image_token_id = processor.image_token_id
+    cfg.vocab_in_use = min(vocab_in_use, cfg.text_config.vocab_size)
+    if cfg.pad_token_id is None:
+        cfg.pad_token_id = tok.pad_token_id
+    return net, processor
+
+
+def _clip_normalisation(directory: Path) -> dict[str, Any]:
+    """`image_mean` / `image_std` of the CLIPImageProcessor config in `directory` (the vision
+    tower's folder); CLIP's defaults when there is none."""
+    path = directory / "preprocessor_config.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: data[k] for k in ("image_mean", "image_std") if k in data}
 
 
 def _configure_generation(net: Any, processor: UhrBatProcessor) -> None:

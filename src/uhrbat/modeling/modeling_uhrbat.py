@@ -15,6 +15,7 @@ Each tile is encoded exactly once; scoring and selection inputs derive from the 
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,11 +28,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from uhrbat.compression import scoring
+from uhrbat.compression.precision import autocast_off
 from uhrbat.compression.segments import segment_ids_for_scale
 from uhrbat.compression.selection import cluster_tokens, preserve_and_merge, select_segments, select_topk
 from uhrbat.compression.types import Selection
-from uhrbat.configuration import UhrBatConfig
-from uhrbat.errors import BudgetError, ConfigError, PromptError
+from uhrbat.configuration import UhrBatConfig, is_reference_checkpoint
+from uhrbat.errors import BudgetError, CheckpointError, ConfigError, MaskError, PromptError
+from uhrbat.modeling.compat import from_reference_call
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -120,6 +123,24 @@ class ImageTrace:
 
 
 @dataclass
+class SceneFeatures:
+    """Query-independent tensors of one image: what `encode_scene` computes and the scene cache keeps.
+
+    Attributes:
+        embeds: `[T, 576, H]` selection embeddings of every tile (scales ascending): projector
+            output, plus the scale residual twice when `config.enable_scale_pos_residual`.
+        score_base: `[N_base, H]` base-scale tokens + the residual once (the scoring pass's image).
+        features: scale -> `[T_s, 576, H]` projector output + residual once (tracing only).
+        clip: `[T, 576, C]` CLIP features (training / tracing only).
+    """
+
+    embeds: torch.Tensor
+    score_base: torch.Tensor
+    features: dict[int, torch.Tensor] | None = None
+    clip: torch.Tensor | None = None
+
+
+@dataclass
 class SelectionOptions:
     """Per-call overrides of the config's selection settings."""
 
@@ -134,23 +155,37 @@ class SelectionOptions:
     def resolve(cls, config: UhrBatConfig, **kw: Any) -> "SelectionOptions":
         from uhrbat.processing.processing_uhrbat import parse_budgets
 
-        budgets = kw.get("budgets")
+        def given(name: str, default: Any) -> Any:
+            # Only None means "not given": 0 is a value (and an error for kmeans_iters), never the default.
+            value = kw.get(name)
+            return default if value is None else value
+
         opts = cls(
-            budgets=parse_budgets(config.budgets if budgets is None else budgets, len(config.scales)),
-            selector=kw.get("selector") or config.selector,
+            budgets=parse_budgets(given("budgets", config.budgets), len(config.scales)),
+            selector=given("selector", config.selector),
             kmeans_clusters=config.kmeans_clusters if kw.get("kmeans_clusters", "unset") == "unset" else kw["kmeans_clusters"],
-            kmeans_iters=kw.get("kmeans_iters") or config.kmeans_iters,
-            kmeans_mode=kw.get("kmeans_mode") or config.kmeans_mode,
-            seed=config.seed if kw.get("seed") is None else int(kw["seed"]),
+            kmeans_iters=given("kmeans_iters", config.kmeans_iters),
+            kmeans_mode=given("kmeans_mode", config.kmeans_mode),
+            seed=given("seed", config.seed),
         )
         if opts.selector not in ("kmeans", "segments", "topk"):
             raise ConfigError(f"selector must be kmeans, segments or topk, got {opts.selector!r}")
         if opts.kmeans_mode not in ("fast", "exact"):
             raise ConfigError(f"kmeans_mode must be fast or exact, got {opts.kmeans_mode!r}")
+        for name in ("kmeans_iters", "kmeans_clusters", "seed"):
+            value = getattr(opts, name)
+            if value is None:
+                continue
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                setattr(opts, name, operator.index(value))
+            except TypeError:
+                raise ConfigError(f"{name} must be an integer, got {value!r}") from None
         if opts.kmeans_iters < 1:
-            raise ConfigError(f"kmeans_iters must be >= 1, got {opts.kmeans_iters}")
+            raise ConfigError(f"kmeans_iters must be >= 1 (Lloyd iterations), got {opts.kmeans_iters}")
         if opts.kmeans_clusters is not None and opts.kmeans_clusters < 0:
-            raise ConfigError(f"kmeans_clusters must be >= 0, got {opts.kmeans_clusters}")
+            raise ConfigError(f"kmeans_clusters must be >= 0 (0 = the scale's budget), got {opts.kmeans_clusters}")
         return opts
 
 
@@ -200,15 +235,17 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "UhrBatForConditionalGeneration":
-        """Load our format strictly (missing weights raise), or a reference-format folder."""
-        from uhrbat.errors import CheckpointError
-        from uhrbat.modeling.conversion import is_reference_checkpoint, load_reference_checkpoint
+        """Load this package's format strictly: missing weights raise `CheckpointError`.
 
+        Reference-format checkpoints (`LlavaQwenForCausalLM`, e.g. the released `RL-MIND/UHR-BAT`)
+        go through the one loading entry, `uhrbat.modeling.loading.load`, which also builds the
+        processor; this method names it instead of guessing."""
         path = str(pretrained_model_name_or_path)
         if is_reference_checkpoint(path):
-            dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-            device = kwargs.pop("device_map", None) or "cpu"
-            return load_reference_checkpoint(path, vision_tower=kwargs.pop("vision_tower", None), dtype=dtype, device=device)
+            raise CheckpointError(
+                f"{path} is a reference-format (LlavaQwenForCausalLM) checkpoint; load it with "
+                f"uhrbat.modeling.loading.load({path!r}) or convert it once with `uhrbat convert {path} DST`"
+            )
         kwargs["output_loading_info"] = True
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -272,6 +309,7 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
+    @autocast_off  # selection ignores autocast (bf16 training): same tokens as inference
     def score_relevance(self, prefix_embeds: torch.Tensor, image_embeds: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
         """Relevance of each base-scale token for one prompt.
 
@@ -302,40 +340,98 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         return scoring.image_relevance(probs, pos)
 
     # ------------------------------------------------------------------ selection
+    @torch.no_grad()
+    @autocast_off  # selection ignores autocast (bf16 training): same tokens as inference
+    def encode_scene(self, tiles: torch.Tensor, keep_clip: bool = False, keep_features: bool = False) -> SceneFeatures:
+        """The query-independent half of `compress_image`: tiles -> CLIP -> projector -> residuals.
+
+        Args:
+            tiles: `[T, 3, 336, 336]` normalised tiles of one image (all scales).
+            keep_clip: also keep the CLIP features (training re-projects kept rows from them).
+            keep_features: also keep projector output + residual once per scale (tracing).
+        """
+        cfg = self.config
+        feats, clip = self.encode_tiles(tiles, keep_clip=keep_clip)
+        sl = self._tile_slices()
+        res = {s: self.scale_residuals(s).to(feats.dtype) for s in cfg.scales}
+        score_base = (feats[sl[cfg.base_scale]] + res[cfg.base_scale]).reshape(-1, feats.shape[-1])
+        features = {s: feats[sl[s]] + res[s] for s in cfg.scales} if keep_features else None
+        if cfg.enable_scale_pos_residual:
+            # The released weights were trained with the residual added twice (§2.5). In place:
+            # the same rounding as `(f + r) + r`, without a second copy of the pyramid.
+            for s in cfg.scales:
+                feats[sl[s]].add_(res[s]).add_(res[s])
+        return SceneFeatures(embeds=feats, score_base=score_base, features=features, clip=clip)
+
+    @torch.no_grad()
+    @autocast_off  # selection ignores autocast (bf16 training): same tokens as inference
+    def group_scene(self, scene: SceneFeatures, opts: SelectionOptions, trace: ImageTrace | None = None) -> dict[int, torch.Tensor]:
+        """K-Means labels `[N_s]` per scale (empty unless the selector is kmeans).
+
+        Query-independent. One seeded generator runs through the scales in order, so the labels
+        of a scale depend on the options of every scale before it (a cache key must hold them all).
+        """
+        if opts.selector != "kmeans":
+            return {}
+        cfg = self.config
+        sl = self._tile_slices()
+        generator = torch.Generator(device="cpu").manual_seed(opts.seed)
+        labels: dict[int, torch.Tensor] = {}
+        for s, budget in zip(cfg.scales, opts.budgets):
+            t0 = time.perf_counter()
+            emb = scene.embeds[sl[s]].reshape(-1, scene.embeds.shape[-1])
+            km = cluster_tokens(
+                emb, budget, num_tiles=cfg.num_tiles(s), num_clusters=opts.kmeans_clusters, max_iters=opts.kmeans_iters,
+                generator=generator, mode=opts.kmeans_mode, feat_scale=cfg.kmeans_feat_scale,
+                coord_scale=cfg.kmeans_coord_scale, tokens_per_side=cfg.tokens_per_side,
+            )
+            labels[s] = km.labels
+            if trace is not None:
+                trace.kmeans[s] = km
+                trace.timings["group"] = trace.timings.get("group", 0.0) + time.perf_counter() - t0
+        return labels
+
+    @staticmethod
+    def require_mask(masks: dict | None, scale: int) -> Any:
+        """The segment mask of `scale` for the `segments` selector, or `MaskError`.
+
+        The reference silently fell back to top-k for a scale without a mask; a different
+        selector is never substituted here without being asked for."""
+        mask = None if masks is None else masks.get(scale, masks.get(str(scale)))
+        if mask is None:
+            raise MaskError(
+                f"selector 'segments' needs a segment mask for every scale, but scale {scale} has none; "
+                "pass the masks (`uhrbat masks` output, --masks FILE) or use selector 'topk'"
+            )
+        return mask
+
     def _select_scale(self, embeds: torch.Tensor, rel: torch.Tensor, budget: int, scale: int, opts: SelectionOptions,
-                      generator: torch.Generator, masks: dict | None, trace: ImageTrace | None) -> Selection:
-        n_tiles = self.config.num_tiles(scale)
+                      labels: torch.Tensor | None, masks: dict | None) -> Selection:
         if opts.selector == "topk":
             return select_topk(embeds, rel, budget)
         if opts.selector == "segments":
-            mask = None if masks is None else masks.get(scale, masks.get(str(scale)))
-            if mask is None:
-                # As in the reference SAM branch: a scale without a mask falls back to top-k.
-                return select_topk(embeds, rel, budget)
+            mask = self.require_mask(masks, scale)
             seg = segment_ids_for_scale(mask, scale, self.config.tile_size, self.config.patch_size).to(embeds.device)
             return select_segments(embeds, rel, budget, seg)
-        t0 = time.perf_counter()
-        # Grouping and merging are called separately (not `select_kmeans`) to time K-Means alone.
-        km = cluster_tokens(
-            embeds, budget, num_tiles=n_tiles, num_clusters=opts.kmeans_clusters, max_iters=opts.kmeans_iters,
-            generator=generator, mode=opts.kmeans_mode, feat_scale=self.config.kmeans_feat_scale,
-            coord_scale=self.config.kmeans_coord_scale, tokens_per_side=self.config.tokens_per_side,
-        )
-        if trace is not None:
-            trace.kmeans[scale] = km
-            trace.timings["group"] = trace.timings.get("group", 0.0) + time.perf_counter() - t0
-        return preserve_and_merge(embeds, rel, km.labels, budget, exact=opts.kmeans_mode == "exact")
+        if labels is None:
+            raise ValueError(f"no K-Means labels for scale {scale}; call group_scene first")
+        return preserve_and_merge(embeds, rel, labels, budget, exact=opts.kmeans_mode == "exact")
 
     def compress_image(
         self,
-        tiles: torch.Tensor,
+        tiles: torch.Tensor | None,
         prefix_embeds: torch.Tensor,
         suffix_embeds: torch.Tensor,
         opts: SelectionOptions,
         masks: dict | None = None,
         trace: ImageTrace | None = None,
+        scene: SceneFeatures | None = None,
+        groups: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """All tiles of one image -> `[n_visual, H]` post-MLP tokens for the LLM."""
+        """All tiles of one image -> `[n_visual, H]` post-MLP tokens for the LLM.
+
+        `scene` (from `encode_scene`) and `groups` (from `group_scene`, for these `opts`) skip
+        the query-independent work; the result is bitwise the same as computing them here."""
         cfg = self.config
         t0 = time.perf_counter()
         # Training: selection runs without gradient, then only the rows that reach the LLM are
@@ -343,35 +439,35 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         need_grad = torch.is_grad_enabled() and any(
             p.requires_grad for m in (self.projector, self.scale_residuals) for p in m.parameters()
         )
-        want_clip = need_grad or (trace is not None and trace.want_clip)
-        with torch.no_grad():
-            feats, clip = self.encode_tiles(tiles, keep_clip=want_clip)
+        want_features = trace is not None and trace.want_clip
+        if scene is None:
+            if tiles is None:
+                raise ValueError("compress_image needs tiles or a prepared scene")
+            scene = self.encode_scene(tiles, keep_clip=need_grad or want_features, keep_features=want_features)
+        elif need_grad and scene.clip is None:
+            raise ValueError("training needs the CLIP features: pass tiles, not a prepared scene")
         t1 = time.perf_counter()
         sl = self._tile_slices()
-        res = {s: self.scale_residuals(s).to(feats.dtype) for s in cfg.scales}
-        base = (feats[sl[cfg.base_scale]] + res[cfg.base_scale]).reshape(-1, feats.shape[-1])
-        rel_base = self.score_relevance(prefix_embeds, base, suffix_embeds)
+        rel_base = self.score_relevance(prefix_embeds, scene.score_base, suffix_embeds)
         rels = scoring.upsample_relevance(rel_base.float(), cfg.grid(cfg.base_scale), [cfg.grid(s) for s in cfg.scales], cfg.tokens_per_side)
         t2 = time.perf_counter()
-        generator = torch.Generator(device="cpu").manual_seed(opts.seed)
+        if groups is None:
+            groups = self.group_scene(scene, opts, trace)
         chosen: list[torch.Tensor] = []
         for s, rel, budget in zip(cfg.scales, rels, opts.budgets):
             with torch.no_grad():
-                f = feats[sl[s]]
-                if cfg.enable_scale_pos_residual:
-                    # The released weights were trained with the residual added twice (§2.5).
-                    f = (f + res[s]) + res[s]
-                emb = f.reshape(-1, f.shape[-1])
-                sel = self._select_scale(emb, rel.reshape(-1).to(emb.device), budget, s, opts, generator, masks, trace)
-                del f, emb
+                emb = scene.embeds[sl[s]].reshape(-1, scene.embeds.shape[-1])
+                sel = self._select_scale(emb, rel.reshape(-1).to(emb.device), budget, s, opts, groups.get(s), masks)
+                del emb
             if need_grad:
+                clip = scene.clip
                 sel.embeds = self._rows_with_grad(clip[sl[s]].reshape(-1, clip.shape[-1]), s, sel)
             chosen.append(sel.embeds)
             if trace is not None:
                 trace.selections[s] = sel
                 trace.relevance[s] = rel
-                if trace.want_clip:
-                    trace.features[s] = (feats[sl[s]] + res[s]).detach()
+                if scene.features is not None:
+                    trace.features[s] = scene.features[s]
         pre = torch.cat(chosen)
         post = self.token_mlp(pre)
         t3 = time.perf_counter()
@@ -379,9 +475,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             trace.relevance_base = rel_base
             trace.pre_mlp, trace.post_mlp = pre.detach(), post.detach()
             trace.timings.update(encode=t1 - t0, score=t2 - t1, select=t3 - t2)
-            if clip is not None:
+            if scene.clip is not None:
                 for s in cfg.scales:
-                    trace.clip_features[s] = clip[sl[s]]
+                    trace.clip_features[s] = scene.clip[sl[s]]
         return post
 
     def _rows_with_grad(self, clip_flat: torch.Tensor, scale: int, sel: Selection) -> torch.Tensor:
@@ -407,10 +503,12 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None,
         masks: Sequence[dict | None] | None = None,
         traces: list[ImageTrace] | None = None,
         query_index: torch.Tensor | None = None,
+        scenes: Sequence[SceneFeatures] | None = None,
+        groups: Sequence[dict[int, torch.Tensor] | None] | None = None,
         **selection: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace each prompt's `<image>` placeholder run with its selected visual tokens.
@@ -422,6 +520,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             query_index: optional `[B]` position of each row's relevance query token (the last
                 prompt token); text after it (e.g. the answer in training) is not seen by the
                 scoring pass. Default: the last position.
+            scenes: optional per-row prepared scenes (`encode_scene`) used instead of
+                `pixel_values` (which may then be None); `groups`: their K-Means labels
+                (`group_scene` with the same selection options) or None to compute them.
         Returns:
             `inputs_embeds` `[B, L, H]` and the attention mask `[B, L]`; if a scale yields
             fewer tokens than its budget (fewer candidates), the unused placeholders are
@@ -437,10 +538,13 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         safe_ids = input_ids.masked_fill(input_ids == image_id, 0)
         inputs_embeds = embed(safe_ids)
         expected = sum(min(k, cfg.num_tokens(s)) for k, s in zip(opts.budgets, cfg.scales))
-        if pixel_values.dim() == 4:
+        if scenes is None and pixel_values is None:
+            raise PromptError("got <image> placeholders but neither pixel_values nor prepared scenes")
+        if pixel_values is not None and pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(0)
-        if pixel_values.shape[0] != input_ids.shape[0]:
-            raise PromptError(f"got {pixel_values.shape[0]} images for {input_ids.shape[0]} prompts")
+        n_images = len(scenes) if scenes is not None else pixel_values.shape[0]
+        if n_images != input_ids.shape[0]:
+            raise PromptError(f"got {n_images} images for {input_ids.shape[0]} prompts")
         rows = []
         for b in range(input_ids.shape[0]):
             where = (input_ids[b] == image_id).nonzero().flatten()
@@ -462,8 +566,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             suf_idx = torch.arange(stop, end, device=input_ids.device)[valid[stop:end]]
             trace = traces[b] if traces is not None else None
             visual = self.compress_image(
-                pixel_values[b], inputs_embeds[b, pre_idx], inputs_embeds[b, suf_idx], opts,
+                None if pixel_values is None else pixel_values[b], inputs_embeds[b, pre_idx], inputs_embeds[b, suf_idx], opts,
                 masks=None if masks is None else masks[b], trace=trace,
+                scene=None if scenes is None else scenes[b], groups=None if groups is None else groups[b],
             )
             n = visual.shape[0]
             row = torch.cat([inputs_embeds[b, :start], visual.to(inputs_embeds.dtype),
@@ -499,8 +604,16 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_masks: Sequence[dict | None] | None = None,
-        budgets: Any = None,
+        budgets: Sequence[int] | torch.Tensor | None = None,
         query_index: torch.Tensor | None = None,
+        *,
+        selector: str | None = None,
+        kmeans_clusters: int | None = None,
+        kmeans_iters: int | None = None,
+        kmeans_mode: str | None = None,
+        seed: int | None = None,
+        image_sizes: torch.Tensor | None = None,
+        past_key_values: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Training / scoring forward. With `pixel_values`, the placeholders in `input_ids`
@@ -510,15 +623,39 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         With `labels` and no `query_index`, relevance is scored from the prompt only: the query is
         the token before the first supervised label, so the answer never influences which visual
         tokens are kept. `config.compat == "reference"` reproduces the reference's training
-        behaviour instead (the query is the last token of the whole sequence, i.e. the answer)."""
-        for k in ("image_sizes", "past_key_values"):
-            if k == "past_key_values" and kwargs.get(k) is not None and cache is None:
-                cache = kwargs.pop(k)
-            kwargs.pop(k, None)
+        behaviour instead (the query is the last token of the whole sequence, i.e. the answer).
+
+        Args:
+            input_ids: `[B, L]` token ids; each row holds one run of `image_token_id` placeholders
+                when `pixel_values` is given (as `UhrBatProcessor` builds them).
+            attention_mask: `[B, L]`, 1 for real tokens (left or right padding).
+            position_ids: `[B, L]`; default from the attention mask after splicing.
+            cache / past_key_values: the language model's KV cache (either name).
+            inputs_embeds: `[B, L, H]` already spliced embeddings (then `pixel_values` is unused).
+            pixel_values: `[B, T, 3, tile, tile]` tiles of each row's image (`T` = tiles of the
+                whole pyramid, 228 for 672/1344/2688/4032 with 336-px tiles).
+            labels: `[B, L]` target ids, -100 = not supervised.
+            use_cache: return the KV cache.
+            logits_to_keep: keep logits of the last N positions only (0 = all).
+            image_masks: per row, `None` or `{scale: segment ids}` for `selector="segments"`.
+            budgets: visual tokens kept per scale, `[S]` (or `[B, S]` of identical rows, as the
+                processor returns); default `config.budgets`.
+            query_index: `[B]` position of each row's relevance query token (see above).
+            selector: `"kmeans"` | `"segments"` | `"topk"`; default `config.selector`.
+            kmeans_clusters: clusters per scale, 0 = the scale's budget; default the config's.
+            kmeans_iters: maximum Lloyd iterations (>= 1); default the config's.
+            kmeans_mode: `"fast"` | `"exact"`; default the config's.
+            seed: K-Means initialisation seed; default the config's.
+            image_sizes: `[B, 2]` original (width, height) from the processor; not needed here.
+            kwargs: passed to the language model (e.g. `output_hidden_states`).
+        Returns:
+            `CausalLMOutputWithPast`: `logits` `[B, L, V]` (rows past the tokenizer masked to the
+            dtype minimum), `loss` when `labels` are given, `past_key_values` with `use_cache`.
+        """
+        if cache is None:
+            cache = past_key_values
         if pixel_values is not None and inputs_embeds is None:
-            sel_kw = {k: kwargs.pop(k) for k in ("selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed") if k in kwargs}
-            if budgets is not None:
-                sel_kw["budgets"] = budgets.tolist() if torch.is_tensor(budgets) and budgets.dim() == 1 else (budgets[0].tolist() if torch.is_tensor(budgets) else budgets)
+            sel_kw = selection_kwargs(budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed)
             if query_index is None and labels is not None and self.config.compat != "reference":
                 query_index = _last_prompt_index(labels)
             inputs_embeds, attention_mask = self.prepare_inputs_embeds(
@@ -562,30 +699,52 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_masks: Sequence[dict | None] | None = None,
-        budgets: Any = None,
+        budgets: Sequence[int] | torch.Tensor | None = None,
         traces: list[ImageTrace] | None = None,
+        *,
+        selector: str | None = None,
+        kmeans_clusters: int | None = None,
+        kmeans_iters: int | None = None,
+        kmeans_mode: str | None = None,
+        seed: int | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Generate an answer; returns only the new (answer) tokens.
 
         Accepts the processor output (`input_ids`, `attention_mask`, `pixel_values`,
-        optionally `budgets`) and the released model card's call signature
+        `image_sizes`, optionally `budgets`) and the released model card's call signature
         (`inputs=`, `multiscale_pixels=`, `multiscale_topk=`, `multiscale_target_sizes=`,
-        `multiscale_masks=`; see `uhrbat.modeling.compat`). Selection options (`selector`,
-        `kmeans_clusters`, `kmeans_iters`, `kmeans_mode`, `seed`) may be passed as keywords.
-        """
-        from uhrbat.modeling.compat import from_reference_call
+        `multiscale_masks=`, `images=`, `modalities=`; see `uhrbat.modeling.compat`).
 
+        Args:
+            input_ids: `[B, L]` prompts, each with one run of `image_token_id` placeholders
+                (left padding for batches).
+            attention_mask: `[B, L]`; default all ones.
+            pixel_values: `[B, T, 3, tile, tile]` tiles of each row's image; without it the
+                model is a plain text LM (and placeholders are an error).
+            image_masks: per row, `None` or `{scale: segment ids}` for `selector="segments"`.
+            budgets: visual tokens kept per scale, `[S]` or `[B, S]`; default `config.budgets`.
+            traces: optional per-row `ImageTrace` filled with relevance, selections and timings.
+            selector / kmeans_clusters / kmeans_iters / kmeans_mode / seed: per-call selection
+                options (see `forward`); default the config's.
+            image_sizes: `[B, 2]` original (width, height) from the processor; not needed here.
+            kwargs: generation options for `GenerationMixin.generate` (`max_new_tokens`,
+                `do_sample`, `temperature`, `num_beams`, `repetition_penalty`, `streamer`, ...).
+        Returns:
+            `[B, N]` new token ids (or a `GenerateOutput` whose `sequences` hold only the new
+            tokens, with `return_dict_in_generate=True`).
+        """
         if "multiscale_pixels" in kwargs or "inputs" in kwargs and pixel_values is None:
             input_ids, attention_mask, pixel_values, image_masks, budgets, kwargs = from_reference_call(
                 self, input_ids, attention_mask, kwargs
             )
-        sel_kw = {k: kwargs.pop(k) for k in ("selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed") if k in kwargs}
-        for k in ("image_sizes", "modalities", "images"):
+            # With reference masks the call implies the segments selector (unless one was given).
+            implied = kwargs.pop("selector", None)
+            selector = selector or implied
+        for k in ("modalities", "images"):  # model-card arguments with no meaning here
             kwargs.pop(k, None)
-        if budgets is not None:
-            sel_kw["budgets"] = budgets[0].tolist() if torch.is_tensor(budgets) and budgets.dim() == 2 else (
-                budgets.tolist() if torch.is_tensor(budgets) else budgets)
+        sel_kw = selection_kwargs(budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed)
         if input_ids is None:
             raise PromptError("generate needs input_ids (use UhrBatProcessor)")
         if attention_mask is None:
@@ -600,12 +759,34 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         inputs_embeds, attention_mask = self.prepare_inputs_embeds(
             input_ids, attention_mask, pixel_values, masks=image_masks, traces=traces, **sel_kw
         )
+        return self.generate_from_embeds(input_ids, inputs_embeds, attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate_from_embeds(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                             **kwargs: Any) -> Any:
+        """Generate from prompts whose visual tokens are already spliced (`prepare_inputs_embeds`).
+
+        `input_ids` `[B, L]` (placeholders included) only feed logits processors such as
+        `repetition_penalty`; returns only the new tokens."""
         max_pos = self.config.text_config.max_position_embeddings
         new = kwargs.get("max_new_tokens") or 0
         if input_ids.shape[1] + new > max_pos:
             raise BudgetError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({new}) exceeds max_position_embeddings {max_pos}")
         out = super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return _strip_prompt(out, input_ids.shape[1])
+
+
+def selection_kwargs(budgets: Sequence[int] | torch.Tensor | None = None, selector: str | None = None,
+                     kmeans_clusters: int | None = None, kmeans_iters: int | None = None,
+                     kmeans_mode: str | None = None, seed: int | None = None) -> dict[str, Any]:
+    """The given selection options (None = the config's) for `SelectionOptions.resolve`.
+
+    `budgets` may be a list, a `[S]` tensor or the processor's `[B, S]` tensor (rows identical)."""
+    if torch.is_tensor(budgets):
+        budgets = (budgets[0] if budgets.dim() == 2 else budgets).tolist()
+    given = {"budgets": budgets, "selector": selector, "kmeans_clusters": kmeans_clusters,
+             "kmeans_iters": kmeans_iters, "kmeans_mode": kmeans_mode, "seed": seed}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _last_prompt_index(labels: torch.Tensor) -> torch.Tensor:
@@ -623,16 +804,3 @@ def _strip_prompt(out: Any, prompt_len: int) -> Any:
     if getattr(out, "sequences", None) is not None and out.sequences.shape[1] > prompt_len:
         out.sequences = out.sequences[:, prompt_len:]
     return out
-
-
-def _register_auto() -> None:
-    from transformers import AutoModel, AutoModelForImageTextToText
-
-    for auto in (AutoModel, AutoModelForImageTextToText):
-        try:
-            auto.register(UhrBatConfig, UhrBatForConditionalGeneration)
-        except ValueError:  # already registered (module re-import)
-            pass
-
-
-_register_auto()

@@ -1,48 +1,95 @@
-"""`UhrBatImageProcessor`: image -> padded square pyramid -> normalised 336-px tiles.
+"""`UhrBatImageProcessor`: image -> padded square pyramid -> normalised tiles.
 
-Vectorised per scale (one resize and one table lookup per channel and tile row, written
-straight into the output tensor, no per-tile processor calls) and bit-exact with the
-reference's CLIPImageProcessor path: uint8 -> float64 * (1/255) -> float32 -> (x - mean) / std.
+A transformers `BaseImageProcessor` (so `AutoImageProcessor`, `save_pretrained` and the hub
+work as for any VLM) whose core is vectorised per scale: one resize and one table lookup per
+channel and tile row, written straight into the output tensor, no per-tile processor calls.
+Bit-exact with the reference's CLIPImageProcessor path:
+uint8 -> float64 * (1/255) -> float32 -> (x - mean) / std.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
 
-from uhrbat.io.images import ImageSource, open_image
+from uhrbat.configuration.geometry import TokenGeometry
+from uhrbat.errors import ConfigError
+from uhrbat.io.images import ImageSource
+from uhrbat.io.sources import open_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CONFIG_NAME = "preprocessor_config.json"
+DEFAULT_SCALES = (672, 1344, 2688, 4032)
 
 
-class UhrBatImageProcessor:
-    """Builds the multiscale tile tensor of one or more images.
+class UhrBatImageProcessorKwargs(ImagesKwargs, total=False):
+    """The pyramid settings `from_pretrained(..., scales=..., tile_size=..., patch_size=...)` may override."""
+
+    scales: list[int]
+    tile_size: int
+    patch_size: int
+
+
+class UhrBatImageProcessor(BaseImageProcessor):
+    r"""Builds the multiscale tile tensor of one or more images.
+
+    Args:
+        scales: square pyramid sides in pixels, ascending (default 672/1344/2688/4032).
+        tile_size: side of a tile, the vision tower's input (336).
+        patch_size: the vision tower's patch (14); a tile holds `(tile_size // patch_size)^2` tokens.
+        image_mean / image_std: per-channel normalisation (CLIP's).
 
     Output `pixel_values` is `[B, T, 3, tile, tile]` float32 with `T = sum_s (s // tile)^2`
-    tiles, scale-ascending, row-major inside a scale (228 tiles for the default pyramid).
+    tiles, scale-ascending, row-major inside a scale (228 tiles for the default pyramid), and
+    `image_sizes` `[B, 2]` the original (width, height).
     """
 
+    valid_kwargs = UhrBatImageProcessorKwargs
     model_input_names = ["pixel_values", "image_sizes"]
 
     def __init__(
         self,
-        scales: Sequence[int] = (672, 1344, 2688, 4032),
+        scales: Sequence[int] = DEFAULT_SCALES,
         tile_size: int = 336,
+        patch_size: int = 14,
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
-        **_: Any,
+        **_ignored: Any,
     ) -> None:
+        # `_ignored`: a CLIPImageProcessor config (reference checkpoints) also lists resize/crop
+        # settings; the pyramid's pad-and-resize replaces them, only mean/std carry over.
+        super().__init__()
         self.scales = [int(s) for s in scales]
         self.tile_size = int(tile_size)
+        self.patch_size = int(patch_size)
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
+        TokenGeometry(self.tile_size, self.patch_size)  # validates the sides (ConfigError)
+        if not self.scales or any(s < self.tile_size for s in self.scales):
+            raise ConfigError(f"every scale must be >= tile_size {self.tile_size}, got {self.scales}")
+
+    @property
+    def geometry(self) -> TokenGeometry:
+        """Tile and patch sides (the model config's `geometry`)."""
+        return TokenGeometry(self.tile_size, self.patch_size)
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Patch tokens per tile side (24 for 336 / 14)."""
+        return self.geometry.tokens_per_side
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.geometry.tokens_per_tile
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor arguments (what `save_pretrained` writes)."""
+        return {"scales": list(self.scales), "tile_size": self.tile_size, "patch_size": self.patch_size,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
 
     # ---------------------------------------------------------------- core
     def _lut(self) -> np.ndarray:
@@ -84,36 +131,17 @@ class UhrBatImageProcessor:
             off += n
         return out, tuple(source.size)
 
-    def __call__(self, images: Any, return_tensors: str | None = "pt") -> dict[str, torch.Tensor]:
+    def preprocess(self, images: Any, return_tensors: str | None = "pt", **_: Any) -> BatchFeature:
+        """One image or a list (paths, PIL images or ImageSources) -> `BatchFeature` with
+        `pixel_values` `[B, T, 3, tile, tile]` float32 and `image_sizes` `[B, 2]` (W, H)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         t = self.tile_size
         pixel_values = torch.empty((len(images), self.num_tiles(), 3, t, t), dtype=torch.float32)
         sizes = [self.pyramid(im, out=pixel_values[i])[1] for i, im in enumerate(images)]
-        return {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes, dtype=torch.long)}
+        data = {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes, dtype=torch.long)}
+        return BatchFeature(data=data, tensor_type=None if return_tensors in (None, "pt") else return_tensors)
 
     def num_tiles(self) -> int:
+        """Tiles per image over the whole pyramid."""
         return sum((s // self.tile_size) ** 2 for s in self.scales)
-
-    # ---------------------------------------------------------------- (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image_processor_type": type(self).__name__,
-            "scales": self.scales,
-            "tile_size": self.tile_size,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-        }
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        Path(save_directory).mkdir(parents=True, exist_ok=True)
-        (Path(save_directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> "UhrBatImageProcessor":
-        """Read our `preprocessor_config.json`, or a CLIPImageProcessor one (mean/std only)."""
-        path = Path(directory) / CONFIG_NAME
-        data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        kwargs = {k: data[k] for k in ("scales", "tile_size", "image_mean", "image_std") if k in data}
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**kwargs)

@@ -1,54 +1,74 @@
 """`UhrBatProcessor`: tokenizer + image processor, with budget-aware `<image>` expansion.
 
-`processor(images=..., text=...)` returns `input_ids` in which the single `<image>` marker of
-each prompt is expanded to exactly as many placeholder ids as the model will splice visual
-tokens (sum over scales of min(budget, tokens at that scale)). The placeholder is a real,
-non-negative added token, so logits processors such as `repetition_penalty` work.
+A transformers `ProcessorMixin`, so `AutoProcessor.from_pretrained`, `save_pretrained` and hub
+publishing work as for any VLM. `processor(images=..., text=...)` returns `input_ids` in which
+the single `<image>` marker of each prompt is expanded to exactly as many placeholder ids as the
+model will splice visual tokens (sum over scales of min(budget, tokens at that scale)). The
+placeholder is a real, non-negative added token, so logits processors such as
+`repetition_penalty` work.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+import operator
+import re
 from typing import Any, Sequence
 
 import torch
-from transformers import AutoTokenizer, BatchFeature
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
 
-from uhrbat.errors import BudgetError, ContextOverflowError, PromptError
+from uhrbat.errors import BudgetError, ConfigError, ContextOverflowError, PromptError
 from uhrbat.processing.image_processing_uhrbat import UhrBatImageProcessor
 from uhrbat.processing.prompt import IMAGE_MARKER, chatml, count_markers, question_prompt
 
-PROCESSOR_CONFIG = "processor_config.json"
 COMPAT_MODES = ("none", "reference")
 
 
-def parse_budgets(budgets: Any, num_scales: int) -> list[int]:
-    """Validate per-scale budgets given as a list or a "80,320,600,2000" string."""
+def parse_budgets(budgets: Any, num_scales: int | None = None) -> list[int]:
+    """The one budget parser: per-scale visual-token budgets from a "80,320,600,2000" string or
+    a sequence of integers, for every path (CLI, demo, server, training recipes, the API).
+
+    Rule: integers >= 0 only (`"80.0"`, `2.5`, `True`, empty items are errors), not all zero,
+    and exactly `num_scales` of them when `num_scales` is given. Raises `BudgetError` (one line).
+    """
     if isinstance(budgets, str):
-        items = [b.strip() for b in budgets.split(",") if b.strip()]
+        items: list[Any] = [b.strip() for b in budgets.split(",")]
+        if items == [""]:
+            raise BudgetError("budgets are empty; give one integer per scale, e.g. 80,320,600,2000")
     else:
-        items = list(budgets)
+        try:
+            items = list(budgets)
+        except TypeError:
+            raise BudgetError(f"budgets must be a list of integers or a string like '80,320,600,2000', got {budgets!r}") from None
     out: list[int] = []
     for b in items:
-        if isinstance(b, bool):
-            raise BudgetError(f"budget {b!r} is not an integer")
-        try:
-            f = float(b)
-        except (TypeError, ValueError):
-            raise BudgetError(f"budget {b!r} is not an integer") from None
-        if not f.is_integer():
-            raise BudgetError(f"budget {b!r} is not an integer")
-        if f < 0:
-            raise BudgetError(f"budget {int(f)} is negative; budgets must be >= 0")
-        out.append(int(f))
-    if len(out) != num_scales:
-        raise BudgetError(f"got {len(out)} budgets {out} but the model has {num_scales} scales")
+        if isinstance(b, str):
+            if re.fullmatch(r"-\d+", b):
+                raise BudgetError(f"budget {int(b)} is negative; budgets must be >= 0")
+            if not re.fullmatch(r"\d+", b):
+                what = "an empty budget" if b == "" else f"budget {b!r} is not an integer"
+                raise BudgetError(f"{what} in {budgets!r}; budgets are comma-separated integers, e.g. 80,320,600,2000")
+            v = int(b)
+        else:
+            if isinstance(b, bool) or isinstance(b, float):
+                raise BudgetError(f"budget {b!r} is not an integer; budgets are integers, e.g. [80, 320, 600, 2000]")
+            try:
+                v = operator.index(b)  # int, numpy / 0-d torch integers
+            except TypeError:
+                raise BudgetError(f"budget {b!r} is not an integer; budgets are integers, e.g. [80, 320, 600, 2000]") from None
+            if v < 0:
+                raise BudgetError(f"budget {v} is negative; budgets must be >= 0")
+        out.append(v)
+    if num_scales is not None and len(out) != num_scales:
+        raise BudgetError(f"got {len(out)} budgets {out} but the model has {num_scales} scales; give one budget per scale")
+    if out and not any(out):
+        raise BudgetError(f"budgets {out} are all 0, so the model would see no image; keep at least one token, "
+                          "e.g. 80,320,600,2000")
     return out
 
 
-class UhrBatProcessor:
+class UhrBatProcessor(ProcessorMixin):
     """Pairs a Qwen2 tokenizer with [`UhrBatImageProcessor`].
 
     Args:
@@ -58,36 +78,40 @@ class UhrBatProcessor:
         max_context: longest allowed prompt (visual tokens included).
         compat: `"reference"` reproduces the reference's prompt bug (every id >= the base
             vocabulary size, i.e. every ChatML special, overwritten with EOS).
+        chat_template: optional Jinja chat template (saved as `chat_template.jinja`); prompts
+            are built by `build_prompt` / `apply_chat_template` below either way.
     """
 
     def __init__(
         self,
-        image_processor: UhrBatImageProcessor,
-        tokenizer: Any,
+        image_processor: UhrBatImageProcessor | None = None,
+        tokenizer: Any = None,
         budgets: Sequence[int] = (80, 320, 600, 2000),
         max_context: int = 5000,
         compat: str = "none",
+        chat_template: str | None = None,
     ) -> None:
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
+        if image_processor is None or tokenizer is None:
+            raise ConfigError("UhrBatProcessor needs an image_processor and a tokenizer")
         if IMAGE_MARKER not in tokenizer.get_vocab():
             tokenizer.add_tokens([IMAGE_MARKER], special_tokens=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token = IMAGE_MARKER
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_MARKER))
         self.budgets = parse_budgets(budgets, len(image_processor.scales))
         self.max_context = int(max_context)
         if compat not in COMPAT_MODES:
-            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+            raise ConfigError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         self.compat = compat
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
 
     # ---------------------------------------------------------------- counts
     def tokens_per_scale(self, budgets: Sequence[int] | None = None) -> list[int]:
         """Visual tokens spliced per scale: min(budget, tokens available at that scale)."""
         b = self.budgets if budgets is None else parse_budgets(budgets, len(self.image_processor.scales))
         ip = self.image_processor
-        per_tile = (ip.tile_size // 14) ** 2
-        return [min(k, (s // ip.tile_size) ** 2 * per_tile) for k, s in zip(b, ip.scales)]
+        return [min(k, (s // ip.tile_size) ** 2 * ip.tokens_per_tile) for k, s in zip(b, ip.scales)]
 
     def num_visual_tokens(self, budgets: Sequence[int] | None = None) -> int:
         return sum(self.tokens_per_scale(budgets))
@@ -158,25 +182,21 @@ class UhrBatProcessor:
     def decode(self, ids: Any, skip_special_tokens: bool = True, **kw: Any) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kw)
 
-    # ---------------------------------------------------------------- (de)serialisation
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        d = Path(save_directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.image_processor.save_pretrained(d)
-        self.tokenizer.save_pretrained(d)
-        cfg = {"processor_class": type(self).__name__, "budgets": self.budgets, "max_context": self.max_context, "compat": self.compat}
-        (d / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-
+    # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, **overrides: Any) -> "UhrBatProcessor":
-        """Load from a folder saved by `save_pretrained`, or from a reference checkpoint folder
-        (tokenizer files + CLIP mean/std defaults). `overrides`: budgets, max_context, compat, scales."""
-        d = Path(directory)
-        cfg: dict[str, Any] = {}
-        if (d / PROCESSOR_CONFIG).exists():
-            cfg = json.loads((d / PROCESSOR_CONFIG).read_text())
-        cfg.pop("processor_class", None)
-        image_processor = UhrBatImageProcessor.from_pretrained(d, scales=overrides.pop("scales", None), tile_size=overrides.pop("tile_size", None))
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or d))
-        cfg.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(image_processor, tokenizer, **cfg)
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "UhrBatProcessor":
+        """`ProcessorMixin.from_pretrained` (folder or hub id), plus overrides of the saved
+        settings: `budgets`, `max_context`, `compat`, and the image processor's `scales`,
+        `tile_size`, `patch_size` (e.g. from the model's config)."""
+        own = {k: kwargs.pop(k) for k in ("budgets", "max_context", "compat") if k in kwargs}
+        geo = {k: kwargs.pop(k) for k in ("scales", "tile_size", "patch_size") if k in kwargs}
+        own = {k: v for k, v in own.items() if v is not None}
+        geo = {k: v for k, v in geo.items() if v is not None}
+        proc = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not own and not geo:
+            return proc
+        ip = proc.image_processor
+        if geo:
+            ip = UhrBatImageProcessor(**{**ip.settings(), **geo})
+        settings = {"budgets": proc.budgets, "max_context": proc.max_context, "compat": proc.compat, **own}
+        return cls(ip, proc.tokenizer, chat_template=proc.chat_template, **settings)

@@ -10,14 +10,26 @@ IMAGE_MARKER = "<image>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
-def user_text(question: str) -> str:
-    """`"<image>\\n" + question`, after stripping leading `<image>` markers as the reference does."""
+def validate_question(question: str) -> str:
+    """The question text after the checks every entry point applies (CLI, API, demo, server):
+    leading `<image>` markers are dropped as the reference does; an empty or whitespace-only
+    question, or an `<image>` marker inside it, raises `PromptError` (one line, with the fix)."""
+    if not isinstance(question, str):
+        raise PromptError(f"the question must be text, got {type(question).__name__}")
     q = question.lstrip()
     while q.startswith(IMAGE_MARKER):
         q = q[len(IMAGE_MARKER):].lstrip("\n").lstrip()
+    if not q.strip():
+        raise PromptError("the question is empty; ask something about the image, e.g. \"How many ships are there?\"")
     if IMAGE_MARKER in q:
-        raise PromptError(f"the question contains an extra {IMAGE_MARKER!r} marker; exactly one image per question is supported")
-    return f"{IMAGE_MARKER}\n{q}"
+        raise PromptError(f"the question contains an extra {IMAGE_MARKER!r} marker; the image is given separately, "
+                          f"remove {IMAGE_MARKER!r} from the question")
+    return q
+
+
+def user_text(question: str) -> str:
+    """`"<image>\\n" + question`, after stripping leading `<image>` markers as the reference does."""
+    return f"{IMAGE_MARKER}\n{validate_question(question)}"
 
 
 def render_content(content: str | Sequence[dict[str, Any]]) -> str:

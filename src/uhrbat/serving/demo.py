@@ -1,53 +1,41 @@
 """`uhrbat demo`: a small local web page to ask questions about an uploaded image.
 
 One HTML page (no external scripts, fonts or CDNs) with an image upload, a question, the
-per-scale budgets and the answer-length limit. `POST /api/ask` reads the upload with the same
-reader as the CLI (`uhrbat.io.open_image`: PNG/JPEG/GeoTIFF/COG/JPEG2000, band selection), runs
-the pipeline and returns JSON with the answer, timings and URLs of the overlay PNG and of the
-kept-token GeoJSON, which the page shows / links.
+per-scale budgets and the answer-length limit. The page is a client of the serving app
+(`uhrbat.serving.app`): `POST /api/ask` reads the upload with the untrusted reader
+(`uhrbat.io.open_image_bytes`, inside `uhrbat.io.decode_section()`), queues the question on the
+same engine as `/v1/chat/completions` (which the demo serves too), and returns JSON with the
+answer, timings and URLs of the overlay PNG and of the kept-token GeoJSON. Errors use the app's
+one format, OpenAI's `{"error": {"message", ...}}`.
 
 ```python
 from uhrbat.serving.demo import create_app
-app = create_app(pipeline)          # any object with .ask(image, question, ...) -> AskResult
+app = create_app(pipeline)          # any object with .chat_batch(images, conversations, ...) (see serving.fake)
 ```
-
-The pipeline contract: `pipeline.ask(source, question, max_new_tokens=N, budgets=[...] | None,
-return_relevance=True) -> AskResult` (see `uhrbat.results`). Calls are serialised with a lock.
 """
 
+from __future__ import annotations
 
 import html
 import io
 import logging
-import re
-import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from uhrbat.errors import BudgetError, ImageLoadError, UhrBatError
+from fastapi import Request
+
+from uhrbat.errors import ImageLoadError, UhrBatError
+from uhrbat.serving.app import (
+    serve_in_thread,  # re-exported: tests and notebooks import it from here
+)
 
 log = logging.getLogger("uhrbat.demo")
 
 DEFAULT_BUDGETS = (80, 320, 600, 2000)
-
-
-def parse_budget_field(text: str | None, n_scales: int | None = None) -> list[int] | None:
-    """'80, 320,600,2000' -> [80, 320, 600, 2000]; '' -> None (the model's defaults)."""
-    if text is None or not text.strip():
-        return None
-    parts = [p.strip() for p in text.replace(";", ",").split(",")]
-    out = []
-    for p in parts:
-        if not re.fullmatch(r"\d+", p):
-            raise BudgetError(f"budgets must be non-negative integers separated by commas, got {text!r}")
-        out.append(int(p))
-    if n_scales is not None and len(out) != n_scales:
-        raise BudgetError(f"got {len(out)} budgets {out} but the model has {n_scales} scales")
-    return out
 
 
 class _Store:
@@ -71,19 +59,14 @@ class _Store:
             return self._items.get(key)
 
 
-def _model_info(pipeline: Any) -> tuple[list[int] | None, list[int] | None]:
-    """(scales, default budgets) of a pipeline, when it exposes them."""
-    scales = budgets = None
-    cfg = getattr(getattr(pipeline, "model", None), "config", None)
-    if cfg is not None:
-        scales = list(getattr(cfg, "scales", []) or []) or None
-        budgets = list(getattr(cfg, "budgets", []) or []) or None
-    sel = getattr(pipeline, "selection", None)
-    if isinstance(sel, dict) and sel.get("budgets"):
-        budgets = list(sel["budgets"])
-    scales = getattr(pipeline, "scales", scales)
-    budgets = getattr(pipeline, "default_budgets", budgets)
-    return (list(scales) if scales else None), (list(budgets) if budgets else None)
+def _default_budgets(pipeline: Any) -> list[int] | None:
+    """The budgets a pipeline uses when a request gives none (fake: `.default_budgets`)."""
+    budgets = getattr(pipeline, "default_budgets", None)
+    if budgets is None:
+        budgets = (getattr(pipeline, "selection", None) or {}).get("budgets")
+    if budgets is None:
+        budgets = pipeline.model.config.budgets
+    return list(budgets) if budgets else None
 
 
 PAGE = """<!doctype html>
@@ -146,7 +129,7 @@ form.addEventListener('submit', async (ev) => {
   try {
     const resp = await fetch('api/ask', {method: 'POST', body: new FormData(form)});
     const data = await resp.json();
-    if (!resp.ok) throw new Error(data.error || ('HTTP ' + resp.status));
+    if (!resp.ok) throw new Error((data.error && (data.error.message || data.error)) || ('HTTP ' + resp.status));
     $('answer').textContent = data.answer;
     const t = Object.entries(data.timings || {}).map(([k, v]) => k + ' ' + v.toFixed(2) + 's').join(' \\u00b7 ');
     $('meta').textContent = data.num_visual_tokens + ' visual tokens (' + data.kept + ' kept, ' + data.merged +
@@ -181,110 +164,103 @@ def create_app(
     max_pixels: int | None = None,
     overlay_max_side: int = 1200,
     store_size: int = 16,
+    max_batch: int = 4,
+    max_queue: int = 16,
 ):
-    """The FastAPI app. Give a ready `pipeline`, or a `pipeline_factory` called on first use."""
-    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+    """The serving app with the demo page on top. Give a ready `pipeline`, or a
+    `pipeline_factory` called once (under a lock) on first use. `max_pixels`: None = the
+    reader's default, 0 = no limit."""
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
     from uhrbat.io.geo import tokens_geojson
-    from uhrbat.io.images import DEFAULT_MAX_PIXELS, open_image
     from uhrbat.io.overlay import render_overlay
+    from uhrbat.processing.processing_uhrbat import parse_budgets
+    from uhrbat.serving.app import ServeOptions, model_scales
+    from uhrbat.serving.app import create_app as create_serving_app
+    from uhrbat.serving.engine import Engine, Job, UntrustedImage
+    from uhrbat.serving.openai_api import APIError
 
     if pipeline is None and pipeline_factory is None:
         raise ValueError("create_app needs a pipeline or a pipeline_factory")
-    state: dict[str, Any] = {"pipeline": pipeline}
-    run_lock = threading.Lock()
+    engine = Engine(pipeline, pipeline_factory=pipeline_factory, max_batch=max_batch, max_queue=max_queue)
+    options = ServeOptions(model_name=model_name or "uhrbat", max_request_bytes=int(max_upload_mb * 1024 * 1024),
+                           max_new_tokens=max_new_tokens, max_pixels=max_pixels)
+    app = create_serving_app(engine, options)
     store = _Store(store_size)
-    limit_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else (None if max_pixels <= 0 else max_pixels)
-    max_bytes = int(max_upload_mb * 1024 * 1024)
-
-    def get_pipeline() -> Any:
-        if state["pipeline"] is None:
-            state["pipeline"] = pipeline_factory()  # type: ignore[misc]
-        return state["pipeline"]
-
-    app = FastAPI(title="UHR-BAT demo", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(UhrBatError)
-    async def _typed(_req, exc: UhrBatError):  # noqa: ANN001
-        return JSONResponse({"error": str(exc)}, status_code=400)
-
-    @app.exception_handler(Exception)
-    async def _crash(_req, exc: Exception):  # noqa: ANN001
-        log.exception("demo request failed")
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        scales, budgets = (None, None)
-        if state["pipeline"] is not None:
-            scales, budgets = _model_info(state["pipeline"])
+        scales = budgets = None
+        if engine.loaded:
+            scales, budgets = model_scales(engine.pipeline()), _default_budgets(engine.pipeline())
         budgets = list(default_budgets) if default_budgets else (budgets or list(DEFAULT_BUDGETS))
-        return (PAGE.replace("__MODEL__", html.escape(model_name or type(state["pipeline"]).__name__))
+        return (PAGE.replace("__MODEL__", html.escape(model_name or "UHR-BAT"))
                 .replace("__SCALES__", html.escape(", ".join(map(str, scales)) if scales else "672, 1344, 2688, 4032"))
                 .replace("__BUDGETS__", html.escape(",".join(map(str, budgets))))
                 .replace("__MAXNEW__", str(int(max_new_tokens))))
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"ok": True, "model_loaded": state["pipeline"] is not None}
-
     @app.post("/api/ask")
-    def ask(
-        image: UploadFile = File(...),
-        question: str = Form(...),
-        budgets: str = Form(""),
-        bands: str = Form(""),
-        max_new_tokens: int = Form(64),
-    ) -> JSONResponse:
-        question = question.strip()
+    async def ask(request: Request) -> JSONResponse:
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, "image: choose an image file to upload", param="image")
+            question = str(form.get("question") or "").strip()
+            budgets_text = str(form.get("budgets") or "").strip()
+            bands = str(form.get("bands") or "").strip() or None
+            try:
+                n_new = int(str(form.get("max_new_tokens") or max_new_tokens))
+            except ValueError:
+                raise APIError(400, "max_new_tokens must be an integer", param="max_new_tokens") from None
+            filename = upload.filename or "upload"
+            data = await upload.read()
         if not question:
             raise UhrBatError("the question is empty")
-        if not (1 <= max_new_tokens <= 4096):
-            raise UhrBatError(f"max_new_tokens must be between 1 and 4096, got {max_new_tokens}")
-        pipe = get_pipeline()
-        scales, _ = _model_info(pipe)
-        budget_list = parse_budget_field(budgets, len(scales) if scales else None)
-        suffix = re.sub(r"[^A-Za-z0-9.]", "", Path(image.filename or "upload").suffix)[:10]
-        with tempfile.TemporaryDirectory(prefix="uhrbat-demo-") as tmp:
-            path = Path(tmp) / f"upload{suffix}"
-            size = 0
-            with open(path, "wb") as f:
-                while chunk := image.file.read(1 << 20):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise HTTPException(413, f"upload larger than {max_upload_mb:g} MB")
-                    f.write(chunk)
-            if size == 0:
-                raise ImageLoadError(f"the uploaded file {image.filename!r} is empty")
-            try:
-                source = open_image(path, bands=bands.strip() or None, max_pixels=limit_pixels)
-            except ImageLoadError as e:  # name the upload, not the temp file
-                raise ImageLoadError(str(e).replace(str(path), repr(image.filename or "upload"))) from e
-            t0 = time.perf_counter()
-            with run_lock:
-                res = pipe.ask(source, question, max_new_tokens=max_new_tokens, budgets=budget_list,
-                               return_relevance=True)
-            t_ask = time.perf_counter() - t0
-            t1 = time.perf_counter()
+        if not (1 <= n_new <= 4096):
+            raise UhrBatError(f"max_new_tokens must be between 1 and 4096, got {n_new}")
+        pipe = await run_in_threadpool(engine.pipeline)
+        selection = {}
+        if budgets_text:
+            selection["budgets"] = parse_budgets(budgets_text, len(model_scales(pipe)))
+        if not data:
+            raise ImageLoadError(f"the uploaded file {filename!r} is empty")
+        read_opts = dict(options.read_options(), **({"bands": bands} if bands else {}))
+        job = Job(image=UntrustedImage(data, filename, read_opts), max_new_tokens=n_new, selection=selection,
+                  return_relevance=True,
+                  messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+        del data
+        done = await app.state.wait_for(request, job)  # the engine's worker decodes and runs the model
+        res, source = done.result, done.source
+
+        def overlay_and_geojson() -> tuple[bytes, Any, dict[str, Any]]:
+            from uhrbat.io import decode_section
+
             buf = io.BytesIO()
-            ov = render_overlay(source, res.tokens, res.relevance, question, res.answer, None,
-                                max_side=overlay_max_side)
+            with decode_section():  # the overlay reads the image's pixels again
+                ov = render_overlay(source, res.tokens, res.relevance, question, done.text, None,
+                                    max_side=overlay_max_side)
             ov.image.save(buf, format="PNG", compress_level=3)
-            geo = tokens_geojson(res.tokens, source, properties={"question": question, "answer": res.answer})
-            t_overlay = time.perf_counter() - t1
-        key = store.put({"png": buf.getvalue(), "geojson": geo})
+            geo = tokens_geojson(res.tokens, source, properties={"question": question, "answer": done.text})
+            geo["image"]["path"] = filename  # the uploaded file's name, never a server path
+            return buf.getvalue(), ov, geo
+
+        t1 = time.perf_counter()
+        png, ov, geo = await run_in_threadpool(overlay_and_geojson)
+        t_overlay = time.perf_counter() - t1
+        key = store.put({"png": png, "geojson": geo})
         timings = {k: float(v) for k, v in (res.timings or {}).items()}
         timings["overlay"] = t_overlay
-        log.info("answered in %.2fs (+%.2fs overlay): %r", t_ask, t_overlay, res.answer)
+        log.info("answered (+%.2fs overlay): %r", t_overlay, done.text)
         return JSONResponse({
             "id": key,
-            "answer": res.answer,
+            "answer": done.text,
             "num_visual_tokens": int(getattr(res, "num_visual_tokens", len(res.tokens))),
             "kept": sum(1 for t in res.tokens if not t.merged),
             "merged": sum(1 for t in res.tokens if t.merged),
             "image_size": list(source.size),
             "georeferenced": getattr(source, "georef", None) is not None,
+            "cache": res.cache,
             "timings": timings,
             "overlay_url": f"api/result/{key}/overlay.png",
             "overlay_size": list(ov.size),
@@ -295,14 +271,14 @@ def create_app(
     def overlay_png(key: str) -> Response:
         item = store.get(key)
         if item is None:
-            raise HTTPException(404, "unknown or expired result")
+            raise APIError(404, "unknown or expired result", code="not_found")
         return Response(item["png"], media_type="image/png")
 
     @app.get("/api/result/{key}/kept.geojson")
     def kept_geojson(key: str) -> JSONResponse:
         item = store.get(key)
         if item is None:
-            raise HTTPException(404, "unknown or expired result")
+            raise APIError(404, "unknown or expired result", code="not_found")
         return JSONResponse(item["geojson"], media_type="application/geo+json")
 
     return app
@@ -310,48 +286,8 @@ def create_app(
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 7860, log_level: str = "info") -> None:
     """Run the app with uvicorn (blocking)."""
-    import uvicorn
+    from uhrbat.serving.app import serve as _serve
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: the demo has no authentication; anyone who can reach it can run the model", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    _serve(app, host=host, port=port, log_level=log_level)
 
-
-class _ServerThread(threading.Thread):
-    """uvicorn in a background thread (tests, notebooks): `with serve_in_thread(app) as url:`."""
-
-    def __init__(self, app: Any, host: str, port: int) -> None:
-        super().__init__(daemon=True)
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-
-    def run(self) -> None:
-        self.server.run()
-
-
-class serve_in_thread:
-    """Context manager: start the app on 127.0.0.1 (free port), yield its base URL, stop it."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.url = f"http://{host}:{port}/"
-        self._thread = _ServerThread(app, host, port)
-
-    def __enter__(self) -> str:
-        self._thread.start()
-        deadline = time.time() + 20
-        while not self._thread.server.started:
-            if time.time() > deadline or not self._thread.is_alive():
-                raise RuntimeError("demo server did not start")
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *exc: Any) -> None:
-        self._thread.server.should_exit = True
-        self._thread.join(timeout=10)
+__all__ = ["create_app", "serve", "serve_in_thread"]

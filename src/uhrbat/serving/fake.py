@@ -1,24 +1,60 @@
 """A deterministic stand-in for `UhrBatPipeline` (tests, UI work without a model).
 
-`FakePipeline().ask(image, question, ...)` returns an `AskResult` whose answer, kept / merged
-tokens and relevance depend only on the image size, the question and the budgets.
+`FakePipeline().chat(image, messages, ...)` / `.chat_batch(...)` / `.ask(image, question, ...)`
+return `AskResult`s whose answer, kept / merged tokens and relevance depend only on the image
+size, the last question and the budgets. Generation is simulated token by token (one token per
+character, `step_delay` seconds each) through the same transformers hooks the real model uses:
+the streamer gets the prompt first and then each step's tokens, and the stopping criteria end
+rows early (per-row bool tensor). `processor.tokenizer` decodes the ids.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
 
-from uhrbat.io.images import open_image
+from uhrbat.io.sources import open_image
 from uhrbat.results import AskResult, KeptToken
+
+EOS = 0  # the fake tokenizer's only special token
+
+
+class CharTokenizer:
+    """One token per character (id = code point); id 0 is EOS."""
+
+    eos_token_id = EOS
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids if i != EOS or not skip_special_tokens)
+
+
+def last_question(messages: Sequence[dict[str, Any]]) -> str:
+    content = messages[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
 class FakePipeline:
     def __init__(self, scales: Sequence[int] = (672, 1344, 2688, 4032),
-                 budgets: Sequence[int] = (8, 16, 24, 32)) -> None:
+                 budgets: Sequence[int] = (8, 16, 24, 32), *, step_delay: float = 0.0,
+                 answer_fn: Callable[[str], str] | None = None) -> None:
         self.scales = list(scales)
         self.default_budgets = list(budgets)
+        self.step_delay = step_delay
+        self.answer_fn = answer_fn or self.answer_for
+        self.processor = SimpleNamespace(tokenizer=CharTokenizer())
         self.calls: list[dict[str, Any]] = []
+        self.batches: list[int] = []  # batch size of every chat_batch call
         self.last: AskResult | None = None
+        self._scenes: set[Any] = set()
+        self._lock = threading.Lock()
 
     @staticmethod
     def answer_for(question: str) -> str:
@@ -43,31 +79,88 @@ class FakePipeline:
                 toks.append(KeptToken(s, p // 576, (p % 576) // 24, p % 24, 0.01, True, b, members))
         return toks
 
-    def ask(self, image: Any, question: str, max_new_tokens: int = 64, budgets: Sequence[int] | None = None,
-            return_relevance: bool = False, **kwargs: Any) -> AskResult:
+    def relevance(self) -> dict[int, Any]:
         import torch
 
-        src = open_image(image)
+        rel = {}
+        for s in self.scales:
+            g = s // 336
+            yy, xx = torch.meshgrid(torch.arange(g * 24.0), torch.arange(g * 24.0), indexing="ij")
+            m = torch.exp(-((xx - g * 8) ** 2 + (yy - g * 16) ** 2) / (2 * (g * 6.0) ** 2))
+            rel[s] = m.reshape(g, 24, g, 24).permute(0, 2, 1, 3).reshape(g * g, 24, 24).contiguous()
+        return rel
+
+    # ------------------------------------------------------------------ API
+    def ask(self, image: Any, question: str, max_new_tokens: int = 64, **kwargs: Any) -> AskResult:
+        return self.chat(image, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                         max_new_tokens=max_new_tokens, **kwargs)
+
+    def chat(self, image: Any, messages: Sequence[dict[str, Any]], **kwargs: Any) -> AskResult:
+        return self.chat_batch([image], [messages], **kwargs)[0]
+
+    def chat_batch(self, images: Sequence[Any], conversations: Sequence[Sequence[dict[str, Any]]], *,
+                   max_new_tokens: int = 64, budgets: Sequence[int] | None = None, return_relevance: bool = False,
+                   streamer: Any = None, stopping_criteria: Any = None, **kwargs: Any) -> list[AskResult]:
+        import torch
+
+        sources = [open_image(im) for im in images]
         budgets = list(budgets) if budgets is not None else list(self.default_budgets)
-        self.calls.append({"question": question, "budgets": budgets, "max_new_tokens": max_new_tokens,
-                           "size": tuple(src.size), **kwargs})
-        toks = self.tokens_for(budgets)
-        rel = None
-        if return_relevance:
-            rel = {}
-            for s in self.scales:
-                g = s // 336
-                yy, xx = torch.meshgrid(torch.arange(g * 24.0), torch.arange(g * 24.0), indexing="ij")
-                m = torch.exp(-((xx - g * 8) ** 2 + (yy - g * 16) ** 2) / (2 * (g * 6.0) ** 2))
-                rel[s] = m.reshape(g, 24, g, 24).permute(0, 2, 1, 3).reshape(g * g, 24, 24).contiguous()
-        self.last = AskResult(
-            answer=self.answer_for(question), tokens=toks,
-            timings={"load": 0.0, "tiles": 0.0, "encode": 0.0, "score": 0.0, "select": 0.0, "prefill": 0.0,
-                     "decode": 0.0},
-            num_visual_tokens=len(toks), image_size=tuple(src.size), scales=list(self.scales),
-            generated_ids=[], relevance=rel,
-        )
-        return self.last
+        tok = self.processor.tokenizer
+        answers = [tok.encode(self.answer_fn(last_question(c))) + [EOS] for c in conversations]
+        prompts = [sum(len(str(m["content"])) for m in c) for c in conversations]
+        with self._lock:
+            self.batches.append(len(images))
+            for c, src in zip(conversations, sources):
+                self.calls.append({"question": last_question(c), "turns": len(c), "budgets": budgets,
+                                   "max_new_tokens": max_new_tokens, "size": tuple(src.size), **kwargs})
+            caches = []
+            for src in sources:
+                key = (tuple(src.size), tuple(budgets))
+                caches.append("hit" if key in self._scenes else "miss")
+                self._scenes.add(key)
+        # Simulated greedy decoding: one character per step, EOS then padding when a row ends.
+        n = len(images)
+        ids = torch.zeros((n, 1), dtype=torch.long)  # a one-token "prompt"
+        if streamer is not None:
+            streamer.put(ids)
+        out: list[list[int]] = [[] for _ in range(n)]
+        unfinished = torch.ones(n, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            nxt = torch.tensor([answers[i][step] if unfinished[i] and step < len(answers[i]) else EOS
+                                for i in range(n)])
+            for i in range(n):
+                if unfinished[i]:
+                    out[i].append(int(nxt[i]))
+                    if nxt[i] == EOS:
+                        unfinished[i] = False
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if stopping_criteria is not None:
+                unfinished &= ~stopping_criteria(ids, None)
+            if streamer is not None:
+                streamer.put(nxt)
+            if not unfinished.any():
+                break
+            if self.step_delay:
+                time.sleep(self.step_delay)
+        if streamer is not None:
+            streamer.end()
+        results = []
+        for i, src in enumerate(sources):
+            gen = [t for t in out[i] if t != EOS]
+            res = AskResult(
+                answer=tok.decode(gen).strip(), tokens=self.tokens_for(budgets),
+                timings={"load": 0.0, "tiles": 0.0, "encode": 0.0, "score": 0.0, "select": 0.0, "prefill": 0.0,
+                         "decode": 0.0},
+                num_visual_tokens=len(self.tokens_for(budgets)), image_size=tuple(src.size), scales=list(self.scales),
+                generated_ids=gen, relevance=self.relevance() if return_relevance else None,
+            )
+            # contract-2 fields (set as attributes so this works before and after AskResult gains them)
+            res.cache = caches[i]
+            res.prompt_tokens = prompts[i] + sum(budgets)
+            res.completion_tokens = len(gen)
+            results.append(res)
+        self.last = results[-1]
+        return results
 
 
-__all__ = ["FakePipeline"]
+__all__ = ["CharTokenizer", "FakePipeline"]

@@ -132,36 +132,65 @@ def validate_masks(masks: dict[int, Any], scales: Sequence[int] | None, tile: in
         segment_ids_for_scale(m, s, tile, patch)
 
 
+#: What each `verify` level checks (the README and `--verify` help say the same).
+VERIFY_LEVELS = {
+    "none": "the image file exists and is not empty",
+    "header": ("the file's header parses as an image (Pillow, else GDAL) and, for PNG / JPEG, the file is "
+               "complete (the PNG chunk list reaches IEND; a JPEG end marker is in its last 1 MB); corrupt "
+               "pixel data inside a complete file is only found by 'full'"),
+    "full": "every pixel decodes: the image is opened with the shared reader and a 16-px square is built",
+}
+
+
 def _image_ok(path: Path, verify: str) -> None:
-    """Raise RowError if the image is missing or (verify != 'none') its header is unreadable."""
+    """Raise RowError if the image fails the `verify` level's checks (see `VERIFY_LEVELS`)."""
     if not path.is_file():
         raise RowError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise RowError(f"image is empty: {path}")
     if verify == "none":
         return
-    if verify == "full":
-        from uhrbat.io.images import open_image
+    from uhrbat.io.sources import open_image
 
+    if verify == "full":
         try:
             src = open_image(path)
             src.square(16)
         except Exception as e:
-            raise RowError(f"unreadable image {path}: {e}") from None
+            raise RowError(f"unreadable image {path}: {' '.join(str(e).split())}") from None
         return
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im.size  # noqa: B018 - header only
+            fmt = im.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         # Rasters PIL cannot parse (JPEG2000 without plugins, some GeoTIFFs): try the project's reader.
         try:
-            from uhrbat.io.images import open_image
-
             open_image(path)
         except Exception:
             raise RowError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+        return
+    reason = _truncation(path, fmt)
+    if reason:
+        raise RowError(f"corrupt image {path}: {reason} (use --verify full to decode every image)")
+
+
+def _truncation(path: Path, fmt: str | None) -> str | None:
+    """A cheap completeness check for PNG / JPEG (no decode), or None when the file looks whole."""
+    from uhrbat.io.formats import png_ends_with_iend
+
+    with path.open("rb") as f:
+        if fmt == "PNG":
+            try:
+                return None if png_ends_with_iend(f) else "truncated PNG (no IEND chunk)"
+            except ValueError as e:
+                return f"malformed PNG ({e})"
+        if fmt in ("JPEG", "MPO"):
+            size = path.stat().st_size
+            f.seek(max(0, size - (1 << 20)))
+            return None if b"\xff\xd9" in f.read() else "truncated JPEG (no end-of-image marker)"
+    return None
 
 
 def normalise_messages(raw: Any) -> list[dict[str, str]]:
@@ -277,9 +306,21 @@ def read_parquet_rows(path: Path) -> Iterator[RawRow]:
         )
 
 
+def _non_utf8(obj: Any) -> bool:
+    """Does a parsed JSON value hold undecodable bytes (lone surrogates from `surrogateescape`)?"""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def read_json_rows(path: Path) -> Iterator[RawRow]:
-    """LLaVA/LongVA conversation JSON (a list) or JSONL (one object per line)."""
-    text = path.read_text(encoding="utf-8")
+    """LLaVA/LongVA conversation JSON (a list) or JSONL (one object per line).
+
+    Bytes that are not UTF-8 make only the row that holds them bad (never the whole file)."""
+    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad byte spoils one row.
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     items: list[Any]
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -304,6 +345,10 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
     for i, obj in numbered:
         if not isinstance(obj, dict):
             yield RawRow(where=f"{path.name}:{i}", id=str(i), image=None, messages=None, question=RowError("row is not an object"))
+            continue
+        if _non_utf8(obj):
+            yield RawRow(where=f"{path.name}:{i}", id=str(i), image=None, messages=None,
+                         question=RowError("row holds bytes that are not valid UTF-8; fix the file's encoding"))
             continue
         img = obj.get("image", obj.get("image_paths", obj.get("file_name")))
         yield RawRow(
@@ -412,7 +457,7 @@ def prepare_sft(
             (output of `uhrbat masks`) or the reference's `.pt`; an image without one is mask-less.
         strip_prefix: leading prefix removed from parquet image paths (`images/`).
         scales: pyramid sides the masks must cover (None: do not check shapes).
-        verify: `header` (open the image header), `full` (decode a thumbnail) or `none` (existence only).
+        verify: `header` (default), `full` or `none`; exactly what each checks is `VERIFY_LEVELS`.
         relative: write paths relative to the manifest's folder.
         bad_rows: optional JSONL file listing every skipped row and why.
     """
@@ -426,6 +471,23 @@ def prepare_sft(
     report = PrepareReport()
     seen_ids: dict[str, int] = {}
     tmp = out.with_name(out.name + ".tmp")
+    try:
+        _write_manifest(tmp, inputs, out, image_root, md, strip_prefix, scales, verify, relative, report,
+                        seen_ids)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a partial manifest behind
+        raise
+    tmp.replace(out)
+    if bad_rows is not None:
+        with Path(bad_rows).open("w", encoding="utf-8") as f:
+            for b in report.bad:
+                f.write(json.dumps({"row": b.where, "reason": b.reason}) + "\n")
+    return report
+
+
+def _write_manifest(tmp: Path, inputs: Sequence[str | os.PathLike], out: Path, image_root: Any, md: Path | None,
+                    strip_prefix: str | None, scales: Sequence[int] | None, verify: str, relative: bool,
+                    report: PrepareReport, seen_ids: dict[str, int]) -> None:
     with tmp.open("w", encoding="utf-8") as f:
         for inp in inputs:
             p = Path(inp)
@@ -461,12 +523,6 @@ def prepare_sft(
                 report.with_masks += sample.masks is not None
                 src = sample.source or p.name
                 report.sources[src] = report.sources.get(src, 0) + 1
-    tmp.replace(out)
-    if bad_rows is not None:
-        with Path(bad_rows).open("w", encoding="utf-8") as f:
-            for b in report.bad:
-                f.write(json.dumps({"row": b.where, "reason": b.reason}) + "\n")
-    return report
 
 
 def read_manifest(path: str | os.PathLike) -> list[Sample]:

@@ -184,8 +184,10 @@ class SamMaskGenerator:
                         dtype: str | torch.dtype | None = None) -> "SamMaskGenerator":
         from transformers import SamModel
 
+        from uhrbat.devices import resolve_device
         from uhrbat.modeling.loading import resolve_dtype
 
+        device = resolve_device(device)  # one clear line when e.g. CUDA is not available here
         p = Path(path)
         if not (p / "config.json").exists():
             if str(path).startswith((".", "/")) or p.exists():
@@ -268,7 +270,7 @@ def sam_image_processor(path: str | os.PathLike, config: Any) -> Any:
 # ----------------------------------------------------------------------------- files
 def segment_map(generator: SamMaskGenerator, image_path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int], int]:
     """Image -> (square int32 id map at `settings.resolution`, original (W, H), number of SAM masks)."""
-    from uhrbat.io.images import open_image
+    from uhrbat.io.sources import open_image
 
     src = open_image(image_path)
     side = generator.settings.resolution

@@ -110,6 +110,30 @@ class TrainRecipe:
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError(f"recipe: resume must be auto, never or a checkpoint folder; {self.resume} not found")
 
+    def machine_problems(self) -> list[str]:
+        """What in this recipe cannot run on this machine, one line each (empty: all can).
+
+        `uhrbat train --dry-run` prints them; a real run stops with the first one before loading
+        anything (instead of e.g. DeepSpeed's `No module named 'mpi4py'` minutes later).
+        """
+        from uhrbat.devices import cuda_unavailable_reason
+
+        why = cuda_unavailable_reason()
+        if why is None:
+            return []
+        problems = []
+        launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if self.deepspeed and not launched:
+            # Under a launcher (torchrun sets LOCAL_RANK/WORLD_SIZE) DeepSpeed can run on CPU
+            # with gloo, which the engine tests use; a plain run looks for MPI and GPUs.
+            problems.append(f"deepspeed {self.deepspeed}: DeepSpeed needs CUDA, which is not available on this "
+                            f"machine ({why}); use --deepspeed none")
+        if self.fp16:
+            problems.append(f"fp16: fp16 mixed precision needs CUDA ({why}); use --set fp16=false (bf16 runs on CPU)")
+        if self.lora.quantize not in (None, "none"):
+            problems.append(f"lora.quantize {self.lora.quantize}: QLoRA (bitsandbytes) needs CUDA ({why}); drop --qlora")
+        return problems
+
     # ------------------------------------------------------------------ engine configs
     def deepspeed_path(self) -> str | None:
         return resolve_engine_config(self.deepspeed, DEEPSPEED_CONFIGS)
@@ -216,8 +240,10 @@ def build_recipe(data: dict[str, Any]) -> TrainRecipe:
     lora_names = {f.name for f in dataclasses.fields(LoraSettings)}
     if set(lora) - lora_names:
         raise ConfigError(f"recipe: unknown lora keys {sorted(set(lora) - lora_names)}")
-    if isinstance(data.get("budgets"), str):
-        data["budgets"] = [int(x) for x in data["budgets"].split(",") if x.strip()]
+    if data.get("budgets") is not None:  # the one budget parser (same rule as the CLI and the API)
+        from uhrbat.processing.processing_uhrbat import parse_budgets
+
+        data["budgets"] = parse_budgets(data["budgets"])
     if isinstance(data.get("train"), (list, tuple)):
         data["train"] = ",".join(data["train"])
     if str(data.get("fsdp", "")).strip().lower() in ("true", "yes", "on", "1"):

@@ -365,6 +365,9 @@ def find_resume_checkpoint(recipe: TrainRecipe) -> str | None:
 def run_training(recipe: TrainRecipe, callbacks: list[Any] | None = None) -> TrainResult:
     """Train per the recipe (resuming from the latest checkpoint when there is one) and save."""
     recipe.check()
+    problems = recipe.machine_problems()
+    if problems:
+        raise ConfigError(problems[0])
     trainer = build_trainer(recipe, callbacks=callbacks)
     resume = find_resume_checkpoint(recipe)
     if resume:

@@ -1,4 +1,4 @@
-"""HR-Bench 4K / 8K scoring: the rule path of lmms-eval `lmms_eval/tasks/hrbench/hrbench_evals.py`
+"""HR-Bench 4K / 8K: rows, official prompt and scoring. Scoring follows the rule path of lmms-eval `lmms_eval/tasks/hrbench/hrbench_evals.py`
 (`HRBenchEval.can_infer`) and the aggregation of `lmms_eval/tasks/hrbench/utils.py`.
 
 Decisions reproduced, quirks included:
@@ -20,12 +20,27 @@ Decisions reproduced, quirks included:
 from __future__ import annotations
 
 import copy
+import re
+import string
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
+from uhrbat.errors import BenchmarkDataError
+from uhrbat.evaluation.loaders import (
+    LoadContext,
+    RowError,
+    first_of,
+    missing,
+    row_images,
+    text_field,
+)
+from uhrbat.evaluation.prompts import REFERENCE_XHR_DESCRIPTION, reference_xhr
 from uhrbat.evaluation.records import Sample
 from uhrbat.evaluation.report import Report, category_table, pct
 from uhrbat.evaluation.scoring import Judged, score_benchmark
+from uhrbat.evaluation.spec import BenchmarkSpec
 
 NAME = "hrbench"
 SUPPORTS_ROBUST = True
@@ -53,6 +68,64 @@ META = {
     "fsp": "same, over category 'single' (FSP) questions",
     "fcp": "same, over category 'cross' (FCP) questions",
 }
+
+# ---------------------------------------------------------------------------------------------
+# rows: parquet / TSV (`index`, `question`, `A`..`D`, `answer`, `category`, `cycle_category`,
+# base64 `image`)
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
+    # lmms_eval/tasks/hrbench/utils.py: options are every single upper-case letter column that
+    # is present and not NaN (an empty TSV cell is NaN under pandas).
+    options = {c: str(row[c]).strip() for c in string.ascii_uppercase if c in row and not missing(row[c])}
+    if not options:
+        raise RowError("no option columns (A, B, ...)")
+    extra = {}
+    if not missing(row.get("cycle_category")):
+        extra["cycle_category"] = str(row["cycle_category"])
+    return dict(
+        images=row_images(first_of(row, "image", "images", "image_path"), ctx),
+        question=text_field(row.get("question"), "question"),
+        options=options,
+        option_lines=[f"{k}. {v}" for k, v in options.items()],
+        answer=None if missing(row.get("answer")) else text_field(row.get("answer"), "answer").strip(),
+        category=None if missing(row.get("category")) else str(row["category"]).strip(),
+        source_format="hrbench",
+        extra=extra,
+    )
+
+
+def _shards_for(split: str):
+    """The hub folder holds both splits (hrbench_4k-*.parquet, hrbench_8k-*.parquet): keep ours."""
+
+    def pick(shards: list[Path], folder: Path) -> list[Path]:
+        tagged = [p for p in shards if re.search(r"(4k|8k)", p.name, re.IGNORECASE)]
+        if not tagged:
+            return shards
+        mine = [p for p in tagged if split in p.name.lower()]
+        if not mine:
+            raise BenchmarkDataError(f"no {split.upper()} parquet shard in {folder}")
+        return mine
+
+    return pick
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt: lmms_eval/tasks/hrbench/utils.py (hrbench_doc_to_text)
+# ---------------------------------------------------------------------------------------------
+
+
+def official_prompt(sample: Sample) -> str:
+    if sample.source_format == "llava":
+        return sample.question
+    opts = "".join(f"{k}. {v}\n" for k, v in sample.options.items())
+    return f"{sample.question.strip()}\n{opts}Answer the option letter directly."
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------
 
 
 def _can_infer_option(answer: str, choices: dict[str, str]) -> str | None:
@@ -124,3 +197,21 @@ def aggregate(rows: list[Judged]) -> tuple[dict[str, Any], dict[str, Any], dict[
 
 def score(samples: list[Sample], predictions: Mapping[str, Any], benchmark: str = "hrbench") -> Report:
     return score_benchmark(sys.modules[__name__], benchmark, samples, predictions)
+
+
+def _spec(split: str) -> BenchmarkSpec:
+    name = f"hrbench-{split}"
+    return BenchmarkSpec(
+        name=name, aliases=(f"hrbench{split}",), normalise=normalise, id_keys=("index", "id"),
+        prompts={
+            "official": (official_prompt, "lmms-eval tasks/hrbench/utils.py hrbench_doc_to_text: question + 'A. opt' lines "
+                                          "+ 'Answer the option letter directly.'"),
+            "reference": (reference_xhr, REFERENCE_XHR_DESCRIPTION),
+        },
+        scorer=sys.modules[__name__], score=lambda samples, predictions: score(samples, predictions, benchmark=name),
+        max_new_tokens=128, max_new_tokens_source="not set by lmms-eval tasks/hrbench; our choice",
+        multiple_choice=True, pick_files=_shards_for(split),
+    )
+
+
+SPECS = (_spec("4k"), _spec("8k"))

@@ -1,4 +1,4 @@
-"""XLRS-Bench(-lite) scoring, reproducing lmms-eval `lmms_eval/tasks/xlrs/mcq_utils.py`
+"""XLRS-Bench(-lite): rows, official prompt and scoring. Scoring reproduces lmms-eval `lmms_eval/tasks/xlrs/mcq_utils.py`
 (`extract_characters_regex`, `xlrs_aggregate_results`, `xlrs_aggregate_results_macro_score`);
 VLMEvalKit `XLRSBench.extract_characters_regex` is the same function.
 
@@ -22,11 +22,24 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+from uhrbat.evaluation.loaders import (
+    LoadContext,
+    RowError,
+    answer_text,
+    first_of,
+    missing,
+    parse_options,
+    row_images,
+    text_field,
+)
+from uhrbat.evaluation.prompts import REFERENCE_XHR_DESCRIPTION, reference_xhr
 from uhrbat.evaluation.records import Sample
 from uhrbat.evaluation.report import Report, category_table, pct
 from uhrbat.evaluation.scoring import Judged, score_benchmark
+from uhrbat.evaluation.spec import BenchmarkSpec
 
 NAME = "xlrs"
 SUPPORTS_ROBUST = True
@@ -65,6 +78,57 @@ META = {
     "macro": "mean of the 13 official L3-task accuracies; a task without questions counts as 0 (lmms-eval)",
     "macro_present": "mean over the L3 tasks present in the data (VLMEvalKit-style; equals macro on the full lite set)",
 }
+
+# ---------------------------------------------------------------------------------------------
+# rows (hub parquet / jsonl): `index`, `question`, `multi-choice options`, `answer` (one or
+# several letters), `category` ("L2/L3"), `l2-category`, `image` (list of images)
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
+    options, lines = parse_options(first_of(row, "multi-choice options", "options"))
+    if not options:
+        raise RowError("missing multi-choice options")
+    return dict(
+        images=row_images(first_of(row, "image", "images", "image_path"), ctx),
+        question=text_field(row.get("question"), "question"),
+        options=options,
+        option_lines=lines,
+        answer=answer_text(row.get("answer")) if not missing(row.get("answer")) else None,
+        category=None if missing(row.get("category")) else str(row["category"]).strip(),
+        subcategory=None if missing(row.get("l2-category")) else str(row["l2-category"]).strip(),
+        source_format="xlrs",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt: lmms_eval/tasks/xlrs/mcq_utils.py (xlrs_doc_to_text). The multi-answer suffix really
+# has no space before "The answer(s)"; reproduced as published.
+# ---------------------------------------------------------------------------------------------
+
+XLRS_MULTI_ANSWER_TASK = "Land use classification/Overall Land use classification"
+_XLRS_SINGLE = (
+    "\nSelect the best answer for the multiple-choice question based on the image. Only respond with the letter "
+    "corresponding to the correct answer (A, B, C, D).\nThe answer is:"
+)
+_XLRS_MULTI = (
+    "\nSelect the best answer(s) for the multiple-choice question based on the image. There may be more than one "
+    "correct option. Only respond with the letter(s) corresponding to the correct answer(s) (A, B, C, D), with "
+    "multiple choices separated by spaces.The answer(s) is(are):"
+)
+
+
+def official_prompt(sample: Sample) -> str:
+    if sample.source_format == "llava":
+        return sample.question
+    post = _XLRS_MULTI if (sample.category or "") == XLRS_MULTI_ANSWER_TASK else _XLRS_SINGLE
+    # question + "" (pre_prompt) + options block + post prompt, with no separator after the question.
+    return sample.question + "The choices are listed below:\n" + "\n".join(sample.option_lines) + "\n" + post
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------
 
 
 def extract(output: Any, sample: Sample | None = None) -> str:
@@ -125,3 +189,18 @@ def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:
         rep.meta["note_tasks"] = (f"{unknown} questions have a category outside the 13 official L3 tasks; they count in micro "
                                   "but not in macro (lmms-eval would refuse them)")
     return rep
+
+
+SPECS = (
+    BenchmarkSpec(
+        name=NAME, aliases=("xlrs-lite", "xlrs-bench"), normalise=normalise, id_keys=("index", "id", "question_id"),
+        prompts={
+            "official": (official_prompt, "lmms-eval tasks/xlrs/mcq_utils.py xlrs_doc_to_text: question + 'The choices are "
+                                          "listed below:' + options as distributed + single/multi-answer instruction ending "
+                                          "'The answer is:'"),
+            "reference": (reference_xhr, REFERENCE_XHR_DESCRIPTION),
+        },
+        scorer=sys.modules[__name__], score=score, max_new_tokens=64,
+        max_new_tokens_source="lmms-eval tasks/xlrs/XLRS-lite.yaml", multiple_choice=True,
+    ),
+)

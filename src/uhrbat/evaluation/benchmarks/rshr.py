@@ -1,4 +1,4 @@
-"""RSHR-Bench (hub name XHRBench) multiple-choice scoring.
+"""RSHR-Bench (hub name XHRBench): rows, prompt and multiple-choice scoring.
 
 **No official RSHR scorer exists** (the RSHR repository ships a README only; open-ended and
 caption tasks are LLM-judged in the paper). We use the letter-set rule of the UHR-BAT
@@ -24,11 +24,23 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+from uhrbat.evaluation.loaders import (
+    LoadContext,
+    answer_text,
+    first_of,
+    missing,
+    parse_options,
+    row_images,
+    text_field,
+)
+from uhrbat.evaluation.prompts import REF_XHR_SUFFIX, reference_xhr
 from uhrbat.evaluation.records import Sample
 from uhrbat.evaluation.report import Report, category_table, pct
 from uhrbat.evaluation.scoring import Judged, score_benchmark
+from uhrbat.evaluation.spec import BenchmarkSpec
 
 NAME = "rshr"
 SUPPORTS_ROBUST = True
@@ -53,6 +65,49 @@ META = {
     "groups": "perception_* / reasoning_* restrict micro and macro to that group; rows whose group cannot be "
               "determined are listed under 'unassigned'",
 }
+
+# ---------------------------------------------------------------------------------------------
+# rows: `dataset.json` (`id`, `images`, `question`, `options` list or dict, `answer`, `category`)
+# and the hub parquet with embedded images
+# ---------------------------------------------------------------------------------------------
+
+
+_RSHR_GROUP_KEYS = ("group", "task_type", "dimension", "l1-category", "l1_category", "task", "type", "capability")
+
+
+def normalise(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
+    options, lines = parse_options(first_of(row, "options", "multi-choice options", "choices"))
+    extra = {k: str(row[k]) for k in _RSHR_GROUP_KEYS if k in row and not missing(row[k])}
+    ans = row.get("answer")
+    return dict(
+        images=row_images(first_of(row, "images", "image", "image_path"), ctx),
+        question=text_field(row.get("question"), "question"),
+        options=options,
+        option_lines=lines,
+        answer=None if missing(ans) or (isinstance(ans, (list, tuple)) and not ans) else answer_text(ans),
+        category=None if missing(row.get("category")) else str(row["category"]).strip(),
+        subcategory=None if missing(row.get("l2-category")) else str(row["l2-category"]),
+        source_format="rshr",
+        extra=extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt: no official RSHR prompt is published; we use the reference evaluator's XHRBench
+# prompt *without* its ground-truth-derived "choose multiple answers" hint.
+# ---------------------------------------------------------------------------------------------
+
+
+def official_prompt(sample: Sample) -> str:
+    if sample.source_format == "llava" or not sample.options:
+        return sample.question
+    opts = "\n".join(f"{k}. {v.strip()}" for k, v in sample.options.items())
+    return f"{sample.question.strip()}\n{opts}\n{REF_XHR_SUFFIX}"
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+# ---------------------------------------------------------------------------------------------
 
 
 def _clean(text: str) -> str:
@@ -129,3 +184,20 @@ def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:
                                               "(open-ended rows are not scored; RSHR judges them with an LLM)"})
         checked.append(s)
     return score_benchmark(sys.modules[__name__], NAME, checked, predictions)
+
+
+SPECS = (
+    BenchmarkSpec(
+        name=NAME, aliases=("xhrbench", "rshr-bench"), normalise=normalise, id_keys=("id", "index", "question_id"),
+        prompts={
+            "official": (official_prompt, "no official RSHR prompt exists: reference XHRBench prompt (question + 'A. opt' "
+                                          "lines + 'Select the best answer based on the image. Answer with the option letter "
+                                          "only.') without the ground-truth-derived multi-answer hint"),
+            "reference": (reference_xhr, "UHR-BAT reference eval_xlrs_multiscale_to_json.py XHRBench prompt, including the "
+                                         "ground-truth-derived ' You should choose multiple answers.' hint"),
+        },
+        scorer=sys.modules[__name__], score=score, max_new_tokens=512,
+        max_new_tokens_source="UHR-BAT reference eval_xlrs_multiscale_to_json.py --max_new_tokens default",
+        multiple_choice=True,
+    ),
+)
