@@ -83,9 +83,17 @@ def one(args: argparse.Namespace) -> dict:
         for q in QUESTIONS[: args.k]:
             rows.append(BatchRow(id=f"{s}-{q}", image=path.name, question=q, path=str(path)))
     out = work / f"run-{args.engine}-k{args.k}"
-    cfg = BatchConfig(out=out, model=args.model, engine=args.engine, progress=False, max_new_tokens=args.max_new_tokens,
-                      selection={"budgets": [8, 16], "kmeans_clusters": 8, "kmeans_iters": 5},
-                      actors=args.actors, cpus_per_actor=1.0, ray_local_cpus=args.ray_cpus)
+    cfg = BatchConfig(
+        out=out,
+        model=args.model,
+        engine=args.engine,
+        progress=False,
+        max_new_tokens=args.max_new_tokens,
+        selection={"budgets": [8, 16], "kmeans_clusters": 8, "kmeans_iters": 5},
+        actors=args.actors,
+        cpus_per_actor=1.0,
+        ray_local_cpus=args.ray_cpus,
+    )
     written_at: list[float] = []
     original = PredictionStore.write
 
@@ -103,10 +111,19 @@ def one(args: argparse.Namespace) -> dict:
     stop.set()
     sampler.join()
     steady = (len(written_at) - 1) / (written_at[-1] - written_at[0]) if len(written_at) > 1 else float("nan")
-    return {"engine": args.engine, "k": args.k, "scenes": args.scenes, "rows": summary.written, "errors": summary.errors,
-            "wall_s": wall, "rows_per_s": summary.written / wall, "steady_rows_per_s": steady,
-            "scenes_prepared": summary.scenes_prepared, "scenes_prepared_per_s": summary.scenes_prepared / wall,
-            "peak_rss_mib": peak[0] / 2**20}
+    return {
+        "engine": args.engine,
+        "k": args.k,
+        "scenes": args.scenes,
+        "rows": summary.written,
+        "errors": summary.errors,
+        "wall_s": wall,
+        "rows_per_s": summary.written / wall,
+        "steady_rows_per_s": steady,
+        "scenes_prepared": summary.scenes_prepared,
+        "scenes_prepared_per_s": summary.scenes_prepared / wall,
+        "peak_rss_mib": peak[0] / 2**20,
+    }
 
 
 def main() -> None:
@@ -136,10 +153,29 @@ def main() -> None:
         results = []
         for k in [int(x) for x in args.ks.split(",")]:
             for engine in args.engines.split(","):
-                cmd = [sys.executable, __file__, "--one", "--engine", engine, "--k", str(k), "--work", tmp,
-                       "--model", model, "--scenes", str(args.scenes), "--size", str(args.size),
-                       "--max-new-tokens", str(args.max_new_tokens), "--actors", str(args.actors),
-                       "--ray-cpus", str(args.ray_cpus)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    "--engine",
+                    engine,
+                    "--k",
+                    str(k),
+                    "--work",
+                    tmp,
+                    "--model",
+                    model,
+                    "--scenes",
+                    str(args.scenes),
+                    "--size",
+                    str(args.size),
+                    "--max-new-tokens",
+                    str(args.max_new_tokens),
+                    "--actors",
+                    str(args.actors),
+                    "--ray-cpus",
+                    str(args.ray_cpus),
+                ]
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 if res.returncode != 0:
@@ -147,14 +183,18 @@ def main() -> None:
                 r = json.loads(res.stdout.strip().splitlines()[-1])
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr)
-    print(f"\n{args.scenes} scenes of {args.size}x{args.size} px, tiny model, 1 thread per worker, "
-          f"Ray: {args.actors} actors on {args.ray_cpus} CPUs\n")
+    print(
+        f"\n{args.scenes} scenes of {args.size}x{args.size} px, tiny model, 1 thread per worker, "
+        f"Ray: {args.actors} actors on {args.ray_cpus} CPUs\n"
+    )
     print("| engine | k | rows | wall s | rows/s | steady rows/s | scenes prepared | scenes/s | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['engine']} | {r['k']} | {r['rows']} | {r['wall_s']:.1f} | {r['rows_per_s']:.2f} | "
-              f"{r['steady_rows_per_s']:.2f} | {r['scenes_prepared']} | {r['scenes_prepared_per_s']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} |")
+        print(
+            f"| {r['engine']} | {r['k']} | {r['rows']} | {r['wall_s']:.1f} | {r['rows_per_s']:.2f} | "
+            f"{r['steady_rows_per_s']:.2f} | {r['scenes_prepared']} | {r['scenes_prepared_per_s']:.2f} | "
+            f"{r['peak_rss_mib']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE = ROOT.parent / "shared" / "assets" / "aerial" / "neon_yell_2299x2472.png"
-QUESTIONS = ["How many trees are there?", "Is there a road?", "Describe the largest building.", "What covers most of the area?"]
+QUESTIONS = [
+    "How many trees are there?",
+    "Is there a road?",
+    "Describe the largest building.",
+    "What covers most of the area?",
+]
 STAGES = ["tiles", "encode", "score", "group", "select", "prefill", "decode"]
 
 
@@ -64,9 +69,24 @@ class Dims:
     loop_iters: int = 3  # reference-style loop iterations timed in the K-Means comparison
 
 
-SMOKE = Dims(clip_width=32, clip_layers=3, clip_heads=4, clip_mlp=64, llm_width=64, llm_layers=2, llm_heads=4,
-             llm_kv_heads=2, llm_mlp=160, vocab=1024, scales=(336, 672), budgets=(8, 16), paper_clusters=12,
-             iters=10, synthetic_side=800, loop_iters=2)
+SMOKE = Dims(
+    clip_width=32,
+    clip_layers=3,
+    clip_heads=4,
+    clip_mlp=64,
+    llm_width=64,
+    llm_layers=2,
+    llm_heads=4,
+    llm_kv_heads=2,
+    llm_mlp=160,
+    vocab=1024,
+    scales=(336, 672),
+    budgets=(8, 16),
+    paper_clusters=12,
+    iters=10,
+    synthetic_side=800,
+    loop_iters=2,
+)
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -106,15 +126,38 @@ def build(dims: Dims, device: torch.device, dtype: torch.dtype, attn: str):
     tok = make_tiny_tokenizer()
     base_len = len(tok)
     tok.add_tokens(["<image>"], special_tokens=True)
-    text = dict(model_type="qwen2", vocab_size=dims.vocab, hidden_size=dims.llm_width, intermediate_size=dims.llm_mlp,
-                num_hidden_layers=dims.llm_layers, num_attention_heads=dims.llm_heads,
-                num_key_value_heads=dims.llm_kv_heads, max_position_embeddings=32768, rope_theta=1e6,
-                rms_norm_eps=1e-6, tie_word_embeddings=False)
-    vision = dict(model_type="clip_vision_model", hidden_size=dims.clip_width, intermediate_size=dims.clip_mlp,
-                  num_hidden_layers=dims.clip_layers, num_attention_heads=dims.clip_heads, image_size=336,
-                  patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-    cfg = UhrBatConfig(text_config=text, vision_config=vision, scales=list(dims.scales), budgets=list(dims.budgets),
-                       image_token_id=tok.convert_tokens_to_ids("<image>"), vocab_in_use=base_len)
+    text = dict(
+        model_type="qwen2",
+        vocab_size=dims.vocab,
+        hidden_size=dims.llm_width,
+        intermediate_size=dims.llm_mlp,
+        num_hidden_layers=dims.llm_layers,
+        num_attention_heads=dims.llm_heads,
+        num_key_value_heads=dims.llm_kv_heads,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=dims.clip_width,
+        intermediate_size=dims.clip_mlp,
+        num_hidden_layers=dims.clip_layers,
+        num_attention_heads=dims.clip_heads,
+        image_size=336,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    )
+    cfg = UhrBatConfig(
+        text_config=text,
+        vision_config=vision,
+        scales=list(dims.scales),
+        budgets=list(dims.budgets),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vocab_in_use=base_len,
+    )
     cfg.pad_token_id, cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
     cfg.max_context = 100_000
     old = torch.get_default_dtype()
@@ -145,8 +188,11 @@ def synthetic_scene(side: int, seed: int = 0):
         x, y, w, h = (int(v) for v in rng.integers(0, side, 4) // np.array([1, 1, 20, 20]))
         d.rectangle([x, y, x + w + 8, y + h + 8], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     for _ in range(side // 400):
-        d.line([tuple(int(v) for v in rng.integers(0, side, 2)), tuple(int(v) for v in rng.integers(0, side, 2))],
-               fill=(90, 90, 90), width=max(2, side // 300))
+        d.line(
+            [tuple(int(v) for v in rng.integers(0, side, 2)), tuple(int(v) for v in rng.integers(0, side, 2))],
+            fill=(90, 90, 90),
+            width=max(2, side // 300),
+        )
     return im
 
 
@@ -154,8 +200,12 @@ def variants(image) -> list[Any]:
     """Four different scenes of the same size class (cold batch of 4)."""
     from PIL import Image
 
-    return [image, image.transpose(Image.FLIP_LEFT_RIGHT), image.transpose(Image.FLIP_TOP_BOTTOM),
-            image.transpose(Image.ROTATE_180)]
+    return [
+        image,
+        image.transpose(Image.FLIP_LEFT_RIGHT),
+        image.transpose(Image.FLIP_TOP_BOTTOM),
+        image.transpose(Image.ROTATE_180),
+    ]
 
 
 # -------------------------------------------------------------------------------------- runs
@@ -181,8 +231,16 @@ def make_pipeline(model: Any, proc: Any, cache: bool, **selection: Any) -> tuple
         return UhrBatPipeline(model, proc, **selection), None
 
 
-def run_scene(model: Any, proc: Any, device: torch.device, scene_name: str, image: Any, setting: str,
-              selection: dict[str, Any], max_new: int) -> list[dict[str, Any]]:
+def run_scene(
+    model: Any,
+    proc: Any,
+    device: torch.device,
+    scene_name: str,
+    image: Any,
+    setting: str,
+    selection: dict[str, Any],
+    max_new: int,
+) -> list[dict[str, Any]]:
     rows = []
     kw = dict(max_new_tokens=max_new, min_new_tokens=max_new)
     cold, _ = make_pipeline(model, proc, False, **selection)
@@ -191,30 +249,75 @@ def run_scene(model: Any, proc: Any, device: torch.device, scene_name: str, imag
     t = time.perf_counter()
     res = cold.ask(image, QUESTIONS[0], **kw)
     total = time.perf_counter() - t
-    rows.append(dict(scene=scene_name, setting=setting, run="cold", batch=1, stages=stage_times(res), total=total,
-                     per_question=total, peak_gb=peak_gb(device), cache=getattr(res, "cache", "off")))
+    rows.append(
+        dict(
+            scene=scene_name,
+            setting=setting,
+            run="cold",
+            batch=1,
+            stages=stage_times(res),
+            total=total,
+            per_question=total,
+            peak_gb=peak_gb(device),
+            cache=getattr(res, "cache", "off"),
+        )
+    )
 
     cached, why = make_pipeline(model, proc, True, **selection)
     if cached is None:
-        rows.append(dict(scene=scene_name, setting=setting, run="cached follow-up", batch=1, stages=None,
-                         total=None, per_question=None, peak_gb=None, cache="n/a", note=why))
+        rows.append(
+            dict(
+                scene=scene_name,
+                setting=setting,
+                run="cached follow-up",
+                batch=1,
+                stages=None,
+                total=None,
+                per_question=None,
+                peak_gb=None,
+                cache="n/a",
+                note=why,
+            )
+        )
     else:
         cached.ask(image, QUESTIONS[0], **kw)  # fills the cache (miss)
         reset_peak(device)
         t = time.perf_counter()
         res = cached.ask(image, QUESTIONS[1], **kw)
         total = time.perf_counter() - t
-        rows.append(dict(scene=scene_name, setting=setting, run="cached follow-up", batch=1, stages=stage_times(res),
-                         total=total, per_question=total, peak_gb=peak_gb(device), cache=getattr(res, "cache", "?")))
+        rows.append(
+            dict(
+                scene=scene_name,
+                setting=setting,
+                run="cached follow-up",
+                batch=1,
+                stages=stage_times(res),
+                total=total,
+                per_question=total,
+                peak_gb=peak_gb(device),
+                cache=getattr(res, "cache", "?"),
+            )
+        )
 
     images = variants(image)
     reset_peak(device)
     t = time.perf_counter()
     out = cold.ask_batch(images, QUESTIONS, **kw)
     total = time.perf_counter() - t
-    rows.append(dict(scene=scene_name, setting=setting, run="cold", batch=len(images), stages=stage_times(out[0]),
-                     total=total, per_question=total / len(images), peak_gb=peak_gb(device), cache="off",
-                     note="stages as reported for the first row of the batch"))
+    rows.append(
+        dict(
+            scene=scene_name,
+            setting=setting,
+            run="cold",
+            batch=len(images),
+            stages=stage_times(out[0]),
+            total=total,
+            per_question=total / len(images),
+            peak_gb=peak_gb(device),
+            cache="off",
+            note="stages as reported for the first row of the batch",
+        )
+    )
     return rows
 
 
@@ -240,10 +343,22 @@ def kmeans_comparison(model: Any, proc: Any, image: Any, device: torch.device, d
         loop = kmeans(x, k, dims.loop_iters, generator=torch.Generator().manual_seed(0), mode="exact")
         t_loop = time.perf_counter() - t
         same1 = bool(torch.equal(fast.labels_iter1, loop.labels_iter1))
-        rows.append(dict(scale=s, n=x.shape[0], k=k, features=x.shape[1], fast_iterations=fast.iterations,
-                         fast_seconds=t_fast, fast_per_iter=t_fast / fast.iterations, loop_iterations=loop.iterations,
-                         loop_seconds=t_loop, loop_per_iter=t_loop / loop.iterations,
-                         speedup=(t_loop / loop.iterations) / (t_fast / fast.iterations), same_first_labels=same1))
+        rows.append(
+            dict(
+                scale=s,
+                n=x.shape[0],
+                k=k,
+                features=x.shape[1],
+                fast_iterations=fast.iterations,
+                fast_seconds=t_fast,
+                fast_per_iter=t_fast / fast.iterations,
+                loop_iterations=loop.iterations,
+                loop_seconds=t_loop,
+                loop_per_iter=t_loop / loop.iterations,
+                speedup=(t_loop / loop.iterations) / (t_fast / fast.iterations),
+                same_first_labels=same1,
+            )
+        )
     return rows
 
 
@@ -257,24 +372,42 @@ def fmt(v: Any, digits: int = 3) -> str:
 
 
 def markdown(header: dict[str, Any], rows: list[dict[str, Any]], km_rows: list[dict[str, Any]]) -> str:
-    lines = [f"**{header['device']}**, torch {header['torch']}, {header['dtype']}, LLM attention {header['attn']}, "
-             f"{header['dims']}; {header['clock']}", ""]
+    lines = [
+        f"**{header['device']}**, torch {header['torch']}, {header['dtype']}, LLM attention {header['attn']}, "
+        f"{header['dims']}; {header['clock']}",
+        "",
+    ]
     cols = ["scene", "setting", "run", "batch", *STAGES, "total s", "s/question", "peak GB", "cache"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in rows:
         st = r["stages"] or {}
-        cells = [r["scene"], r["setting"], r["run"], str(r["batch"]), *(fmt(st.get(k)) for k in STAGES),
-                 fmt(r["total"]), fmt(r["per_question"]), fmt(r["peak_gb"], 1), r["cache"]]
+        cells = [
+            r["scene"],
+            r["setting"],
+            r["run"],
+            str(r["batch"]),
+            *(fmt(st.get(k)) for k in STAGES),
+            fmt(r["total"]),
+            fmt(r["per_question"]),
+            fmt(r["peak_gb"], 1),
+            r["cache"],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     notes = sorted({r["note"] for r in rows if r.get("note")})
     lines += [""] + [f"- {n}" for n in notes]
-    lines += ["", "| K-Means at | N | K | features | fast: iterations | fast s | fast s/iter | reference loop s/iter "
-              "| speedup | same first assignment |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| K-Means at | N | K | features | fast: iterations | fast s | fast s/iter | reference loop s/iter "
+        "| speedup | same first assignment |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in km_rows:
-        lines.append(f"| {r['scale']} px | {r['n']} | {r['k']} | {r['features']} | {r['fast_iterations']} | "
-                     f"{fmt(r['fast_seconds'])} | {fmt(r['fast_per_iter'], 4)} | {fmt(r['loop_per_iter'], 4)} "
-                     f"({r['loop_iterations']} iterations) | {r['speedup']:.1f}x | {r['same_first_labels']} |")
+        lines.append(
+            f"| {r['scale']} px | {r['n']} | {r['k']} | {r['features']} | {r['fast_iterations']} | "
+            f"{fmt(r['fast_seconds'])} | {fmt(r['fast_per_iter'], 4)} | {fmt(r['loop_per_iter'], 4)} "
+            f"({r['loop_iterations']} iterations) | {r['speedup']:.1f}x | {r['same_first_labels']} |"
+        )
     return "\n".join(lines)
 
 
@@ -297,17 +430,23 @@ def main(argv: list[str] | None = None) -> int:
     dims = SMOKE if args.smoke else Dims()
     device = resolve_device(args.device or ("cpu" if args.smoke else "cuda"))
     dtype = resolve_dtype(args.dtype or ("fp32" if args.smoke else "bf16"), device)
-    attn = args.attn or ("flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa")
+    attn = args.attn or (
+        "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    )
     if args.smoke:
         torch.set_num_threads(1)
     synchronised_clock(device)
     t = time.perf_counter()
     model, proc = build(dims, device, dtype, attn)
     build_s = time.perf_counter() - t
-    scenes = [("2299x2472 NEON", Image.open(args.scene).convert("RGB")),
-              (f"{dims.synthetic_side}x{dims.synthetic_side} synthetic", synthetic_scene(dims.synthetic_side))]
-    settings = [(f"paper (K={dims.paper_clusters})", dict(kmeans_clusters=dims.paper_clusters)),
-                ("K = budget", dict(kmeans_clusters=0))]
+    scenes = [
+        ("2299x2472 NEON", Image.open(args.scene).convert("RGB")),
+        (f"{dims.synthetic_side}x{dims.synthetic_side} synthetic", synthetic_scene(dims.synthetic_side)),
+    ]
+    settings = [
+        (f"paper (K={dims.paper_clusters})", dict(kmeans_clusters=dims.paper_clusters)),
+        ("K = budget", dict(kmeans_clusters=0)),
+    ]
     rows: list[dict[str, Any]] = []
     for scene_name, image in scenes:
         for setting, sel in settings:
@@ -316,15 +455,21 @@ def main(argv: list[str] | None = None) -> int:
     km_rows = kmeans_comparison(model, proc, scenes[0][1], device, dims)
     header = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke: 1 thread)",
-        "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "attn": attn,
+        "torch": torch.__version__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "attn": attn,
         "dims": "tiny smoke dimensions" if args.smoke else "released dimensions (random weights)",
         "clock": "stage boundaries CUDA-synchronised" if device.type == "cuda" else "CPU wall clock",
-        "build_seconds": build_s, "max_new_tokens": args.max_new_tokens, "smoke": args.smoke,
+        "build_seconds": build_s,
+        "max_new_tokens": args.max_new_tokens,
+        "smoke": args.smoke,
         "dims_detail": dims.__dict__,
     }
     print(markdown(header, rows, km_rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "runs": rows, "kmeans": km_rows}, indent=2, default=str) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"header": header, "runs": rows, "kmeans": km_rows}, indent=2, default=str) + "\n"
+        )
     return 0
 
 

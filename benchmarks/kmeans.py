@@ -64,7 +64,7 @@ def reference_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[to
     labels = None
     it = 0
     converged = False
-    for it in range(1, max(1, iters) + 1):
+    for _ in range(1, max(1, iters) + 1):
         labels = torch.cdist(x, centers, p=2).argmin(dim=1)
         new = centers.clone()
         for j in range(centers.shape[0]):
@@ -118,11 +118,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (N=9216, 2304; F=130)")
     ap.add_argument("--sizes", type=int, nargs="+", help="token counts N (default 82944 36864)")
     ap.add_argument("--dim", type=int, default=None, help="feature width F incl. 2 coords (514)")
+    ap.add_argument("--settings", nargs="+", default=None, help="K:max_iters pairs (default 600:100 2000:10)")
     ap.add_argument(
-        "--settings", nargs="+", default=None, help="K:max_iters pairs (default 600:100 2000:10)"
+        "--modes", nargs="+", default=["reference", "fast", "exact"], choices=["reference", "fast", "exact"]
     )
-    ap.add_argument("--modes", nargs="+", default=["reference", "fast", "exact"],
-                    choices=["reference", "fast", "exact"])
     ap.add_argument("--spread", type=float, default=2.0, help="noise / signal of the mixture")
     ap.add_argument("--zipf", type=float, default=0.8, help="Zipf exponent of component weights")
     ap.add_argument("--seed", type=int, default=0)
@@ -133,8 +132,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     unit = yardstick_seconds()
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
-          f"cpu={torch.backends.cpu.get_cpu_capability()}, yardstick unit = {unit * 1e3:.2f} ms")
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"cpu={torch.backends.cpu.get_cpu_capability()}, yardstick unit = {unit * 1e3:.2f} ms"
+    )
 
     if args.quick:
         sizes, dim, settings = args.sizes or [9216, 2304], args.dim or 130, args.settings or ["100:30", "300:10"]

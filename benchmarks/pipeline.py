@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -71,8 +70,13 @@ def build_model(args: argparse.Namespace, path: Path) -> Path:
     from uhrbat.testing import make_tiny_checkpoint
 
     return make_tiny_checkpoint(
-        path, hidden=args.llm_width, layers=args.llm_layers, heads=args.llm_heads, kv_heads=args.llm_kv_heads,
-        clip_hidden=args.clip_width, clip_layers=args.clip_layers,
+        path,
+        hidden=args.llm_width,
+        layers=args.llm_layers,
+        heads=args.llm_heads,
+        kv_heads=args.llm_kv_heads,
+        clip_hidden=args.clip_width,
+        clip_layers=args.clip_layers,
     )
 
 
@@ -109,8 +113,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or build_model(args, Path(tmp) / "model")
         pipe = UhrBatPipeline.from_pretrained(
-            model_path, device=args.device, dtype=args.dtype, budgets=[int(b) for b in args.budgets.split(",")],
-            selector=args.selector, kmeans_clusters=args.clusters, kmeans_iters=args.iters, kmeans_mode=args.kmeans,
+            model_path,
+            device=args.device,
+            dtype=args.dtype,
+            budgets=[int(b) for b in args.budgets.split(",")],
+            selector=args.selector,
+            kmeans_clusters=args.clusters,
+            kmeans_iters=args.iters,
+            kmeans_mode=args.kmeans,
         )
         pipe.model.config.max_context = 100_000
         pipe.processor.max_context = 100_000
@@ -119,7 +129,9 @@ def main() -> None:
         pipe.ask(args.image, args.question, max_new_tokens=2)  # warm-up (allocator, kernels)
         mem.take()
         t = time.perf_counter()
-        res = pipe.ask(args.image, args.question, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
+        res = pipe.ask(
+            args.image, args.question, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens
+        )
         total = time.perf_counter() - t
         peak = mem.take()
     stages = {k: v for k, v in res.timings.items()}
@@ -128,8 +140,14 @@ def main() -> None:
     stages["select"] = stages["select"] - stages["group"]
     stages = {k: stages[k] for k in ("load", "tiles", "encode", "score", "group", "select", "prefill", "decode")}
     out = {
-        "settings": {k: getattr(args, k) for k in ("budgets", "clusters", "iters", "kmeans", "selector", "threads", "device", "dtype")},
-        "model": {k: getattr(args, k) for k in ("clip_width", "clip_layers", "llm_width", "llm_layers", "llm_heads", "llm_kv_heads")},
+        "settings": {
+            k: getattr(args, k)
+            for k in ("budgets", "clusters", "iters", "kmeans", "selector", "threads", "device", "dtype")
+        },
+        "model": {
+            k: getattr(args, k)
+            for k in ("clip_width", "clip_layers", "llm_width", "llm_layers", "llm_heads", "llm_kv_heads")
+        },
         "image": args.image,
         "yardstick_seconds": unit,
         "stages_seconds": stages,

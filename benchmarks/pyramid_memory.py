@@ -35,10 +35,22 @@ def build_geotiff(path: Path, size: int, overviews: bool, block: int = 512, comp
     from rasterio.transform import from_origin
 
     t0 = time.perf_counter()
-    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32617",
-                   transform=from_origin(404000.0, 3290000.0, 0.1, 0.1), tiled=True, blockxsize=block,
-                   blockysize=block, compress=compress, predictor=2 if compress != "none" else 1, BIGTIFF="IF_SAFER",
-                   interleave="pixel")
+    profile = dict(
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32617",
+        transform=from_origin(404000.0, 3290000.0, 0.1, 0.1),
+        tiled=True,
+        blockxsize=block,
+        blockysize=block,
+        compress=compress,
+        predictor=2 if compress != "none" else 1,
+        BIGTIFF="IF_SAFER",
+        interleave="pixel",
+    )
     if compress == "none":
         profile.pop("compress")
     x = np.arange(size, dtype=np.float32)
@@ -63,6 +75,7 @@ def build_geotiff(path: Path, size: int, overviews: bool, block: int = 512, comp
 
 def measure(path: str, sides: list[int]) -> dict:
     """Child process: open + squares, report peak RSS (ru_maxrss) and timings."""
+
     def rss_mb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
@@ -84,8 +97,13 @@ def measure(path: str, sides: list[int]) -> dict:
         per_side[s] = round(time.perf_counter() - t, 3)
         del im
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB on Linux
-    return {"source": repr(src), "rss_after_import_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
-            "open_s": round(t_open, 3), "square_s": per_side}
+    return {
+        "source": repr(src),
+        "rss_after_import_mb": round(base, 1),
+        "peak_rss_mb": round(peak, 1),
+        "open_s": round(t_open, 3),
+        "square_s": per_side,
+    }
 
 
 def main() -> None:
@@ -109,15 +127,22 @@ def main() -> None:
         ov = "noov" if args.no_overviews else "ov"
         path = folder / f"scene_{args.size}_{ov}_{args.compress}.tif"
         if not path.exists():
-            print(f"writing {args.size}x{args.size} 3-band GeoTIFF ({args.compress}, "
-                  f"{'no ' if args.no_overviews else ''}overviews) to {path} ...", flush=True)
+            print(
+                f"writing {args.size}x{args.size} 3-band GeoTIFF ({args.compress}, "
+                f"{'no ' if args.no_overviews else ''}overviews) to {path} ...",
+                flush=True,
+            )
             t = build_geotiff(path, args.size, overviews=not args.no_overviews, compress=args.compress)
             print(f"  written in {t:.1f} s, {path.stat().st_size / 2**20:.0f} MiB on disk", flush=True)
         env = dict(os.environ)
         src_dir = Path(__file__).resolve().parents[1] / "src"
         env["PYTHONPATH"] = f"{src_dir}{os.pathsep}{env.get('PYTHONPATH', '')}"
-        out = subprocess.run([sys.executable, __file__, "--measure", str(path), "--sides", args.sides],
-                             env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure", str(path), "--sides", args.sides],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             sys.stderr.write(out.stderr)
             raise SystemExit(out.returncode)
@@ -126,8 +151,10 @@ def main() -> None:
     print(f"open: {r['open_s']:.2f} s; squares: " + ", ".join(f"{s}: {t:.2f} s" for s, t in r["square_s"].items()))
     print(f"RSS after imports: {r['rss_after_import_mb']:.0f} MB")
     ok = r["peak_rss_mb"] < args.limit_mb
-    print(f"PEAK RSS building the {'/'.join(map(str, sides))} squares of a {args.size}x{args.size} GeoTIFF: "
-          f"{r['peak_rss_mb']:.0f} MB ({'<' if ok else '>='} {args.limit_mb:.0f} MB target)")
+    print(
+        f"PEAK RSS building the {'/'.join(map(str, sides))} squares of a {args.size}x{args.size} GeoTIFF: "
+        f"{r['peak_rss_mb']:.0f} MB ({'<' if ok else '>='} {args.limit_mb:.0f} MB target)"
+    )
     if not ok:
         raise SystemExit(1)
 

@@ -29,8 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import DEFAULT_IMAGE, PeakRSS, build_model
 
 STAGES = ("load", "tiles", "encode", "score", "group", "select", "prefill", "decode")
-QUESTIONS = ["How many trees are in the image?", "Is there a road? Answer yes or no.",
-             "Where is the largest open area?", "Describe the scene in one sentence."]
+QUESTIONS = [
+    "How many trees are in the image?",
+    "Is there a road? Answer yes or no.",
+    "Where is the largest open area?",
+    "Describe the scene in one sentence.",
+]
 
 
 def stages(res) -> dict[str, float]:
@@ -97,13 +101,21 @@ def main() -> None:
 
     mem = PeakRSS()
     cuda = args.device.startswith("cuda")
-    out: dict = {"settings": {k: getattr(args, k) for k in ("budgets", "clusters", "iters", "kmeans", "threads", "device", "dtype",
-                                                            "max_new_tokens")}}
+    out: dict = {
+        "settings": {
+            k: getattr(args, k)
+            for k in ("budgets", "clusters", "iters", "kmeans", "threads", "device", "dtype", "max_new_tokens")
+        }
+    }
     gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or build_model(args, Path(tmp) / "model")
-        sel = dict(budgets=[int(b) for b in args.budgets.split(",")], kmeans_clusters=args.clusters,
-                   kmeans_iters=args.iters, kmeans_mode=args.kmeans)
+        sel = dict(
+            budgets=[int(b) for b in args.budgets.split(",")],
+            kmeans_clusters=args.clusters,
+            kmeans_iters=args.iters,
+            kmeans_mode=args.kmeans,
+        )
         pipe = UhrBatPipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype, **sel)
         plain = UhrBatPipeline(pipe.model, pipe.processor, scene_cache=False, **sel)
         pipe.processor.max_context = 100_000
@@ -118,7 +130,8 @@ def main() -> None:
             cold, t_cold = timed(lambda: pipe.ask(args.image, QUESTIONS[0], **gen))
             warm, t_warm = timed(lambda: pipe.ask(args.image, QUESTIONS[1], **gen))
             same = cold.generated_ids == uncached.generated_ids and [t.to_dict() for t in cold.tokens] == [
-                t.to_dict() for t in uncached.tokens]
+                t.to_dict() for t in uncached.tokens
+            ]
             out["one_scene"] = {
                 "image": args.image,
                 "uncached": {"wall_s": t_uncached, "stages_s": stages(uncached)},
@@ -135,14 +148,22 @@ def main() -> None:
 
         # ---- part 2: evaluation style, one question at a time
         if not args.skip_eval:
-            esel = dict(budgets=[int(b) for b in args.eval_budgets.split(",")], kmeans_clusters=args.eval_clusters,
-                        kmeans_iters=args.eval_iters, kmeans_mode=args.kmeans)
+            esel = dict(
+                budgets=[int(b) for b in args.eval_budgets.split(",")],
+                kmeans_clusters=args.eval_clusters,
+                kmeans_iters=args.eval_iters,
+                kmeans_mode=args.kmeans,
+            )
             images = eval_images(args.eval_images, args.eval_side)
             qs = (QUESTIONS * args.eval_questions)[: args.eval_questions]
-            pipes = {"uncached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=False, **esel),
-                     "cached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=SceneCache(), **esel)}
-            runs = {name: {"wall_s": 0.0, "peak_rss_mb": 0.0, "ids": [], "stage_sums_s": dict.fromkeys(STAGES, 0.0)}
-                    for name in pipes}
+            pipes = {
+                "uncached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=False, **esel),
+                "cached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=SceneCache(), **esel),
+            }
+            runs = {
+                name: {"wall_s": 0.0, "peak_rss_mb": 0.0, "ids": [], "stage_sums_s": dict.fromkeys(STAGES, 0.0)}
+                for name in pipes
+            }
             # Interleaved image by image, so that load changes on a shared machine hit both alike.
             for im in images:
                 for name, p in pipes.items():
@@ -157,7 +178,9 @@ def main() -> None:
                         for k, v in stages(r).items():
                             run["stage_sums_s"][k] += v
             out["eval"] = {
-                "images": args.eval_images, "questions_per_image": args.eval_questions, "side": args.eval_side,
+                "images": args.eval_images,
+                "questions_per_image": args.eval_questions,
+                "side": args.eval_side,
                 "selection": esel,
                 "uncached": {k: v for k, v in runs["uncached"].items() if k != "ids"},
                 "cached": {k: v for k, v in runs["cached"].items() if k != "ids"},
@@ -172,24 +195,36 @@ def main() -> None:
         print_one_scene(one, args)
     if "eval" in out:
         ev = out["eval"]
-        print(f"evaluation: {ev['images']} images x {ev['questions_per_image']} questions ({ev['side']} px crops, "
-              f"selection {ev['selection']}):")
-        print(f"  uncached {ev['uncached']['wall_s']:.1f} s (peak RSS {ev['uncached']['peak_rss_mb']:.0f} MB), "
-              f"cached {ev['cached']['wall_s']:.1f} s (peak RSS {ev['cached']['peak_rss_mb']:.0f} MB): "
-              f"{ev['speedup']:.1f}x; answers identical: {ev['answers_identical']}")
+        print(
+            f"evaluation: {ev['images']} images x {ev['questions_per_image']} questions ({ev['side']} px crops, "
+            f"selection {ev['selection']}):"
+        )
+        print(
+            f"  uncached {ev['uncached']['wall_s']:.1f} s (peak RSS {ev['uncached']['peak_rss_mb']:.0f} MB), "
+            f"cached {ev['cached']['wall_s']:.1f} s (peak RSS {ev['cached']['peak_rss_mb']:.0f} MB): "
+            f"{ev['speedup']:.1f}x; answers identical: {ev['answers_identical']}"
+        )
 
 
 def print_one_scene(one: dict, args: argparse.Namespace) -> None:
-    print(f"one scene ({args.device}, {args.dtype}, {args.threads} thread(s); budgets {args.budgets}, "
-          f"{args.clusters} clusters, <= {args.iters} iterations):")
+    print(
+        f"one scene ({args.device}, {args.dtype}, {args.threads} thread(s); budgets {args.budgets}, "
+        f"{args.clusters} clusters, <= {args.iters} iterations):"
+    )
     print(f"{'stage':<10}{'uncached':>10}{'cold':>10}{'warm':>10}")
     for k in STAGES:
-        print(f"{k:<10}{one['uncached']['stages_s'][k]:>10.3f}{one['cold']['stages_s'][k]:>10.3f}"
-              f"{one['warm_follow_up']['stages_s'][k]:>10.3f}")
-    print(f"{'wall':<10}{one['uncached']['wall_s']:>10.3f}{one['cold']['wall_s']:>10.3f}{one['warm_follow_up']['wall_s']:>10.3f}")
-    print(f"warm follow-up {one['speedup_warm_vs_cold']:.1f}x faster than cold (cache: {one['cold']['cache']} -> "
-          f"{one['warm_follow_up']['cache']}); cold == uncached: {one['cold_equals_uncached']}; "
-          f"cache holds {one['cache_bytes'] / 2**20:.0f} MB; peak RSS {one['peak_rss_mb']:.0f} MB")
+        print(
+            f"{k:<10}{one['uncached']['stages_s'][k]:>10.3f}{one['cold']['stages_s'][k]:>10.3f}"
+            f"{one['warm_follow_up']['stages_s'][k]:>10.3f}"
+        )
+    print(
+        f"{'wall':<10}{one['uncached']['wall_s']:>10.3f}{one['cold']['wall_s']:>10.3f}{one['warm_follow_up']['wall_s']:>10.3f}"
+    )
+    print(
+        f"warm follow-up {one['speedup_warm_vs_cold']:.1f}x faster than cold (cache: {one['cold']['cache']} -> "
+        f"{one['warm_follow_up']['cache']}); cold == uncached: {one['cold_equals_uncached']}; "
+        f"cache holds {one['cache_bytes'] / 2**20:.0f} MB; peak RSS {one['peak_rss_mb']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

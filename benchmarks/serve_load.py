@@ -66,13 +66,21 @@ def percentile(xs: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def client_loop(client, model: str, cid: int, deadline: float, args, out: list, lock: threading.Lock,
-                seed_base: int) -> None:
+def client_loop(
+    client, model: str, cid: int, deadline: float, args, out: list, lock: threading.Lock, seed_base: int
+) -> None:
     cycle = 0
     while time.time() < deadline:
         url = scene_url(seed_base + 10_000 * cid + cycle, args.side)  # a scene no mode has seen
-        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                 {"type": "text", "text": "What is in this scene?"}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is in this scene?"},
+                ],
+            }
+        ]
         for turn in range(1 + args.follow_ups):
             if time.time() >= deadline:
                 break
@@ -81,10 +89,18 @@ def client_loop(client, model: str, cid: int, deadline: float, args, out: list, 
             dt = time.perf_counter() - t0
             ext = r.model_extra["uhrbat"]
             with lock:
-                out.append({"kind": "first" if turn == 0 else "follow-up", "seconds": dt, "cache": ext["cache"],
-                            "batch": ext["batch_size"]})
-            messages += [{"role": "assistant", "content": r.choices[0].message.content},
-                         {"role": "user", "content": f"And what about part {turn + 1}?"}]
+                out.append(
+                    {
+                        "kind": "first" if turn == 0 else "follow-up",
+                        "seconds": dt,
+                        "cache": ext["cache"],
+                        "batch": ext["batch_size"],
+                    }
+                )
+            messages += [
+                {"role": "assistant", "content": r.choices[0].message.content},
+                {"role": "user", "content": f"And what about part {turn + 1}?"},
+            ]
         cycle += 1
 
 
@@ -94,7 +110,9 @@ def run_mode(pipe, args, max_batch: int, rss: PeakRSS) -> dict:
     from uhrbat.serving.app import ServeOptions, create_app, serve_in_thread
     from uhrbat.serving.engine import Engine
 
-    engine = Engine(pipe, max_batch=max_batch, max_queue=max(64, 2 * args.clients), batch_wait_s=args.batch_wait_ms / 1000)
+    engine = Engine(
+        pipe, max_batch=max_batch, max_queue=max(64, 2 * args.clients), batch_wait_s=args.batch_wait_ms / 1000
+    )
     app = create_app(engine, ServeOptions(model_name="bench"))
     rows: list[dict] = []
     lock = threading.Lock()
@@ -104,9 +122,12 @@ def run_mode(pipe, args, max_batch: int, rss: PeakRSS) -> dict:
             client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=600)
             t0 = time.time()
             deadline = t0 + args.seconds
-            threads = [threading.Thread(target=client_loop,
-                                        args=(client, "bench", c, deadline, args, rows, lock, max_batch * 10**7))
-                       for c in range(args.clients)]
+            threads = [
+                threading.Thread(
+                    target=client_loop, args=(client, "bench", c, deadline, args, rows, lock, max_batch * 10**7)
+                )
+                for c in range(args.clients)
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -122,10 +143,15 @@ def run_mode(pipe, args, max_batch: int, rss: PeakRSS) -> dict:
         return None if x is None else round(1000 * x, 1)
 
     return {
-        "mode": f"max_batch={max_batch}", "clients": args.clients, "requests": len(rows),
-        "elapsed_s": round(elapsed, 2), "throughput_rps": round(len(rows) / elapsed, 3),
-        "p50_ms": ms(percentile(lat, 50)), "p95_ms": ms(percentile(lat, 95)),
-        "first_p50_ms": ms(percentile(first, 50)), "follow_up_p50_ms": ms(percentile(follow, 50)),
+        "mode": f"max_batch={max_batch}",
+        "clients": args.clients,
+        "requests": len(rows),
+        "elapsed_s": round(elapsed, 2),
+        "throughput_rps": round(len(rows) / elapsed, 3),
+        "p50_ms": ms(percentile(lat, 50)),
+        "p95_ms": ms(percentile(lat, 95)),
+        "first_p50_ms": ms(percentile(first, 50)),
+        "follow_up_p50_ms": ms(percentile(follow, 50)),
         "follow_up_cache_hits": sum(r["cache"] in ("hit", "disk") for r in rows if r["kind"] == "follow-up"),
         "follow_ups": len(follow),
         "mean_batch": round(statistics.fmean([r["batch"] for r in rows]), 2) if rows else None,
@@ -160,13 +186,24 @@ def main() -> None:
     if model == "tiny":
         from uhrbat.testing import make_tiny_checkpoint
 
-        model = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="uhrbat-bench-")) / "tiny", seed=0,
-                                     scales=[672, 1344], budgets=[8, 16])
+        model = make_tiny_checkpoint(
+            Path(tempfile.mkdtemp(prefix="uhrbat-bench-")) / "tiny", seed=0, scales=[672, 1344], budgets=[8, 16]
+        )
     budgets = [int(b) for b in args.budgets.split(",")]
     pipe = UhrBatPipeline.from_pretrained(model, device=args.device, dtype=args.dtype, budgets=budgets)
     parse_budgets(budgets, len(pipe.model.config.scales))
-    print(json.dumps({"model": str(args.model), "device": args.device, "torch_threads": args.threads,
-                      "cpu_count": psutil.cpu_count(), "load_rss_mib": round(rss.take(), 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "device": args.device,
+                "torch_threads": args.threads,
+                "cpu_count": psutil.cpu_count(),
+                "load_rss_mib": round(rss.take(), 1),
+            }
+        ),
+        flush=True,
+    )
     for max_batch in (args.max_batch, 1):
         print(json.dumps(run_mode(pipe, args, max_batch, rss)), flush=True)
 

@@ -80,8 +80,9 @@ def build(scales: list[int], budgets: list[int], args: argparse.Namespace, root:
     from uhrbat.modeling.loading import load
     from uhrbat.training.testing import make_images, make_tiny_training_checkpoint
 
-    ck = make_tiny_training_checkpoint(root / f"ck-{len(scales)}", scales=scales, budgets=budgets,
-                                       hidden=args.hidden, clip_hidden=args.clip_hidden)
+    ck = make_tiny_training_checkpoint(
+        root / f"ck-{len(scales)}", scales=scales, budgets=budgets, hidden=args.hidden, clip_hidden=args.clip_hidden
+    )
     model, proc = load(ck, device=args.device)
     if not args.no_gc:
         from uhrbat.training.freeze import enable_gradient_checkpointing
@@ -99,8 +100,10 @@ def one_step(model, proc, img, budgets: list[int], args: argparse.Namespace, nai
     from uhrbat.training.data import Sample
     from uhrbat.training.dataset import SftDataset
 
-    msgs = [{"role": "user", "content": "<image>\nHow many storage tanks are there?"},
-            {"role": "assistant", "content": "There are three storage tanks near the road."}]
+    msgs = [
+        {"role": "user", "content": "<image>\nHow many storage tanks are there?"},
+        {"role": "assistant", "content": "There are three storage tanks near the road."},
+    ]
     ds = SftDataset([Sample("b", str(img), msgs)], proc, budgets, max_length=None)
     sel = {"selector": args.selector, "seed": 0}
     if args.selector == "kmeans":
@@ -130,8 +133,12 @@ def one_step(model, proc, img, budgets: list[int], args: argparse.Namespace, nai
         loss.backward()
     finally:
         UhrBatForConditionalGeneration._rows_with_grad = original
-    out = {"saved_MB": meter.bytes / 2**20, "rows_with_grad": rows["n"], "seconds": time.perf_counter() - t0,
-           "loss": loss.item()}
+    out = {
+        "saved_MB": meter.bytes / 2**20,
+        "rows_with_grad": rows["n"],
+        "seconds": time.perf_counter() - t0,
+        "loss": loss.item(),
+    }
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         out["cuda_peak_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -148,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-hidden", type=int, default=32, help="CLIP hidden size (paper: 1024).")
     ap.add_argument("--image", type=int, default=512, help="Side of the generated test image.")
     ap.add_argument("--multiples", default="0.25,0.5,1,2", help="Budget multiples of 80/320/600/2000 to sweep.")
-    ap.add_argument("--no-gc", action="store_true", help="Disable the LLM's activation checkpointing (on in the recipe).")
+    ap.add_argument(
+        "--no-gc", action="store_true", help="Disable the LLM's activation checkpointing (on in the recipe)."
+    )
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -157,14 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         model, proc, img = build(PAPER_SCALES, PAPER_BUDGETS, args, root)
         n_tokens = sum(model.config.num_tokens(s) for s in PAPER_SCALES)
-        print(f"tiny model: CLIP {args.clip_hidden}x{model.config.vision_config.num_hidden_layers}, "
-              f"Qwen2 {args.hidden}x{model.config.text_config.num_hidden_layers}; pyramid {PAPER_SCALES} = "
-              f"{n_tokens:,} candidate tokens; selector {args.selector}"
-              + (f" (K={args.clusters}, {args.iters} iters)" if args.selector == "kmeans" else "")
-              + f"; LLM activation checkpointing {'off' if args.no_gc else 'on'}; {args.device}")
+        print(
+            f"tiny model: CLIP {args.clip_hidden}x{model.config.vision_config.num_hidden_layers}, "
+            f"Qwen2 {args.hidden}x{model.config.text_config.num_hidden_layers}; pyramid {PAPER_SCALES} = "
+            f"{n_tokens:,} candidate tokens; selector {args.selector}"
+            + (f" (K={args.clusters}, {args.iters} iters)" if args.selector == "kmeans" else "")
+            + f"; LLM activation checkpointing {'off' if args.no_gc else 'on'}; {args.device}"
+        )
         print("\nBudget sweep (full pyramid): activation memory saved for backward, MB")
-        print(f"{'budgets':>24} {'visual':>7} | {'ours':>9} {'rows':>7} | {'naive':>9} {'rows':>8} | {'naive/ours':>10}"
-              f" | projector path at paper dims, bf16 (estimate): ours / naive")
+        print(
+            f"{'budgets':>24} {'visual':>7} | {'ours':>9} {'rows':>7} | {'naive':>9} {'rows':>8} | {'naive/ours':>10}"
+            f" | projector path at paper dims, bf16 (estimate): ours / naive"
+        )
         for m in [float(x) for x in args.multiples.split(",")]:
             budgets = [max(1, int(round(b * m))) for b in PAPER_BUDGETS]
             ours = one_step(model, proc, img, budgets, args, naive=False)
@@ -173,10 +186,18 @@ def main(argv: list[str] | None = None) -> int:
             vis = proc.num_visual_tokens(budgets)
             row = {"budgets": budgets, "visual_tokens": vis, "ours": ours, "naive": naive}
             results["budget_sweep"].append(row)
-            print(f"{str(budgets):>24} {vis:>7} | {ours['saved_MB']:>9.1f} {ours['rows_with_grad']:>7} | "
-                  f"{naive['saved_MB']:>9.1f} {naive['rows_with_grad']:>8} | {naive['saved_MB'] / ours['saved_MB']:>9.1f}x"
-                  f" | {ours['rows_with_grad'] * PAPER_ROW_BYTES / 2**20:>8.0f} MB / {naive['rows_with_grad'] * PAPER_ROW_BYTES / 2**30:.2f} GB"
-                  + (f"   cuda peak {ours['cuda_peak_MB']:.0f} vs {naive['cuda_peak_MB']:.0f} MB" if "cuda_peak_MB" in ours else ""))
+            print(
+                f"{str(budgets):>24} {vis:>7} | {ours['saved_MB']:>9.1f} {ours['rows_with_grad']:>7} | "
+                f"{naive['saved_MB']:>9.1f} {naive['rows_with_grad']:>8} | "
+                f"{naive['saved_MB'] / ours['saved_MB']:>9.1f}x"
+                f" | {ours['rows_with_grad'] * PAPER_ROW_BYTES / 2**20:>8.0f} MB / "
+                f"{naive['rows_with_grad'] * PAPER_ROW_BYTES / 2**30:.2f} GB"
+                + (
+                    f"   cuda peak {ours['cuda_peak_MB']:.0f} vs {naive['cuda_peak_MB']:.0f} MB"
+                    if "cuda_peak_MB" in ours
+                    else ""
+                )
+            )
         del model
         print("\nPyramid sweep at a fixed budget (80 + 320 tokens; 0 at the larger scales): activation MB")
         print(f"{'scales':>24} {'tokens':>8} | {'ours':>9} | {'naive':>9}")
@@ -187,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             ours = one_step(m2, p2, img2, budgets, args, naive=False)
             naive = one_step(m2, p2, img2, budgets, args, naive=True)
             toks = sum(m2.config.num_tokens(s) for s in scales)
-            results["pyramid_sweep"].append({"scales": scales, "budgets": budgets, "tokens": toks, "ours": ours, "naive": naive})
+            results["pyramid_sweep"].append(
+                {"scales": scales, "budgets": budgets, "tokens": toks, "ours": ours, "naive": naive}
+            )
             print(f"{str(scales):>24} {toks:>8,} | {ours['saved_MB']:>9.1f} | {naive['saved_MB']:>9.1f}")
             del m2
     if args.json:

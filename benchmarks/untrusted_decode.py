@@ -38,8 +38,10 @@ def main() -> None:
         results = run_worker(items, timeout=300, side=(672, 1344, 2688, 4032))
         print(f"{'file':26} {'bytes':>9} {'status':7} {'seconds':>8} {'peak MB':>8}  message")
         for (p, _), r in zip(items, results):
-            print(f"{p.name:26} {p.stat().st_size:9,d} {r['status']:7} {r['seconds']:8.2f} {r['peak_mb']:8.0f}  "
-                  f"{r['message'][:70]}")
+            print(
+                f"{p.name:26} {p.stat().st_size:9,d} {r['status']:7} {r['seconds']:8.2f} {r['peak_mb']:8.0f}  "
+                f"{r['message'][:70]}"
+            )
         print(f"total {time.perf_counter() - t:.1f} s")
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ASSETS
 from PIL import Image
 
+from conftest import ASSETS
 from uhrbat.batch import BatchConfig, images_rows, read_input, row_id, run_batch
 from uhrbat.batch.inputs import BatchRow
 from uhrbat.errors import BatchInputError
@@ -75,19 +75,30 @@ MIXED = [
 
 
 def _cfg(out: Path, model: Path, **kw) -> BatchConfig:
-    base = dict(out=out, model=str(model), selection=dict(SELECTION), max_new_tokens=4, progress=False,
-                read_opts={"max_pixels": 500_000})
+    base = dict(
+        out=out,
+        model=str(model),
+        selection=dict(SELECTION),
+        max_new_tokens=4,
+        progress=False,
+        read_opts={"max_pixels": 500_000},
+    )
     base.update(kw)
     return BatchConfig(**base)
 
 
 # ------------------------------------------------------------------------------------ inputs
 def test_list_formats_give_the_same_rows_with_stable_ids_and_relative_paths(archive, tmp_path):
-    rows = [{"image": "tiles/a.png", "question": "q1"}, {"id": 7, "image": "tiles/b.png", "question": "q2"},
-            {"image": str(archive / "tiles/sub/c.png"), "question": "q3"}]
+    rows = [
+        {"image": "tiles/a.png", "question": "q1"},
+        {"id": 7, "image": "tiles/b.png", "question": "q2"},
+        {"image": str(archive / "tiles/sub/c.png"), "question": "q3"},
+    ]
     lists = tmp_path / "lists"
     lists.mkdir()
-    got = [read_input(_write_list(lists / f"l{ext}", rows), image_root=archive) for ext in (".jsonl", ".csv", ".parquet")]
+    got = [
+        read_input(_write_list(lists / f"l{ext}", rows), image_root=archive) for ext in (".jsonl", ".csv", ".parquet")
+    ]
     assert got[0] == got[1] == got[2]
     r = got[0]
     assert [x.id for x in r] == [row_id("tiles/a.png", "q1"), "7", row_id(str(archive / "tiles/sub/c.png"), "q3")]
@@ -100,8 +111,12 @@ def test_list_formats_give_the_same_rows_with_stable_ids_and_relative_paths(arch
 
 
 def test_duplicate_ids_are_refused_up_front_naming_them(tmp_path):
-    rows = [{"image": "a.png", "question": "q"}, {"image": "a.png", "question": "q"},
-            {"id": "x", "image": "b.png", "question": "q"}, {"id": "x", "image": "c.png", "question": "q"}]
+    rows = [
+        {"image": "a.png", "question": "q"},
+        {"image": "a.png", "question": "q"},
+        {"id": "x", "image": "b.png", "question": "q"},
+        {"id": "x", "image": "c.png", "question": "q"},
+    ]
     with pytest.raises(BatchInputError) as e:
         read_input(_write_list(tmp_path / "l.jsonl", rows))
     msg = str(e.value)
@@ -121,11 +136,13 @@ def test_malformed_lists_are_refused_with_one_line(tmp_path):
 
 
 def test_untrusted_lists_stay_inside_the_image_root(archive, tmp_path):
-    rows = [{"id": "ok", "image": "tiles/a.png", "question": "q"},
-            {"id": "up", "image": "../etc/passwd", "question": "q"},
-            {"id": "abs", "image": str(archive / "tiles/a.png"), "question": "q"},
-            {"id": "vrt", "image": "tiles/x.vrt", "question": "q"},
-            {"id": "url", "image": "https://example.com/a.png", "question": "q"}]
+    rows = [
+        {"id": "ok", "image": "tiles/a.png", "question": "q"},
+        {"id": "up", "image": "../etc/passwd", "question": "q"},
+        {"id": "abs", "image": str(archive / "tiles/a.png"), "question": "q"},
+        {"id": "vrt", "image": "tiles/x.vrt", "question": "q"},
+        {"id": "url", "image": "https://example.com/a.png", "question": "q"},
+    ]
     lst = _write_list(tmp_path / "l.jsonl", rows)
     got = {r.id: r for r in read_input(lst, image_root=archive, trust="untrusted")}
     assert got["ok"].error is None and got["ok"].path == os.path.realpath(archive / "tiles/a.png")
@@ -142,8 +159,12 @@ def test_images_folder_and_glob(archive, monkeypatch):
     assert [r.image for r in rows] == ["a.png", "b.png", "corrupt.png", "sub/c.png"]
     assert rows[0].id == row_id("a.png", "Is there a bridge?")
     monkeypatch.chdir(archive)
-    assert [r.image for r in images_rows("tiles/**/*.png", "q")] == ["tiles/a.png", "tiles/b.png", "tiles/corrupt.png",
-                                                                     "tiles/sub/c.png"]
+    assert [r.image for r in images_rows("tiles/**/*.png", "q")] == [
+        "tiles/a.png",
+        "tiles/b.png",
+        "tiles/corrupt.png",
+        "tiles/sub/c.png",
+    ]
     with pytest.raises(BatchInputError, match="no image files found"):
         images_rows("nothing/*.png", "q")
 
@@ -185,7 +206,9 @@ def test_geojson_and_parquet_outputs(local_run):
     files = sorted(p.name for p in (out / "geo").iterdir())
     assert files == sorted(f"{i}.geojson" for i in ok)
     fc = json.loads((out / "geo" / f"{ok[0]}.geojson").read_text())
-    assert fc["type"] == "FeatureCollection" and fc["coordinate_space"] == "pixel" and fc["answer"] == got[ok[0]]["answer"]
+    assert (
+        fc["type"] == "FeatureCollection" and fc["coordinate_space"] == "pixel" and fc["answer"] == got[ok[0]]["answer"]
+    )
     assert len(fc["features"]) == got[ok[0]]["num_visual_tokens"] - fc["tokens_in_padding_dropped"]
     table = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [t["id"] for t in table] == [r.id for r in rows]
@@ -232,10 +255,15 @@ def test_untrusted_run_reads_images_with_the_untrusted_reader(archive, tiny_chec
     (tmp_path / "tiles").mkdir()
     (tmp_path / "tiles" / "a.png").write_bytes((archive / "tiles" / "a.png").read_bytes())
     (tmp_path / "tiles" / "link.png").symlink_to(archive / "tiles" / "b.png")  # a symlink out of the root
-    lst = _write_list(tmp_path / "l.jsonl", [{"id": "png", "image": "tiles/a.png", "question": "Is there a bridge?"},
-                                             {"id": "bmp", "image": "a.bmp", "question": "Is there a bridge?"},
-                                             {"id": "esc", "image": "../x.png", "question": "Is there a bridge?"},
-                                             {"id": "link", "image": "tiles/link.png", "question": "Is there a bridge?"}])
+    lst = _write_list(
+        tmp_path / "l.jsonl",
+        [
+            {"id": "png", "image": "tiles/a.png", "question": "Is there a bridge?"},
+            {"id": "bmp", "image": "a.bmp", "question": "Is there a bridge?"},
+            {"id": "esc", "image": "../x.png", "question": "Is there a bridge?"},
+            {"id": "link", "image": "tiles/link.png", "question": "Is there a bridge?"},
+        ],
+    )
     rows = read_input(lst, trust="untrusted")
     summary = run_batch(rows, _cfg(tmp_path / "out", tiny_checkpoint, trust="untrusted"))
     got = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")[0]}
@@ -258,8 +286,25 @@ def test_sigkill_mid_run_then_rerun_gives_one_row_per_id(archive, tiny_checkpoin
         _png(imgs / f"t{i:02d}.png", i % 2)
     out = tmp_path / "out"
     q = MIXED[0]["question"]
-    cmd = _cli("--images", str(imgs), "--question", q, "--out", str(out), "--model", str(tiny_checkpoint),
-               "--budgets", "8,16", "--clusters", "8", "--iters", "3", "--max-new-tokens", "4", "--no-progress")
+    cmd = _cli(
+        "--images",
+        str(imgs),
+        "--question",
+        q,
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_checkpoint),
+        "--budgets",
+        "8,16",
+        "--clusters",
+        "8",
+        "--iters",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     pred = out / "predictions.jsonl"
@@ -292,9 +337,13 @@ def test_sigkill_mid_run_then_rerun_gives_one_row_per_id(archive, tiny_checkpoin
 def test_cli_refuses_ambiguous_inputs(tmp_path, capsys):
     from uhrbat.cli.main import main
 
-    for args, msg in ([["--images", str(tmp_path)], "--images needs --question"],
-                      [["--images", str(tmp_path), "--question", "q", "--input", str(tmp_path / "l.jsonl")],
-                       "exactly one of --input FILE or --images"]):
+    for args, msg in (
+        [["--images", str(tmp_path)], "--images needs --question"],
+        [
+            ["--images", str(tmp_path), "--question", "q", "--input", str(tmp_path / "l.jsonl")],
+            "exactly one of --input FILE or --images",
+        ],
+    ):
         with pytest.raises(SystemExit) as e:
             main(["batch", "--out", str(tmp_path / "o"), *args])
         err = capsys.readouterr().err

@@ -11,9 +11,8 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from uhrbat.cli.main import app
-
 from conftest import ASSETS, PARITY
+from uhrbat.cli.main import app
 
 AERIAL = str(ASSETS / "aerial" / "neon_yell_1249x1035.png")
 SMALL = ["--budgets", "8,16", "--clusters", "6", "--iters", "3", "--max-new-tokens", "4"]
@@ -70,8 +69,19 @@ def test_ask_several_questions_prepares_the_scene_once(tiny_checkpoint) -> None:
 def test_ask_writes_geojson_and_overlay_per_question(tiny_checkpoint, tmp_path) -> None:
     old = os.umask(0o022)
     try:
-        r = run("ask", AERIAL, "Trees?", "Roads?", "--model", str(tiny_checkpoint), *SMALL,
-                "--geojson", str(tmp_path / "kept.geojson"), "--explain", str(tmp_path / "overlay.png"))
+        r = run(
+            "ask",
+            AERIAL,
+            "Trees?",
+            "Roads?",
+            "--model",
+            str(tiny_checkpoint),
+            *SMALL,
+            "--geojson",
+            str(tmp_path / "kept.geojson"),
+            "--explain",
+            str(tmp_path / "overlay.png"),
+        )
     finally:
         os.umask(old)
     assert r.exit_code == 0, r.output
@@ -84,8 +94,21 @@ def test_ask_writes_geojson_and_overlay_per_question(tiny_checkpoint, tmp_path) 
 
 
 def test_ask_plain_answer_on_stdout_reference_checkpoint() -> None:
-    r = run("ask", AERIAL, "Is there a road?", "--model", str(PARITY / "uhrbat_tiny"),
-            "--budgets", "8,16,24,32", "--clusters", "6", "--iters", "3", "--max-new-tokens", "4")
+    r = run(
+        "ask",
+        AERIAL,
+        "Is there a road?",
+        "--model",
+        str(PARITY / "uhrbat_tiny"),
+        "--budgets",
+        "8,16,24,32",
+        "--clusters",
+        "6",
+        "--iters",
+        "3",
+        "--max-new-tokens",
+        "4",
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout.endswith("\n") and "error" not in r.stderr
 
@@ -126,25 +149,68 @@ def test_trace_writes_fixture_names(tiny_checkpoint, tmp_path) -> None:
     out = tmp_path / "t.safetensors"
     old = os.umask(0o022)
     try:
-        r = run("trace", "--model", str(tiny_checkpoint), "--image", AERIAL, "--question", "Where is the river?",
-                "--budgets", "8,16", "--clusters", "6", "--iters", "3", "--seed", "7", "--kmeans", "exact",
-                "--compat", "reference", "--max-new-tokens", "3", "--out", str(out))
+        r = run(
+            "trace",
+            "--model",
+            str(tiny_checkpoint),
+            "--image",
+            AERIAL,
+            "--question",
+            "Where is the river?",
+            "--budgets",
+            "8,16",
+            "--clusters",
+            "6",
+            "--iters",
+            "3",
+            "--seed",
+            "7",
+            "--kmeans",
+            "exact",
+            "--compat",
+            "reference",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+        )
     finally:
         os.umask(old)
     assert r.exit_code == 0, r.output
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     t = load_file(str(out))
-    for name in ("input_ids", "attn.base_scale_attention", "attn.by_scale.1344", "kmeans.672.init_idx",
-                 "kmeans.1344.labels", "select.672.aggregated", "select.1344.pos_flat", "select.1344.pos_offsets",
-                 "merged.pre_mlp", "merged.post_mlp", "final.inputs_embeds", "logits.last_prompt", "gen.new_token_ids"):
+    for name in (
+        "input_ids",
+        "attn.base_scale_attention",
+        "attn.by_scale.1344",
+        "kmeans.672.init_idx",
+        "kmeans.1344.labels",
+        "select.672.aggregated",
+        "select.1344.pos_flat",
+        "select.1344.pos_offsets",
+        "merged.pre_mlp",
+        "merged.post_mlp",
+        "final.inputs_embeds",
+        "logits.last_prompt",
+        "gen.new_token_ids",
+    ):
         assert name in t, name
     assert (t["input_ids"] == -200).sum() == 1
     assert t["merged.post_mlp"].shape[0] == 24 and t["gen.new_token_ids"].numel() == 3
 
 
 def test_cache_dir_reuses_the_scene_across_runs(tiny_checkpoint, tmp_path) -> None:
-    args = ["ask", AERIAL, "Is there a road?", "--model", str(tiny_checkpoint), "--json", *SMALL,
-            "--cache-dir", str(tmp_path / "scenes")]
+    args = [
+        "ask",
+        AERIAL,
+        "Is there a road?",
+        "--model",
+        str(tiny_checkpoint),
+        "--json",
+        *SMALL,
+        "--cache-dir",
+        str(tmp_path / "scenes"),
+    ]
     first, second = run(*args), run(*args)
     assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
     a, b = json.loads(first.stdout), json.loads(second.stdout)

@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from conftest import ASSETS
 from uhrbat.cli.chat import ChatSession
 from uhrbat.cli.main import app
 from uhrbat.errors import ContextOverflowError, PromptError
-
-from conftest import ASSETS
 
 AERIAL = str(ASSETS / "aerial" / "neon_yell_1249x1035.png")
 TINY = ["--clusters", "6", "--iters", "3", "--max-new-tokens", "4"]
@@ -46,9 +45,13 @@ def test_history_is_kept_as_chat_messages() -> None:
     assert out == ["answer 1", "answer 2"]
     first, second = pipe.calls
     assert first["image"] == second["image"] == "SCENE" and first["max_new_tokens"] == 7
-    assert first["messages"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many ships?"}]}]
-    assert second["messages"][1:] == [{"role": "assistant", "content": "answer 1"},
-                                      {"role": "user", "content": "Where is the largest?"}]
+    assert first["messages"] == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many ships?"}]}
+    ]
+    assert second["messages"][1:] == [
+        {"role": "assistant", "content": "answer 1"},
+        {"role": "user", "content": "Where is the largest?"},
+    ]
     s.handle("/reset")
     s.handle("Again?")
     assert pipe.calls[-1]["messages"][0]["content"][0] == {"type": "image"} and len(pipe.calls[-1]["messages"]) == 1
@@ -57,8 +60,15 @@ def test_history_is_kept_as_chat_messages() -> None:
 def test_commands_change_options_with_the_cli_rules() -> None:
     pipe = FakePipe()
     s, out, notes = session(pipe, budgets=[8, 16], max_new_tokens=4)
-    for line in ["/budgets 40,160,300,1000", "/selector topk", "/clusters 0", "/iters 5", "/seed 3", "/kmeans exact",
-                 "/max-new-tokens 9"]:
+    for line in [
+        "/budgets 40,160,300,1000",
+        "/selector topk",
+        "/clusters 0",
+        "/iters 5",
+        "/seed 3",
+        "/kmeans exact",
+        "/max-new-tokens 9",
+    ]:
         assert s.handle(line)
     s.handle("q")
     call = pipe.calls[-1]
@@ -72,17 +82,20 @@ def test_commands_change_options_with_the_cli_rules() -> None:
     assert "budgets = 8,16" in notes and "selector = the checkpoint's" in notes
 
 
-@pytest.mark.parametrize("line, message", [
-    ("/budgets 80.0,320", "error: /budgets 80.0,320: budget '80.0' is not an integer"),
-    ("/budgets 0,0", "are all 0"),
-    ("/selector random", "error: /selector random: 'random' is not one of kmeans, segments, topk"),
-    ("/kmeans slow", "'slow' is not one of fast, exact"),
-    ("/max-new-tokens 0", "error: /max-new-tokens 0: 0 is below the minimum 1"),
-    ("/clusters many", "'many' is not an integer"),
-    ("/iters 0", "error: /iters 0: 0 is below the minimum 1"),
-    ("/budgets", "error: /budgets needs a value, e.g. /budgets 40,160,300,1000"),
-    ("/frobnicate", "error: unknown command /frobnicate; /help lists the commands"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("/budgets 80.0,320", "error: /budgets 80.0,320: budget '80.0' is not an integer"),
+        ("/budgets 0,0", "are all 0"),
+        ("/selector random", "error: /selector random: 'random' is not one of kmeans, segments, topk"),
+        ("/kmeans slow", "'slow' is not one of fast, exact"),
+        ("/max-new-tokens 0", "error: /max-new-tokens 0: 0 is below the minimum 1"),
+        ("/clusters many", "'many' is not an integer"),
+        ("/iters 0", "error: /iters 0: 0 is below the minimum 1"),
+        ("/budgets", "error: /budgets needs a value, e.g. /budgets 40,160,300,1000"),
+        ("/frobnicate", "error: unknown command /frobnicate; /help lists the commands"),
+    ],
+)
 def test_bad_commands_are_one_line_and_keep_the_session(line, message) -> None:
     pipe = FakePipe()
     s, _, notes = session(pipe, budgets=[8, 16])
@@ -96,8 +109,10 @@ def test_settings_are_checked_against_the_loaded_model(tiny_pipeline) -> None:
     """With the real (2-scale) model, a budget list of the wrong length is refused at once."""
     s, _, notes = session(tiny_pipeline, budgets=[8, 16])
     s.handle("/budgets 40,160,300,1000")
-    assert notes[-1] == ("error: /budgets 40,160,300,1000: got 4 budgets [40, 160, 300, 1000] but the model has "
-                         "2 scales; give one budget per scale")
+    assert notes[-1] == (
+        "error: /budgets 40,160,300,1000: got 4 budgets [40, 160, 300, 1000] but the model has "
+        "2 scales; give one budget per scale"
+    )
     assert s.settings["budgets"] == [8, 16]
     s.handle("/budgets 4,8")
     assert notes[-1] == "budgets = 4,8" and s.settings["budgets"] == [4, 8]
@@ -136,7 +151,19 @@ def test_chat_session_on_the_tiny_model(tiny_checkpoint) -> None:
     assert "budgets = 4,8" in notes
     answers = r.stdout.split("  budgets")[0].splitlines()
     assert len(answers) == 2
-    a = runner.invoke(app, ["ask", AERIAL, "How many trees are there?", "--model", str(tiny_checkpoint),
-                            "--budgets", "8,16", "--json", *TINY])
+    a = runner.invoke(
+        app,
+        [
+            "ask",
+            AERIAL,
+            "How many trees are there?",
+            "--model",
+            str(tiny_checkpoint),
+            "--budgets",
+            "8,16",
+            "--json",
+            *TINY,
+        ],
+    )
     assert a.exit_code == 0, a.output
     assert answers[0] == json.loads(a.stdout)["answer"]

@@ -11,16 +11,28 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
+from conftest import ASSETS
 from uhrbat.cli import options as opt
 from uhrbat.cli.main import app, main
 from uhrbat.errors import BudgetError
 from uhrbat.processing.processing_uhrbat import parse_budgets
 
-from conftest import ASSETS
-
 AERIAL = str(ASSETS / "aerial" / "neon_yell_1249x1035.png")
-SHARED = ["--budgets", "--selector", "--clusters", "--iters", "--seed", "--kmeans", "--compat", "--device", "--dtype",
-          "--attn", "--vision-tower", "--max-new-tokens", "--model"]
+SHARED = [
+    "--budgets",
+    "--selector",
+    "--clusters",
+    "--iters",
+    "--seed",
+    "--kmeans",
+    "--compat",
+    "--device",
+    "--dtype",
+    "--attn",
+    "--vision-tower",
+    "--max-new-tokens",
+    "--model",
+]
 runner = CliRunner()
 
 
@@ -29,9 +41,15 @@ def _commands() -> dict:
 
 
 # ----------------------------------------------------------------------------- one budget parser
-@pytest.mark.parametrize("value, expected", [
-    ("80,320,600,2000", [80, 320, 600, 2000]), (" 8 , 16 ", [8, 16]), ([8, 0], [8, 0]), ((1, "2"), [1, 2]),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("80,320,600,2000", [80, 320, 600, 2000]),
+        (" 8 , 16 ", [8, 16]),
+        ([8, 0], [8, 0]),
+        ((1, "2"), [1, 2]),
+    ],
+)
 def test_parse_budgets_accepts_integers(value, expected) -> None:
     assert parse_budgets(value) == expected
 
@@ -44,19 +62,22 @@ def test_parse_budgets_accepts_numpy_and_tensor_integers() -> None:
     assert parse_budgets(torch.tensor([5, 6]), 2) == [5, 6]
 
 
-@pytest.mark.parametrize("value, message", [
-    ("80.0,320", "budget '80.0' is not an integer"),  # integers only: 80.0 is refused everywhere
-    ([80.0, 320], "budget 80.0 is not an integer"),
-    ([True, 3], "budget True is not an integer"),
-    ("8,2.5", "budget '2.5' is not an integer"),
-    ("8,x", "budget 'x' is not an integer"),
-    ("8,,16", "an empty budget"),
-    ("", "budgets are empty"),
-    ("8,-1", "budget -1 is negative"),
-    ([8, -1], "budget -1 is negative"),
-    ("0,0", "are all 0, so the model would see no image"),
-    ("1,2,3", "got 3 budgets [1, 2, 3] but the model has 2 scales"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("80.0,320", "budget '80.0' is not an integer"),  # integers only: 80.0 is refused everywhere
+        ([80.0, 320], "budget 80.0 is not an integer"),
+        ([True, 3], "budget True is not an integer"),
+        ("8,2.5", "budget '2.5' is not an integer"),
+        ("8,x", "budget 'x' is not an integer"),
+        ("8,,16", "an empty budget"),
+        ("", "budgets are empty"),
+        ("8,-1", "budget -1 is negative"),
+        ([8, -1], "budget -1 is negative"),
+        ("0,0", "are all 0, so the model would see no image"),
+        ("1,2,3", "got 3 budgets [1, 2, 3] but the model has 2 scales"),
+    ],
+)
 def test_parse_budgets_rule(value, message) -> None:
     with pytest.raises(BudgetError) as e:
         parse_budgets(value, 2)
@@ -99,14 +120,30 @@ def test_shared_options_have_one_definition() -> None:
     """Each shared option has the same help text and parser in every command (one definition)."""
     seen: dict[str, tuple] = {}
     # The commands that load a UHR-BAT model for inference (train/masks take recipe/SAM options).
-    commands = {n: c for n, c in _commands().items() if n in ("ask", "chat", "trace", "eval", "demo", "serve", "batch",
-                                                               "convert")}
+    commands = {
+        n: c
+        for n, c in _commands().items()
+        if n in ("ask", "chat", "trace", "eval", "demo", "serve", "batch", "convert")
+    }
     assert {"ask", "chat", "trace", "eval", "demo", "convert"} <= set(commands)
     for name, cmd in commands.items():
         for p in cmd.params:
             for o in getattr(p, "opts", []):
-                if o in ("--budgets", "--selector", "--clusters", "--iters", "--seed", "--kmeans", "--compat",
-                         "--dtype", "--attn", "--vision-tower", "--bands", "--stretch", "--cache-dir"):
+                if o in (
+                    "--budgets",
+                    "--selector",
+                    "--clusters",
+                    "--iters",
+                    "--seed",
+                    "--kmeans",
+                    "--compat",
+                    "--dtype",
+                    "--attn",
+                    "--vision-tower",
+                    "--bands",
+                    "--stretch",
+                    "--cache-dir",
+                ):
                     key = (p.help, p.metavar, str(p.type_descriptor.annotation), p.min, p.max)
                     assert seen.setdefault(o, key) == key, f"{name} {o} differs from another command's"
     assert {"--budgets", "--kmeans", "--compat", "--clusters"} <= set(seen)
@@ -123,22 +160,32 @@ def test_help_shows_effective_defaults() -> None:
 
 
 # ----------------------------------------------------------------------------- validation before work
-@pytest.mark.parametrize("command", [
-    ["ask", AERIAL, "q"], ["chat", AERIAL], ["trace", "--image", AERIAL, "--question", "q", "--out", "t.st"],
-    ["eval", "--benchmark", "xlrs", "--data", ".", "--out", "o", "--model", "m"], ["demo"],
-])
-@pytest.mark.parametrize("bad, message", [
-    (["--budgets", "80.0,320"], "Invalid value for '--budgets': budget '80.0' is not an integer"),
-    (["--budgets", "0,0"], "Invalid value for '--budgets': budgets [0, 0] are all 0"),
-    (["--kmeans", "slow"], "Invalid value for '--kmeans'"),
-    (["--compat", "legacy"], "Invalid value for '--compat'"),
-    (["--clusters", "-1"], "Invalid value for '--clusters'"),
-    (["--iters", "0"], "Invalid value for '--iters'"),
-    (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ask", AERIAL, "q"],
+        ["chat", AERIAL],
+        ["trace", "--image", AERIAL, "--question", "q", "--out", "t.st"],
+        ["eval", "--benchmark", "xlrs", "--data", ".", "--out", "o", "--model", "m"],
+        ["demo"],
+    ],
+)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--budgets", "80.0,320"], "Invalid value for '--budgets': budget '80.0' is not an integer"),
+        (["--budgets", "0,0"], "Invalid value for '--budgets': budgets [0, 0] are all 0"),
+        (["--kmeans", "slow"], "Invalid value for '--kmeans'"),
+        (["--compat", "legacy"], "Invalid value for '--compat'"),
+        (["--clusters", "-1"], "Invalid value for '--clusters'"),
+        (["--iters", "0"], "Invalid value for '--iters'"),
+        (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+    ],
+)
 def test_bad_option_values_are_usage_errors_in_every_command(command, bad, message) -> None:
-    r = runner.invoke(app, [*command, *bad, "--model", "/nonexistent/model"] if command[0] != "eval"
-                      else [*command, *bad])
+    r = runner.invoke(
+        app, [*command, *bad, "--model", "/nonexistent/model"] if command[0] != "eval" else [*command, *bad]
+    )
     assert r.exit_code == 2, r.output
     assert message in r.output and "Usage: " in r.output
     assert "loading" not in r.output  # nothing was loaded
@@ -168,10 +215,15 @@ def test_check_writable_leaves_nothing_behind(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
 
 
-@pytest.mark.parametrize("question, message", [
-    ("", "the question is empty"), ("   \n ", "the question is empty"), ("<image>", "the question is empty"),
-    ("how many <image> ships?", "contains an extra '<image>' marker"),
-])
+@pytest.mark.parametrize(
+    "question, message",
+    [
+        ("", "the question is empty"),
+        ("   \n ", "the question is empty"),
+        ("<image>", "the question is empty"),
+        ("how many <image> ships?", "contains an extra '<image>' marker"),
+    ],
+)
 def test_bad_questions_fail_before_loading(question, message) -> None:
     r = runner.invoke(app, ["ask", AERIAL, question, "--model", "/nonexistent/model"])
     assert r.exit_code != 0 and message in str(r.exception)
@@ -185,20 +237,39 @@ def test_second_bad_question_is_named() -> None:
 
 def test_helpers_build_pipeline_kwargs() -> None:
     assert opt.selection_kwargs([8, 16], None, 0, None, 3, "exact") == {
-        "budgets": [8, 16], "kmeans_clusters": 0, "seed": 3, "kmeans_mode": "exact"}
+        "budgets": [8, 16],
+        "kmeans_clusters": 0,
+        "seed": 3,
+        "kmeans_mode": "exact",
+    }
     kw = opt.load_kwargs("cpu", "bf16", None, None, "reference", Path("c"))
-    assert kw == {"device": "cpu", "dtype": "bf16", "vision_tower": None, "attn_implementation": None,
-                  "compat": "reference", "cache_dir": "c"}
-    assert opt.read_kwargs((4, 3, 2), (1.0, 99.0), 0) == {"bands": (4, 3, 2), "max_pixels": None, "stretch": (1.0, 99.0)}
+    assert kw == {
+        "device": "cpu",
+        "dtype": "bf16",
+        "vision_tower": None,
+        "attn_implementation": None,
+        "compat": "reference",
+        "cache_dir": "c",
+    }
+    assert opt.read_kwargs((4, 3, 2), (1.0, 99.0), 0) == {
+        "bands": (4, 3, 2),
+        "max_pixels": None,
+        "stretch": (1.0, 99.0),
+    }
     from uhrbat.io.images import DEFAULT_MAX_PIXELS
 
     assert opt.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bands", "4,3"], "give 1 band (grey) or 3 bands"), (["--bands", "a,b,c"], "Invalid value for '--bands'"),
-    (["--stretch", "98,2"], "0 <= LOW < HIGH <= 100"), (["--stretch", "2"], "give two percentiles"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bands", "4,3"], "give 1 band (grey) or 3 bands"),
+        (["--bands", "a,b,c"], "Invalid value for '--bands'"),
+        (["--stretch", "98,2"], "0 <= LOW < HIGH <= 100"),
+        (["--stretch", "2"], "give two percentiles"),
+    ],
+)
 def test_reader_options_are_checked_at_parse_time(args, message) -> None:
     r = runner.invoke(app, ["ask", AERIAL, "q", "--model", "/nonexistent/model", *args])
     assert r.exit_code == 2 and message in r.output, r.output
@@ -236,8 +307,12 @@ def test_debug_traceback_shows_only_project_frames(capsys) -> None:
 
 def test_console_script_runs() -> None:
     """The installed entry point (a fresh interpreter) prints errors the same way."""
-    r = subprocess.run([sys.executable, "-m", "uhrbat.cli.main", "ask", "missing.png", "q"], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "uhrbat.cli.main", "ask", "missing.png", "q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: image not found: missing.png"
 
 
@@ -251,8 +326,10 @@ def test_internal_errors_are_one_line_and_never_swallowed(capsys) -> None:
             main(["boom-test"])
         assert e.value.code == 1
         err = capsys.readouterr().err
-        assert err.strip() == ("error: internal error: AttributeError: 'tuple' object has no attribute 'georef' "
-                               "(run `uhrbat --debug ...` for the traceback)")
+        assert err.strip() == (
+            "error: internal error: AttributeError: 'tuple' object has no attribute 'georef' "
+            "(run `uhrbat --debug ...` for the traceback)"
+        )
     finally:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "boom-test"]
 

@@ -69,7 +69,10 @@ def fixture_kmeans(case: str, scale: int, mode: str) -> KMeansResult:
     c = meta["case"]
     feats = clustering_features(selection_embeds(case, scale), TOKENS[scale] // 576)
     return kmeans(
-        feats, c["kmeans_num_clusters"], c["kmeans_max_iters"], mode=mode,
+        feats,
+        c["kmeans_num_clusters"],
+        c["kmeans_max_iters"],
+        mode=mode,
         init_indices=f[f"kmeans.{scale}.init_idx"],
     )
 
@@ -350,8 +353,11 @@ def test_merged_rows_match_fixture(case: str, scale: int, exact: bool) -> None:
     k = budget_of(case, scale)
     ref = f["merged.pre_mlp"][offset : offset + k]
     sel = preserve_and_merge(
-        selection_embeds(case, scale), f[f"attn.by_scale.{scale}"].reshape(-1),
-        f[f"kmeans.{scale}.labels"].long(), k, exact=exact,
+        selection_embeds(case, scale),
+        f[f"attn.by_scale.{scale}"].reshape(-1),
+        f[f"kmeans.{scale}.labels"].long(),
+        k,
+        exact=exact,
     )
     if exact:
         assert torch.equal(sel.embeds, ref)
@@ -371,9 +377,13 @@ def test_select_kmeans_end_to_end_small_scales(case: str) -> None:
     for scale in (672, 1344):
         k = budget_of(case, scale)
         sel, res = select_kmeans(
-            selection_embeds(case, scale), f[f"attn.by_scale.{scale}"].reshape(-1), k,
-            num_tiles=TOKENS[scale] // 576, num_clusters=c["kmeans_num_clusters"],
-            max_iters=c["kmeans_max_iters"], generator=gen,
+            selection_embeds(case, scale),
+            f[f"attn.by_scale.{scale}"].reshape(-1),
+            k,
+            num_tiles=TOKENS[scale] // 576,
+            num_clusters=c["kmeans_num_clusters"],
+            max_iters=c["kmeans_max_iters"],
+            generator=gen,
         )
         assert torch.equal(res.init_indices, f[f"kmeans.{scale}.init_idx"])
         assert torch.equal(sel.positions, f[f"select.{scale}.pos_flat"])
@@ -506,8 +516,16 @@ def test_selection_ignores_autocast(mode: str) -> None:
     q, keys = torch.randn(4, 8, generator=gen), torch.randn(2, 50, 8, generator=gen)
 
     def run():
-        sel, res = select_kmeans(embeds, scores, 60, num_tiles=4, num_clusters=300, max_iters=20,
-                                 generator=torch.Generator().manual_seed(3), mode=mode)
+        sel, res = select_kmeans(
+            embeds,
+            scores,
+            60,
+            num_tiles=4,
+            num_clusters=300,
+            max_iters=20,
+            generator=torch.Generator().manual_seed(3),
+            mode=mode,
+        )
         attn = last_query_attention(q, keys, 8)
         up = upsample_relevance(scores, 2, [2, 4])
         return sel, res, attn, up

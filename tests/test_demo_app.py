@@ -43,8 +43,11 @@ def test_page_has_the_form(client_and_fake) -> None:
 
 def test_ask_returns_answer_overlay_and_geojson(client_and_fake) -> None:
     client, fake = client_and_fake
-    r = client.post("/api/ask", files={"image": ("field.png", _png(), "image/png")},
-                    data={"question": "How many fields?", "budgets": "4, 5,6,7", "max_new_tokens": "40"})
+    r = client.post(
+        "/api/ask",
+        files={"image": ("field.png", _png(), "image/png")},
+        data={"question": "How many fields?", "budgets": "4, 5,6,7", "max_new_tokens": "40"},
+    )
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["answer"] == FakePipeline.answer_for("How many fields?")
@@ -92,8 +95,21 @@ def test_page_and_openai_api_share_one_app(client_and_fake) -> None:
 
     client, fake = client_and_fake
     url = "data:image/png;base64," + base64.b64encode(_png(50, 40)).decode()
-    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "How many fields?"}]}]})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "fake-model",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "How many fields?"},
+                    ],
+                }
+            ],
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == FakePipeline.answer_for("How many fields?")
     assert fake.calls[-1]["size"] == (50, 40)

@@ -70,11 +70,26 @@ class CDP:
 def launch_chromium(profile: Path):
     """Headless Chromium with a fresh profile, DevTools on 127.0.0.1: yields a CDP page client."""
     proc = subprocess.Popen(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0", "--window-size=1280,1600", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            "--window-size=1280,1600",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         port_file = profile / "DevToolsActivePort"
@@ -139,15 +154,17 @@ def _ask_in_page(cdp: CDP, base_url: str, image: Path, question: str, budgets: s
     if budgets is not None:
         cdp.js(f"document.getElementById('budgets').value = {json.dumps(budgets)}")
     _click(cdp, "#ask")
-    state = cdp.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state",
-                         timeout=120)
+    state = cdp.wait_for(
+        "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state", timeout=120
+    )
     return state, cdp.js(
         "({answer: document.getElementById('answer').textContent,"
         " error: document.getElementById('error').textContent,"
         " complete: document.getElementById('overlay').complete,"
         " w: document.getElementById('overlay').naturalWidth,"
         " h: document.getElementById('overlay').naturalHeight,"
-        " meta: document.getElementById('meta').textContent})")
+        " meta: document.getElementById('meta').textContent})"
+    )
 
 
 def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
@@ -168,8 +185,9 @@ def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
         assert state == "done", out
         assert out["answer"] == FakePipeline.answer_for(question)
         assert fake.calls[-1]["budgets"] == [5, 6, 7, 8] and fake.calls[-1]["size"] == (640, 400)
-        expected = render_overlay(open_image(img_path), fake.last.tokens, fake.last.relevance, question,
-                                  fake.last.answer, None, max_side=500)
+        expected = render_overlay(
+            open_image(img_path), fake.last.tokens, fake.last.relevance, question, fake.last.answer, None, max_side=500
+        )
         assert out["complete"] and (out["w"], out["h"]) == expected.size
         assert "640×400" in out["meta"]
 
@@ -187,8 +205,9 @@ def test_demo_page_with_tiny_model_in_chromium(browser, tiny_pipeline) -> None:
 
     app = create_app(tiny_pipeline, model_name="tiny", overlay_max_side=400, max_new_tokens=4)
     with serve_in_thread(app) as url:
-        state, out = _ask_in_page(browser, url, ASSETS / "aerial" / "neon_osbs_400.tif", "How many trees?",
-                                  budgets="8,16")
+        state, out = _ask_in_page(
+            browser, url, ASSETS / "aerial" / "neon_osbs_400.tif", "How many trees?", budgets="8,16"
+        )
     assert state == "done", out
     assert out["complete"] and out["w"] >= 400 and out["h"] > 400
     assert "visual tokens" in out["meta"] and "400×400" in out["meta"]

@@ -22,10 +22,17 @@ def test_demo_command_wiring(monkeypatch) -> None:
 
     monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
     monkeypatch.setattr(demo, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
-    r = CliRunner().invoke(app, ["demo", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--port", "8123",
-                                 "--clusters", "5"])
+    r = CliRunner().invoke(
+        app, ["demo", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--port", "8123", "--clusters", "5"]
+    )
     assert r.exit_code == 0, r.output
-    assert loaded == {"model": "some/ckpt", "device": "cpu", "dtype": None, "budgets": [1, 2, 3, 4], "kmeans_clusters": 5}
+    assert loaded == {
+        "model": "some/ckpt",
+        "device": "cpu",
+        "dtype": None,
+        "budgets": [1, 2, 3, 4],
+        "kmeans_clusters": 5,
+    }
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
     routes = {getattr(rt, "path", None) for rt in served["app"].routes}
     assert {"/", "/api/ask", "/api/result/{key}/overlay.png", "/v1/chat/completions", "/health"} <= routes

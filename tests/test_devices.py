@@ -39,7 +39,9 @@ def test_cuda_not_available_is_one_clear_line(no_cuda) -> None:
     with pytest.raises(ConfigError) as e:
         resolve_device("cuda:1")
     msg = str(e.value)
-    assert msg.startswith("--device cuda:1: CUDA is not available on this machine (") and msg.endswith("use --device cpu")
+    assert msg.startswith("--device cuda:1: CUDA is not available on this machine (") and msg.endswith(
+        "use --device cpu"
+    )
     assert "\n" not in msg
 
 
@@ -112,7 +114,9 @@ def test_train_real_run_fails_early_with_that_line(unlaunched, capsys: pytest.Ca
 def test_train_machine_problems_fp16_and_qlora(unlaunched) -> None:
     from uhrbat.training.recipe import load_recipe
 
-    r = load_recipe(None, [], model="m", data="d", deepspeed="none", bf16=False, fp16=True, **{"lora.r": 8, "lora.quantize": "4bit"})
+    r = load_recipe(
+        None, [], model="m", data="d", deepspeed="none", bf16=False, fp16=True, **{"lora.r": 8, "lora.quantize": "4bit"}
+    )
     problems = r.machine_problems()
     assert [p.split(":")[0] for p in problems] == ["fp16", "lora.quantize 4bit"]
     assert load_recipe(None, [], model="m", data="d", deepspeed="none").machine_problems() == []
@@ -133,7 +137,9 @@ def test_default_attention_is_flash_only_on_cuda_half_precision_when_installed(m
     assert default_attn_implementation(torch.device("cpu"), torch.bfloat16) is None
     assert default_attn_implementation(torch.device("cuda"), torch.float32) is None
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a)
+    )
     assert default_attn_implementation(torch.device("cuda"), torch.bfloat16) == "flash_attention_2"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
     assert default_attn_implementation(torch.device("cuda"), torch.float16) is None

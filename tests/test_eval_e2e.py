@@ -9,7 +9,6 @@ import json
 import pytest
 
 from test_eval_support import make_hrbench
-
 from uhrbat.runfiles import read_jsonl
 
 
@@ -37,9 +36,31 @@ def test_eval_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, monkeypatch,
         monkeypatch.delenv(k, raising=False)
     data = make_hrbench(tmp_path)
     out = tmp_path / "run"
-    argv = ["eval", "--benchmark", "hrbench-4k", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out),
-            "--budgets", "4,8", "--selector", "topk", "--seed", "0", "--device", "cpu", "--max-new-tokens", "3",
-            "--batch-size", "2", "--choice-by-logits", "--no-progress"]
+    argv = [
+        "eval",
+        "--benchmark",
+        "hrbench-4k",
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--budgets",
+        "4,8",
+        "--selector",
+        "topk",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+        "--choice-by-logits",
+        "--no-progress",
+    ]
     assert _main(argv) == 0, capsys.readouterr().err
     rows, n_torn = read_jsonl(out / "predictions.jsonl")
     assert n_torn == 0 and [r["id"] for r in rows] == ["0", "1", "2", "3"]
@@ -68,7 +89,20 @@ def test_eval_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, monkeypatch,
 
     # offline scoring of the same outputs gives the same numbers
     capsys.readouterr()
-    assert _main(["score", "--benchmark", "hrbench-4k", "--data", str(data), "--predictions",
-                  str(out / "predictions.jsonl"), "--json"]) == 0
+    assert (
+        _main(
+            [
+                "score",
+                "--benchmark",
+                "hrbench-4k",
+                "--data",
+                str(data),
+                "--predictions",
+                str(out / "predictions.jsonl"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     offline = json.loads(capsys.readouterr().out)
     assert offline["headline"] == report["headline"] and offline["per_sample"] == report["per_sample"]

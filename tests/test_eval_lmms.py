@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 
 from test_eval_support import png_bytes
-
 from uhrbat.evaluation import lmms_plugin
 
 
@@ -34,12 +33,27 @@ def _plugin(monkeypatch, **kw):
 def test_generate_until_and_loglikelihood(monkeypatch):
     m = _plugin(monkeypatch)
     assert m.pipe.kwargs["budgets"] == [8, 16] and m.rank == 0 and m.world_size == 1
-    reqs = [SimpleNamespace(args=("<image>\nQ [[B. green]]", {"until": ["."], "max_new_tokens": 4}, lambda d: [_image()], i, "t", "test"))
-            for i in range(3)]
+    reqs = [
+        SimpleNamespace(
+            args=(
+                "<image>\nQ [[B. green]]",
+                {"until": ["."], "max_new_tokens": 4},
+                lambda d: [_image()],
+                i,
+                "t",
+                "test",
+            )
+        )
+        for i in range(3)
+    ]
     assert m.generate_until(reqs) == ["B", "B", "B"]  # cut at the `until` string
     assert ("ask_batch", 2) in m.pipe.calls
-    ll = m.loglikelihood([SimpleNamespace(args=("<image>\nQ [[B]]", "B", lambda d: [_image(), _image()], 0, "t", "test")),
-                          SimpleNamespace(args=("Q [[B]]", lambda d: "CC", lambda d: [_image()], 1, "t", "test"))])
+    ll = m.loglikelihood(
+        [
+            SimpleNamespace(args=("<image>\nQ [[B]]", "B", lambda d: [_image(), _image()], 0, "t", "test")),
+            SimpleNamespace(args=("Q [[B]]", lambda d: "CC", lambda d: [_image()], 1, "t", "test")),
+        ]
+    )
     assert ll == [(-1.0, True), (-2.0, False)]
 
 
@@ -57,7 +71,11 @@ def test_real_lmms_eval_registry_with_tiny_model(tmp_path, monkeypatch):
     cls = reg.get_model_class("uhrbat")
     m = cls(pretrained=str(ckpt), device="cpu", budgets="4,8", selector="topk")
     m.task_dict = {"t": {"test": {0: {}}}}
-    (text,) = m.generate_until([SimpleNamespace(args=("<image>\nWhat is it?", {"max_new_tokens": 3}, lambda d: [_image()], 0, "t", "test"))])
+    (text,) = m.generate_until(
+        [SimpleNamespace(args=("<image>\nWhat is it?", {"max_new_tokens": 3}, lambda d: [_image()], 0, "t", "test"))]
+    )
     assert isinstance(text, str)
-    ((ll, greedy),) = m.loglikelihood([SimpleNamespace(args=("What is it?", "A", lambda d: [_image()], 0, "t", "test"))])
+    ((ll, greedy),) = m.loglikelihood(
+        [SimpleNamespace(args=("What is it?", "A", lambda d: [_image()], 0, "t", "test"))]
+    )
     assert ll <= 0.0 and isinstance(greedy, bool)

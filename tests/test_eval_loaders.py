@@ -6,8 +6,17 @@ import json
 
 import pytest
 
-from test_eval_support import b64, make_hrbench, make_lrs, make_mme, make_rshr, make_xlrs, png_bytes, write_jsonl, write_png
-
+from test_eval_support import (
+    b64,
+    make_hrbench,
+    make_lrs,
+    make_mme,
+    make_rshr,
+    make_xlrs,
+    png_bytes,
+    write_jsonl,
+    write_png,
+)
 from uhrbat.errors import BenchmarkDataError, ImageLoadError
 from uhrbat.evaluation import prompts
 from uhrbat.evaluation.loaders import load_benchmark, parse_options
@@ -35,10 +44,26 @@ def test_mme_official_json_filtered_to_remote_sensing(tmp_path):
 
 
 def test_mme_lmms_eval_variant(tmp_path):
-    rows = [{"index": "rs-1", "question": "Colour?", "multi-choice options": ["(A) red", "(B) blue"], "answer": "B",
-             "category": "Perception/Remote Sensing", "l2-category": "color", "bytes": b64(png_bytes())},
-            {"index": "od-1", "question": "Q", "multi-choice options": ["(A) x"], "answer": "A",
-             "category": "Perception/Monitoring", "l2-category": "count", "bytes": b64(png_bytes())}]
+    rows = [
+        {
+            "index": "rs-1",
+            "question": "Colour?",
+            "multi-choice options": ["(A) red", "(B) blue"],
+            "answer": "B",
+            "category": "Perception/Remote Sensing",
+            "l2-category": "color",
+            "bytes": b64(png_bytes()),
+        },
+        {
+            "index": "od-1",
+            "question": "Q",
+            "multi-choice options": ["(A) x"],
+            "answer": "A",
+            "category": "Perception/Monitoring",
+            "l2-category": "count",
+            "bytes": b64(png_bytes()),
+        },
+    ]
     samples = load_benchmark("mme-realworld-rs", write_jsonl(tmp_path / "mme_lmms.jsonl", rows))
     assert [s.id for s in samples] == ["rs-1"]
     assert samples[0].category == "color" and samples[0].extra["task"] == "Perception"
@@ -46,8 +71,18 @@ def test_mme_lmms_eval_variant(tmp_path):
 
 
 def test_mme_without_remote_sensing_rows_is_an_error(tmp_path):
-    rows = [{"Question_id": "x", "Image": "a.png", "Text": "t", "Answer choices": ["(A) 1"], "Ground truth": "A",
-             "Task": "Perception", "Subtask": "Monitoring", "Category": "c"}]
+    rows = [
+        {
+            "Question_id": "x",
+            "Image": "a.png",
+            "Text": "t",
+            "Answer choices": ["(A) 1"],
+            "Ground truth": "A",
+            "Task": "Perception",
+            "Subtask": "Monitoring",
+            "Category": "c",
+        }
+    ]
     p = tmp_path / "mme.json"
     p.write_text(json.dumps(rows))
     with pytest.raises(BenchmarkDataError, match="no Remote Sensing rows"):
@@ -74,8 +109,20 @@ def test_hrbench_tsv_base64(tmp_path):
 def test_hrbench_parquet_with_missing_option(tmp_path):
     from test_eval_support import write_parquet
 
-    rows = [{"index": 7, "question": "q", "A": "x", "B": "y", "C": None, "D": None, "answer": "A",
-             "category": "single", "cycle_category": "c1", "image": b64(png_bytes())}]
+    rows = [
+        {
+            "index": 7,
+            "question": "q",
+            "A": "x",
+            "B": "y",
+            "C": None,
+            "D": None,
+            "answer": "A",
+            "category": "single",
+            "cycle_category": "c1",
+            "image": b64(png_bytes()),
+        }
+    ]
     samples = load_benchmark("hrbench-8k", write_parquet(tmp_path / "hr.parquet", rows))
     assert samples[0].options == {"A": "x", "B": "y"}  # NaN/None options dropped, as lmms-eval does
 
@@ -86,8 +133,19 @@ def test_hrbench_hub_folder_keeps_the_requested_split(tmp_path):
     d = tmp_path / "hrbench_version_split"
     d.mkdir()
     for split, n in (("4k", 2), ("8k", 3)):
-        rows = [{"index": i, "question": "q", "A": "x", "B": "y", "answer": "A", "category": "single",
-                 "cycle_category": "c1", "image": b64(png_bytes())} for i in range(n)]
+        rows = [
+            {
+                "index": i,
+                "question": "q",
+                "A": "x",
+                "B": "y",
+                "answer": "A",
+                "category": "single",
+                "cycle_category": "c1",
+                "image": b64(png_bytes()),
+            }
+            for i in range(n)
+        ]
         write_parquet(d / f"hrbench_{split}-00000-of-00001.parquet", rows)
     assert len(load_benchmark("hrbench-4k", tmp_path)) == 2
     assert len(load_benchmark("hrbench-8k", d)) == 3
@@ -103,9 +161,17 @@ def test_lrs_jsonl_tif_images(tmp_path):
 
 def test_llava_conversation_rows(tmp_path):
     write_png(tmp_path / "imgs" / "a.png")
-    rows = [{"id": "c1", "image": "imgs/a.png", "category": "Counting/Overall counting",
-             "conversations": [{"from": "human", "value": "<image>\nHow many?\nA. 1\nB. 2\nAnswer with the option letter only."},
-                               {"from": "gpt", "value": "B"}]}]
+    rows = [
+        {
+            "id": "c1",
+            "image": "imgs/a.png",
+            "category": "Counting/Overall counting",
+            "conversations": [
+                {"from": "human", "value": "<image>\nHow many?\nA. 1\nB. 2\nAnswer with the option letter only."},
+                {"from": "gpt", "value": "B"},
+            ],
+        }
+    ]
     p = tmp_path / "xlrs_lite_relative.json"
     p.write_text(json.dumps(rows))
     (s,) = load_benchmark("xlrs", p)
@@ -186,14 +252,17 @@ def test_invalid_jsonl_line_is_an_error_row(tmp_path):
     assert samples[1].error == "row 1: line 2 is not valid JSON (Expecting property name enclosed in double quotes)"
 
 
-@pytest.mark.parametrize("name,make,msg", [
-    ("xlrs", lambda p: p / "missing.parquet", "benchmark data not found"),
-    ("nope", lambda p: p / "x.json", "unknown benchmark 'nope'"),
-    ("xlrs", lambda p: (p / "x.txt").write_text("hi") and p / "x.txt", "unsupported benchmark file type"),
-    ("lrs-vqa", lambda p: (p / "e.jsonl").write_text("\n") and p / "e.jsonl", "no rows"),
-    ("rshr", lambda p: (p / "d.json").write_text("{bad") and p / "d.json", "not valid JSON"),
-    ("rshr", lambda p: (p / "d.json").write_text('{"a": 1}') and p / "d.json", "expected a JSON list"),
-])
+@pytest.mark.parametrize(
+    "name,make,msg",
+    [
+        ("xlrs", lambda p: p / "missing.parquet", "benchmark data not found"),
+        ("nope", lambda p: p / "x.json", "unknown benchmark 'nope'"),
+        ("xlrs", lambda p: (p / "x.txt").write_text("hi") and p / "x.txt", "unsupported benchmark file type"),
+        ("lrs-vqa", lambda p: (p / "e.jsonl").write_text("\n") and p / "e.jsonl", "no rows"),
+        ("rshr", lambda p: (p / "d.json").write_text("{bad") and p / "d.json", "not valid JSON"),
+        ("rshr", lambda p: (p / "d.json").write_text('{"a": 1}') and p / "d.json", "expected a JSON list"),
+    ],
+)
 def test_bad_files_raise_clear_errors(tmp_path, name, make, msg):
     with pytest.raises(BenchmarkDataError, match=msg):
         load_benchmark(name, make(tmp_path))
@@ -223,20 +292,24 @@ def test_official_prompts_exact(tmp_path):
     assert prompts.build_prompt("xlrs", x[0]) == (
         "How many ships? [[B]]The choices are listed below:\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n\nSelect the best answer for "
         "the multiple-choice question based on the image. Only respond with the letter corresponding to the correct "
-        "answer (A, B, C, D).\nThe answer is:")
+        "answer (A, B, C, D).\nThe answer is:"
+    )
     assert "There may be more than one correct option" in prompts.build_prompt("xlrs", x[2])  # Overall land use
     data, root = make_mme(tmp_path)
     m = load_benchmark("mme-realworld-rs", data, root)[0]
     assert prompts.build_prompt("mme-realworld-rs", m) == (
         "What is it? [[A]] The choices are listed below: \n(A) red\n(B) blue\n(C) 3\n(D) 4\n"
         "(E) The image does not feature the object\nSelect the best answer to the above multiple-choice question based "
-        "on the image. Respond with only the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:")
+        "on the image. Respond with only the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:"
+    )
     assert prompts.build_prompt("mme-realworld-rs", m, "reference") == (
         "What is it? [[A]]\nOptions:\nA. red\nB. blue\nC. 3\nD. 4\nE. The image does not feature the object\n"
-        "Please reply with the letter of the correct option (e.g., A/B/C/D/E).")
+        "Please reply with the letter of the correct option (e.g., A/B/C/D/E)."
+    )
     h = load_benchmark("hrbench-4k", make_hrbench(tmp_path))[0]
     assert prompts.build_prompt("hrbench-4k", h) == (
-        "What colour? [[B]]\nA. red\nB. green\nC. blue\nD. white\nAnswer the option letter directly.")
+        "What colour? [[B]]\nA. red\nB. green\nC. blue\nD. white\nAnswer the option letter directly."
+    )
     data, root = make_lrs(tmp_path)
     lq = load_benchmark("lrs-vqa", data, root)[0]
     assert prompts.build_prompt("lrs-vqa", lq) == lq.question

@@ -10,8 +10,8 @@ import types
 from pathlib import Path
 
 import pytest
-from test_eval_support import write_png
 
+from test_eval_support import write_png
 from uhrbat.errors import BenchmarkDataError
 from uhrbat.evaluation import BENCHMARK_NAMES, benchmarks, prompts
 from uhrbat.evaluation.loaders import load_benchmark
@@ -31,8 +31,16 @@ def test_every_benchmark_lives_in_one_module():
         assert spec in mod.SPECS and callable(mod.extract) and callable(mod.correct) and callable(mod.aggregate)
 
 
-@pytest.mark.parametrize("alias,name", [("XLRS-Lite", "xlrs"), ("mme-rs", "mme-realworld-rs"), ("xhrbench", "rshr"),
-                                        ("hrbench8k", "hrbench-8k"), ("lrsvqa", "lrs-vqa")])
+@pytest.mark.parametrize(
+    "alias,name",
+    [
+        ("XLRS-Lite", "xlrs"),
+        ("mme-rs", "mme-realworld-rs"),
+        ("xhrbench", "rshr"),
+        ("hrbench8k", "hrbench-8k"),
+        ("lrsvqa", "lrs-vqa"),
+    ],
+)
 def test_aliases(alias, name):
     assert benchmarks.get_spec(alias).name == name
 
@@ -44,7 +52,7 @@ def test_unknown_benchmark_lists_the_choices():
 
 def test_readme_add_a_benchmark_example_works(tmp_path):
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Add a benchmark"):]
+    section = text[text.index("### Add a benchmark") :]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     mod = types.ModuleType("my_bench_from_readme")
     sys.modules[mod.__name__] = mod
@@ -54,8 +62,10 @@ def test_readme_add_a_benchmark_example_works(tmp_path):
         benchmarks.register(spec)
         d = tmp_path / "mb"
         write_png(d / "a.png")
-        rows = [{"id": 1, "image": "a.png", "question": "Which?", "options": ["x", "y"], "answer": "B"},
-                {"id": 2, "image": "a.png", "question": "Which?", "options": ["x", "y"], "answer": "A"}]
+        rows = [
+            {"id": 1, "image": "a.png", "question": "Which?", "options": ["x", "y"], "answer": "B"},
+            {"id": 2, "image": "a.png", "question": "Which?", "options": ["x", "y"], "answer": "A"},
+        ]
         (d / "data.json").write_text(json.dumps(rows))
         samples = load_benchmark("my-bench", d / "data.json")
         assert [s.id for s in samples] == ["1", "2"] and all(s.ok for s in samples)

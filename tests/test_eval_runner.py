@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from test_eval_support import FakePipeline, make_hrbench, make_lrs, make_mme, make_rshr, make_xlrs, write_png
-
 from uhrbat.errors import ConfigError
 from uhrbat.evaluation.runner import EvalConfig, dist_info, run_eval
 from uhrbat.runfiles import read_jsonl
@@ -44,16 +43,36 @@ def make_many(tmp: Path, n: int, n_images: int = 1) -> Path:
     d = tmp / "many"
     for k in range(n_images):
         write_png(d / "images" / f"x{k}.png", color=(10 * k % 256, 120, 30))
-    rows = [{"id": f"q{i:03d}", "images": [f"images/x{i % n_images}.png"], "question": f"Q{i} [[{'ABCD'[i % 4]}]]",
-             "options": ["a", "b", "c", "d"], "answer": "ABCD"[(i + (i % 3 == 0)) % 4], "category": "COL"} for i in range(n)]
+    rows = [
+        {
+            "id": f"q{i:03d}",
+            "images": [f"images/x{i % n_images}.png"],
+            "question": f"Q{i} [[{'ABCD'[i % 4]}]]",
+            "options": ["a", "b", "c", "d"],
+            "answer": "ABCD"[(i + (i % 3 == 0)) % 4],
+            "category": "COL",
+        }
+        for i in range(n)
+    ]
     (d / "dataset.json").write_text(json.dumps(rows))
     return d
 
 
 def test_run_writes_records_and_reports(tmp_path):
     out = tmp_path / "run"
-    rep = run_eval(EvalConfig(benchmark="xlrs", data=make_xlrs(tmp_path), out=out, model="fake-model", batch_size=2,
-                              budgets=[8, 16], selector="topk", seed=3, progress=False))
+    rep = run_eval(
+        EvalConfig(
+            benchmark="xlrs",
+            data=make_xlrs(tmp_path),
+            out=out,
+            model="fake-model",
+            batch_size=2,
+            budgets=[8, 16],
+            selector="topk",
+            seed=3,
+            progress=False,
+        )
+    )
     assert rep is not None and rep.headline["micro"] == 100.0 and rep.n == 4
     (pipe,) = FakePipeline.instances
     assert pipe.kwargs == {"device": "cpu", "dtype": None, "budgets": [8, 16], "selector": "topk", "seed": 3}
@@ -73,8 +92,10 @@ def test_run_writes_records_and_reports(tmp_path):
     assert "| micro | macro |" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("bench,make", [("mme-realworld-rs", make_mme), ("rshr", make_rshr), ("hrbench-4k", make_hrbench),
-                                        ("lrs-vqa", make_lrs)])
+@pytest.mark.parametrize(
+    "bench,make",
+    [("mme-realworld-rs", make_mme), ("rshr", make_rshr), ("hrbench-4k", make_hrbench), ("lrs-vqa", make_lrs)],
+)
 def test_every_benchmark_runs(tmp_path, bench, make, monkeypatch):
     if bench == "lrs-vqa":  # the official synonym rule needs WordNet: a tiny one in WordNet's own format
         from test_eval_support import make_mini_wordnet
@@ -82,7 +103,9 @@ def test_every_benchmark_runs(tmp_path, bench, make, monkeypatch):
         monkeypatch.setenv("UHRBAT_WORDNET_DIR", str(make_mini_wordnet(tmp_path / "wn")))
     made = make(tmp_path)
     data, images = made if isinstance(made, tuple) else (made, None)
-    rep = run_eval(EvalConfig(benchmark=bench, data=data, images=images, out=tmp_path / "run", model="m", progress=False))
+    rep = run_eval(
+        EvalConfig(benchmark=bench, data=data, images=images, out=tmp_path / "run", model="m", progress=False)
+    )
     assert rep.n == 4 and rep.n_errors == 0
     assert (tmp_path / "run" / "report.md").exists()
 
@@ -110,11 +133,13 @@ def test_error_rows_do_not_stop_the_run(tmp_path):
     d = tmp_path / "ds"
     write_png(d / "ok.png")
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    rows = [{"id": "a", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "b", "images": ["broken.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "c", "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "d", "images": ["../../etc/passwd"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "e", "images": ["ok.png"], "question": "[[B]]", "options": ["x", "y"], "answer": "B"}]
+    rows = [
+        {"id": "a", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "b", "images": ["broken.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "c", "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "d", "images": ["../../etc/passwd"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "e", "images": ["ok.png"], "question": "[[B]]", "options": ["x", "y"], "answer": "B"},
+    ]
     (d / "dataset.json").write_text(json.dumps(rows))
     rep = run_eval(EvalConfig(benchmark="rshr", data=d, out=tmp_path / "run", model="m", batch_size=4, progress=False))
     assert rep.per_sample == {"a": True, "b": False, "c": False, "d": False, "e": True}
@@ -128,8 +153,10 @@ def test_error_rows_do_not_stop_the_run(tmp_path):
 def test_systematic_model_failure_aborts_without_writing_rows(tmp_path):
     d = tmp_path / "ds"
     write_png(d / "ok.png")
-    rows = [{"id": "a", "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "b", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"}]
+    rows = [
+        {"id": "a", "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "b", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+    ]
     (d / "dataset.json").write_text(json.dumps(rows))
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="fake model failure"):
@@ -142,19 +169,38 @@ def test_settings_change_is_refused(tmp_path):
     data = make_many(tmp_path, 2)
     run_eval(EvalConfig(benchmark="rshr", data=data, out=tmp_path / "run", model="m", progress=False))
     with pytest.raises(ConfigError, match="different settings \\(prompt"):
-        run_eval(EvalConfig(benchmark="rshr", data=data, out=tmp_path / "run", model="m", prompt="reference", progress=False))
+        run_eval(
+            EvalConfig(benchmark="rshr", data=data, out=tmp_path / "run", model="m", prompt="reference", progress=False)
+        )
 
 
 def test_choice_by_logits(tmp_path):
-    rep = run_eval(EvalConfig(benchmark="hrbench-4k", data=make_hrbench(tmp_path), out=tmp_path / "run", model="m",
-                              choice_by_logits=True, progress=False))
+    rep = run_eval(
+        EvalConfig(
+            benchmark="hrbench-4k",
+            data=make_hrbench(tmp_path),
+            out=tmp_path / "run",
+            model="m",
+            choice_by_logits=True,
+            progress=False,
+        )
+    )
     # the fake prefers the last option letter: D is right only for row 2
     assert rep.metrics["logits/overall"] == pytest.approx((50 + 0) / 2)
     assert rep.headline["overall"] == pytest.approx(75.0)
     with pytest.raises(ConfigError, match="multiple-choice"):
         data, root = make_lrs(tmp_path)
-        run_eval(EvalConfig(benchmark="lrs-vqa", data=data, images=root, out=tmp_path / "r2", model="m",
-                            choice_by_logits=True, progress=False))
+        run_eval(
+            EvalConfig(
+                benchmark="lrs-vqa",
+                data=data,
+                images=root,
+                out=tmp_path / "r2",
+                model="m",
+                choice_by_logits=True,
+                progress=False,
+            )
+        )
 
 
 def test_dist_info():
@@ -178,8 +224,22 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cmd(data: Path, out: Path, *more: str) -> list[str]:
-    return [sys.executable, "-m", "uhrbat.cli.main", "eval", "--benchmark", "rshr", "--data", str(data), "--model", "fake",
-            "--out", str(out), "--no-progress", *more]
+    return [
+        sys.executable,
+        "-m",
+        "uhrbat.cli.main",
+        "eval",
+        "--benchmark",
+        "rshr",
+        "--data",
+        str(data),
+        "--model",
+        "fake",
+        "--out",
+        str(out),
+        "--no-progress",
+        *more,
+    ]
 
 
 def test_sigkill_then_resume_gives_exactly_one_row_per_sample(tmp_path):
@@ -187,8 +247,9 @@ def test_sigkill_then_resume_gives_exactly_one_row_per_sample(tmp_path):
     data = make_many(tmp_path, n)
     out = tmp_path / "run"
     rank_file = out / "predictions.rank0-of-1.jsonl"
-    proc = subprocess.Popen(_cmd(data, out), env=_env(UHRBAT_FAKE_DELAY="0.2"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(data, out), env=_env(UHRBAT_FAKE_DELAY="0.2"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if rank_file.exists() and rank_file.read_bytes().count(b"\n") >= 3:
@@ -215,8 +276,16 @@ def test_two_ranks_shard_and_merge(tmp_path, capsys):
     n = 9
     data = make_many(tmp_path, n, n_images=n)  # one image per question: image groups alternate between ranks
     out = tmp_path / "run"
-    procs = [subprocess.Popen(_cmd(data, out, "--batch-size", "2"), env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    procs = [
+        subprocess.Popen(
+            _cmd(data, out, "--batch-size", "2"),
+            env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (1, 0)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     r0 = _ids(out / "predictions.rank0-of-2.jsonl")
@@ -227,8 +296,21 @@ def test_two_ranks_shard_and_merge(tmp_path, capsys):
     assert report["n"] == n and report["meta"]["world_size"] == 2
     # the merged report equals scoring the merged predictions offline
     capsys.readouterr()
-    assert _main(["score", "--benchmark", "rshr", "--data", str(data), "--predictions", str(out / "predictions.jsonl"),
-                  "--json"]) == 0
+    assert (
+        _main(
+            [
+                "score",
+                "--benchmark",
+                "rshr",
+                "--data",
+                str(data),
+                "--predictions",
+                str(out / "predictions.jsonl"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     offline = json.loads(capsys.readouterr().out)
     assert offline["headline"] == report["headline"] and offline["per_sample"] == report["per_sample"]
 
@@ -251,14 +333,35 @@ def _main(argv: list[str]) -> int:
 def test_cli_score_json(tmp_path, capsys):
     data, root = make_mme(tmp_path)
     pred = tmp_path / "pred.jsonl"
-    pred.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "perception/remote_sensing/color/0000", "output": "A"},
-        {"id": "perception/remote_sensing/count/0001", "output": "The answer is (C)"},
-        {"id": "perception/remote_sensing/position/0002", "output": ""},
-        {"id": "not-in-benchmark", "output": "A"},
-    ]) + "\n")
-    assert _main(["score", "--benchmark", "mme-realworld-rs", "--data", str(data), "--images", str(root),
-                  "--predictions", str(pred), "--json"]) == 0
+    pred.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"id": "perception/remote_sensing/color/0000", "output": "A"},
+                {"id": "perception/remote_sensing/count/0001", "output": "The answer is (C)"},
+                {"id": "perception/remote_sensing/position/0002", "output": ""},
+                {"id": "not-in-benchmark", "output": "A"},
+            ]
+        )
+        + "\n"
+    )
+    assert (
+        _main(
+            [
+                "score",
+                "--benchmark",
+                "mme-realworld-rs",
+                "--data",
+                str(data),
+                "--images",
+                str(root),
+                "--predictions",
+                str(pred),
+                "--json",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     # 2 right ("A"; "(C)"), "" -> "A" wrong for E, the 4th RS question has no prediction.
     assert rep["n"] == 4 and rep["n_errors"] == 1
@@ -266,16 +369,31 @@ def test_cli_score_json(tmp_path, capsys):
     assert rep["meta"]["n_unmatched_predictions"] == 1
     assert all(isinstance(v, bool) for v in rep["per_sample"].values())
     # without --images the images are not needed (nor checked) to score saved outputs
-    assert _main(["score", "--benchmark", "mme-realworld-rs", "--data", str(data), "--predictions", str(pred), "--json"]) == 0
+    assert (
+        _main(["score", "--benchmark", "mme-realworld-rs", "--data", str(data), "--predictions", str(pred), "--json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["per_sample"] == rep["per_sample"]
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["score", "--benchmark", "nope", "--data", "{data}", "--predictions", "{pred}"], "unknown benchmark 'nope'"),
-    (["score", "--benchmark", "rshr", "--data", "{tmp}/missing.json", "--predictions", "{pred}"], "benchmark data not found"),
-    (["score", "--benchmark", "rshr", "--data", "{data}", "--predictions", "{tmp}/nope.jsonl"], "predictions file not found"),
-    (["eval", "--benchmark", "rshr", "--data", "{data}", "--model", "m", "--out", "{tmp}/o", "--prompt", "x"], "prompt style"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["score", "--benchmark", "nope", "--data", "{data}", "--predictions", "{pred}"], "unknown benchmark 'nope'"),
+        (
+            ["score", "--benchmark", "rshr", "--data", "{tmp}/missing.json", "--predictions", "{pred}"],
+            "benchmark data not found",
+        ),
+        (
+            ["score", "--benchmark", "rshr", "--data", "{data}", "--predictions", "{tmp}/nope.jsonl"],
+            "predictions file not found",
+        ),
+        (
+            ["eval", "--benchmark", "rshr", "--data", "{data}", "--model", "m", "--out", "{tmp}/o", "--prompt", "x"],
+            "prompt style",
+        ),
+    ],
+)
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, msg):
     data = make_many(tmp_path, 2)
     pred = tmp_path / "p.jsonl"
@@ -289,7 +407,23 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, msg):
 def test_cli_bad_budgets_are_a_usage_error(tmp_path, capsys):
     # shared options (uhrbat.cli.options) are checked while the command line is parsed
     data = make_many(tmp_path, 2)
-    assert _main(["eval", "--benchmark", "rshr", "--data", str(data), "--model", "m", "--out", str(tmp_path / "o"),
-                  "--budgets", "a,b"]) == 2
+    assert (
+        _main(
+            [
+                "eval",
+                "--benchmark",
+                "rshr",
+                "--data",
+                str(data),
+                "--model",
+                "m",
+                "--out",
+                str(tmp_path / "o"),
+                "--budgets",
+                "a,b",
+            ]
+        )
+        == 2
+    )
     assert "Invalid value for '--budgets'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

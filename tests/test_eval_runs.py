@@ -10,9 +10,9 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from test_eval_runner import _main, make_many
 from test_eval_support import FakePipeline, make_xlrs, write_png
-
 from uhrbat.errors import ConfigError, RunLockedError
 from uhrbat.evaluation.loaders import load_benchmark
 from uhrbat.evaluation.runner import EvalConfig, run_eval, shard_of
@@ -97,8 +97,9 @@ def test_latest_row_wins_over_a_stale_rank_file_of_another_world_size(tmp_path):
     out.mkdir()
     # an earlier 2-rank run left an error row for q001; its file name sorts after the 1-rank file
     stale = out / "predictions.rank0-of-2.jsonl"
-    stale.write_text(json.dumps({"id": "q001", "output": None, "error": "RuntimeError: CUDA out of memory",
-                                 "seq": [1, 0]}) + "\n")
+    stale.write_text(
+        json.dumps({"id": "q001", "output": None, "error": "RuntimeError: CUDA out of memory", "seq": [1, 0]}) + "\n"
+    )
     assert run_eval(_cfg(data, out)).per_sample["q001"] is False  # resumed: the error row stands
     rep = run_eval(_cfg(data, out, retry_errors=True))  # now answered, in predictions.rank0-of-1.jsonl
     assert rep.per_sample["q001"] is True and rep.n_errors == 0
@@ -144,8 +145,10 @@ def test_shards_keep_each_image_on_one_rank(tmp_path):
 def test_batch_failures_are_logged_and_recorded(tmp_path, capsys):
     d = tmp_path / "ds"
     write_png(d / "ok.png")
-    rows = [{"id": "a", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "b", "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"}]
+    rows = [
+        {"id": "a", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "b", "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"},
+    ]
     (d / "dataset.json").write_text(json.dumps(rows))
     rep = run_eval(_cfg(d, tmp_path / "run", batch_size=2))
     err = capsys.readouterr().err
@@ -169,7 +172,9 @@ def test_corrupt_run_json_is_refused_not_overwritten(tmp_path):
 def test_report_files_get_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        run_eval(EvalConfig(benchmark="xlrs", data=make_xlrs(tmp_path), out=tmp_path / "run", model="m", progress=False))
+        run_eval(
+            EvalConfig(benchmark="xlrs", data=make_xlrs(tmp_path), out=tmp_path / "run", model="m", progress=False)
+        )
     finally:
         os.umask(old)
     for name in ("report.json", "report.md", "predictions.jsonl", "run.json"):
@@ -182,7 +187,9 @@ def test_report_files_get_normal_permissions(tmp_path):
 def test_score_skips_bad_lines_and_lists_missing_and_unmatched_ids(tmp_path, capsys):
     data = make_many(tmp_path, 3)
     pred = tmp_path / "p.jsonl"
-    pred.write_text('{"id": "q000", "output": "B"}\nnot json\n{"id": "zzz", "output": "B"}\n{"id": "q001", "output": "B"}\n')
+    pred.write_text(
+        '{"id": "q000", "output": "B"}\nnot json\n{"id": "zzz", "output": "B"}\n{"id": "q001", "output": "B"}\n'
+    )
     assert _main(["score", "--benchmark", "rshr", "--data", str(data), "--predictions", str(pred)]) == 0
     text = capsys.readouterr().out
     assert "missing predictions (1, scored wrong): q002" in text
@@ -200,7 +207,9 @@ def test_score_fails_loudly_when_every_row_is_an_error(tmp_path, capsys):
     pred.write_text('{"id": "q000", "output": "A"}\n{"id": "q001", "output": "B"}\n')
     assert _main(["score", "--benchmark", "hrbench-4k", "--data", str(data), "--predictions", str(pred)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: all 2 questions of hrbench-4k are errors") and "--benchmark" in err and "\n" not in err
+    assert (
+        err.startswith("error: all 2 questions of hrbench-4k are errors") and "--benchmark" in err and "\n" not in err
+    )
     wrong_ids = tmp_path / "w.jsonl"
     wrong_ids.write_text('{"id": "x", "output": "A"}\n')
     assert _main(["score", "--benchmark", "rshr", "--data", str(data), "--predictions", str(wrong_ids)]) == 2
@@ -209,7 +218,6 @@ def test_score_fails_loudly_when_every_row_is_an_error(tmp_path, capsys):
 
 def test_eval_refuses_lrs_without_wordnet_before_loading_the_model(tmp_path, monkeypatch):
     from test_eval_support import make_lrs
-
     from uhrbat.evaluation import wordnet
 
     monkeypatch.setattr(wordnet, "get_wordnet", lambda: None)
@@ -217,8 +225,17 @@ def test_eval_refuses_lrs_without_wordnet_before_loading_the_model(tmp_path, mon
     with pytest.raises(ConfigError, match="wordnet-base"):
         run_eval(EvalConfig(benchmark="lrs-vqa", data=data, images=root, out=tmp_path / "r", model="m", progress=False))
     assert FakePipeline.instances == []
-    rep = run_eval(EvalConfig(benchmark="lrs-vqa", data=data, images=root, out=tmp_path / "r", model="m",
-                              progress=False, lrs_synonyms="none"))
+    rep = run_eval(
+        EvalConfig(
+            benchmark="lrs-vqa",
+            data=data,
+            images=root,
+            out=tmp_path / "r",
+            model="m",
+            progress=False,
+            lrs_synonyms="none",
+        )
+    )
     assert "exact match only" in rep.meta["wordnet"]
 
 
@@ -226,8 +243,10 @@ def test_eval_cli_allow_outside_images(tmp_path, capsys):
     d = tmp_path / "ds"
     write_png(d / "ok.png")
     outside = write_png(tmp_path / "elsewhere" / "o.png")
-    rows = [{"id": "a", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
-            {"id": "b", "images": [str(outside)], "question": "[[A]]", "options": ["x", "y"], "answer": "A"}]
+    rows = [
+        {"id": "a", "images": ["ok.png"], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+        {"id": "b", "images": [str(outside)], "question": "[[A]]", "options": ["x", "y"], "answer": "A"},
+    ]
     (d / "dataset.json").write_text(json.dumps(rows))
     base = ["eval", "--benchmark", "rshr", "--data", str(d), "--model", "m", "--no-progress"]
     assert _main([*base, "--out", str(tmp_path / "r1")]) == 0
@@ -240,8 +259,23 @@ def test_eval_cli_allow_outside_images(tmp_path, capsys):
 def test_eval_with_the_wrong_benchmark_fails_loudly_after_writing_its_report(tmp_path, capsys):
     data = make_many(tmp_path, 2)  # RSHR rows have no A/B/C/D columns: every HR-Bench row is malformed
     out = tmp_path / "run"
-    assert _main(["eval", "--benchmark", "hrbench-4k", "--data", str(data), "--model", "m", "--out", str(out),
-                  "--no-progress"]) == 2
+    assert (
+        _main(
+            [
+                "eval",
+                "--benchmark",
+                "hrbench-4k",
+                "--data",
+                str(data),
+                "--model",
+                "m",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: all 2 questions of hrbench-4k are errors") and str(out) in err
     assert json.loads((out / "report.json").read_text())["n_errors"] == 2

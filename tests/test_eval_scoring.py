@@ -18,7 +18,9 @@ from uhrbat.evaluation.scoring import robust_letters
 def _s(answer="B", options=None, lines=None, category=None, sid="1", **kw) -> Sample:
     options = options if options is not None else {"A": "1", "B": "2", "C": "3", "D": "4"}
     lines = lines if lines is not None else [f"({k}) {v}" for k, v in options.items()]
-    return Sample(id=sid, row=0, question="q", options=options, option_lines=lines, answer=answer, category=category, **kw)
+    return Sample(
+        id=sid, row=0, question="q", options=options, option_lines=lines, answer=answer, category=category, **kw
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,8 +115,13 @@ MME_CASES = [
 
 @pytest.mark.parametrize("output,answer,parsed,ok", MME_CASES)
 def test_mme_extraction(output, answer, parsed, ok):
-    s = _s(answer=answer, options={k: v for k, v in zip("ABCDE", ["red", "blue", "3", "4", "x"])}, lines=MME_LINES,
-           category="color", extra={"task": "Perception"})
+    s = _s(
+        answer=answer,
+        options={k: v for k, v in zip("ABCDE", ["red", "blue", "3", "4", "x"])},
+        lines=MME_LINES,
+        category="color",
+        extra={"task": "Perception"},
+    )
     got = mme_realworld.extract(output, s)
     assert got == parsed
     assert mme_realworld.correct(got, s) is ok
@@ -124,8 +131,10 @@ def test_mme_avg_and_avg_c_by_hand():
     # color: 1/1, count: 1/2, position: 0/1  -> avg = 2/4 = 50; avg_c = (100 + 50 + 0) / 3 = 50.
     # "Color/Attribute" is folded to "color/attribute" (lower-case + attribute rule).
     specs = [("color", "A", "A"), ("count", "C", "C"), ("count", "C", "D"), ("position", "E", "B")]
-    samples = [_s(answer=a, lines=MME_LINES, category=c, sid=str(i), extra={"task": "Perception"})
-               for i, (c, a, _) in enumerate(specs)]
+    samples = [
+        _s(answer=a, lines=MME_LINES, category=c, sid=str(i), extra={"task": "Perception"})
+        for i, (c, a, _) in enumerate(specs)
+    ]
     rep = mme_realworld.score(samples, {str(i): p for i, (_, _, p) in enumerate(specs)})
     assert rep.headline == {"avg": pytest.approx(50.0), "avg_c": pytest.approx(50.0)}
     assert set(rep.per_category) == {"Perception/color", "Perception/count", "Perception/position"}
@@ -162,8 +171,12 @@ def test_rshr_extraction(output, answer, parsed, ok):
 
 
 def test_rshr_groups_and_open_ended_rows():
-    samples = [_s(answer="A", category="COL", sid="p1"), _s(answer="B", category="OCN", sid="p2"),
-               _s(answer="C", category="AD", sid="r1"), _s(answer="yes", category="OSJ", sid="open")]
+    samples = [
+        _s(answer="A", category="COL", sid="p1"),
+        _s(answer="B", category="OCN", sid="p2"),
+        _s(answer="C", category="AD", sid="r1"),
+        _s(answer="yes", category="OSJ", sid="open"),
+    ]
     rep = rshr.score(samples, {"p1": "A", "p2": "C", "r1": "C", "open": "yes"})
     # the open-ended row ("yes" has no A-D) is an error, scored wrong.
     assert rep.n == 4 and rep.n_errors == 1 and rep.per_sample["open"] is False
@@ -211,9 +224,17 @@ def test_hrbench_cycle_average_by_hand():
     # single: cycle_1 1/1, cycle_2 0/1 -> fsp = (100 + 0) / 2 = 50
     # cross:  cycle_1 1/2, cycle_2 1/1 -> fcp = (50 + 100) / 2 = 75
     # all:    cycle_1 2/3, cycle_2 1/2 -> overall = (66.67 + 50) / 2
-    rows = [("single", "c1", "B"), ("single", "c2", "A"), ("cross", "c1", "B"), ("cross", "c1", "A C"), ("cross", "c2", "B")]
-    samples = [_s(answer="B", options=dict(HR_OPTS), category=c, sid=str(i), extra={"cycle_category": cy})
-               for i, (c, cy, _) in enumerate(rows)]
+    rows = [
+        ("single", "c1", "B"),
+        ("single", "c2", "A"),
+        ("cross", "c1", "B"),
+        ("cross", "c1", "A C"),
+        ("cross", "c2", "B"),
+    ]
+    samples = [
+        _s(answer="B", options=dict(HR_OPTS), category=c, sid=str(i), extra={"cycle_category": cy})
+        for i, (c, cy, _) in enumerate(rows)
+    ]
     rep = hrbench.score(samples, {str(i): o for i, (_, _, o) in enumerate(rows)}, benchmark="hrbench-8k")
     assert rep.benchmark == "hrbench-8k"
     assert rep.headline["fsp"] == pytest.approx(50.0)
@@ -265,8 +286,13 @@ def test_lrs_ground_truth_not_stripped(mini_wordnet):
 
 
 def test_lrs_subsets_oa_aa(mini_wordnet):
-    specs = [("FAIR_1", "count", "2", "two"), ("FAIR_2", "count", "3", "4"), ("FAIR_3", "color", "white", "white"),
-             ("GLH-Bridge_1", "rural", "rural", "urban"), ("STAR_1", "category", "car", "auto")]
+    specs = [
+        ("FAIR_1", "count", "2", "two"),
+        ("FAIR_2", "count", "3", "4"),
+        ("FAIR_3", "color", "white", "white"),
+        ("GLH-Bridge_1", "rural", "rural", "urban"),
+        ("STAR_1", "category", "car", "auto"),
+    ]
     samples = [_s(answer=g, options={}, lines=[], category=c, sid=i) for i, c, g, _ in specs]
     rep = lrs_vqa.score(samples, {i: o for i, _, _, o in specs})
     # FAIR: 2/3 right; AA = mean(count 1/2, color 1/1) = 75.
@@ -295,8 +321,10 @@ def test_lrs_without_wordnet_refuses_unless_exact_match_is_asked_for(monkeypatch
     assert benchmarks.score("lrs-vqa", [s], {"FAIR_1": "two"}, lrs_synonyms="none").headline["FAIR"] == 0.0
     # WordNet missing: one line with the fix instead of a silently lower score
     monkeypatch.setattr(wordnet, "get_wordnet", lambda: None)
-    for call in (lambda: lrs_vqa.score([s], {"FAIR_1": "two"}),
-                 lambda: benchmarks.check_score_options("lrs-vqa", lrs_synonyms=None)):
+    for call in (
+        lambda: lrs_vqa.score([s], {"FAIR_1": "two"}),
+        lambda: benchmarks.check_score_options("lrs-vqa", lrs_synonyms=None),
+    ):
         with pytest.raises(ConfigError, match="wordnet-base") as e:
             call()
         assert "--lrs-synonyms none" in str(e.value) and "\n" not in str(e.value)
@@ -314,7 +342,11 @@ def test_lrs_without_wordnet_refuses_unless_exact_match_is_asked_for(monkeypatch
 
 def test_report_schema_and_error_rows():
     bad = Sample(id="9", row=3, error="row 3: missing answer / ground truth")
-    samples = [_s(sid="1", category="Counting/Overall counting"), bad, _s(sid="2", category="Counting/Overall counting")]
+    samples = [
+        _s(sid="1", category="Counting/Overall counting"),
+        bad,
+        _s(sid="2", category="Counting/Overall counting"),
+    ]
     rep = benchmarks.score("xlrs", samples, {"1": "B", "9": "B", "extra": "A"})
     d = rep.to_dict()
     assert list(d)[:7] == ["benchmark", "n", "n_errors", "headline", "metrics", "per_category", "per_sample"]
@@ -331,11 +363,25 @@ def test_prediction_error_rows_are_wrong():
     assert rep.per_sample == {"1": False} and rep.n_errors == 1
 
 
-@pytest.mark.parametrize("output,expected", [
-    ("B", {"B"}), ("(B).", {"B"}), ("The answer is (B)", {"B"}), ("A, C", {"A", "C"}), ("A and C", {"A", "C"}),
-    ("AC", {"A", "C"}), ("B. Building", {"B"}), ("Answer: D", {"D"}), ("I think the answer is C.", {"C"}),
-    ("A building with a red roof", None), ("b", None), ("", None), ("答案是B", None), ("F", None),
-])
+@pytest.mark.parametrize(
+    "output,expected",
+    [
+        ("B", {"B"}),
+        ("(B).", {"B"}),
+        ("The answer is (B)", {"B"}),
+        ("A, C", {"A", "C"}),
+        ("A and C", {"A", "C"}),
+        ("AC", {"A", "C"}),
+        ("B. Building", {"B"}),
+        ("Answer: D", {"D"}),
+        ("I think the answer is C.", {"C"}),
+        ("A building with a red roof", None),
+        ("b", None),
+        ("", None),
+        ("答案是B", None),
+        ("F", None),
+    ],
+)
 def test_robust_letters(output, expected):
     got = robust_letters(output, "ABCD")
     assert (set(got) if got is not None else None) == expected
@@ -344,8 +390,10 @@ def test_robust_letters(output, expected):
 def test_robust_and_logit_views_reported_beside_official():
     s1 = _s(sid="1", category="Counting/Overall counting")
     s2 = _s(sid="2", category="Counting/Overall counting")
-    preds = {"1": Prediction(id="1", output="B. Building", logit_choice="B"),
-             "2": Prediction(id="2", output="B", logit_choice="C")}
+    preds = {
+        "1": Prediction(id="1", output="B. Building", logit_choice="B"),
+        "2": Prediction(id="2", output="B", logit_choice="C"),
+    }
     rep = benchmarks.score("xlrs", [s1, s2], preds)
     assert rep.headline["micro"] == 50.0  # official: "B. Building" -> {B, D}
     assert rep.metrics["robust/micro"] == 100.0

@@ -25,7 +25,7 @@ _ANS = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 
 
 class FakePipeline:
-    instances: list["FakePipeline"] = []
+    instances: list[FakePipeline] = []
 
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.model = model
@@ -37,7 +37,9 @@ class FakePipeline:
         FakePipeline.instances.append(self)
 
     @classmethod
-    def from_pretrained(cls, model: str, device: str = "cpu", dtype: str | None = None, **selection: Any) -> "FakePipeline":
+    def from_pretrained(
+        cls, model: str, device: str = "cpu", dtype: str | None = None, **selection: Any
+    ) -> FakePipeline:
         return cls(model, device=device, dtype=dtype, **selection)
 
     @staticmethod
@@ -60,14 +62,23 @@ class FakePipeline:
         key = image if isinstance(image, str) else id(image)
         cache = "hit" if key in self._seen else "miss"
         self._seen.add(key)
-        return AskResult(answer=answer, tokens=[], timings={"encode": 0.001 if cache == "miss" else 0.0, "decode": 0.002},
-                         num_visual_tokens=42, image_size=size, scales=[672], cache=cache)
+        return AskResult(
+            answer=answer,
+            tokens=[],
+            timings={"encode": 0.001 if cache == "miss" else 0.0, "decode": 0.002},
+            num_visual_tokens=42,
+            image_size=size,
+            scales=[672],
+            cache=cache,
+        )
 
     def ask(self, image: Any, question: str, max_new_tokens: int = 512, **kw: Any) -> AskResult:
         self.calls.append(("ask", 1))
         return self._answer(image, question)
 
-    def ask_batch(self, images: list[Any], questions: list[str], max_new_tokens: int = 512, **kw: Any) -> list[AskResult]:
+    def ask_batch(
+        self, images: list[Any], questions: list[str], max_new_tokens: int = 512, **kw: Any
+    ) -> list[AskResult]:
         self.calls.append(("ask_batch", len(questions)))
         return [self._answer(im, q) for im, q in zip(images, questions)]
 
@@ -119,20 +130,26 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def make_xlrs(tmp: Path, answers: list[str] | None = None) -> Path:
     """XLRS-Bench-lite hub parquet: list of HF Image structs, "(A) ..." options, L2/L3 category."""
     answers = answers or ["B", "C", "AC", "D"]
-    cats = ["Counting/Overall counting", "Object properties/Object color",
-            "Land use classification/Overall Land use classification", "Counting/Overall counting"]
+    cats = [
+        "Counting/Overall counting",
+        "Object properties/Object color",
+        "Land use classification/Overall Land use classification",
+        "Counting/Overall counting",
+    ]
     rows = []
     for i, (ans, cat) in enumerate(zip(answers, cats * 4)):
         n_img = 2 if i == 3 else 1
-        rows.append({
-            "index": 100 + i,
-            "question": f"How many ships? [[{ans}]]",
-            "multi-choice options": ["(A) 1", "(B) 2", "(C) 3", "(D) 4"],
-            "answer": ans,
-            "category": cat,
-            "l2-category": "ship",
-            "image": [{"bytes": png_bytes((i * 40, 20, 20)), "path": f"img{i}_{k}.png"} for k in range(n_img)],
-        })
+        rows.append(
+            {
+                "index": 100 + i,
+                "question": f"How many ships? [[{ans}]]",
+                "multi-choice options": ["(A) 1", "(B) 2", "(C) 3", "(D) 4"],
+                "answer": ans,
+                "category": cat,
+                "l2-category": "ship",
+                "image": [{"bytes": png_bytes((i * 40, 20, 20)), "path": f"img{i}_{k}.png"} for k in range(n_img)],
+            }
+        )
     return write_parquet(tmp / "xlrs_lite.parquet", rows)
 
 
@@ -142,21 +159,38 @@ def make_mme(tmp: Path) -> tuple[Path, Path]:
     rows = []
     for i, (ans, cat) in enumerate([("A", "color"), ("C", "count"), ("E", "position"), ("B", "count")]):
         write_png(root / "remote_sensing" / f"{i}.png")
-        rows.append({
-            "Question_id": f"perception/remote_sensing/{cat}/{i:04d}",
-            "Question Type": "Multiple Choice",
-            "Image": f"remote_sensing/{i}.png",
-            "Text": f"What is it? [[{ans}]]",
-            "Answer choices": ["(A) red", "(B) blue", "(C) 3", "(D) 4", "(E) The image does not feature the object"],
-            "Ground truth": ans,
-            "Task": "Perception",
-            "Subtask": "Remote Sensing",
-            "Category": cat,
-        })
+        rows.append(
+            {
+                "Question_id": f"perception/remote_sensing/{cat}/{i:04d}",
+                "Question Type": "Multiple Choice",
+                "Image": f"remote_sensing/{i}.png",
+                "Text": f"What is it? [[{ans}]]",
+                "Answer choices": [
+                    "(A) red",
+                    "(B) blue",
+                    "(C) 3",
+                    "(D) 4",
+                    "(E) The image does not feature the object",
+                ],
+                "Ground truth": ans,
+                "Task": "Perception",
+                "Subtask": "Remote Sensing",
+                "Category": cat,
+            }
+        )
     write_png(root / "ad" / "x.png")
-    rows.append({"Question_id": "perception/autonomous_driving/x/0000", "Image": "ad/x.png", "Text": "cars?",
-                 "Answer choices": ["(A) 1", "(B) 2"], "Ground truth": "A", "Task": "Perception",
-                 "Subtask": "Autonomous_Driving", "Category": "objects"})
+    rows.append(
+        {
+            "Question_id": "perception/autonomous_driving/x/0000",
+            "Image": "ad/x.png",
+            "Text": "cars?",
+            "Answer choices": ["(A) 1", "(B) 2"],
+            "Ground truth": "A",
+            "Task": "Perception",
+            "Subtask": "Autonomous_Driving",
+            "Category": "objects",
+        }
+    )
     data = tmp / "MME_RealWorld.json"
     data.write_text(json.dumps(rows), encoding="utf-8")
     return data, root
@@ -170,8 +204,16 @@ def make_rshr(tmp: Path) -> Path:
     for i, (ans, cat) in enumerate(specs):
         write_png(d / "images" / f"{i}.png")
         opts: Any = ["red", "green", "blue", "white"] if i % 2 == 0 else {"A": "1", "B": "2", "C": "3", "D": "4"}
-        rows.append({"id": f"rshr-{i}", "images": [f"images/{i}.png"], "question": f"Q{i}? [[{ans}]]",
-                     "options": opts, "answer": list(ans) if len(ans) > 1 else ans, "category": cat})
+        rows.append(
+            {
+                "id": f"rshr-{i}",
+                "images": [f"images/{i}.png"],
+                "question": f"Q{i}? [[{ans}]]",
+                "options": opts,
+                "answer": list(ans) if len(ans) > 1 else ans,
+                "category": cat,
+            }
+        )
     (d / "dataset.json").write_text(json.dumps(rows), encoding="utf-8")
     return d
 
@@ -200,15 +242,25 @@ def make_lrs(tmp: Path) -> tuple[Path, Path]:
     """LRS-VQA JSONL with .tif images under LRS_VQA/image/."""
     root = tmp / "lrs_root"
     rows = []
-    specs = [("FAIR_1", "count", "2", "[[two]]"), ("FAIR_2", "color", "white", "[[White ]]"),
-             ("GLH-Bridge_3", "rural or urban", "rural", "[[urban]]"), ("STAR_4", "category", "car", "[[cars]]")]
+    specs = [
+        ("FAIR_1", "count", "2", "[[two]]"),
+        ("FAIR_2", "color", "white", "[[White ]]"),
+        ("GLH-Bridge_3", "rural or urban", "rural", "[[urban]]"),
+        ("STAR_4", "category", "car", "[[cars]]"),
+    ]
     for i, (qid, cat, gt, ans) in enumerate(specs):
         p = root / "LRS_VQA" / "image" / f"{i}.tif"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20, 20), (i * 50, 0, 0)).save(p, format="TIFF")
-        rows.append({"question_id": qid, "image": f"LRS_VQA/image/{i}.tif", "category": cat,
-                     "text": f"Question {i}? {ans}\nAnswer the question using a single word or phrase.",
-                     "ground_truth": gt})
+        rows.append(
+            {
+                "question_id": qid,
+                "image": f"LRS_VQA/image/{i}.tif",
+                "category": cat,
+                "text": f"Question {i}? {ans}\nAnswer the question using a single word or phrase.",
+                "ground_truth": gt,
+            }
+        )
     return write_jsonl(tmp / "LRS_VQA_merged.jsonl", rows), root
 
 
@@ -218,8 +270,12 @@ def make_mini_wordnet(d: Path, synsets: list[tuple[str, list[str]]] | None = Non
     `synsets` is [(gloss, [lemma, ...]), ...]; each becomes one noun synset. The byte offsets in
     `data.noun` are real, as NLTK seeks to them. The other parts of speech are empty files.
     """
-    synsets = synsets or [("the number two", ["two", "2", "II"]), ("a motor vehicle", ["car", "automobile", "auto"]),
-                          ("the colour white", ["white", "whiteness"]), ("countryside", ["rural_area", "country"])]
+    synsets = synsets or [
+        ("the number two", ["two", "2", "II"]),
+        ("a motor vehicle", ["car", "automobile", "auto"]),
+        ("the colour white", ["white", "whiteness"]),
+        ("countryside", ["rural_area", "country"]),
+    ]
     d.mkdir(parents=True, exist_ok=True)
     header = "  1 This is a generated miniature WordNet-format database for tests.  \n"
     data = header
@@ -231,8 +287,10 @@ def make_mini_wordnet(d: Path, synsets: list[tuple[str, list[str]]] | None = Non
         for w in lemmas:
             index.setdefault(w.lower(), []).append(offset)
     (d / "data.noun").write_text(data, encoding="utf-8")
-    idx = header + "".join(f"{w} n {len(offs)} 0 {len(offs)} 0 " + " ".join(f"{o:08d}" for o in offs) + "  \n"
-                           for w, offs in sorted(index.items()))
+    idx = header + "".join(
+        f"{w} n {len(offs)} 0 {len(offs)} 0 " + " ".join(f"{o:08d}" for o in offs) + "  \n"
+        for w, offs in sorted(index.items())
+    )
     (d / "index.noun").write_text(idx, encoding="utf-8")
     for pos in ("verb", "adj", "adv"):
         (d / f"index.{pos}").write_text(header, encoding="utf-8")

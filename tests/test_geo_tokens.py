@@ -29,8 +29,9 @@ NEON = ASSETS / "aerial" / "neon_osbs_400.tif"
 RMNP = ASSETS / "aerial" / "rmnp_rgb_geotiff.tif"
 
 
-def tok(scale: int, tile: int, row: int, col: int, merged: bool = False, members=None, score: float = 0.5,
-        group: int = 0) -> KeptToken:
+def tok(
+    scale: int, tile: int, row: int, col: int, merged: bool = False, members=None, score: float = 0.5, group: int = 0
+) -> KeptToken:
     flat = tile * 576 + row * 24 + col
     return KeptToken(scale, tile, row, col, score, merged, group, list(members) if members else [flat])
 
@@ -50,8 +51,7 @@ def expected_box(scale: int, tile: int, row: int, col: int, W: int, H: int):
 # ----------------------------------------------------------------------------- pixel geometry
 def test_square_cells() -> None:
     cells = square_cells(1344, [0, 23, 24, 576, 4 * 576 + 25])
-    assert cells.tolist() == [
-        [0, 0, 14, 14], [322, 0, 336, 14], [0, 14, 14, 28], [336, 0, 350, 14], [14, 350, 28, 364]]
+    assert cells.tolist() == [[0, 0, 14, 14], [322, 0, 336, 14], [0, 14, 14, 28], [336, 0, 350, 14], [14, 350, 28, 364]]
     with pytest.raises(ValueError, match="out of range"):
         square_cells(672, [4 * 576])
 
@@ -143,15 +143,17 @@ def test_boxes_follow_a_non_default_token_geometry(tile_px, patch) -> None:
         g = scale // tile_px
         for _ in range(30):
             t, r, c = int(rng.integers(g * g)), int(rng.integers(n)), int(rng.integers(n))
-            toks.append(KeptToken(scale, t, r, c, 0.5, False, 0, [geo.flat(t, r, c)],
-                                  tile_size=tile_px, patch_size=patch))
+            toks.append(
+                KeptToken(scale, t, r, c, 0.5, False, 0, [geo.flat(t, r, c)], tile_size=tile_px, patch_size=patch)
+            )
     for t, box in zip(toks, pixel_boxes(toks, (W, H))):
         exp = expected_box_geometry(t.scale, t.tile, t.row, t.col, W, H, tile_px, patch)
         assert (box is None) if exp is None else box == pytest.approx(exp, abs=1e-3)
     # Records without members use (tile, row, col) through the same geometry.
     bare = KeptToken(tile_px * 2, 3, n - 1, 0, 0.5, False, 0, [], tile_size=tile_px, patch_size=patch)
     assert pixel_boxes([bare], (W, H))[0] == pytest.approx(
-        expected_box_geometry(tile_px * 2, 3, n - 1, 0, W, H, tile_px, patch), abs=1e-3)
+        expected_box_geometry(tile_px * 2, 3, n - 1, 0, W, H, tile_px, patch), abs=1e-3
+    )
     # GeoJSON (pixel space) rings are the same boxes.
     fc = tokens_geojson(toks, (W, H))
     for feat in fc["features"]:
@@ -170,8 +172,15 @@ def test_pipeline_tokens_carry_the_config_geometry(tmp_path) -> None:
     from uhrbat.pipeline import UhrBatPipeline
     from uhrbat.testing import make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(tmp_path / "ck", scales=[448, 896], base_scale=448, budgets=[6, 12], tile_size=224,
-                                clip_image_size=224, clip_layers=2)
+    ckpt = make_tiny_checkpoint(
+        tmp_path / "ck",
+        scales=[448, 896],
+        base_scale=448,
+        budgets=[6, 12],
+        tile_size=224,
+        clip_image_size=224,
+        clip_layers=2,
+    )
     pipe = UhrBatPipeline.from_pretrained(ckpt, selector="topk")
     assert pipe.processor.image_processor.tokens_per_side == 16 and pipe.model.config.tokens_per_side == 16
     image = Image.new("RGB", (500, 300), (10, 120, 40))
@@ -262,7 +271,9 @@ def test_pixel_coordinates_without_georeference(tmp_path) -> None:
 def test_rotated_transform_polygon() -> None:
     from affine import Affine
 
-    geo = GeoRef(crs="EPSG:32633", transform=Affine.translation(500000, 6000000) * Affine.rotation(30) * Affine.scale(2, -2))
+    geo = GeoRef(
+        crs="EPSG:32633", transform=Affine.translation(500000, 6000000) * Affine.rotation(30) * Affine.scale(2, -2)
+    )
     X, Y = geo.pixel_to_crs([0, 10], [0, 0])
     assert np.hypot(X[1] - X[0], Y[1] - Y[0]) == pytest.approx(20)
     lon, lat = geo.pixel_to_wgs84([0], [0])

@@ -39,8 +39,10 @@ def test_fast_kmeans_loop_has_no_host_syncs() -> None:
     x = _features(20_000, 258, 300)
     init = torch.randperm(x.shape[0])[:300].cuda()
     state = km._DeviceState(
-        centers=x[init].clone(), labels=torch.zeros(x.shape[0], dtype=torch.int64, device="cuda"),
-        active=torch.ones((), dtype=torch.bool, device="cuda"), converged=torch.zeros((), dtype=torch.bool, device="cuda"),
+        centers=x[init].clone(),
+        labels=torch.zeros(x.shape[0], dtype=torch.int64, device="cuda"),
+        active=torch.ones((), dtype=torch.bool, device="cuda"),
+        converged=torch.zeros((), dtype=torch.bool, device="cuda"),
         iterations=torch.zeros((), dtype=torch.int64, device="cuda"),
     )
     torch.cuda.synchronize()
@@ -83,10 +85,18 @@ def test_fast_kmeans_agrees_with_exact_on_the_same_gpu() -> None:
 def pipes():
     from uhrbat.pipeline import UhrBatPipeline
 
-    kw = dict(device="cuda", attn_implementation="sdpa", scene_cache=False, budgets=[80, 320, 600, 2000],
-              kmeans_clusters=600, kmeans_iters=20)
-    return (UhrBatPipeline.from_pretrained(PARITY / "uhrbat_tiny", dtype="fp32", **kw),
-            UhrBatPipeline.from_pretrained(PARITY / "uhrbat_tiny", dtype="bf16", **kw))
+    kw = dict(
+        device="cuda",
+        attn_implementation="sdpa",
+        scene_cache=False,
+        budgets=[80, 320, 600, 2000],
+        kmeans_clusters=600,
+        kmeans_iters=20,
+    )
+    return (
+        UhrBatPipeline.from_pretrained(PARITY / "uhrbat_tiny", dtype="fp32", **kw),
+        UhrBatPipeline.from_pretrained(PARITY / "uhrbat_tiny", dtype="bf16", **kw),
+    )
 
 
 def test_bf16_selection_matches_fp32_within_tolerance(pipes) -> None:

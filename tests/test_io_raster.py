@@ -14,8 +14,8 @@ from rasterio.transform import from_origin  # noqa: E402
 
 from uhrbat.errors import ImageLoadError  # noqa: E402
 from uhrbat.io.images import PAD_RGB, PILSource  # noqa: E402
-from uhrbat.io.sources import open_image  # noqa: E402
 from uhrbat.io.raster import RasterSource  # noqa: E402
+from uhrbat.io.sources import open_image  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 NEON = ASSETS / "aerial" / "neon_osbs_400.tif"
@@ -32,8 +32,15 @@ def reference_square(img: Image.Image, side: int) -> Image.Image:
 
 def write(path: Path, data: np.ndarray, **kw) -> Path:
     count, h, w = data.shape
-    profile = dict(driver="GTiff", width=w, height=h, count=count, dtype=data.dtype.name,
-                   crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10))
+    profile = dict(
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=count,
+        dtype=data.dtype.name,
+        crs="EPSG:32633",
+        transform=from_origin(500000, 6000000, 10, 10),
+    )
     profile.update(kw)
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(data)
@@ -137,8 +144,19 @@ def test_float_nan_and_alpha_become_pad_colour(tmp_path) -> None:
 def test_cog_with_overviews_and_pixel_limit(tmp_path) -> None:
     data = np.random.default_rng(2).integers(0, 255, (3, 600, 400)).astype(np.uint8)
     path = tmp_path / "cog.tif"
-    with rasterio.open(path, "w", driver="COG", width=400, height=600, count=3, dtype="uint8", crs="EPSG:3857",
-                       transform=from_origin(0, 0, 1, 1), blocksize=128, overview_resampling="average") as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="COG",
+        width=400,
+        height=600,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=from_origin(0, 0, 1, 1),
+        blocksize=128,
+        overview_resampling="average",
+    ) as ds:
         ds.write(data)
     src = open_image(path, exact_max_pixels=1000)
     assert isinstance(src, RasterSource) and src.overview_factors and src.size == (400, 600)
@@ -180,8 +198,15 @@ def test_plain_8bit_tiff_goes_to_pillow_exactly(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("bands, needle", [((4, 3, 2), r"\[4, 3, 2\] .* 3 band"), ((1, 2), r"\[1, 2\] .* 3 band"),
-                                           ((0, 1, 2), r"\[0, 1, 2\]"), ("a,b", "comma-separated")])
+@pytest.mark.parametrize(
+    "bands, needle",
+    [
+        ((4, 3, 2), r"\[4, 3, 2\] .* 3 band"),
+        ((1, 2), r"\[1, 2\] .* 3 band"),
+        ((0, 1, 2), r"\[0, 1, 2\]"),
+        ("a,b", "comma-separated"),
+    ],
+)
 def test_unsupported_band_lists(bands, needle) -> None:
     with pytest.raises(ImageLoadError, match=needle) as e:
         open_image(NEON, bands=bands)
@@ -190,8 +215,10 @@ def test_unsupported_band_lists(bands, needle) -> None:
 
 def test_non_raster_and_corrupt_files(tmp_path) -> None:
     vec = tmp_path / "roads.geojson"
-    vec.write_text('{"type":"FeatureCollection","features":[{"type":"Feature","properties":{},'
-                   '"geometry":{"type":"Point","coordinates":[1,2]}}]}')
+    vec.write_text(
+        '{"type":"FeatureCollection","features":[{"type":"Feature","properties":{},'
+        '"geometry":{"type":"Point","coordinates":[1,2]}}]}'
+    )
     with pytest.raises(ImageLoadError, match="not an image") as e:
         open_image(vec)
     assert str(vec) in str(e.value)

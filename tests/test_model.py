@@ -59,8 +59,9 @@ def test_sampling_beam_and_repetition_penalty(loaded) -> None:
     pen = model.generate(**inp, repetition_penalty=1.5, **kw)
     assert pen.shape == greedy.shape
     # The penalty really applies to the prompt's text tokens (and never sees the placeholders).
-    out = model.generate(**inp, repetition_penalty=2.0, return_dict_in_generate=True, output_scores=True,
-                         output_logits=True, **kw)
+    out = model.generate(
+        **inp, repetition_penalty=2.0, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw
+    )
     prompt_tok = int(inp["input_ids"][0, 0])
     raw, processed = out.logits[0][0, prompt_tok], out.scores[0][0, prompt_tok]
     assert torch.isclose(processed, raw / 2.0 if raw > 0 else raw * 2.0)
@@ -141,8 +142,11 @@ def test_missing_residuals_fail_loudly(tiny_checkpoint, tmp_path) -> None:
     dst = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, dst)
     w = load_file(str(dst / "model.safetensors"))
-    save_file({k: v for k, v in w.items() if not k.startswith("scale_residuals.")}, str(dst / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in w.items() if not k.startswith("scale_residuals.")},
+        str(dst / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(CheckpointError, match="scale_residuals"):
         load(dst)
     (dst / "model.safetensors").unlink()
@@ -162,7 +166,9 @@ def test_reference_checkpoint_errors(tmp_path) -> None:
 
     shard = dst / "model-00002-of-00002.safetensors"
     w = load_file(str(shard))
-    save_file({k: v for k, v in w.items() if "scale_pos_residuals.4032" not in k}, str(shard), metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in w.items() if "scale_pos_residuals.4032" not in k}, str(shard), metadata={"format": "pt"}
+    )
     with pytest.raises(CheckpointError, match=r"scale_residuals\.grids\.4032.*re-randomise"):
         load(dst)
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
@@ -198,7 +204,7 @@ def test_reference_call_signature(loaded) -> None:
     ids = inp["input_ids"][0]
     run = ids == proc.image_token_id
     start = int(run.nonzero()[0])
-    ref_ids = torch.cat([ids[:start], torch.tensor([-200]), ids[start + int(run.sum()):]])[None]
+    ref_ids = torch.cat([ids[:start], torch.tensor([-200]), ids[start + int(run.sum()) :]])[None]
     tiles = inp["pixel_values"][0]
     pixels, off = {}, 0
     for s in model.config.scales:
@@ -207,9 +213,18 @@ def test_reference_call_signature(loaded) -> None:
         pixels[s] = {"tiles": tiles[off : off + n], "coords": [(r, c) for r in range(g) for c in range(g)]}
         off += n
     kw = dict(max_new_tokens=4, min_new_tokens=4, kmeans_clusters=6, kmeans_iters=3)
-    old = model.generate(inputs=ref_ids, attention_mask=torch.ones_like(ref_ids), images=None, image_sizes=[img.size],
-                         modalities=["image"], multiscale_pixels=[pixels], multiscale_topk=BUDGETS,
-                         multiscale_target_sizes=model.config.scales, multiscale_masks=[{}], **kw)
+    old = model.generate(
+        inputs=ref_ids,
+        attention_mask=torch.ones_like(ref_ids),
+        images=None,
+        image_sizes=[img.size],
+        modalities=["image"],
+        multiscale_pixels=[pixels],
+        multiscale_topk=BUDGETS,
+        multiscale_target_sizes=model.config.scales,
+        multiscale_masks=[{}],
+        **kw,
+    )
     new = model.generate(**inp, **kw)
     assert torch.equal(old, new)
 

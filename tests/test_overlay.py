@@ -46,8 +46,9 @@ def _count(region: np.ndarray, rgb) -> int:
 def test_overlay_size_legend_colours_and_caption(tmp_path) -> None:
     src = open_image(Image.new("RGB", (900, 600), (128, 128, 128)))
     out = tmp_path / "ov.png"
-    res = render_overlay(src, _tokens(), _relevance(), "Where is the pond?", "In the north-west corner.", out,
-                         max_side=800)
+    res = render_overlay(
+        src, _tokens(), _relevance(), "Where is the pond?", "In the north-west corner.", out, max_side=800
+    )
     assert out.exists()
     with Image.open(out) as im:
         assert im.size == res.size and im.mode == "RGB"
@@ -135,8 +136,14 @@ def test_coarser_scale_stays_visible_under_finer_one() -> None:
         bx = round((t.tile % 8 * 24 + t.col) * 14 * 2000 / 2688 * k)
         by = round((t.tile // 8 * 24 + t.row) * 14 * 2000 / 2688 * k)
         side = round(14 * 2000 / 2688 * k)
-        ring = np.concatenate([view[by, bx:bx + side], view[by + side - 1, bx:bx + side],
-                               view[by:by + side, bx], view[by:by + side, bx + side - 1]])
+        ring = np.concatenate(
+            [
+                view[by, bx : bx + side],
+                view[by + side - 1, bx : bx + side],
+                view[by : by + side, bx],
+                view[by : by + side, bx + side - 1],
+            ]
+        )
         assert np.all(ring == np.asarray(c2688, np.uint8), axis=-1).mean() > 0.75, (t, ring)
 
 

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from uhrbat.compression.selection import preserve_and_merge
-
 from conftest import PARITY, PARITY_REPORT
+from uhrbat.compression.selection import preserve_and_merge
 
 CASES = ["case_a", "case_b"]
 SCALES = [672, 1344, 2688, 4032]
@@ -56,7 +55,7 @@ MIN_LABELS_ITER1_AGREEMENT = 0.995  # one assignment from the same initial centr
 MIN_LABELS_AGREEMENT = 0.95  # after up to 100 Lloyd iterations
 
 
-@lru_cache(maxsize=None)
+@cache
 def fixture(case: str) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(PARITY / case / "fixture.safetensors")), json.loads((PARITY / case / "meta.json").read_text())
 
@@ -74,7 +73,7 @@ def _nudge_last_bit(x: torch.Tensor, salt: int) -> torch.Tensor:
     return torch.where(pick, torch.nextafter(x, target), x)
 
 
-@lru_cache(maxsize=None)
+@cache
 def pipeline(upstream: str = "native"):
     from uhrbat.pipeline import UhrBatPipeline
 
@@ -90,7 +89,7 @@ def pipeline(upstream: str = "native"):
     return pipe
 
 
-@lru_cache(maxsize=None)
+@cache
 def probe_regime(upstream: str) -> str:
     """Does this CPU reproduce the fixture's upstream tensors bitwise? Encodes the 4 tiles of
     case_a at 672 and compares the CLIP features and projected features (+ residual), which
@@ -104,7 +103,9 @@ def probe_regime(upstream: str) -> str:
     with torch.no_grad():
         feats, clip = model.encode_tiles(tiles, keep_clip=True)
         vision = feats + model.scale_residuals(672).to(feats.dtype)
-    same = torch.equal(clip.float().cpu(), fx["clip_feats.672"]) and torch.equal(vision.float().cpu(), fx["vision_feats.672"])
+    same = torch.equal(clip.float().cpu(), fx["clip_feats.672"]) and torch.equal(
+        vision.float().cpu(), fx["vision_feats.672"]
+    )
     regime = SAME if same else OTHER
     equal = float((clip.float().cpu() == fx["clip_feats.672"]).float().mean())
     how = "forced: upstream tensors perturbed in the last bit" if upstream == "perturbed" else "detected on this CPU"
@@ -114,16 +115,23 @@ def probe_regime(upstream: str) -> str:
     return regime
 
 
-@lru_cache(maxsize=None)
+@cache
 def traced(case: str, mode: str, upstream: str = "native") -> dict[str, torch.Tensor]:
     from uhrbat.tracing import trace_query
 
     _, meta = fixture(case)
     c = meta["case"]
     return trace_query(
-        pipeline(upstream), str(PARITY / "images" / c["image"]), c["question"], max_new_tokens=c["max_new_tokens"],
-        budgets=c["multiscale_topk"], kmeans_clusters=c["kmeans_num_clusters"], kmeans_iters=c["kmeans_max_iters"],
-        seed=c["seed"], kmeans_mode=mode, selector="kmeans",
+        pipeline(upstream),
+        str(PARITY / "images" / c["image"]),
+        c["question"],
+        max_new_tokens=c["max_new_tokens"],
+        budgets=c["multiscale_topk"],
+        kmeans_clusters=c["kmeans_num_clusters"],
+        kmeans_iters=c["kmeans_max_iters"],
+        seed=c["seed"],
+        kmeans_mode=mode,
+        selector="kmeans",
     )
 
 
@@ -146,7 +154,9 @@ def assert_rows_equal(mine: torch.Tensor, ref: torch.Tensor, ties: set[int], **t
     torch.testing.assert_close(mine[keep], ref[keep], **tol)
     if ties:
         idx = sorted(ties)
-        torch.testing.assert_close(torch.tensor(sorted(mine[idx].tolist())), torch.tensor(sorted(ref[idx].tolist())), **tol)
+        torch.testing.assert_close(
+            torch.tensor(sorted(mine[idx].tolist())), torch.tensor(sorted(ref[idx].tolist())), **tol
+        )
 
 
 def csr_rows(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
@@ -154,7 +164,9 @@ def csr_rows(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
     return [sorted(f[o[i] : o[i + 1]]) for i in range(len(o) - 1)]
 
 
-def selection_mismatch(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ties: set[int], exact_scores: bool) -> str | None:
+def selection_mismatch(
+    mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ties: set[int], exact_scores: bool
+) -> str | None:
     """Why two selections of one scale differ, or None. `mine`/`ref`: aggregated, cluster,
     pos_flat, pos_offsets, score; rows in `ties` are compared as a set."""
     if not torch.equal(mine["aggregated"], ref["aggregated"]):
@@ -174,7 +186,9 @@ def selection_mismatch(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
     return None
 
 
-def assert_selection_equal(mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ties: set[int], exact_scores: bool) -> None:
+def assert_selection_equal(
+    mine: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ties: set[int], exact_scores: bool
+) -> None:
     why = selection_mismatch(mine, ref, ties, exact_scores)
     assert why is None, why
 
@@ -281,8 +295,13 @@ def test_stage_selection_on_fixture_relevance_and_labels(case: str, mode: str) -
         else:  # features not shipped at 2688/4032: which tokens are chosen does not depend on them
             emb = torch.zeros(scores.numel(), 64)
         sel = preserve_and_merge(emb, scores, labels, budget, exact=mode == "exact")
-        mine = {"aggregated": sel.merged.long(), "cluster": sel.group, "pos_flat": sel.positions,
-                "pos_offsets": sel.offsets, "score": sel.scores}
+        mine = {
+            "aggregated": sel.merged.long(),
+            "cluster": sel.group,
+            "pos_flat": sel.positions,
+            "pos_offsets": sel.offsets,
+            "score": sel.scores,
+        }
         ties = tied_rows(meta, s)
         assert_selection_equal(mine, sel_of(fx, s), ties, exact_scores=same and mode == "exact")
         if held:
@@ -350,12 +369,25 @@ def test_inputs_tiles_features_and_relevance(case: str, upstream: str) -> None:
         for name in (f"clip_feats.{s}.token_norm", f"vision_feats.{s}.token_norm"):
             check(t[name], fx[name], same, name, rtol=1e-5, atol=1e-5)
         # A tile sums 576 x 64 features, each within the README's atol 1e-5 when not bitwise.
-        check(t[f"vision_feats.{s}.tile_sum"], fx[f"vision_feats.{s}.tile_sum"], same, f"vision_feats.{s}.tile_sum",
-              rtol=1e-5, atol=1e-5 * 576 * 64)
+        check(
+            t[f"vision_feats.{s}.tile_sum"],
+            fx[f"vision_feats.{s}.tile_sum"],
+            same,
+            f"vision_feats.{s}.tile_sum",
+            rtol=1e-5,
+            atol=1e-5 * 576 * 64,
+        )
         check(t[f"attn.by_scale.{s}"], fx[f"attn.by_scale.{s}"], same, f"attn.by_scale.{s}", rtol=1e-5, atol=1e-9)
     for name in ("clip_feats.672", "vision_feats.672"):
         check(t[name], fx[name], same, name, rtol=1e-5, atol=1e-5)
-    check(t["attn.base_scale_attention"], fx["attn.base_scale_attention"], same, "attn.base_scale_attention", rtol=1e-5, atol=1e-9)
+    check(
+        t["attn.base_scale_attention"],
+        fx["attn.base_scale_attention"],
+        same,
+        "attn.base_scale_attention",
+        rtol=1e-5,
+        atol=1e-9,
+    )
 
 
 def _features_equal(t: dict[str, torch.Tensor], fx: dict[str, torch.Tensor], s: int) -> bool:
@@ -390,7 +422,9 @@ def test_end_to_end_matches_fixture(case: str, upstream: str, mode: str) -> None
         if feats_equal:
             assert torch.equal(lab1, ref1), s
             assert torch.equal(lab, ref), s
-            torch.testing.assert_close(t[f"kmeans.{s}.centers_iter1"], fx[f"kmeans.{s}.centers_iter1"], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                t[f"kmeans.{s}.centers_iter1"], fx[f"kmeans.{s}.centers_iter1"], atol=1e-6, rtol=0
+            )
             kmeans_notes.append(f"{s} bitwise")
         else:
             agree1 = float((lab1 == ref1).double().mean())
@@ -403,10 +437,15 @@ def test_end_to_end_matches_fixture(case: str, upstream: str, mode: str) -> None
             diff = lab1 != ref1
             moved[lab1[diff].long()] = True
             moved[ref1[diff].long()] = True
-            torch.testing.assert_close(t[f"kmeans.{s}.centers_iter1"][~moved], fx[f"kmeans.{s}.centers_iter1"][~moved], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                t[f"kmeans.{s}.centers_iter1"][~moved], fx[f"kmeans.{s}.centers_iter1"][~moved], atol=1e-5, rtol=0
+            )
             n1, n = int(diff.sum()), int((lab != ref).sum())
-            kmeans_notes.append(f"{s} labels equal (features not bitwise)" if n1 == n == 0 else
-                                f"{s} {n1} labels differ after iteration 1, {n} ({1 - agree:.2%}) at the end")
+            kmeans_notes.append(
+                f"{s} labels equal (features not bitwise)"
+                if n1 == n == 0
+                else f"{s} {n1} labels differ after iteration 1, {n} ({1 - agree:.2%}) at the end"
+            )
         mine, want = sel_of(t, s), sel_of(fx, s)
         if torch.equal(lab, ref) and torch.equal(t[f"attn.by_scale.{s}"], fx[f"attn.by_scale.{s}"]):
             assert_selection_equal(mine, want, tied_rows(meta, s), exact_scores=False)  # same inputs: same selection
@@ -417,8 +456,13 @@ def test_end_to_end_matches_fixture(case: str, upstream: str, mode: str) -> None
         # inputs (which rows and members are chosen does not depend on the features).
         rel = t[f"attn.by_scale.{s}"].reshape(-1)
         own = preserve_and_merge(torch.zeros(rel.numel(), 1), rel, lab.long(), budget, exact=True)
-        own_sel = {"aggregated": own.merged.long(), "cluster": own.group, "pos_flat": own.positions,
-                   "pos_offsets": own.offsets, "score": own.scores}
+        own_sel = {
+            "aggregated": own.merged.long(),
+            "cluster": own.group,
+            "pos_flat": own.positions,
+            "pos_offsets": own.offsets,
+            "score": own.scores,
+        }
         assert_selection_equal(mine, own_sel, score_ties(own_sel), exact_scores=mode == "exact")
         if selection_mismatch(mine, want, tied_rows(meta, s), exact_scores=False) is None:
             matched.append(s)
@@ -436,7 +480,9 @@ def test_end_to_end_matches_fixture(case: str, upstream: str, mode: str) -> None
     logits = "logits not compared (another selection)"
     if matched == SCALES:
         prefix = int((fx["final.mm_input_ids"] == -200).nonzero()[0])
-        assert_rows_equal(t["final.inputs_embeds"], fx["final.inputs_embeds"], {prefix + r for r in ties}, atol=1e-5, rtol=1e-5)
+        assert_rows_equal(
+            t["final.inputs_embeds"], fx["final.inputs_embeds"], {prefix + r for r in ties}, atol=1e-5, rtol=1e-5
+        )
         logits = "logits not compared (fast mode orders tied rows by position: another LLM input order)"
         if mode == "exact":
             # Logits over the 1003 real vocabulary rows.
@@ -446,7 +492,11 @@ def test_end_to_end_matches_fixture(case: str, upstream: str, mode: str) -> None
     assert torch.equal(t["gen.new_token_ids"], fx["gen.new_token_ids"])
     PARITY_REPORT[f"{case} {upstream} {mode}"] = (
         f"{regime}: K-Means {', '.join(kmeans_notes)}; selection equal to the fixture at {matched or 'no scale'}"
-        + (f", {'; '.join(select_notes)} (each = the reference loop on this run's labels and relevance)" if select_notes else "")
+        + (
+            f", {'; '.join(select_notes)} (each = the reference loop on this run's labels and relevance)"
+            if select_notes
+            else ""
+        )
         + f"; {logits}; generated ids identical"
     )
 

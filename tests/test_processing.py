@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ASSETS, PARITY
 from PIL import Image
 
+from conftest import ASSETS, PARITY
 from uhrbat.configuration import UhrBatConfig
 from uhrbat.errors import (
     BudgetError,
@@ -71,8 +71,13 @@ def test_reference_config_fields() -> None:
 # ----------------------------------------------------------------------------- budgets
 @pytest.mark.parametrize(
     "value, message",
-    [("80,320,-1,2000", "negative"), ("80,320,1.5,2000", "not an integer"), ("80,x,600,2000", "not an integer"),
-     ("80,320", "got 2 budgets"), ([1, 2, 3, True], "not an integer")],
+    [
+        ("80,320,-1,2000", "negative"),
+        ("80,320,1.5,2000", "not an integer"),
+        ("80,x,600,2000", "not an integer"),
+        ("80,320", "got 2 budgets"),
+        ([1, 2, 3, True], "not an integer"),
+    ],
 )
 def test_parse_budgets_errors(value, message) -> None:
     with pytest.raises(BudgetError, match=message):
@@ -179,8 +184,12 @@ def test_bad_images(setup, message, tmp_path) -> None:
 def processor() -> UhrBatProcessor:
     from transformers import AutoTokenizer
 
-    return UhrBatProcessor(UhrBatImageProcessor(scales=[672, 1344]), AutoTokenizer.from_pretrained(PARITY / "tokenizer"),
-                           budgets=[10, 20], max_context=200)
+    return UhrBatProcessor(
+        UhrBatImageProcessor(scales=[672, 1344]),
+        AutoTokenizer.from_pretrained(PARITY / "tokenizer"),
+        budgets=[10, 20],
+        max_context=200,
+    )
 
 
 def test_prompt_matches_reference_template() -> None:
@@ -193,7 +202,10 @@ def test_prompt_matches_reference_template() -> None:
 
 def test_placeholder_expansion_and_padding(processor) -> None:
     img = Image.new("RGB", (40, 40))
-    out = processor(images=[img, img], text=[processor.build_prompt("short?"), processor.build_prompt("a much longer question here?")])
+    out = processor(
+        images=[img, img],
+        text=[processor.build_prompt("short?"), processor.build_prompt("a much longer question here?")],
+    )
     ids, mask = out["input_ids"], out["attention_mask"]
     assert (ids == processor.image_token_id).sum(1).tolist() == [30, 30]
     assert ids.min() >= 0  # never negative ids: logits processors can index them
@@ -214,10 +226,10 @@ def test_reference_compat_overwrites_specials_with_eos(processor) -> None:
         processor.compat = "none"
     run = ids == processor.image_token_id
     start = int(run.nonzero()[0])
-    collapsed = torch.cat([ids[:start], torch.tensor([-200]), ids[start + int(run.sum()):]])
+    collapsed = torch.cat([ids[:start], torch.tensor([-200]), ids[start + int(run.sum()) :]])
     assert torch.equal(collapsed, fx["input_ids"])
     plain = processor(text=processor.build_prompt(meta["case"]["question"]))["input_ids"][0]
-    plain = torch.cat([plain[:start], torch.tensor([-200]), plain[start + int(run.sum()):]])
+    plain = torch.cat([plain[:start], torch.tensor([-200]), plain[start + int(run.sum()) :]])
     assert torch.equal(plain, fx["input_ids_tokenized"])
 
 
@@ -277,11 +289,22 @@ def test_round_one_processor_folders_still_load(processor, tmp_path) -> None:
     """Folders written before the ProcessorMixin port (flat processor_config.json next to a
     preprocessor_config.json) load unchanged; overrides replace saved settings."""
     processor.tokenizer.save_pretrained(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "UhrBatImageProcessor", "scales": [672, 1344], "tile_size": 336,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
-    (tmp_path / "processor_config.json").write_text(json.dumps({
-        "processor_class": "UhrBatProcessor", "budgets": [10, 20], "max_context": 200, "compat": "reference"}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "UhrBatImageProcessor",
+                "scales": [672, 1344],
+                "tile_size": 336,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.25, 0.25, 0.25],
+            }
+        )
+    )
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps(
+            {"processor_class": "UhrBatProcessor", "budgets": [10, 20], "max_context": 200, "compat": "reference"}
+        )
+    )
     p = UhrBatProcessor.from_pretrained(tmp_path)
     assert p.budgets == [10, 20] and p.max_context == 200 and p.compat == "reference"
     assert p.image_processor.image_mean == [0.5, 0.5, 0.5] and p.image_processor.patch_size == 14
@@ -292,8 +315,12 @@ def test_round_one_processor_folders_still_load(processor, tmp_path) -> None:
 
 def test_token_counts_follow_the_patch_size(processor) -> None:
     """Placeholder counts come from the image processor's tile / patch sides, not CLIP-336/14."""
-    p = UhrBatProcessor(UhrBatImageProcessor(scales=[448, 896], tile_size=224, patch_size=14), processor.tokenizer,
-                        budgets=[10_000, 50], max_context=10_000)
+    p = UhrBatProcessor(
+        UhrBatImageProcessor(scales=[448, 896], tile_size=224, patch_size=14),
+        processor.tokenizer,
+        budgets=[10_000, 50],
+        max_context=10_000,
+    )
     assert p.tokens_per_scale() == [4 * 256, 50]
     ids = p(text=p.build_prompt("q"))["input_ids"][0]
     assert int((ids == p.image_token_id).sum()) == 1024 + 50

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ASSETS, PARITY
 from PIL import Image
 
+from conftest import ASSETS, PARITY
 from uhrbat.errors import BudgetError, ConfigError, MaskError, PromptError
 from uhrbat.scene_cache import SceneCache
 
@@ -94,7 +94,9 @@ def test_cached_equals_uncached_cold_warm_disk_in_both_kmeans_modes(tmp_path: Pa
         assert (ref.cache, cold.cache, warm.cache) == ("off", "miss" if i == 0 else "hit", "hit")
         assert cold.timings_detail["group"] > 0 and warm.timings_detail["group"] == 0.0
         assert warm.timings["encode"] == 0.0 and warm.timings["tiles"] == 0.0
-        disk = _parity_pipe(scene_cache=SceneCache(cache_dir=tmp_path / "c"), **base).ask(image, q, kmeans_mode=mode, **ask)
+        disk = _parity_pipe(scene_cache=SceneCache(cache_dir=tmp_path / "c"), **base).ask(
+            image, q, kmeans_mode=mode, **ask
+        )
         assert disk.cache == "disk"
         for res in (cold, warm, disk):
             _same(res, ref)
@@ -119,8 +121,9 @@ def test_evicted_scene_is_recomputed_identically(tiny_pipeline) -> None:
 def test_fresh_caches_sharing_a_folder_never_mix_images(tiny_pipeline, tmp_path) -> None:
     plain = _tiny(tiny_pipeline, scene_cache=False)
     for image in (IMAGE, _image(41, (400, 300)), PARITY / "images" / "image_b.png"):
-        got = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=tmp_path)).ask(image, "What?", max_new_tokens=2,
-                                                                                    return_relevance=True)
+        got = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=tmp_path)).ask(
+            image, "What?", max_new_tokens=2, return_relevance=True
+        )
         assert got.cache == "miss"
         _same(got, plain.ask(image, "What?", max_new_tokens=2, return_relevance=True))
 
@@ -155,9 +158,16 @@ def test_changed_options_never_hit_stale_entries(tiny_pipeline) -> None:
     plain = _tiny(tiny_pipeline, scene_cache=False)
     q = "Where is the river?"
     cached.ask(IMAGE, q, max_new_tokens=3)
-    for change in (dict(seed=1), dict(kmeans_clusters=5), dict(kmeans_iters=2), dict(kmeans_mode="exact"),
-                   dict(budgets=[4, 20]), dict(kmeans_clusters=0), dict(kmeans_clusters=0, budgets=[6, 16]),
-                   dict(selector="topk")):
+    for change in (
+        dict(seed=1),
+        dict(kmeans_clusters=5),
+        dict(kmeans_iters=2),
+        dict(kmeans_mode="exact"),
+        dict(budgets=[4, 20]),
+        dict(kmeans_clusters=0),
+        dict(kmeans_clusters=0, budgets=[6, 16]),
+        dict(selector="topk"),
+    ):
         got = cached.ask(IMAGE, q, max_new_tokens=3, return_relevance=True, **change)
         assert got.cache == "hit"  # the scene is shared; the grouping is keyed by the options
         _same(got, plain.ask(IMAGE, q, max_new_tokens=3, return_relevance=True, **change))
@@ -243,7 +253,9 @@ def test_concurrent_ask_from_threads(tiny_pipeline, counted) -> None:
 
 # ------------------------------------------------------------------------------ memory bound
 def test_lru_eviction_under_a_byte_bound() -> None:
-    item = lambda v: {"x": torch.full((256,), float(v))}  # 1 KiB
+    def item(v: float) -> dict:  # 1 KiB
+        return {"x": torch.full((256,), float(v))}
+
     cache = SceneCache(max_bytes=3 * 1024)
     for k in "abc":
         cache.put(k, item(ord(k)))
@@ -303,7 +315,9 @@ def test_corrupt_partial_and_foreign_disk_files_are_recomputed(tiny_pipeline, tm
         assert res.cache == "miss" and msgs, data[:16]
         _same(res, plain)
     # The recompute rewrote a good file: the next pipeline reads it from disk.
-    res = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=d)).ask(IMAGE, q, max_new_tokens=3, return_relevance=True)
+    res = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=d)).ask(
+        IMAGE, q, max_new_tokens=3, return_relevance=True
+    )
     assert res.cache == "disk"
     _same(res, plain)
     for alias in d.rglob("*.alias.json"):
@@ -326,8 +340,13 @@ def test_beam_search_and_streamer_through_the_pipeline(tiny_pipeline) -> None:
     beams = model.generate(**inp, max_new_tokens=4, min_new_tokens=4, num_beams=3, **sel)
     assert beams[0].tolist() == res.generated_ids
     streamer = TextIteratorStreamer(proc.tokenizer, skip_prompt=True)
-    res = pipe.chat(IMAGE, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Trees?"}]}],
-                    max_new_tokens=4, min_new_tokens=4, streamer=streamer)
+    res = pipe.chat(
+        IMAGE,
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Trees?"}]}],
+        max_new_tokens=4,
+        min_new_tokens=4,
+        streamer=streamer,
+    )
     assert "".join(streamer).strip() == res.answer
 
 
@@ -341,22 +360,40 @@ def test_chat_matches_ask_and_keeps_earlier_turns(tiny_pipeline) -> None:
     _same(pipe.chat(IMAGE, one, max_new_tokens=3), pipe.ask(IMAGE, q, max_new_tokens=3))
     turns = one + [{"role": "assistant", "content": "Seven."}, {"role": "user", "content": "And roads?"}]
     prompt = chat_prompt(turns)
-    assert prompt.count("<image>") == 1 and "Seven.<|im_end|>" in prompt and prompt.endswith("And roads?<|im_end|>\n<|im_start|>assistant\n")
+    assert (
+        prompt.count("<image>") == 1
+        and "Seven.<|im_end|>" in prompt
+        and prompt.endswith("And roads?<|im_end|>\n<|im_start|>assistant\n")
+    )
     a, b = pipe.chat_batch([IMAGE, IMAGE], [turns, one], max_new_tokens=3)
     assert a.prompt_tokens > b.prompt_tokens and b.cache == "hit"
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([], "non-empty list"),
-    ([{"role": "user", "content": "no image"}], "exactly one image part, found 0"),
-    ([{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]}], "found 2"),
-    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}],
-     "last message must be the user's question"),
-    ([{"role": "robot", "content": [{"type": "image"}]}], "role must be"),
-    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  "}]}], "empty"),
-    ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "see <image>"}]}], "contains '<image>'"),
-    ([{"role": "user", "content": [{"type": "image"}, {"type": "audio"}]}], "unsupported content part"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "non-empty list"),
+        ([{"role": "user", "content": "no image"}], "exactly one image part, found 0"),
+        (
+            [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]}],
+            "found 2",
+        ),
+        (
+            [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": "a"},
+            ],
+            "last message must be the user's question",
+        ),
+        ([{"role": "robot", "content": [{"type": "image"}]}], "role must be"),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  "}]}], "empty"),
+        (
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "see <image>"}]}],
+            "contains '<image>'",
+        ),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "audio"}]}], "unsupported content part"),
+    ],
+)
 def test_chat_validation(tiny_pipeline, counted, messages, match) -> None:
     with pytest.raises(PromptError, match=match):
         _tiny(tiny_pipeline).chat(IMAGE, messages)
@@ -364,18 +401,25 @@ def test_chat_validation(tiny_pipeline, counted, messages, match) -> None:
 
 
 # ------------------------------------------------------------------------------ validation
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(question=""), PromptError, "question is empty"),
-    (dict(question=" \n\t "), PromptError, "question is empty"),
-    (dict(question="<image>\n  "), PromptError, "question is empty"),
-    (dict(question="Is <image> a ship?"), PromptError, "extra '<image>'"),
-    (dict(max_new_tokens=0), BudgetError, "max_new_tokens must be an integer >= 1, got 0"),
-    (dict(budgets=[0, 0]), BudgetError, "all 0"),
-    (dict(kmeans_iters=0), ConfigError, "kmeans_iters must be >= 1"),
-    (dict(kmeans_clusters=-1), ConfigError, "kmeans_clusters must be >= 0"),
-    (dict(selector="segments"), MaskError, "needs a segment mask for every scale"),
-    (dict(selector="segments", masks={672: torch.zeros(672, 672, dtype=torch.int32)}), MaskError, "scale 1344 has none"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(question=""), PromptError, "question is empty"),
+        (dict(question=" \n\t "), PromptError, "question is empty"),
+        (dict(question="<image>\n  "), PromptError, "question is empty"),
+        (dict(question="Is <image> a ship?"), PromptError, "extra '<image>'"),
+        (dict(max_new_tokens=0), BudgetError, "max_new_tokens must be an integer >= 1, got 0"),
+        (dict(budgets=[0, 0]), BudgetError, "all 0"),
+        (dict(kmeans_iters=0), ConfigError, "kmeans_iters must be >= 1"),
+        (dict(kmeans_clusters=-1), ConfigError, "kmeans_clusters must be >= 0"),
+        (dict(selector="segments"), MaskError, "needs a segment mask for every scale"),
+        (
+            dict(selector="segments", masks={672: torch.zeros(672, 672, dtype=torch.int32)}),
+            MaskError,
+            "scale 1344 has none",
+        ),
+    ],
+)
 def test_bad_requests_fail_before_compute(tiny_pipeline, counted, kwargs, error, match) -> None:
     kwargs = {"question": "How many trees?", **kwargs}
     with pytest.raises(error, match=match) as info:

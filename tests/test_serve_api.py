@@ -44,15 +44,17 @@ def user(question: str, url: str | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def server(fake: FakePipeline | None = None, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.02,
-           **options):
+def server(
+    fake: FakePipeline | None = None, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.02, **options
+):
     fake = fake or FakePipeline()
     engine = Engine(fake, max_batch=max_batch, max_queue=max_queue, batch_wait_s=batch_wait_s)
     app = create_app(engine, ServeOptions(model_name=MODEL, **options))
     try:
         with serve_in_thread(app) as url:
-            client = openai.OpenAI(base_url=url + "v1", api_key=options.get("api_key") or "none", max_retries=0,
-                                   timeout=30)
+            client = openai.OpenAI(
+                base_url=url + "v1", api_key=options.get("api_key") or "none", max_retries=0, timeout=30
+            )
             yield client, fake, url
     finally:
         engine.close()
@@ -92,8 +94,9 @@ def test_non_streamed_answer_usage_and_extension() -> None:
 def test_streamed_deltas_equal_the_answer_with_usage() -> None:
     q = "Is there a river next to the road?"
     with server() as (client, _, _url):
-        stream = client.chat.completions.create(model=MODEL, messages=[user(q)], stream=True,
-                                                stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[user(q)], stream=True, stream_options={"include_usage": True}
+        )
         chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == FakePipeline.answer_for(q)
@@ -106,9 +109,19 @@ def test_streamed_deltas_equal_the_answer_with_usage() -> None:
 def test_extra_body_reaches_the_pipeline_and_tokens_come_back() -> None:
     with server() as (client, fake, _):
         r = client.chat.completions.create(
-            model=MODEL, messages=[user("Where are the trees?")], max_completion_tokens=100, seed=7,
-            extra_body={"budgets": [2, 3, 4, 5], "selector": "topk", "kmeans_clusters": 3, "kmeans_iters": 2,
-                        "repetition_penalty": 1.2, "return_tokens": True})
+            model=MODEL,
+            messages=[user("Where are the trees?")],
+            max_completion_tokens=100,
+            seed=7,
+            extra_body={
+                "budgets": [2, 3, 4, 5],
+                "selector": "topk",
+                "kmeans_clusters": 3,
+                "kmeans_iters": 2,
+                "repetition_penalty": 1.2,
+                "return_tokens": True,
+            },
+        )
     call = fake.calls[-1]
     assert call["budgets"] == [2, 3, 4, 5] and call["selector"] == "topk" and call["kmeans_clusters"] == 3
     assert call["kmeans_iters"] == 2 and call["seed"] == 7 and call["repetition_penalty"] == 1.2
@@ -124,8 +137,11 @@ def test_geotiff_tokens_come_with_wgs84_geojson_naming_the_client_file(tmp_path)
     tif = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "aerial" / "neon_osbs_400.tif"
     (tmp_path / "scene.tif").write_bytes(tif.read_bytes())
     with server(allowed_local_media_path=str(tmp_path)) as (client, _, _url):
-        r = client.chat.completions.create(model=MODEL, messages=[user("Trees?", (tmp_path / "scene.tif").as_uri())],
-                                           extra_body={"return_tokens": True})
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[user("Trees?", (tmp_path / "scene.tif").as_uri())],
+            extra_body={"return_tokens": True},
+        )
     gj = r.model_extra["uhrbat"]["geojson"]
     assert gj["coordinate_space"] == "wgs84" and gj["image"]["path"] == "scene.tif"
     lon, lat = gj["features"][0]["geometry"]["coordinates"][0][0]
@@ -149,30 +165,46 @@ def test_multi_turn_uses_the_earlier_turns_and_the_scene_cache() -> None:
     img = data_url(png_bytes(64, 64))
     with server() as (client, fake, _):
         first = client.chat.completions.create(model=MODEL, messages=[user("How many roofs?", img)])
-        msgs = [user("How many roofs?", img), {"role": "assistant", "content": first.choices[0].message.content},
-                {"role": "user", "content": "And how many are red?"}]
+        msgs = [
+            user("How many roofs?", img),
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And how many are red?"},
+        ]
         second = client.chat.completions.create(model=MODEL, messages=msgs)
     assert first.model_extra["uhrbat"]["cache"] == "miss" and second.model_extra["uhrbat"]["cache"] == "hit"
     assert fake.calls[-1]["turns"] == 3 and fake.calls[-1]["question"] == "And how many are red?"
 
 
-@pytest.mark.parametrize("messages, extra, needle", [
-    ([user("q", data_url(b"\x89PNG\r\n\x1a\n corrupt"))], {}, "messages.0.content.0.image_url"),
-    ([user("q", "")], {}, "exactly one image"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
-                                   {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]}], {},
-     "2 images"),
-    ([user("q", "https://example.com/a.png")], {}, "does not fetch remote URLs"),
-    ([user("q", "file:///etc/passwd")], {}, "--allowed-local-media-path"),
-    ([user("q", "data:image/png;base64,@@@")], {}, "not valid base64"),
-    ([user("q", "data:text/html;base64,PGh0bWw+")], {}, "not an accepted image type"),
-    ([user("q")], {"budgets": [1, 2]}, "4 scales"),
-    ([user("q")], {"budget": [1, 2, 3, 4]}, "budget: unknown field"),
-    ([user("q")], {"n": 2}, "n > 1"),
-    ([user("q")], {"max_tokens": 513}, "limit of 512"),
-    ([user("q")], {"selector": "nearest"}, "selector"),
-    ([user("q"), {"role": "assistant", "content": "a"}], {}, "last message"),
-])
+@pytest.mark.parametrize(
+    "messages, extra, needle",
+    [
+        ([user("q", data_url(b"\x89PNG\r\n\x1a\n corrupt"))], {}, "messages.0.content.0.image_url"),
+        ([user("q", "")], {}, "exactly one image"),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes())}},
+                    ],
+                }
+            ],
+            {},
+            "2 images",
+        ),
+        ([user("q", "https://example.com/a.png")], {}, "does not fetch remote URLs"),
+        ([user("q", "file:///etc/passwd")], {}, "--allowed-local-media-path"),
+        ([user("q", "data:image/png;base64,@@@")], {}, "not valid base64"),
+        ([user("q", "data:text/html;base64,PGh0bWw+")], {}, "not an accepted image type"),
+        ([user("q")], {"budgets": [1, 2]}, "4 scales"),
+        ([user("q")], {"budget": [1, 2, 3, 4]}, "budget: unknown field"),
+        ([user("q")], {"n": 2}, "n > 1"),
+        ([user("q")], {"max_tokens": 513}, "limit of 512"),
+        ([user("q")], {"selector": "nearest"}, "selector"),
+        ([user("q"), {"role": "assistant", "content": "a"}], {}, "last message"),
+    ],
+)
 def test_bad_requests_are_400_in_openai_schema(messages, extra, needle) -> None:
     with server() as (client, _, _url):
         with pytest.raises(openai.BadRequestError) as e:
@@ -207,8 +239,12 @@ def test_file_urls_only_inside_the_allowed_root(tmp_path) -> None:
     with server(allowed_local_media_path=str(root)) as (client, fake, _):
         r = client.chat.completions.create(model=MODEL, messages=[user("q", (root / "a.png").as_uri())])
         assert r.model_extra["uhrbat"]["image_size"] == [30, 20]
-        for url in ((root / "link.png").as_uri(), f"file://{root}/../private/secret.png",
-                    (outside / "secret.png").as_uri(), (outside / "missing.png").as_uri()):
+        for url in (
+            (root / "link.png").as_uri(),
+            f"file://{root}/../private/secret.png",
+            (outside / "secret.png").as_uri(),
+            (outside / "missing.png").as_uri(),
+        ):
             with pytest.raises(openai.BadRequestError, match="outside the allowed local media path"):
                 client.chat.completions.create(model=MODEL, messages=[user("q", url)])
         with pytest.raises(openai.BadRequestError, match="cannot open"):
@@ -229,8 +265,13 @@ def test_oversized_requests_get_413_before_the_body_is_read() -> None:
         u = urlparse(url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
         body = json.dumps({"model": MODEL, "messages": [user("q", big)]}).encode()
-        conn.request("POST", "/v1/chat/completions", body=iter([body[i:i + 16384] for i in range(0, len(body), 16384)]),
-                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=iter([body[i : i + 16384] for i in range(0, len(body), 16384)]),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
         resp = conn.getresponse()
         assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
         assert client.chat.completions.create(model=MODEL, messages=[user("q")]).choices[0].message.content
@@ -251,6 +292,7 @@ def test_api_key(monkeypatch) -> None:
 def test_concurrent_clients_are_micro_batched_and_get_their_own_answers() -> None:
     questions = [" ".join(["w"] * (i + 1)) for i in range(16)]
     with server(max_batch=8, batch_wait_s=0.2) as (client, fake, _):
+
         def ask(q: str) -> str:
             return client.chat.completions.create(model=MODEL, messages=[user(q)]).choices[0].message.content
 
@@ -345,4 +387,6 @@ def test_disconnect_while_waiting_for_a_plain_answer_stops_generation() -> None:
         conn.close()
         _wait(lambda: slow.last is not None, timeout=20)
         assert slow.last.completion_tokens < 1000  # stopped long before its 3000 tokens (30 s)
-        assert client.chat.completions.create(model=MODEL, messages=[user("q")], max_tokens=3).choices[0].message.content
+        assert (
+            client.chat.completions.create(model=MODEL, messages=[user("q")], max_tokens=3).choices[0].message.content
+        )

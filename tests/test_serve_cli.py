@@ -23,9 +23,30 @@ def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
     monkeypatch.setattr(serving_app, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
     monkeypatch.setenv("UHRBAT_API_KEY", "from-env")
-    r = CliRunner().invoke(app, ["serve", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--iters", "3",
-                                 "--port", "8123", "--max-batch", "2", "--max-queue", "5", "--max-request-mb", "1",
-                                 "--allowed-local-media-path", str(tmp_path), "--served-model-name", "geo"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "serve",
+            "--model",
+            "some/ckpt",
+            "--budgets",
+            "1,2,3,4",
+            "--iters",
+            "3",
+            "--port",
+            "8123",
+            "--max-batch",
+            "2",
+            "--max-queue",
+            "5",
+            "--max-request-mb",
+            "1",
+            "--allowed-local-media-path",
+            str(tmp_path),
+            "--served-model-name",
+            "geo",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert loaded["model"] == "some/ckpt" and loaded["budgets"] == [1, 2, 3, 4] and loaded["kmeans_iters"] == 3
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
@@ -42,9 +63,15 @@ def test_serve_rejects_bad_options_before_loading(monkeypatch) -> None:
     import uhrbat.pipeline
     from uhrbat.cli.main import app
 
-    monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained",
-                        staticmethod(lambda *a, **k: pytest.fail("the model must not load")))
-    for args, needle in ((["--budgets", "1,x"], "--budgets"), (["--max-batch", "0"], "--max-batch"),
-                         (["--allowed-local-media-path", "/no/such/dir"], "--allowed-local-media-path")):
+    monkeypatch.setattr(
+        uhrbat.pipeline.UhrBatPipeline,
+        "from_pretrained",
+        staticmethod(lambda *a, **k: pytest.fail("the model must not load")),
+    )
+    for args, needle in (
+        (["--budgets", "1,x"], "--budgets"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--allowed-local-media-path", "/no/such/dir"], "--allowed-local-media-path"),
+    ):
         r = CliRunner().invoke(app, ["serve", *args])
         assert r.exit_code == 2 and needle in r.output, r.output

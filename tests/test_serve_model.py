@@ -59,8 +59,12 @@ def direct(pipe, data: bytes, messages: list[dict], max_new_tokens: int = GEN["m
         if isinstance(m["content"], str):
             conv.append(m)
         else:
-            conv.append({"role": m["role"], "content": [
-                {"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]})
+            conv.append(
+                {
+                    "role": m["role"],
+                    "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]],
+                }
+            )
     return pipe.chat(open_image_bytes(data, filename="x.png"), conv, max_new_tokens=max_new_tokens, **kw).answer
 
 
@@ -69,8 +73,11 @@ def test_answers_streaming_and_usage_match_the_pipeline(tiny_pipeline) -> None:
     msgs = [turn("How many trees are there?", data)]
     with server(tiny_pipeline) as client:
         r = client.chat.completions.create(model=MODEL, messages=msgs, **GEN)
-        chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, stream=True,
-                                                     stream_options={"include_usage": True}, **GEN))
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=msgs, stream=True, stream_options={"include_usage": True}, **GEN
+            )
+        )
     expected = direct(tiny_pipeline, data, msgs)
     assert r.choices[0].message.content == expected
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
@@ -84,10 +91,14 @@ def test_follow_up_question_hits_the_scene_cache(tiny_pipeline) -> None:
     data = scene_png(2)
     with server(tiny_pipeline) as client:
         first = client.chat.completions.create(model=MODEL, messages=[turn("Is there a road?", data)], **GEN)
-        convo = [turn("Is there a road?", data), {"role": "assistant", "content": first.choices[0].message.content},
-                 turn("Which way does it run?")]
-        second = client.chat.completions.create(model=MODEL, messages=convo,
-                                                extra_body={"return_tokens": True, "budgets": [4, 6]}, **GEN)
+        convo = [
+            turn("Is there a road?", data),
+            {"role": "assistant", "content": first.choices[0].message.content},
+            turn("Which way does it run?"),
+        ]
+        second = client.chat.completions.create(
+            model=MODEL, messages=convo, extra_body={"return_tokens": True, "budgets": [4, 6]}, **GEN
+        )
     assert first.model_extra["uhrbat"]["cache"] == "miss"
     assert second.model_extra["uhrbat"]["cache"] == "hit"
     assert first.model_extra["uhrbat"]["timings"]["tiles"] > 0
@@ -104,6 +115,7 @@ def test_concurrent_clients_equal_single_requests(tiny_pipeline) -> None:
     images = [scene_png(10 + i % 4, 96, 64) for i in range(16)]
     questions = [f"What is in part {i % 8} of the scene?" for i in range(16)]
     with server(tiny_pipeline, max_batch=8) as client:
+
         def ask(i: int) -> tuple[str, int]:
             r = client.chat.completions.create(model=MODEL, messages=[turn(questions[i], images[i])], max_tokens=3)
             return r.choices[0].message.content, r.model_extra["uhrbat"]["batch_size"]
@@ -117,8 +129,13 @@ def test_concurrent_clients_equal_single_requests(tiny_pipeline) -> None:
 
 def test_sampling_with_a_seed_is_reproducible_and_runs_alone(tiny_pipeline) -> None:
     data = scene_png(3)
-    kw = {"model": MODEL, "messages": [turn("Describe the scene.", data)], "max_tokens": 8, "temperature": 1.5,
-          "top_p": 0.95}
+    kw = {
+        "model": MODEL,
+        "messages": [turn("Describe the scene.", data)],
+        "max_tokens": 8,
+        "temperature": 1.5,
+        "top_p": 0.95,
+    }
     with server(tiny_pipeline) as client:
         with ThreadPoolExecutor(2) as pool:
             a, b = pool.map(lambda _: client.chat.completions.create(seed=11, **kw), range(2))

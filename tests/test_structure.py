@@ -95,7 +95,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == 1:
-                cycles.append(stack[stack.index(v):] + [v])
+                cycles.append(stack[stack.index(v) :] + [v])
             elif v not in state:
                 dfs(v, stack)
         stack.pop()
@@ -167,8 +167,13 @@ def test_bare_import_registers_auto_classes_and_round_trips(tiny_checkpoint, tmp
     """In a fresh interpreter, after only `import uhrbat`: AutoConfig / AutoModel /
     AutoModelForImageTextToText / AutoProcessor / AutoImageProcessor load the checkpoint, and a
     `save_pretrained` of model and processor loads back identical."""
-    run = subprocess.run([sys.executable, "-c", _AUTO_SCRIPT, str(tiny_checkpoint), str(tmp_path / "saved")],
-                         capture_output=True, text=True, timeout=300, env=_env())
+    run = subprocess.run(
+        [sys.executable, "-c", _AUTO_SCRIPT, str(tiny_checkpoint), str(tmp_path / "saved")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "round trip ok" in run.stdout
 
@@ -193,13 +198,26 @@ def test_model_entry_points_take_typed_selection_options() -> None:
 
     for fn in (UhrBatForConditionalGeneration.forward, UhrBatForConditionalGeneration.generate):
         params = inspect.signature(fn).parameters
-        for name in ("pixel_values", "budgets", "selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed",
-                     "image_masks", "image_sizes"):
+        for name in (
+            "pixel_values",
+            "budgets",
+            "selector",
+            "kmeans_clusters",
+            "kmeans_iters",
+            "kmeans_mode",
+            "seed",
+            "image_masks",
+            "image_sizes",
+        ):
             assert name in params, (fn.__name__, name)
         assert params["selector"].kind is inspect.Parameter.KEYWORD_ONLY
         assert "Args:" in fn.__doc__ and "[B, T, 3, tile, tile]" in fn.__doc__
     assert selection_kwargs(torch.tensor([[8, 16], [8, 16]]), "topk", 0, None, None, 3) == {
-        "budgets": [8, 16], "selector": "topk", "kmeans_clusters": 0, "seed": 3}
+        "budgets": [8, 16],
+        "selector": "topk",
+        "kmeans_clusters": 0,
+        "seed": 3,
+    }
     assert selection_kwargs(torch.tensor([4, 5])) == {"budgets": [4, 5]}
     assert selection_kwargs() == {}
 

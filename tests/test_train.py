@@ -24,10 +24,27 @@ def setup(tmp_path_factory):
 def _recipe(setup, out: Path, **kw):
     from uhrbat.training.recipe import load_recipe
 
-    base = dict(model=str(setup.checkpoint), data=str(setup.manifest), output_dir=str(out), budgets=BUDGETS,
-                kmeans_clusters=4, kmeans_iters=2, deepspeed="none", bf16=False, tf32=False, max_steps=20,
-                learning_rate=3e-3, warmup_ratio=0.1, lr_scheduler_type="cosine", gradient_accumulation_steps=1,
-                report_to="none", save_steps=10, logging_steps=1, dataloader_drop_last=False, seed=7)
+    base = dict(
+        model=str(setup.checkpoint),
+        data=str(setup.manifest),
+        output_dir=str(out),
+        budgets=BUDGETS,
+        kmeans_clusters=4,
+        kmeans_iters=2,
+        deepspeed="none",
+        bf16=False,
+        tf32=False,
+        max_steps=20,
+        learning_rate=3e-3,
+        warmup_ratio=0.1,
+        lr_scheduler_type="cosine",
+        gradient_accumulation_steps=1,
+        report_to="none",
+        save_steps=10,
+        logging_steps=1,
+        dataloader_drop_last=False,
+        seed=7,
+    )
     base.update(kw)
     return load_recipe(None, [], **base)
 
@@ -91,8 +108,10 @@ def test_checkpoints_load_and_only_trained_parts_changed(setup, trained) -> None
                 assert same, f"frozen {k} changed"
         assert not torch.equal(s0["projector.fc1.weight"], s1["projector.fc1.weight"])
         assert not torch.equal(s0["token_mlp.fc2.weight"], s1["token_mlp.fc2.weight"])
-        assert not torch.equal(s0["language_model.model.layers.0.mlp.up_proj.weight"],
-                               s1["language_model.model.layers.0.mlp.up_proj.weight"])
+        assert not torch.equal(
+            s0["language_model.model.layers.0.mlp.up_proj.weight"],
+            s1["language_model.model.layers.0.mlp.up_proj.weight"],
+        )
 
 
 def test_resume_gives_identical_next_step_loss(setup, trained, tmp_path) -> None:
@@ -115,8 +134,21 @@ def test_saved_checkpoint_answers_through_uhrbat_ask(setup, trained, capsys) -> 
     out, _ = trained
     code = 0
     try:
-        main(["ask", str(setup.images[0]), "How many ships are in the harbour?", "--model", str(out),
-              "--max-new-tokens", "4", "--clusters", "4", "--iters", "2"])
+        main(
+            [
+                "ask",
+                str(setup.images[0]),
+                "How many ships are in the harbour?",
+                "--model",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--clusters",
+                "4",
+                "--iters",
+                "2",
+            ]
+        )
     except SystemExit as e:
         code = e.code or 0
     captured = capsys.readouterr()
@@ -140,12 +172,15 @@ def _batch(setup, processor, idx=0):
     return UhrBatCollator(processor.tokenizer.pad_token_id, BUDGETS, selection=SELECTION)([ds[idx], ds[idx + 1]])
 
 
-@pytest.mark.parametrize("policy, prefixes", [
-    ("vision_projector,token_mlp,llm", ("projector.", "token_mlp.", "language_model.")),
-    ("token_mlp,scale_residuals", ("token_mlp.", "scale_residuals.")),
-    ("vision_projector", ("projector.",)),
-    ("llm", ("language_model.",)),
-])
+@pytest.mark.parametrize(
+    "policy, prefixes",
+    [
+        ("vision_projector,token_mlp,llm", ("projector.", "token_mlp.", "language_model.")),
+        ("token_mlp,scale_residuals", ("token_mlp.", "scale_residuals.")),
+        ("vision_projector", ("projector.",)),
+        ("llm", ("language_model.",)),
+    ],
+)
 def test_gradients_reach_exactly_the_named_parts(setup, policy, prefixes) -> None:
     from uhrbat.modeling.loading import load
     from uhrbat.training.freeze import apply_freeze
@@ -212,15 +247,24 @@ def _selection_trace(model, proc, answer: str, image, options):
     from uhrbat.modeling.modeling_uhrbat import ImageTrace
     from uhrbat.training.tokenize import encode_conversation
 
-    msgs = [{"role": "user", "content": "<image>\nHow many ships are in the harbour?"},
-            {"role": "assistant", "content": answer}]
+    msgs = [
+        {"role": "user", "content": "<image>\nHow many ships are in the harbour?"},
+        {"role": "assistant", "content": answer},
+    ]
     enc = encode_conversation(proc, msgs, proc.num_visual_tokens(BUDGETS), options=options)
     ids = torch.tensor([enc.input_ids])
     tiles, _ = proc.image_processor.pyramid(image)
     trace = ImageTrace()
     with torch.no_grad():
-        model.prepare_inputs_embeds(ids, torch.ones_like(ids), tiles[None], traces=[trace],
-                                    query_index=torch.tensor([enc.query_index]), budgets=BUDGETS, **SELECTION)
+        model.prepare_inputs_embeds(
+            ids,
+            torch.ones_like(ids),
+            tiles[None],
+            traces=[trace],
+            query_index=torch.tensor([enc.query_index]),
+            budgets=BUDGETS,
+            **SELECTION,
+        )
     return trace, enc
 
 
@@ -239,16 +283,23 @@ def test_answer_tokens_do_not_change_selected_visual_tokens(setup) -> None:
         assert torch.equal(a.selections[s].positions, b.selections[s].positions)
         assert torch.equal(a.selections[s].offsets, b.selections[s].offsets)
     # The training relevance is the inference relevance (same prompt ids, same query token).
-    inf = proc(images=[str(img)], text=[proc.build_prompt("How many ships are in the harbour?")], budgets=BUDGETS,
-               padding_side="right")
+    inf = proc(
+        images=[str(img)],
+        text=[proc.build_prompt("How many ships are in the harbour?")],
+        budgets=BUDGETS,
+        padding_side="right",
+    )
     assert inf["input_ids"][0].tolist() == ea.input_ids[: ea.query_index + 1]
     t = ImageTrace()
     with torch.no_grad():
-        model.prepare_inputs_embeds(inf["input_ids"], inf["attention_mask"], inf["pixel_values"], traces=[t],
-                                    budgets=BUDGETS, **SELECTION)
+        model.prepare_inputs_embeds(
+            inf["input_ids"], inf["attention_mask"], inf["pixel_values"], traces=[t], budgets=BUDGETS, **SELECTION
+        )
     torch.testing.assert_close(t.relevance_base, a.relevance_base, rtol=0, atol=0)
     # The reference's leak (query = last token of the answer) does depend on the answer.
-    ra, _ = _selection_trace(model, proc, "There are three ships near the pier.", img, TokenizeOptions(query="reference"))
+    ra, _ = _selection_trace(
+        model, proc, "There are three ships near the pier.", img, TokenizeOptions(query="reference")
+    )
     rb, _ = _selection_trace(model, proc, "None.", img, TokenizeOptions(query="reference"))
     assert not torch.equal(ra.relevance_base, rb.relevance_base)
 
@@ -261,8 +312,9 @@ def test_selection_under_bf16_autocast_equals_inference(setup) -> None:
     from uhrbat.training.freeze import apply_freeze
 
     model, proc = load(setup.checkpoint)
-    inf = proc(images=[str(setup.images[2])], text=[proc.build_prompt("How many ships are in the harbour?")],
-               budgets=BUDGETS)
+    inf = proc(
+        images=[str(setup.images[2])], text=[proc.build_prompt("How many ships are in the harbour?")], budgets=BUDGETS
+    )
     args = (inf["input_ids"], inf["attention_mask"], inf["pixel_values"])
     sel = dict(budgets=BUDGETS, kmeans_clusters=6, kmeans_iters=10)  # enough iterations for the cached updates
     ref = ImageTrace()
@@ -289,8 +341,16 @@ def test_shipped_recipe_trains_in_bf16_on_cpu(setup, tmp_path) -> None:
     from uhrbat.training.trainer import run_training
 
     recipe_file = Path(__file__).resolve().parents[1] / "recipes" / "uhrbat-sft.yaml"
-    recipe = load_recipe(recipe_file, ["report_to=none"], model=str(setup.checkpoint), data=str(setup.manifest),
-                         output_dir=str(tmp_path / "run"), budgets=BUDGETS, deepspeed="none", max_steps=2)
+    recipe = load_recipe(
+        recipe_file,
+        ["report_to=none"],
+        model=str(setup.checkpoint),
+        data=str(setup.manifest),
+        output_dir=str(tmp_path / "run"),
+        budgets=BUDGETS,
+        deepspeed="none",
+        max_steps=2,
+    )
     assert recipe.bf16 and recipe.kmeans_clusters == 3000
     res = run_training(recipe)
     assert res.global_step == 2
@@ -320,14 +380,25 @@ def test_segments_selector_trains_with_mask_files(setup, tmp_path) -> None:
     masks = tmp_path / "masks"
     masks.mkdir()
     for p in setup.images:
-        ids = {f"scale.{s}": (torch.arange((s // 336) ** 2 * 576, dtype=torch.int32) // 97 % 5).reshape(-1, 24, 24)
-               for s in SCALES}
+        ids = {
+            f"scale.{s}": (torch.arange((s // 336) ** 2 * 576, dtype=torch.int32) // 97 % 5).reshape(-1, 24, 24)
+            for s in SCALES
+        }
         save_file(ids, str(masks / f"{sanitize(p.name)}.safetensors"))
     manifest = tmp_path / "m.jsonl"
     rep = prepare_sft([setup.images[0].parent / "sft.json"], manifest, mask_dir=masks, scales=SCALES)
     assert rep.with_masks == len(setup.images)
-    res = run_training(_recipe(setup, tmp_path / "run", data=str(manifest), selector="segments", max_steps=2,
-                               save_steps=100, per_device_train_batch_size=2))
+    res = run_training(
+        _recipe(
+            setup,
+            tmp_path / "run",
+            data=str(manifest),
+            selector="segments",
+            max_steps=2,
+            save_steps=100,
+            per_device_train_batch_size=2,
+        )
+    )
     assert res.global_step == 2 and all(torch.isfinite(torch.tensor(res.step_losses)))
 
 

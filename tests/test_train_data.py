@@ -39,14 +39,25 @@ def sft_tree(tmp_path: Path) -> Path:
     (masks / "c.png.safetensors").write_bytes(b"garbage")  # unreadable mask
     rows = [
         # ok: conversations as a list, image_paths with the images/ prefix, mask present
-        dict(id="r0", image_paths=["images/a.png"], conversations=json.dumps(_conv("<image>\nWhat is this?", "A field.")),
-             question=None, answer=None),
+        dict(
+            id="r0",
+            image_paths=["images/a.png"],
+            conversations=json.dumps(_conv("<image>\nWhat is this?", "A field.")),
+            question=None,
+            answer=None,
+        ),
         # ok: question/answer columns; "<image>\n" is added; nested path
         dict(id="r1", image_paths=["images/sub/b.jpg"], conversations=None, question="How many cars?", answer="Two."),
         # bad: missing image
         dict(id="r2", image_paths=["images/missing.png"], conversations=None, question="Q?", answer="A."),
         # bad: no <image> in the conversation
-        dict(id="r3", image_paths=["images/d.png"], conversations=json.dumps(_conv("What?", "X.")), question=None, answer=None),
+        dict(
+            id="r3",
+            image_paths=["images/d.png"],
+            conversations=json.dumps(_conv("What?", "X.")),
+            question=None,
+            answer=None,
+        ),
         # bad: empty answer
         dict(id="r4", image_paths=["images/e.png"], conversations=None, question="Where?", answer="  "),
         # bad: unreadable mask
@@ -76,14 +87,35 @@ def test_prepare_sft_parquet_and_json_with_bad_rows(sft_tree: Path, capsys) -> N
     js = root / "UHR-BAT-SFT-10K" / "train" / "images" / "llava.json"
     js.write_text(json.dumps(llava))
     jl = root / "extra.jsonl"
-    jl.write_text(json.dumps({"id": "l0", "image": str(root / "UHR-BAT-SFT-10K/train/images/d.png"),
-                              "conversations": _conv("<image>\nQ", "A")}) + "\n{not json\n")
+    jl.write_text(
+        json.dumps(
+            {
+                "id": "l0",
+                "image": str(root / "UHR-BAT-SFT-10K/train/images/d.png"),
+                "conversations": _conv("<image>\nQ", "A"),
+            }
+        )
+        + "\n{not json\n"
+    )
     out = root / "manifest.jsonl"
     bad = root / "bad.jsonl"
     code = 0
     try:
-        main(["data", "prepare-sft", str(root / "UHR-BAT-SFT-10K"), str(js), str(jl), "--out", str(out),
-              "--masks", str(root / "masks"), "--bad-rows", str(bad)])
+        main(
+            [
+                "data",
+                "prepare-sft",
+                str(root / "UHR-BAT-SFT-10K"),
+                str(js),
+                str(jl),
+                "--out",
+                str(out),
+                "--masks",
+                str(root / "masks"),
+                "--bad-rows",
+                str(bad),
+            ]
+        )
     except SystemExit as e:
         code = e.code or 0
     err = capsys.readouterr().err
@@ -107,7 +139,10 @@ def test_prepare_sft_parquet_and_json_with_bad_rows(sft_tree: Path, capsys) -> N
     r0, r1 = samples[0], samples[1]
     assert Path(r0.image).name == "a.png" and r0.masks and r0.masks.endswith("a.png.safetensors")
     assert Path(r1.image).parts[-2:] == ("sub", "b.jpg") and r1.masks is None
-    assert r1.messages == [{"role": "user", "content": "<image>\nHow many cars?"}, {"role": "assistant", "content": "Two."}]
+    assert r1.messages == [
+        {"role": "user", "content": "<image>\nHow many cars?"},
+        {"role": "assistant", "content": "Two."},
+    ]
     assert samples[3].messages[0]["content"] == "Where is it?\n<image>"  # moved at tokenisation time
 
 
@@ -144,7 +179,10 @@ def _budgets(processor, first: int) -> list[int]:
     return [first] + [0] * (len(processor.image_processor.scales) - 1)
 
 
-MSGS = [{"role": "user", "content": "<image>\nIs there a red car?"}, {"role": "assistant", "content": "Yes, one red car."}]
+MSGS = [
+    {"role": "user", "content": "<image>\nIs there a red car?"},
+    {"role": "assistant", "content": "Yes, one red car."},
+]
 
 
 def test_labels_supervise_only_the_answer(processor) -> None:
@@ -158,11 +196,13 @@ def test_labels_supervise_only_the_answer(processor) -> None:
     assert sup[0] == enc.query_index + 1  # supervision starts right after the assistant header
     assert all(labels[i] == IGNORE_INDEX for i, t in enumerate(ids) if t == processor.image_token_id)
     # The prompt part is exactly the inference prompt (one "\n" after the image).
-    inf = processor(text=processor.build_prompt("Is there a red car?"), budgets=_budgets(processor, 7))["input_ids"][0].tolist()
+    inf = processor(text=processor.build_prompt("Is there a red car?"), budgets=_budgets(processor, 7))["input_ids"][
+        0
+    ].tolist()
     assert ids[: enc.query_index + 1] == inf
-    after = ids[enc.image_start + 7:]
+    after = ids[enc.image_start + 7 :]
     nl = tok("\n", add_special_tokens=False)["input_ids"]
-    assert after[: len(nl)] == nl and after[len(nl): 2 * len(nl)] != nl
+    assert after[: len(nl)] == nl and after[len(nl) : 2 * len(nl)] != nl
 
 
 def test_reference_layout_and_labels(processor) -> None:
@@ -171,7 +211,7 @@ def test_reference_layout_and_labels(processor) -> None:
     ref = encode_conversation(processor, MSGS, 7, options=TokenizeOptions.from_compat("reference"))
     fixed = encode_conversation(processor, MSGS, 7)
     assert len(ref) == len(fixed) + len(nl)
-    after = ref.input_ids[ref.image_start + 7:]
+    after = ref.input_ids[ref.image_start + 7 :]
     assert after[: 2 * len(nl)] == nl + nl  # two newlines between image and question
     im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     for i, t in enumerate(ref.input_ids):
@@ -202,9 +242,19 @@ def test_collator_right_and_left_padding(processor) -> None:
     from uhrbat.training.collator import UhrBatCollator
 
     short = encode_conversation(processor, MSGS, 3)
-    long = encode_conversation(processor, [MSGS[0], {"role": "assistant", "content": "Yes, a red car is parked by the road."}], 3)
-    feats = [{"input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels), "query_index": e.query_index,
-              "pixel_values": torch.zeros(2, 3, 4, 4), "image_masks": None} for e in (short, long)]
+    long = encode_conversation(
+        processor, [MSGS[0], {"role": "assistant", "content": "Yes, a red car is parked by the road."}], 3
+    )
+    feats = [
+        {
+            "input_ids": torch.tensor(e.input_ids),
+            "labels": torch.tensor(e.labels),
+            "query_index": e.query_index,
+            "pixel_values": torch.zeros(2, 3, 4, 4),
+            "image_masks": None,
+        }
+        for e in (short, long)
+    ]
     pad = processor.tokenizer.pad_token_id
     for side in ("right", "left"):
         b = UhrBatCollator(pad, [3, 0], padding_side=side, selection={"seed": 1})(feats)

@@ -29,10 +29,32 @@ def setup(tmp_path_factory):
 
 
 def _common(setup) -> list[str]:
-    return ["--model", str(setup.checkpoint), "--data", str(setup.manifest), "--budgets", BUDGETS, "--max-steps", "2",
-            "--set", "bf16=false", "--set", "report_to=none", "--set", "kmeans_clusters=4", "--set", "kmeans_iters=2",
-            "--set", "save_steps=1", "--set", "gradient_accumulation_steps=1", "--set", "learning_rate=1e-3",
-            "--set", "warmup_ratio=0"]
+    return [
+        "--model",
+        str(setup.checkpoint),
+        "--data",
+        str(setup.manifest),
+        "--budgets",
+        BUDGETS,
+        "--max-steps",
+        "2",
+        "--set",
+        "bf16=false",
+        "--set",
+        "report_to=none",
+        "--set",
+        "kmeans_clusters=4",
+        "--set",
+        "kmeans_iters=2",
+        "--set",
+        "save_steps=1",
+        "--set",
+        "gradient_accumulation_steps=1",
+        "--set",
+        "learning_rate=1e-3",
+        "--set",
+        "warmup_ratio=0",
+    ]
 
 
 def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -69,11 +91,18 @@ def test_deepspeed_zero2_offload_resume_and_zero3_on_cpu(setup, tmp_path) -> Non
 
     common = _common(setup)
     # DeepSpeedCPUAdam needs a C++ JIT build; torch's AdamW keeps the same offload path testable.
-    torch_adam = ["--set", "deepspeed_overrides={optimizer: {params: {torch_adam: true}}, zero_force_ds_cpu_optimizer: false}"]
+    torch_adam = [
+        "--set",
+        "deepspeed_overrides={optimizer: {params: {torch_adam: true}}, zero_force_ds_cpu_optimizer: false}",
+    ]
     a, b = tmp_path / "z2o", tmp_path / "z3"
     runs = [
-        common + ["--output-dir", str(a), "--deepspeed", "zero2_offload", "--summary", str(tmp_path / "a.json")] + torch_adam,
-        common + ["--output-dir", str(a), "--deepspeed", "zero2_offload", "--summary", str(tmp_path / "a2.json")] + torch_adam,
+        common
+        + ["--output-dir", str(a), "--deepspeed", "zero2_offload", "--summary", str(tmp_path / "a.json")]
+        + torch_adam,
+        common
+        + ["--output-dir", str(a), "--deepspeed", "zero2_offload", "--summary", str(tmp_path / "a2.json")]
+        + torch_adam,
         common + ["--output-dir", str(b), "--deepspeed", "zero3", "--summary", str(tmp_path / "b.json")],
     ]
     code = (
@@ -103,7 +132,10 @@ def test_deepspeed_zero2_offload_resume_and_zero3_on_cpu(setup, tmp_path) -> Non
 def test_deepspeed_zero2_offload_with_deepspeed_cpu_adam(setup, tmp_path) -> None:
     """The shipped offload config as is (DeepSpeedCPUAdam: JIT-compiles DeepSpeed's cpu_adam op)."""
     out = tmp_path / "z2o"
-    runs = [_common(setup) + ["--output-dir", str(out), "--deepspeed", "zero2_offload", "--summary", str(tmp_path / "s.json")]]
+    runs = [
+        _common(setup)
+        + ["--output-dir", str(out), "--deepspeed", "zero2_offload", "--summary", str(tmp_path / "s.json")]
+    ]
     proc = _python(f"from uhrbat.training.testing import engine_smoke\nengine_smoke(*{runs!r})\n", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "s.json").read_text())
@@ -162,8 +194,20 @@ def test_fsdp2_config_shards_the_model_on_two_cpu_processes(setup, tmp_path) -> 
     worker.write_text(_FSDP_WORKER)
     out = tmp_path / "fsdp-out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563", str(worker),
-           str(setup.checkpoint), str(setup.manifest), str(CONFIGS / "fsdp.json"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29563",
+        str(worker),
+        str(setup.checkpoint),
+        str(setup.manifest),
+        str(CONFIGS / "fsdp.json"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
@@ -172,7 +216,9 @@ def test_fsdp2_config_shards_the_model_on_two_cpu_processes(setup, tmp_path) -> 
     model, _ = load(out)
     start, _ = load(setup.checkpoint)
     assert not torch_equal(model.projector.fc1.weight, start.projector.fc1.weight)
-    assert torch_equal(model.vision_tower.embeddings.patch_embedding.weight, start.vision_tower.embeddings.patch_embedding.weight)
+    assert torch_equal(
+        model.vision_tower.embeddings.patch_embedding.weight, start.vision_tower.embeddings.patch_embedding.weight
+    )
 
 
 def torch_equal(a, b) -> bool:
@@ -193,9 +239,25 @@ def test_fsdp_trainer_on_gpu_train_save_resume(setup, tmp_path) -> None:
     out = tmp_path / "fsdp"
 
     def torchrun(summary: Path) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29564",
-               "-m", "uhrbat.cli.main", "train", *_common(setup), "--output-dir", str(out), "--fsdp", "full_shard auto_wrap",
-               "--summary", str(summary)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            "29564",
+            "-m",
+            "uhrbat.cli.main",
+            "train",
+            *_common(setup),
+            "--output-dir",
+            str(out),
+            "--fsdp",
+            "full_shard auto_wrap",
+            "--summary",
+            str(summary),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
 

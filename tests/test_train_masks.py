@@ -17,8 +17,18 @@ def tiny_sam(tmp_path_factory) -> Path:
     from transformers import SamConfig, SamModel
 
     cfg = SamConfig(
-        vision_config=dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=128,
-                           patch_size=16, window_size=4, global_attn_indexes=[1], num_pos_feats=16, mlp_dim=64),
+        vision_config=dict(
+            hidden_size=32,
+            output_channels=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=128,
+            patch_size=16,
+            window_size=4,
+            global_attn_indexes=[1],
+            num_pos_feats=16,
+            mlp_dim=64,
+        ),
         prompt_encoder_config=dict(hidden_size=32, image_size=128, patch_size=16, mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
     )
@@ -34,7 +44,7 @@ def test_block_majority_matches_np_unique() -> None:
     got = block_majority(labels, 14)
     for r in range(2):
         for c in range(3):
-            vals, counts = np.unique(labels[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14], return_counts=True)
+            vals, counts = np.unique(labels[r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14], return_counts=True)
             assert got[r, c] == vals[np.argmax(counts)]  # the reference's `_tile_label` (ties: smallest id)
 
 
@@ -69,9 +79,28 @@ def test_masks_command_writes_resumable_tile_masks(tiny_sam, tmp_path, capsys) -
     Image.fromarray((rng.random((80, 50, 3)) * 255).astype(np.uint8)).save(images / "sub" / "b.jpg")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "masks"
-    args = ["masks", "--images", str(images), "--out", str(out), "--sam", str(tiny_sam), "--scales", "672,1344",
-            "--points-per-side", "4", "--points-per-batch", "8", "--pred-iou-thresh", "0", "--stability-thresh", "0",
-            "--resolution", "128", "--keep-pixels"]
+    args = [
+        "masks",
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--sam",
+        str(tiny_sam),
+        "--scales",
+        "672,1344",
+        "--points-per-side",
+        "4",
+        "--points-per-batch",
+        "8",
+        "--pred-iou-thresh",
+        "0",
+        "--stability-thresh",
+        "0",
+        "--resolution",
+        "128",
+        "--keep-pixels",
+    ]
 
     def run() -> str:
         try:
@@ -117,11 +146,15 @@ def test_masks_feed_prepare_sft_and_the_segments_selector(tiny_sam, tmp_path) ->
     img = tmp_path / "imgs" / "x.png"
     img.parent.mkdir()
     Image.fromarray((np.random.default_rng(1).random((70, 70, 3)) * 255).astype(np.uint8)).save(img)
-    st = MaskSettings(points_per_side=3, points_per_batch=9, pred_iou_thresh=0, stability_score_thresh=0, resolution=128)
+    st = MaskSettings(
+        points_per_side=3, points_per_batch=9, pred_iou_thresh=0, stability_score_thresh=0, resolution=128
+    )
     rep = generate_masks(img.parent, tmp_path / "m", tiny_sam, scales=[672, 1344], settings=st)
     assert rep.written == 1
     (img.parent / "d.json").write_text(
-        '[{"id": 0, "image": "x.png", "conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}]')
+        '[{"id": 0, "image": "x.png", "conversations": '
+        '[{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}]}]'
+    )
     out = prepare_sft([img.parent / "d.json"], tmp_path / "m.jsonl", mask_dir=tmp_path / "m", scales=[672, 1344])
     assert out.with_masks == 1
     assert read_manifest(tmp_path / "m.jsonl")[0].masks.endswith("x.png.safetensors")

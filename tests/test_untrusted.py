@@ -16,7 +16,6 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from untrusted_corpus import png_bytes, run_worker, vrt_raw, vrt_source
 
 from uhrbat.errors import ConfigError, DecodeBusyError, ImageLoadError
 from uhrbat.io import (
@@ -26,6 +25,7 @@ from uhrbat.io import (
     set_decode_concurrency,
 )
 from uhrbat.io.images import REDUCED_CANVAS_PIXELS, PILSource, reduced_geometry
+from untrusted_corpus import png_bytes, run_worker, vrt_raw, vrt_source
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "uhrbat"
 
@@ -119,10 +119,16 @@ def test_untrusted_gdal_reads_no_sidecar_and_only_the_sniffed_driver(tmp_path) -
         RasterSource(tmp_path / "poly.tif", trust="untrusted")
 
 
-@pytest.mark.parametrize("name, data", [("a.gif", b"GIF89a" + bytes(40)), ("a.bmp", b"BM" + bytes(60)),
-                                        ("a.webp", b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(30)),
-                                        ("a.jp2", b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(40)),
-                                        ("a.png", b"\x00\x01binary junk")])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("a.gif", b"GIF89a" + bytes(40)),
+        ("a.bmp", b"BM" + bytes(60)),
+        ("a.webp", b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(30)),
+        ("a.jp2", b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(40)),
+        ("a.png", b"\x00\x01binary junk"),
+    ],
+)
 def test_untrusted_allow_list_is_decided_by_magic_bytes(name, data) -> None:
     with pytest.raises(ImageLoadError, match="not accepted from untrusted input; send a PNG, JPEG or TIFF"):
         open_image_bytes(data, filename=name)
@@ -145,16 +151,22 @@ def test_open_image_bytes_works_and_leaves_no_temp_file(tmp_path, monkeypatch) -
 
 
 # ----------------------------------------------------------------------------- finding 2: elongated images
-@pytest.mark.parametrize("full, reduced", [((1, 100_000), (1, 8064)), ((100_000, 1), (8064, 1)),
-                                           ((1, 1_000_000), (1, 8064)), ((3, 60_000), (1, 8064))])
+@pytest.mark.parametrize(
+    "full, reduced",
+    [((1, 100_000), (1, 8064)), ((100_000, 1), (8064, 1)), ((1, 1_000_000), (1, 8064)), ((3, 60_000), (1, 8064))],
+)
 def test_reduced_canvas_never_exceeds_the_4032_level(full, reduced) -> None:
     cw, ch, _, _, box = reduced_geometry(full, reduced)
     assert cw * ch <= (2 * 4032 + 2) ** 2 and box[2] <= cw and box[3] <= ch
 
 
 def test_elongated_and_pad_heavy_pngs_cost_what_the_pyramid_needs(tmp_path) -> None:
-    files = {"tall.png": png_bytes(1, 100_000), "wide.png": png_bytes(200_000, 1),
-             "thin.png": png_bytes(100, 16_000), "tall1m.png": png_bytes(1, 1_000_000)}
+    files = {
+        "tall.png": png_bytes(1, 100_000),
+        "wide.png": png_bytes(200_000, 1),
+        "thin.png": png_bytes(100, 16_000),
+        "tall1m.png": png_bytes(1, 1_000_000),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     results = run_worker([(tmp_path / n, "untrusted") for n in files], timeout=60, side=4032)
@@ -353,16 +365,21 @@ def _try_enter(timeout: float) -> BaseException | None:
 
 # ----------------------------------------------------------------------------- finding 8: prepare-sft
 def _conv(image: str, q: str = "What is it?") -> dict:
-    return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"},
-                                              {"from": "gpt", "value": "A field."}]}
+    return {
+        "image": image,
+        "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "A field."}],
+    }
 
 
 def test_prepare_sft_non_utf8_byte_is_one_bad_row_and_no_tmp_is_left(tmp_path) -> None:
     from uhrbat.training.data import prepare_sft
 
     (tmp_path / "a.png").write_bytes(_png())
-    lines = [json.dumps(_conv("a.png")).encode(), json.dumps(_conv("a.png", "Caf\u00e9?"), ensure_ascii=False).encode("latin-1"),
-             json.dumps(_conv("a.png", "Ok?")).encode()]
+    lines = [
+        json.dumps(_conv("a.png")).encode(),
+        json.dumps(_conv("a.png", "Caf\u00e9?"), ensure_ascii=False).encode("latin-1"),
+        json.dumps(_conv("a.png", "Ok?")).encode(),
+    ]
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rep = prepare_sft([tmp_path / "d.jsonl"], tmp_path / "out.jsonl", bad_rows=tmp_path / "bad.jsonl")
     assert rep.written == 2 and len(rep.bad) == 1 and "UTF-8" in rep.bad[0].reason
@@ -407,8 +424,11 @@ def _imports(path: Path) -> set[str]:
 
 def test_io_modules_have_no_import_cycles() -> None:
     """Every import (module level or inside functions) between uhrbat.io modules, as a graph: acyclic."""
-    graph = {f"uhrbat.io.{p.stem}": {m for m in _imports(p) if m != "uhrbat.io"}
-             for p in (SRC / "io").glob("*.py") if p.stem != "__init__"}
+    graph = {
+        f"uhrbat.io.{p.stem}": {m for m in _imports(p) if m != "uhrbat.io"}
+        for p in (SRC / "io").glob("*.py")
+        if p.stem != "__init__"
+    }
 
     def visit(node: str, stack: tuple[str, ...]) -> None:
         assert node not in stack, f"import cycle: {' -> '.join(stack + (node,))}"
@@ -429,8 +449,17 @@ def test_uploaded_tiff_copy_lives_as_long_as_its_lazy_source(tmp_path, monkeypat
 
     from uhrbat.io.raster import RasterSource
 
-    with rasterio.open(tmp_path / "g.tif", "w", driver="GTiff", width=64, height=48, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as ds:
+    with rasterio.open(
+        tmp_path / "g.tif",
+        "w",
+        driver="GTiff",
+        width=64,
+        height=48,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 6000000, 10, 10),
+    ) as ds:
         ds.write(np.full((3, 48, 64), 90, np.uint8))
     data = (tmp_path / "g.tif").read_bytes()
     up = tmp_path / "uploads"

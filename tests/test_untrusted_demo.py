@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install fastapi uvicorn python-multipart)")
 pytest.importorskip("multipart", reason="the demo needs python-multipart")
 from fastapi.testclient import TestClient
-from untrusted_corpus import png_bytes, vrt_raw, vrt_source
 
 from uhrbat.serving.demo import create_app
 from uhrbat.serving.fake import FakePipeline
+from untrusted_corpus import png_bytes, vrt_raw, vrt_source
 
 
 class _Counter(http.server.BaseHTTPRequestHandler):

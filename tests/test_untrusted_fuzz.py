@@ -15,6 +15,7 @@ from collections import Counter
 from typing import ClassVar
 
 import pytest
+
 from untrusted_corpus import make_corpus, run_worker
 
 #: Peak memory (VmHWM above the forked child's starting RSS) allowed per file, for open +
@@ -73,8 +74,9 @@ def test_hostile_files_work_or_fail_cleanly(tmp_path, loopback_server) -> None:
         name = r["path"].rsplit("/", 1)[-1]
         if name == "png_then_vrt.png":  # a valid PNG with inert trailing bytes: opening it is fine
             continue
-        if r["trust"] == "untrusted" and ("vrt" in name or name.endswith((".gif", ".bmp", ".webp", ".xml"))
-                                          or r["path"].startswith("/vsi")):
+        if r["trust"] == "untrusted" and (
+            "vrt" in name or name.endswith((".gif", ".bmp", ".webp", ".xml")) or r["path"].startswith("/vsi")
+        ):
             assert r["status"] == "error", (name, r)
         if name.startswith(("fifo", "link_to_fifo", "dir", "zero")) or r["path"] == "/dev/zero":
             assert r["status"] == "error", (name, r)
@@ -85,5 +87,7 @@ def test_hostile_files_work_or_fail_cleanly(tmp_path, loopback_server) -> None:
             r = next(r for r in results if r["path"].endswith("/" + name) and r["trust"] == trust)
             assert r["status"] == "ok", r
     assert by[("untrusted", "ok")] > 20 and by[("untrusted", "error")] > 100
-    print(f"\nfuzz: {dict(by)}; max peak {max(r['peak_mb'] for r in results):.0f} MB; "
-          f"max time {max(r['seconds'] for r in results):.2f} s")
+    print(
+        f"\nfuzz: {dict(by)}; max peak {max(r['peak_mb'] for r in results):.0f} MB; "
+        f"max time {max(r['seconds'] for r in results):.2f} s"
+    )

@@ -32,8 +32,9 @@ def _chunk(typ: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + typ + data + struct.pack(">I", zlib.crc32(typ + data) & 0xFFFFFFFF)
 
 
-def png_bytes(w: int, h: int, *, color: int = 2, interlace: int = 0, rows: int | None = None, fill: int = 0x80,
-              extra: bytes = b"") -> bytes:
+def png_bytes(
+    w: int, h: int, *, color: int = 2, interlace: int = 0, rows: int | None = None, fill: int = 0x80, extra: bytes = b""
+) -> bytes:
     """A PNG written by hand: any header (even a lying one), constant rows (`rows` of them)."""
     bpp = {0: 1, 2: 3, 4: 2, 6: 4}[color]
     if w * bpp > 1 << 24:  # a lying header over a few bytes of data
@@ -51,8 +52,9 @@ def png_bytes(w: int, h: int, *, color: int = 2, interlace: int = 0, rows: int |
         done += k
     parts.append(c.flush())
     ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, interlace)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", b"".join(parts)) + \
-        _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
+    )
 
 
 def _noise(w: int, h: int, rng: np.random.Generator, mode: str = "RGB") -> Image.Image:
@@ -84,8 +86,17 @@ def jpeg_with_size(data: bytes, w: int, h: int) -> bytes:
 
 def tiff_strip(w: int, h: int, compression: int = 1, data: bytes = b"\x00" * 64) -> bytes:
     """A minimal one-strip 8-bit grey little-endian TIFF claiming `w x h` (data may be short)."""
-    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, compression), (262, 3, 1, 1),
-               (273, 4, 1, 0), (277, 3, 1, 1), (278, 4, 1, h), (279, 4, 1, len(data))]
+    entries = [
+        (256, 4, 1, w),
+        (257, 4, 1, h),
+        (258, 3, 1, 8),
+        (259, 3, 1, compression),
+        (262, 3, 1, 1),
+        (273, 4, 1, 0),
+        (277, 3, 1, 1),
+        (278, 4, 1, h),
+        (279, 4, 1, len(data)),
+    ]
     ifd_off = 8
     data_off = ifd_off + 2 + 12 * len(entries) + 4
     out = bytearray(b"II*\x00" + struct.pack("<I", ifd_off) + struct.pack("<H", len(entries)))
@@ -97,16 +108,20 @@ def tiff_strip(w: int, h: int, compression: int = 1, data: bytes = b"\x00" * 64)
 
 
 def vrt_raw(target: str, w: int = 64, h: int = 16) -> bytes:
-    return (f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><VRTRasterBand dataType="Byte" band="1" '
-            f'subClass="VRTRawRasterBand"><SourceFilename relativetoVRT="0">{target}</SourceFilename>'
-            f'<ImageOffset>0</ImageOffset><PixelOffset>1</PixelOffset><LineOffset>{w}</LineOffset>'
-            f'</VRTRasterBand></VRTDataset>').encode()
+    return (
+        f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><VRTRasterBand dataType="Byte" band="1" '
+        f'subClass="VRTRawRasterBand"><SourceFilename relativetoVRT="0">{target}</SourceFilename>'
+        f"<ImageOffset>0</ImageOffset><PixelOffset>1</PixelOffset><LineOffset>{w}</LineOffset>"
+        f"</VRTRasterBand></VRTDataset>"
+    ).encode()
 
 
 def vrt_source(target: str, w: int = 64, h: int = 64) -> bytes:
-    return (f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><VRTRasterBand dataType="Byte" band="1">'
-            f'<SimpleSource><SourceFilename relativeToVRT="0">{target}</SourceFilename><SourceBand>1</SourceBand>'
-            f'</SimpleSource></VRTRasterBand></VRTDataset>').encode()
+    return (
+        f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><VRTRasterBand dataType="Byte" band="1">'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{target}</SourceFilename><SourceBand>1</SourceBand>'
+        f"</SimpleSource></VRTRasterBand></VRTDataset>"
+    ).encode()
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -139,11 +154,24 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
         import rasterio
         from rasterio.transform import from_origin
 
-        for name, kw in (("geo.tif", {"tiled": True, "blockxsize": 16, "blockysize": 16}),
-                         ("big.tif", {"BIGTIFF": "YES"}), ("f32.tif", {})):
+        for name, kw in (
+            ("geo.tif", {"tiled": True, "blockxsize": 16, "blockysize": 16}),
+            ("big.tif", {"BIGTIFF": "YES"}),
+            ("f32.tif", {}),
+        ):
             dtype = "float32" if name == "f32.tif" else "uint8"
-            with rasterio.open(root / name, "w", driver="GTiff", width=48, height=40, count=3, dtype=dtype,
-                               crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), **kw) as ds:
+            with rasterio.open(
+                root / name,
+                "w",
+                driver="GTiff",
+                width=48,
+                height=40,
+                count=3,
+                dtype=dtype,
+                crs="EPSG:32633",
+                transform=from_origin(500000, 6000000, 10, 10),
+                **kw,
+            ) as ds:
                 ds.write(rng.integers(0, 255, (3, 40, 48)).astype(dtype))
             bases[name] = (root / name).read_bytes()
     except ImportError:
@@ -170,8 +198,17 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
             add(f"{stem}_m{i}.{ext}", out, UNTRUSTED)
 
     # Lying headers: huge, elongated, overflowing.
-    for w, h in ((1, 100_000), (100_000, 1), (1, 2_147_483_647), (2_147_483_647, 2_147_483_647), (65535, 65535),
-                 (30000, 30000), (0, 10), (40000, 20000), (3, 9000)):
+    for w, h in (
+        (1, 100_000),
+        (100_000, 1),
+        (1, 2_147_483_647),
+        (2_147_483_647, 2_147_483_647),
+        (65535, 65535),
+        (30000, 30000),
+        (0, 10),
+        (40000, 20000),
+        (3, 9000),
+    ):
         add(f"claim_{w}x{h}.png", png_bytes(w, h, rows=min(h, 4)))
     add("elong_1x100000.png", png_bytes(1, 100_000))
     add("elong_100000x1.png", png_bytes(100_000, 1))
@@ -222,7 +259,7 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
 
 
 # ----------------------------------------------------------------------------- worker
-_WORKER = r'''
+_WORKER = r"""
 import importlib.util, json, os, signal, sys, time, types
 # Import uhrbat.io without the package __init__ (which loads torch): a lighter parent forks faster.
 _pkg = types.ModuleType("uhrbat")
@@ -284,18 +321,26 @@ for line in sys.stdin:
                                        "seconds": time.time() - t0}
     res.update(path=path, trust=trust)
     print(json.dumps(res), flush=True)
-'''
+"""
 
 
-def run_worker(items: list[tuple[Path, str]], *, timeout: float = 20.0, side: int | tuple[int, ...] = 336
-               ) -> list[dict]:
+def run_worker(
+    items: list[tuple[Path, str]], *, timeout: float = 20.0, side: int | tuple[int, ...] = 336
+) -> list[dict]:
     """Open every (path, trust) in its own forked child and build its square(s) of `side`;
     see the module docstring."""
     sides = ",".join(str(s) for s in ((side,) if isinstance(side, int) else side))
     lines = "".join(json.dumps([str(p), t]) + "\n" for p, t in items)
     env = dict(os.environ, OMP_NUM_THREADS="1", GDAL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _WORKER, str(timeout), sides], input=lines, text=True, check=False,
-                          capture_output=True, env=env, timeout=timeout * len(items) + 60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(timeout), sides],
+        input=lines,
+        text=True,
+        check=False,
+        capture_output=True,
+        env=env,
+        timeout=timeout * len(items) + 60,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"fuzz worker failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

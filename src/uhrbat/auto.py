@@ -28,7 +28,8 @@ def register_auto_classes() -> None:
     AutoModelForImageTextToText.register(UhrBatConfig, UhrBatForConditionalGeneration, exist_ok=True)
     # One implementation (numpy + Pillow) serves both backend names AutoImageProcessor may ask for.
     AutoImageProcessor.register(
-        UhrBatConfig, image_processor_classes={"pil": UhrBatImageProcessor, "torchvision": UhrBatImageProcessor},
+        UhrBatConfig,
+        image_processor_classes={"pil": UhrBatImageProcessor, "torchvision": UhrBatImageProcessor},
         exist_ok=True,
     )
     AutoProcessor.register(UhrBatConfig, UhrBatProcessor, exist_ok=True)

@@ -81,11 +81,20 @@ def kept_tokens(selections: dict[int, Selection], geometry: TokenGeometry = CLIP
         for i in range(len(sel)):
             members = pos[offs[i] : offs[i + 1]]
             tile, row, col = geometry.unflat(members[0])
-            out.append(KeptToken(
-                scale=int(scale), tile=tile, row=row, col=col,
-                score=float(sel.scores[i]), merged=bool(sel.merged[i]), group=int(sel.group[i]), members=members,
-                tile_size=geometry.tile_size, patch_size=geometry.patch_size,
-            ))
+            out.append(
+                KeptToken(
+                    scale=int(scale),
+                    tile=tile,
+                    row=row,
+                    col=col,
+                    score=float(sel.scores[i]),
+                    merged=bool(sel.merged[i]),
+                    group=int(sel.group[i]),
+                    members=members,
+                    tile_size=geometry.tile_size,
+                    patch_size=geometry.patch_size,
+                )
+            )
     return out
 
 
@@ -124,15 +133,19 @@ def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
                 if not isinstance(text, str):
                     raise PromptError(f"message {i}: a text part needs a 'text' string")
                 if IMAGE_MARKER in text:
-                    raise PromptError(f"message {i}: the text contains {IMAGE_MARKER!r}; pass the image as an image part "
-                                      f"and remove {IMAGE_MARKER!r} from the text")
+                    raise PromptError(
+                        f"message {i}: the text contains {IMAGE_MARKER!r}; pass the image as an image part "
+                        f"and remove {IMAGE_MARKER!r} from the text"
+                    )
                 out.append({"type": "text", "text": text})
             else:
                 raise PromptError(f"message {i}: unsupported content part {kind!r}; use 'text' and one 'image' part")
         rendered.append({"role": role, "content": out})
     if n_images != 1:
-        raise PromptError(f"a conversation needs exactly one image part, found {n_images}; "
-                          "add {'type': 'image'} to the first user message")
+        raise PromptError(
+            f"a conversation needs exactly one image part, found {n_images}; "
+            "add {'type': 'image'} to the first user message"
+        )
     last = rendered[-1]
     if last["role"] != "user":
         raise PromptError(f"the last message must be the user's question, got a {last['role']!r} message")
@@ -149,7 +162,9 @@ class _Scene:
     size: tuple[int, int]
     cache: str  # "off" | "miss" | "hit" | "disk"
     timings: dict[str, float] = field(default_factory=dict)  # load, tiles, encode (this row's own cost)
-    groups: dict[tuple, tuple[dict[int, torch.Tensor], float]] = field(default_factory=dict)  # options -> (labels, seconds)
+    groups: dict[tuple, tuple[dict[int, torch.Tensor], float]] = field(
+        default_factory=dict
+    )  # options -> (labels, seconds)
 
 
 def _make_cache(scene_cache: Any, cache_dir: Any) -> SceneCache | None:
@@ -190,8 +205,14 @@ class UhrBatPipeline:
     lock, and two threads that need the same scene prepare it once.
     """
 
-    def __init__(self, model: Any, processor: Any, scene_cache: Any = True, cache_dir: str | os.PathLike | None = None,
-                 **selection: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        scene_cache: Any = True,
+        cache_dir: str | os.PathLike | None = None,
+        **selection: Any,
+    ) -> None:
         self.model = model
         self.processor = processor
         self.selection = {k: v for k, v in selection.items() if k in _SELECTION_KEYS and v is not None}
@@ -218,8 +239,14 @@ class UhrBatPipeline:
     ) -> UhrBatPipeline:
         t = time.perf_counter()
         overrides = {"compat": compat} if compat else {}
-        net, proc = load(model, device=device, dtype=dtype, vision_tower=vision_tower,
-                         attn_implementation=attn_implementation, **overrides)
+        net, proc = load(
+            model,
+            device=device,
+            dtype=dtype,
+            vision_tower=vision_tower,
+            attn_implementation=attn_implementation,
+            **overrides,
+        )
         if compat:
             proc.compat = compat
         pipe = cls(net, proc, scene_cache=scene_cache, cache_dir=cache_dir, **selection)
@@ -312,15 +339,32 @@ class UhrBatPipeline:
             raise TypeError(f"a scene key needs the content digest, got {content!r}")
         cfg = self.model.config
         vision_attn = getattr(cfg.vision_config, "_attn_implementation", None)
-        return digest("scene", content, self.model_identity(), str(self._feature_dtype), cfg.encode_chunk_size,
-                      cfg.vision_feature_layer, cfg.enable_scale_pos_residual, list(cfg.scales), vision_attn)
+        return digest(
+            "scene",
+            content,
+            self.model_identity(),
+            str(self._feature_dtype),
+            cfg.encode_chunk_size,
+            cfg.vision_feature_layer,
+            cfg.enable_scale_pos_residual,
+            list(cfg.scales),
+            vision_attn,
+        )
 
     def _group_options(self, opts: SelectionOptions) -> tuple:
         """Everything K-Means labels depend on besides the scene (every scale: one generator)."""
         cfg = self.model.config
         ks = [opts.kmeans_clusters if opts.kmeans_clusters else b for b in opts.budgets]
-        return ("kmeans", tuple(ks), opts.kmeans_iters, opts.seed, opts.kmeans_mode,
-                cfg.kmeans_feat_scale, cfg.kmeans_coord_scale, cfg.tokens_per_side)
+        return (
+            "kmeans",
+            tuple(ks),
+            opts.kmeans_iters,
+            opts.seed,
+            opts.kmeans_mode,
+            cfg.kmeans_feat_scale,
+            cfg.kmeans_coord_scale,
+            cfg.tokens_per_side,
+        )
 
     # ---------------------------------------------------------------- scene preparation
     def _prepare(self, image: Any) -> _Scene:
@@ -345,7 +389,11 @@ class UhrBatPipeline:
         source = open_image(image)
         t1 = time.perf_counter()
         tiles, size = self.processor.image_processor.pyramid(source)
-        content = digest("tiles", hashlib.sha256(tiles.numpy().data).hexdigest(), tuple(tiles.shape)) if cache is not None else None
+        content = (
+            digest("tiles", hashlib.sha256(tiles.numpy().data).hexdigest(), tuple(tiles.shape))
+            if cache is not None
+            else None
+        )
         t2 = time.perf_counter()
         timings["load"], timings["tiles"] = t1 - t0, t2 - t1
         if cache is None:
@@ -378,9 +426,14 @@ class UhrBatPipeline:
         embeds, base = item.get("embeds"), item.get("score_base")
         cfg = self.model.config
         ok = (
-            embeds is not None and base is not None and embeds.dtype == self._feature_dtype == base.dtype
-            and embeds.dim() == 3 and embeds.shape[0] == sum(cfg.num_tiles(s) for s in cfg.scales)
-            and embeds.shape[1] == cfg.tokens_per_tile and base.dim() == 2 and base.shape[1] == embeds.shape[2]
+            embeds is not None
+            and base is not None
+            and embeds.dtype == self._feature_dtype == base.dtype
+            and embeds.dim() == 3
+            and embeds.shape[0] == sum(cfg.num_tiles(s) for s in cfg.scales)
+            and embeds.shape[1] == cfg.tokens_per_tile
+            and base.dim() == 2
+            and base.shape[1] == embeds.shape[2]
         )
         return (SceneFeatures(embeds=embeds, score_base=base), where) if ok else None
 
@@ -408,33 +461,57 @@ class UhrBatPipeline:
                 labels, seconds = ({int(k): v for k, v in got[0].items()}, 0.0) if got is not None else ({}, 0.0)
                 cfg = self.model.config
                 if sorted(labels) != sorted(cfg.scales) or any(  # a miss, or an item of another shape
-                        labels[s].shape != (cfg.num_tokens(s),) or labels[s].dtype != torch.int64 for s in cfg.scales):
+                    labels[s].shape != (cfg.num_tokens(s),) or labels[s].dtype != torch.int64 for s in cfg.scales
+                ):
                     labels, seconds = compute()
                     cache.put(gkey, {str(s): v for s, v in labels.items()})
         scene.groups[gopts] = (labels, seconds)
         return labels, seconds
 
     # ---------------------------------------------------------------- API
-    def ask(self, image: Any, question: str, max_new_tokens: int = 512, return_relevance: bool = False,
-            masks: dict | None = None, **kwargs: Any) -> AskResult:
+    def ask(
+        self,
+        image: Any,
+        question: str,
+        max_new_tokens: int = 512,
+        return_relevance: bool = False,
+        masks: dict | None = None,
+        **kwargs: Any,
+    ) -> AskResult:
         """Answer one question about one image (path, PIL image or opened ImageSource).
 
         `kwargs`: selection options (budgets, selector, kmeans_clusters, kmeans_iters,
         kmeans_mode, seed) and generation options passed to transformers' `generate`
         (do_sample, temperature, top_p, num_beams, repetition_penalty, stop_strings, streamer...).
         """
-        return self.ask_batch([image], [question], max_new_tokens=max_new_tokens, return_relevance=return_relevance,
-                              masks=None if masks is None else [masks], **kwargs)[0]
+        return self.ask_batch(
+            [image],
+            [question],
+            max_new_tokens=max_new_tokens,
+            return_relevance=return_relevance,
+            masks=None if masks is None else [masks],
+            **kwargs,
+        )[0]
 
-    def ask_many(self, image: Any, questions: Sequence[str], max_new_tokens: int = 512, return_relevance: bool = False,
-                 masks: dict | None = None, batch_size: int | None = None, **kwargs: Any) -> list[AskResult]:
+    def ask_many(
+        self,
+        image: Any,
+        questions: Sequence[str],
+        max_new_tokens: int = 512,
+        return_relevance: bool = False,
+        masks: dict | None = None,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> list[AskResult]:
         """Answer several questions about one image; the scene is prepared once.
 
         Questions are answered in batches of `batch_size` (default: all at once)."""
         if isinstance(questions, str):
             raise PromptError("questions must be a list of strings; use ask() for one question")
         questions = list(questions)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ConfigError(f"batch_size must be an integer >= 1 (or None for one batch), got {batch_size!r}")
         step = batch_size if batch_size is not None else max(1, len(questions))
         for q in questions:  # every question is checked before the first batch runs
@@ -443,13 +520,25 @@ class UhrBatPipeline:
         out: list[AskResult] = []
         for i in range(0, len(questions), step):
             chunk = questions[i : i + step]
-            out += self.ask_batch([image] * len(chunk), chunk, max_new_tokens=max_new_tokens,
-                                  return_relevance=return_relevance,
-                                  masks=None if masks is None else [masks] * len(chunk), **kwargs)
+            out += self.ask_batch(
+                [image] * len(chunk),
+                chunk,
+                max_new_tokens=max_new_tokens,
+                return_relevance=return_relevance,
+                masks=None if masks is None else [masks] * len(chunk),
+                **kwargs,
+            )
         return out
 
-    def ask_batch(self, images: Sequence[Any], questions: Sequence[str], max_new_tokens: int = 512,
-                  return_relevance: bool = False, masks: Sequence[dict | None] | None = None, **kwargs: Any) -> list[AskResult]:
+    def ask_batch(
+        self,
+        images: Sequence[Any],
+        questions: Sequence[str],
+        max_new_tokens: int = 512,
+        return_relevance: bool = False,
+        masks: Sequence[dict | None] | None = None,
+        **kwargs: Any,
+    ) -> list[AskResult]:
         """Answer several (image, question) pairs in one left-padded batch; greedy by default."""
         if isinstance(questions, str):
             raise PromptError("questions must be a list of strings; use ask() for one question")
@@ -458,17 +547,37 @@ class UhrBatPipeline:
         prompts = [self.processor.build_prompt(q) for q in questions]
         return self._run(list(images), prompts, max_new_tokens, return_relevance, masks, kwargs)
 
-    def chat(self, image: Any, messages: Sequence[dict[str, Any]], max_new_tokens: int = 512,
-             return_relevance: bool = False, masks: dict | None = None, **kwargs: Any) -> AskResult:
+    def chat(
+        self,
+        image: Any,
+        messages: Sequence[dict[str, Any]],
+        max_new_tokens: int = 512,
+        return_relevance: bool = False,
+        masks: dict | None = None,
+        **kwargs: Any,
+    ) -> AskResult:
         """Answer the last user message of an OpenAI-style conversation about one image.
 
         Earlier turns go into the ChatML prompt; see `chat_prompt` for the message format.
         `streamer=` (e.g. a `TextIteratorStreamer`) streams the answer."""
-        return self.chat_batch([image], [messages], max_new_tokens=max_new_tokens, return_relevance=return_relevance,
-                               masks=None if masks is None else [masks], **kwargs)[0]
+        return self.chat_batch(
+            [image],
+            [messages],
+            max_new_tokens=max_new_tokens,
+            return_relevance=return_relevance,
+            masks=None if masks is None else [masks],
+            **kwargs,
+        )[0]
 
-    def chat_batch(self, images: Sequence[Any], conversations: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 512,
-                   return_relevance: bool = False, masks: Sequence[dict | None] | None = None, **kwargs: Any) -> list[AskResult]:
+    def chat_batch(
+        self,
+        images: Sequence[Any],
+        conversations: Sequence[Sequence[dict[str, Any]]],
+        max_new_tokens: int = 512,
+        return_relevance: bool = False,
+        masks: Sequence[dict | None] | None = None,
+        **kwargs: Any,
+    ) -> list[AskResult]:
         """`chat` for several conversations in one left-padded batch (micro-batching)."""
         if len(images) != len(conversations):
             raise PromptError(f"got {len(images)} images and {len(conversations)} conversations")
@@ -476,8 +585,9 @@ class UhrBatPipeline:
         return self._run(list(images), prompts, max_new_tokens, return_relevance, masks, kwargs)
 
     # ---------------------------------------------------------------- core
-    def _encode_prompts(self, images: list[Any], prompts: list[str], masks: Sequence[dict | None] | None,
-                        kwargs: dict[str, Any]):
+    def _encode_prompts(
+        self, images: list[Any], prompts: list[str], masks: Sequence[dict | None] | None, kwargs: dict[str, Any]
+    ):
         """Validate, tokenise, prepare scenes and splice the visual tokens (no generation).
 
         Returns `(ids, embeds, mask, traces, scenes, opts, group_seconds)`."""
@@ -495,8 +605,16 @@ class UhrBatPipeline:
         for im in images:
             if id(im) in seen:  # the same object again in this call (ask_many): prepared once
                 first = seen[id(im)]
-                scenes.append(_Scene(first.features, first.key, first.size, "hit" if first.key else first.cache,
-                                     {"load": 0.0, "tiles": 0.0, "encode": 0.0}, first.groups))
+                scenes.append(
+                    _Scene(
+                        first.features,
+                        first.key,
+                        first.size,
+                        "hit" if first.key else first.cache,
+                        {"load": 0.0, "tiles": 0.0, "encode": 0.0},
+                        first.groups,
+                    )
+                )
             else:
                 seen[id(im)] = sc = self._prepare(im)
                 scenes.append(sc)
@@ -510,13 +628,26 @@ class UhrBatPipeline:
         ids, mask = text["input_ids"].to(dev), text["attention_mask"].to(dev)
         with self._model_lock, torch.no_grad():
             embeds, mask = self.model.prepare_inputs_embeds(
-                ids, mask, None, masks=masks, traces=traces, scenes=[sc.features for sc in scenes], groups=groups,
+                ids,
+                mask,
+                None,
+                masks=masks,
+                traces=traces,
+                scenes=[sc.features for sc in scenes],
+                groups=groups,
                 **raw_opts,
             )
         return ids, embeds, mask, traces, scenes, opts, group_seconds
 
-    def _run(self, images: list[Any], prompts: list[str], max_new_tokens: int, return_relevance: bool,
-             masks: Sequence[dict | None] | None, kwargs: dict[str, Any]) -> list[AskResult]:
+    def _run(
+        self,
+        images: list[Any],
+        prompts: list[str],
+        max_new_tokens: int,
+        return_relevance: bool,
+        masks: Sequence[dict | None] | None,
+        kwargs: dict[str, Any],
+    ) -> list[AskResult]:
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
         if not images:
             return []
@@ -530,8 +661,9 @@ class UhrBatPipeline:
         processors.append(clock)
         with self._model_lock:
             t0 = time.perf_counter()
-            out = self.model.generate_from_embeds(ids, embeds, mask, max_new_tokens=max_new_tokens,
-                                                  logits_processor=processors, **gen_kwargs)
+            out = self.model.generate_from_embeds(
+                ids, embeds, mask, max_new_tokens=max_new_tokens, logits_processor=processors, **gen_kwargs
+            )
             t_end = time.perf_counter()
         sequences = out if torch.is_tensor(out) else out.sequences
         first = clock.at or t_end
@@ -547,24 +679,30 @@ class UhrBatPipeline:
             ended = len(answer_ids) < len(raw) and raw[len(answer_ids)] in _as_set(gc.eos_token_id)
             text = self.processor.decode(answer_ids, skip_special_tokens=True)
             timings = {
-                "load": sc.timings["load"], "tiles": sc.timings["tiles"], "encode": sc.timings["encode"],
-                "score": tr.timings.get("score", 0.0), "select": tr.timings.get("select", 0.0) + group_seconds[i],
-                "prefill": prefill, "decode": decode,
+                "load": sc.timings["load"],
+                "tiles": sc.timings["tiles"],
+                "encode": sc.timings["encode"],
+                "score": tr.timings.get("score", 0.0),
+                "select": tr.timings.get("select", 0.0) + group_seconds[i],
+                "prefill": prefill,
+                "decode": decode,
             }
-            results.append(AskResult(
-                answer=clean_answer(text, compat),
-                tokens=kept_tokens(tr.selections, self.model.config.geometry),
-                timings=timings,
-                timings_detail={"group": group_seconds[i]},
-                num_visual_tokens=sum(len(s) for s in tr.selections.values()),
-                image_size=tuple(sc.size),
-                scales=list(self.model.config.scales),
-                generated_ids=answer_ids,
-                relevance={s: r.cpu() for s, r in tr.relevance.items()} if return_relevance else None,
-                cache=sc.cache,
-                prompt_tokens=int(mask[i].sum()),
-                completion_tokens=len(answer_ids) + int(ended),
-            ))
+            results.append(
+                AskResult(
+                    answer=clean_answer(text, compat),
+                    tokens=kept_tokens(tr.selections, self.model.config.geometry),
+                    timings=timings,
+                    timings_detail={"group": group_seconds[i]},
+                    num_visual_tokens=sum(len(s) for s in tr.selections.values()),
+                    image_size=tuple(sc.size),
+                    scales=list(self.model.config.scales),
+                    generated_ids=answer_ids,
+                    relevance={s: r.cpu() for s, r in tr.relevance.items()} if return_relevance else None,
+                    cache=sc.cache,
+                    prompt_tokens=int(mask[i].sum()),
+                    completion_tokens=len(answer_ids) + int(ended),
+                )
+            )
         return results
 
     @torch.no_grad()
@@ -592,7 +730,9 @@ class UhrBatPipeline:
         continuation. Visual tokens are selected from the prompt alone (the continuation never
         leaks into token selection, unlike the reference's lmms adapter)."""
         ids, embeds, mask, *_ = self._encode_prompts([image], [self.processor.build_prompt(question)], None, kwargs)
-        cont = torch.tensor(self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"], device=self.device)
+        cont = torch.tensor(
+            self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"], device=self.device
+        )
         if cont.numel() == 0:
             return 0.0, True
         cont_emb = self.model.get_input_embeddings()(cont)[None].to(embeds.dtype)
@@ -630,7 +770,9 @@ def _cpu_model() -> str:
     if _CPU_MODEL is None:
         try:
             text = Path("/proc/cpuinfo").read_text()
-            _CPU_MODEL = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
+            _CPU_MODEL = next(
+                (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), ""
+            )
         except OSError:
             _CPU_MODEL = ""
         _CPU_MODEL = _CPU_MODEL or platform.processor()

@@ -22,7 +22,7 @@ from typing import Any
 
 from uhrbat.errors import RunLockedError
 
-__all__ = ["RunLock", "JsonlAppender", "read_jsonl", "LOCK_NAME"]
+__all__ = ["RunLock", "JsonlAppender", "read_jsonl", "progress_bar", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 
@@ -46,7 +46,7 @@ class RunLock:
         self.path = self.out_dir / name
         self._fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
@@ -55,10 +55,15 @@ class RunLock:
             except OSError:
                 holder = _holder(fd)
                 os.close(fd)
-                raise RunLockedError(f"{self.out_dir} is in use by {holder}; "
-                                     "wait for it to finish or use another --out") from None
-        info = {"pid": os.getpid(), "what": self.what, "command": " ".join(sys.argv) or "python",
-                "since": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+                raise RunLockedError(
+                    f"{self.out_dir} is in use by {holder}; wait for it to finish or use another --out"
+                ) from None
+        info = {
+            "pid": os.getpid(),
+            "what": self.what,
+            "command": " ".join(sys.argv) or "python",
+            "since": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
         self._fd = fd
@@ -81,8 +86,10 @@ def _holder(fd: int) -> str:
     """'pid N (command ...) since ...' from the lock file, or a generic phrase if unreadable."""
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
-        return (f"{info.get('what', 'a run')} pid {info['pid']} (command {info.get('command', '?')}) "
-                f"since {info.get('since', '?')}")
+        return (
+            f"{info.get('what', 'a run')} pid {info['pid']} (command {info.get('command', '?')}) "
+            f"since {info.get('since', '?')}"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (holder unknown)"
 
@@ -140,7 +147,7 @@ class JsonlAppender:
             fd, self._fd = self._fd, None
             os.close(fd)
 
-    def __enter__(self) -> "JsonlAppender":
+    def __enter__(self) -> JsonlAppender:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,3 +188,36 @@ def read_jsonl(path: str | os.PathLike, problems: list[str] | None = None) -> tu
     if problems is not None:
         problems.extend(found)
     return rows, len(found)
+
+
+def progress_bar(enabled: bool, unit: str = "rows"):
+    """A rich progress bar on stderr for a run over many rows: done/total, rate, elapsed time and ETA."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:  # type: ignore[override]
+            return Text(f"?  {unit}/s" if not task.speed else f"{task.speed:.2f} {unit}/s")
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )

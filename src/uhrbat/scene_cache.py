@@ -261,5 +261,10 @@ class SceneCache:
     def _disk_error(self, what: str, error: BaseException) -> None:
         with self._lock:
             self.stats["disk_errors"] += 1
-        warnings.warn(f"scene cache: ignoring {what} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                      "recomputing", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"scene cache: ignoring {what} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "recomputing",
+            RuntimeWarning,
+            stacklevel=3,
+        )

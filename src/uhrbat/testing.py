@@ -34,7 +34,9 @@ def make_tiny_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
         special_tokens=[],
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
@@ -46,18 +48,44 @@ def make_tiny_tokenizer(vocab_size: int = 400):
     return fast
 
 
-def tiny_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                clip_hidden: int = 32, clip_layers: int = 3, clip_image_size: int = 336, clip_patch_size: int = 14,
-                **overrides: Any):
+def tiny_config(
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    clip_hidden: int = 32,
+    clip_layers: int = 3,
+    clip_image_size: int = 336,
+    clip_patch_size: int = 14,
+    **overrides: Any,
+):
     from uhrbat.configuration import UhrBatConfig
 
-    text = dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 5 // 2,
-                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    vision = dict(model_type="clip_vision_model", hidden_size=clip_hidden, intermediate_size=clip_hidden * 2,
-                  num_hidden_layers=clip_layers, num_attention_heads=4, image_size=clip_image_size,
-                  patch_size=clip_patch_size,
-                  hidden_act="quick_gelu", projection_dim=clip_hidden)
+    text = dict(
+        model_type="qwen2",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 5 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=clip_hidden,
+        intermediate_size=clip_hidden * 2,
+        num_hidden_layers=clip_layers,
+        num_attention_heads=4,
+        image_size=clip_image_size,
+        patch_size=clip_patch_size,
+        hidden_act="quick_gelu",
+        projection_dim=clip_hidden,
+    )
     return UhrBatConfig(text_config=text, vision_config=vision, **overrides)
 
 
@@ -75,9 +103,12 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **config_overri
     config_overrides.setdefault("image_token_id", tok.convert_tokens_to_ids("<image>"))
     config_overrides.setdefault("vocab_in_use", base_len)
     config = tiny_config(vocab, **config_overrides)
-    processor = UhrBatProcessor(UhrBatImageProcessor(scales=config.scales, tile_size=config.tile_size,
-                                                     patch_size=config.patch_size), tok,
-                                budgets=config.budgets, max_context=config.max_context)
+    processor = UhrBatProcessor(
+        UhrBatImageProcessor(scales=config.scales, tile_size=config.tile_size, patch_size=config.patch_size),
+        tok,
+        budgets=config.budgets,
+        max_context=config.max_context,
+    )
     config.pad_token_id = tok.pad_token_id
     config.eos_token_id = tok.eos_token_id
     torch.manual_seed(seed)

@@ -16,7 +16,9 @@ from uhrbat.modeling.compat import REFERENCE_IMAGE_INDEX
 from uhrbat.modeling.modeling_uhrbat import ImageTrace
 
 
-def trace_query(pipe: Any, image: Any, question: str, max_new_tokens: int = 8, **options: Any) -> dict[str, torch.Tensor]:
+def trace_query(
+    pipe: Any, image: Any, question: str, max_new_tokens: int = 8, **options: Any
+) -> dict[str, torch.Tensor]:
     """Run one query with greedy decoding and return its intermediates (CPU tensors)."""
     model = pipe.model
     opts = pipe._options(options)
@@ -26,9 +28,18 @@ def trace_query(pipe: Any, image: Any, question: str, max_new_tokens: int = 8, *
     mask = inputs["attention_mask"].to(pipe.device)
     tr = ImageTrace(want_clip=True)
     out = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], traces=[tr],
-        max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
-        return_dict_in_generate=True, output_scores=True, output_logits=True, **opts,
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=inputs["pixel_values"],
+        traces=[tr],
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,
+        do_sample=False,
+        num_beams=1,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        **opts,
     )
     n_vocab = model.config.vocab_in_use or model.config.text_config.vocab_size
     image_id = model.config.image_token_id
@@ -46,7 +57,8 @@ def trace_query(pipe: Any, image: Any, question: str, max_new_tokens: int = 8, *
         off += n
         t[f"tiles.{s}.tile_channel_sum"] = tiles.double().sum(dim=(2, 3))
         t[f"tiles.{s}.tile_sha256_prefix"] = torch.tensor(
-            [int(hashlib.sha256(x.numpy().tobytes()).hexdigest()[:12], 16) for x in tiles], dtype=torch.int64)
+            [int(hashlib.sha256(x.numpy().tobytes()).hexdigest()[:12], 16) for x in tiles], dtype=torch.int64
+        )
         t[f"clip_feats.{s}.token_norm"] = tr.clip_features[s].float().norm(dim=-1).cpu()
         t[f"vision_feats.{s}.token_norm"] = tr.features[s].float().norm(dim=-1).cpu()
         t[f"vision_feats.{s}.tile_sum"] = tr.features[s].double().sum(dim=(1, 2)).cpu()
@@ -75,7 +87,9 @@ def trace_query(pipe: Any, image: Any, question: str, max_new_tokens: int = 8, *
     vis = tr.post_mlp.float().cpu()
     t["final.inputs_embeds"] = torch.cat([emb[:start], vis, emb[start + n_img :]])
     t["final.attention_mask"] = torch.ones(t["final.inputs_embeds"].shape[0], dtype=torch.int64)
-    t["final.mm_input_ids"] = torch.cat([row[:start], torch.full((vis.shape[0],), REFERENCE_IMAGE_INDEX), row[start + n_img :]])
+    t["final.mm_input_ids"] = torch.cat(
+        [row[:start], torch.full((vis.shape[0],), REFERENCE_IMAGE_INDEX), row[start + n_img :]]
+    )
     logits = torch.stack([x[0] for x in out.logits]).float().cpu()[:, :n_vocab]
     scores = torch.stack([x[0] for x in out.scores]).float().cpu()[:, :n_vocab]
     t["logits.last_prompt"] = logits[0].clone()

@@ -12,5 +12,17 @@ from uhrbat.batch.inputs import BatchRow, images_rows, read_input, row_id
 from uhrbat.batch.output import Answered, PredictionStore, Summary
 from uhrbat.batch.runner import BatchConfig, run_batch
 
-__all__ = ["Answered", "BatchConfig", "BatchRow", "PredictionStore", "Summary", "answer_rows", "images_rows",
-           "read_input", "row_id", "run_batch", "run_local", "run_ray"]
+__all__ = [
+    "Answered",
+    "BatchConfig",
+    "BatchRow",
+    "PredictionStore",
+    "Summary",
+    "answer_rows",
+    "images_rows",
+    "read_input",
+    "row_id",
+    "run_batch",
+    "run_local",
+    "run_ray",
+]

@@ -84,8 +84,11 @@ class RowRunner:
         if self.geojson:
             from uhrbat.io.geo import tokens_geojson
 
-            gj = tokens_geojson(res.tokens, source, properties={"id": row.id, "image": row.image,
-                                                                 "question": row.question, "answer": res.answer})
+            gj = tokens_geojson(
+                res.tokens,
+                source,
+                properties={"id": row.id, "image": row.image, "question": row.question, "answer": res.answer},
+            )
         # "miss": prepared and cached; "off" (no cache): prepared once per call, for its first row.
         cache = getattr(res, "cache", "off")
         prepared = cache == "miss" or (cache == "off" and first)
@@ -113,8 +116,9 @@ class RowRunner:
         """All questions about one opened scene: `ask_many`; on failure, isolate the bad question."""
         t = time.perf_counter()
         try:
-            results = self.pipe.ask_many(source, [r.question for r in rows], max_new_tokens=self.max_new_tokens,
-                                         **self.ask_kwargs)
+            results = self.pipe.ask_many(
+                source, [r.question for r in rows], max_new_tokens=self.max_new_tokens, **self.ask_kwargs
+            )
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception:  # noqa: BLE001 - per-row isolation
@@ -132,8 +136,12 @@ class RowRunner:
             return
         t = time.perf_counter()
         try:
-            results = self.pipe.ask_batch([s for _, s in items], [r.question for r, _ in items],
-                                          max_new_tokens=self.max_new_tokens, **self.ask_kwargs)
+            results = self.pipe.ask_batch(
+                [s for _, s in items],
+                [r.question for r, _ in items],
+                max_new_tokens=self.max_new_tokens,
+                **self.ask_kwargs,
+            )
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception:  # noqa: BLE001 - per-row isolation
@@ -175,9 +183,17 @@ class RowRunner:
             yield from self._singles(pending)
 
 
-def answer_rows(pipe: Any, rows: Iterable[BatchRow], *, max_new_tokens: int = 512,
-                read_opts: dict[str, Any] | None = None, trust: Trust = "local", geojson: bool = False,
-                batch_size: int = 1, **ask_kwargs: Any) -> Iterator[Answered]:
+def answer_rows(
+    pipe: Any,
+    rows: Iterable[BatchRow],
+    *,
+    max_new_tokens: int = 512,
+    read_opts: dict[str, Any] | None = None,
+    trust: Trust = "local",
+    geojson: bool = False,
+    batch_size: int = 1,
+    **ask_kwargs: Any,
+) -> Iterator[Answered]:
     """Answer `rows` with `pipe`, yielding one `Answered` per row (errors included), scene by scene.
 
     pipe: a `UhrBatPipeline` (anything with `ask`, `ask_many`, `ask_batch` returning `AskResult`s).
@@ -190,8 +206,15 @@ def answer_rows(pipe: Any, rows: Iterable[BatchRow], *, max_new_tokens: int = 51
     Each `Answered.row` is the `predictions.jsonl` row: id, image, question, answer, error,
     num_visual_tokens, image_size, cache, timings (per stage, seconds), seconds (this row's share).
     """
-    runner = RowRunner(pipe, max_new_tokens=max_new_tokens, read_opts=dict(read_opts or {}), trust=trust,
-                       geojson=geojson, batch_size=max(1, int(batch_size)), ask_kwargs=ask_kwargs)
+    runner = RowRunner(
+        pipe,
+        max_new_tokens=max_new_tokens,
+        read_opts=dict(read_opts or {}),
+        trust=trust,
+        geojson=geojson,
+        batch_size=max(1, int(batch_size)),
+        ask_kwargs=ask_kwargs,
+    )
     return runner.run(rows)
 
 
@@ -203,8 +226,16 @@ def load_pipeline(model: str, *, load: dict[str, Any], selection: dict[str, Any]
     return UhrBatPipeline.from_pretrained(model, scene_cache=scene_cache, **kw, **selection)
 
 
-def run_local(rows: Sequence[BatchRow], *, model: str, load: dict[str, Any], selection: dict[str, Any],
-              run: dict[str, Any], pipe: Any = None, on_loaded: Callable[[], None] | None = None) -> Iterator[Answered]:
+def run_local(
+    rows: Sequence[BatchRow],
+    *,
+    model: str,
+    load: dict[str, Any],
+    selection: dict[str, Any],
+    run: dict[str, Any],
+    pipe: Any = None,
+    on_loaded: Callable[[], None] | None = None,
+) -> Iterator[Answered]:
     """In-process engine. `run` holds `answer_rows` keyword arguments (max_new_tokens, read_opts,
     trust, geojson, batch_size, generation kwargs). The model is loaded only if a row needs it."""
     runnable = [r for r in rows if r.error is None]
@@ -222,8 +253,9 @@ def run_local(rows: Sequence[BatchRow], *, model: str, load: dict[str, Any], sel
 class _SceneActor:
     """Ray Data actor: holds one pipeline; each input row is one scene (its rows as JSON)."""
 
-    def __init__(self, model: str, load: dict[str, Any], selection: dict[str, Any], run: dict[str, Any],
-                 threads: int | None) -> None:
+    def __init__(
+        self, model: str, load: dict[str, Any], selection: dict[str, Any], run: dict[str, Any], threads: int | None
+    ) -> None:
         import torch
 
         if threads:
@@ -275,9 +307,19 @@ def _absolute_paths(model: str, load: dict[str, Any]) -> tuple[str, dict[str, An
     return model, load
 
 
-def run_ray(rows: Sequence[BatchRow], *, model: str, load: dict[str, Any], selection: dict[str, Any],
-            run: dict[str, Any], address: str | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
-            cpus_per_actor: float = 1.0, local_cpus: int | None = None) -> Iterator[Answered]:
+def run_ray(
+    rows: Sequence[BatchRow],
+    *,
+    model: str,
+    load: dict[str, Any],
+    selection: dict[str, Any],
+    run: dict[str, Any],
+    address: str | None = None,
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    local_cpus: int | None = None,
+) -> Iterator[Answered]:
     """Ray Data engine: same rows and answers as `run_local`, computed by a pool of `actors`
     model-holding actors; rows come back as each scene finishes. Error rows known up front
     (bad list rows) are yielded without going through Ray."""
@@ -305,10 +347,19 @@ def run_ray(rows: Sequence[BatchRow], *, model: str, load: dict[str, Any], selec
     # one scene per block, up to MAX_RAY_BLOCKS blocks (bigger lists: a few scenes per block).
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_RAY_BLOCKS))
     ds = ds.map_batches(
-        _SceneActor, batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
-        num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
-        fn_constructor_kwargs={"model": model, "load": load, "selection": selection, "run": run,
-                               "threads": None if gpus_per_actor > 0 else max(1, int(cpus_per_actor))},
+        _SceneActor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
+        num_gpus=gpus_per_actor or None,
+        num_cpus=cpus_per_actor,
+        fn_constructor_kwargs={
+            "model": model,
+            "load": load,
+            "selection": selection,
+            "run": run,
+            "threads": None if gpus_per_actor > 0 else max(1, int(cpus_per_actor)),
+        },
     )
     try:
         for out in ds.iter_rows():
@@ -316,7 +367,9 @@ def run_ray(rows: Sequence[BatchRow], *, model: str, load: dict[str, Any], selec
     except UhrBatError:
         raise
     except Exception as e:  # noqa: BLE001 - a Ray task/actor failure: one line, resumable
-        raise BatchEngineError(f"the Ray job failed: {_message(e)}; rows written so far are kept, rerun to resume") from None
+        raise BatchEngineError(
+            f"the Ray job failed: {_message(e)}; rows written so far are kept, rerun to resume"
+        ) from None
     finally:
         if owned:
             ray.shutdown()

@@ -59,8 +59,13 @@ class BatchRow:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchRow:
-        return cls(id=str(d["id"]), image=str(d["image"]), question=str(d["question"]), path=d.get("path"),
-                   error=d.get("error"))
+        return cls(
+            id=str(d["id"]),
+            image=str(d["image"]),
+            question=str(d["question"]),
+            path=d.get("path"),
+            error=d.get("error"),
+        )
 
 
 def row_id(image: str, question: str) -> str:
@@ -86,7 +91,10 @@ def _resolve(image: str, root: Path, trust: Trust) -> tuple[str | None, str | No
         return None, f"image {image!r} is a URL; only local files are read (download the archive first)"
     if trust == "untrusted":
         if os.path.isabs(image):
-            return None, f"image {image!r} is an absolute path; untrusted lists may only name files inside the image root"
+            return (
+                None,
+                f"image {image!r} is an absolute path; untrusted lists may only name files inside the image root",
+            )
         if Path(image).suffix.lower() in _UNTRUSTED_SUFFIX_BLOCK:
             return None, f"image {image!r}: VRT files are refused in untrusted lists (they can point at any file)"
         real_root = os.path.realpath(root)
@@ -105,11 +113,20 @@ def _make_rows(records: Iterable[tuple[int, dict[str, Any]]], root: Path, trust:
         try:
             image = _text(rec.get("image"))
         except TypeError:
-            image, error = f"<embedded image, row {n}>", (f"{where} row {n}: embedded image bytes are not supported; "
-                                                            "write the images to files and list their paths")
+            image, error = (
+                f"<embedded image, row {n}>",
+                (
+                    f"{where} row {n}: embedded image bytes are not supported; "
+                    "write the images to files and list their paths"
+                ),
+            )
         question = _text(rec.get("question"))
         given = rec.get("id")
-        rid = None if given is None or (isinstance(given, float) and math.isnan(given)) or str(given) == "" else str(given)
+        rid = (
+            None
+            if given is None or (isinstance(given, float) and math.isnan(given)) or str(given) == ""
+            else str(given)
+        )
         if error is None and image is None:
             error = f"{where} row {n}: no image"
         if error is None and question is None:
@@ -175,12 +192,15 @@ def _parquet_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
 def _require_columns(path: Path, names: Sequence[str]) -> None:
     missing = [c for c in ("image", "question") if c not in names]
     if missing:
-        raise BatchInputError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, names)) or 'none'}); "
-                              "the list needs `image` and `question` (and optionally `id`)")
+        raise BatchInputError(
+            f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, names)) or 'none'}); "
+            "the list needs `image` and `question` (and optionally `id`)"
+        )
 
 
-def read_input(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
-               trust: Trust = "local") -> list[BatchRow]:
+def read_input(
+    path: str | os.PathLike, *, image_root: str | os.PathLike | None = None, trust: Trust = "local"
+) -> list[BatchRow]:
     """Rows of a JSONL / JSON / CSV / TSV / Parquet list, in file order, ids checked unique."""
     p = Path(path).expanduser()
     if not p.is_file():
@@ -195,7 +215,9 @@ def read_input(path: str | os.PathLike, *, image_root: str | os.PathLike | None 
     elif suffix in (".parquet", ".pq"):
         records = _parquet_records(p)
     else:
-        raise BatchInputError(f"{p}: unknown list format {suffix or '(no suffix)'}; use .jsonl, .json, .csv, .tsv or .parquet")
+        raise BatchInputError(
+            f"{p}: unknown list format {suffix or '(no suffix)'}; use .jsonl, .json, .csv, .tsv or .parquet"
+        )
     root = Path(image_root).expanduser() if image_root is not None else p.absolute().parent
     if image_root is not None and not root.is_dir():
         raise BatchInputError(f"--image-root {root} is not a folder")
@@ -223,10 +245,13 @@ def images_rows(pattern: str | os.PathLike, question: str, *, trust: Trust = "lo
         if trust == "untrusted":  # a glob the user typed is trusted; its matches are made relative to cwd
             images = [os.path.relpath(m, root) for m in matches]
     if not images:
-        raise BatchInputError(f"--images {text}: no image files found (folder scanned recursively for "
-                              f"{', '.join(IMAGE_SUFFIXES)}, or a glob such as 'tiles/**/*.tif')")
-    rows = _make_rows(((n, {"image": im, "question": question}) for n, im in enumerate(images, 1)), root, trust,
-                      f"--images {text}")
+        raise BatchInputError(
+            f"--images {text}: no image files found (folder scanned recursively for "
+            f"{', '.join(IMAGE_SUFFIXES)}, or a glob such as 'tiles/**/*.tif')"
+        )
+    rows = _make_rows(
+        ((n, {"image": im, "question": question}) for n, im in enumerate(images, 1)), root, trust, f"--images {text}"
+    )
     check_unique_ids(rows, f"--images {text}")
     return rows
 
@@ -238,6 +263,10 @@ def check_unique_ids(rows: Sequence[BatchRow], where: str) -> None:
         seen[r.id] = seen.get(r.id, 0) + 1
     dups = [(k, n) for k, n in seen.items() if n > 1]
     if dups:
-        shown = ", ".join(f"{k!r} x{n}" for k, n in dups[:10]) + (f" and {len(dups) - 10} more" if len(dups) > 10 else "")
-        raise BatchInputError(f"{where}: {len(dups)} duplicate id(s): {shown}; give each row a unique `id` "
-                              "(rows without one get a hash of image+question, so a repeated pair repeats its id)")
+        shown = ", ".join(f"{k!r} x{n}" for k, n in dups[:10]) + (
+            f" and {len(dups) - 10} more" if len(dups) > 10 else ""
+        )
+        raise BatchInputError(
+            f"{where}: {len(dups)} duplicate id(s): {shown}; give each row a unique `id` "
+            "(rows without one get a hash of image+question, so a repeated pair repeats its id)"
+        )

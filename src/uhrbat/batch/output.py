@@ -40,7 +40,18 @@ PARQUET = "predictions.parquet"
 RUN_JSON = "run.json"
 
 #: Per-sample timing keys in every row (seconds); the pipeline's stages plus the row's share of wall time.
-ROW_KEYS = ("id", "image", "question", "answer", "error", "num_visual_tokens", "image_size", "cache", "timings", "seconds")
+ROW_KEYS = (
+    "id",
+    "image",
+    "question",
+    "answer",
+    "error",
+    "num_visual_tokens",
+    "image_size",
+    "cache",
+    "timings",
+    "seconds",
+)
 
 
 @dataclass
@@ -61,12 +72,21 @@ class Answered:
         return cls(row=d["row"], geojson=d.get("geojson"), prepared=bool(d.get("prepared")))
 
 
-def output_row(row: Any, *, answer: str | None = None, error: str | None = None, result: Any = None,
-               seconds: float | None = None) -> dict[str, Any]:
+def output_row(
+    row: Any, *, answer: str | None = None, error: str | None = None, result: Any = None, seconds: float | None = None
+) -> dict[str, Any]:
     """The output row of a `BatchRow` with an `AskResult` (or an error)."""
     out: dict[str, Any] = {
-        "id": row.id, "image": row.image, "question": row.question, "answer": answer, "error": error,
-        "num_visual_tokens": None, "image_size": None, "cache": None, "timings": {}, "seconds": seconds,
+        "id": row.id,
+        "image": row.image,
+        "question": row.question,
+        "answer": answer,
+        "error": error,
+        "num_visual_tokens": None,
+        "image_size": None,
+        "cache": None,
+        "timings": {},
+        "seconds": seconds,
     }
     if result is not None:
         out["answer"] = result.answer
@@ -104,8 +124,9 @@ class PredictionStore:
     kept tokens go (`<id>.geojson`), or None.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, fingerprint: dict[str, Any],
-                 geojson_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, fingerprint: dict[str, Any], geojson_dir: str | os.PathLike | None = None
+    ) -> None:
         self.out = Path(out_dir).expanduser()
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self.geojson_dir = Path(geojson_dir).expanduser() if geojson_dir is not None else None
@@ -151,8 +172,10 @@ class PredictionStore:
             if isinstance(old, dict):
                 for k, v in self.fingerprint.items():
                     if old.get(k) != v:
-                        raise ConfigError(f"{self.out} holds a batch run with different settings ({k}: {old.get(k)!r} "
-                                          f"!= {v!r}); rerun with the same options or use another --out")
+                        raise ConfigError(
+                            f"{self.out} holds a batch run with different settings ({k}: {old.get(k)!r} "
+                            f"!= {v!r}); rerun with the same options or use another --out"
+                        )
                 return
         _atomic_write(path, json.dumps(self.fingerprint, indent=2) + "\n")
 
@@ -171,7 +194,9 @@ class PredictionStore:
         if rid in self.done:  # a second answer for an id (e.g. resent by a restarted actor) is dropped
             return False
         if self.geojson_dir is not None and answered.geojson is not None:
-            _atomic_write(self.geojson_dir / geojson_name(rid), json.dumps(answered.geojson, separators=(",", ":")) + "\n")
+            _atomic_write(
+                self.geojson_dir / geojson_name(rid), json.dumps(answered.geojson, separators=(",", ":")) + "\n"
+            )
         self._appender.write(row)
         self._remember(row)
         return True
@@ -202,15 +227,20 @@ def write_parquet(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Pa
             if k == "timings":
                 continue
             v = r.get(k)
-            cols[k].append(None if v is None else (str(v) if k in ("id", "image", "question", "answer", "error", "cache")
-                                                   else v))
+            cols[k].append(
+                None if v is None else (str(v) if k in ("id", "image", "question", "answer", "error", "cache") else v)
+            )
         t = r.get("timings") or {}
         for s in stages:
             cols[f"timing_{s}"].append(float(t[s]) if s in t else None)
     schema = pa.schema(
         [(k, pa.string()) for k in ("id", "image", "question", "answer", "error")]
-        + [("num_visual_tokens", pa.int64()), ("image_size", pa.list_(pa.int64())), ("cache", pa.string()),
-           ("seconds", pa.float64())]
+        + [
+            ("num_visual_tokens", pa.int64()),
+            ("image_size", pa.list_(pa.int64())),
+            ("cache", pa.string()),
+            ("seconds", pa.float64()),
+        ]
         + [(f"timing_{s}", pa.float64()) for s in stages]
     )
     table = pa.table({name: cols[name] for name in schema.names}, schema=schema)
@@ -225,10 +255,10 @@ def write_parquet(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Pa
 class Summary:
     """What a batch run did (printed at the end and saved as `summary.json`)."""
 
-    rows: int = 0             # rows in the input list
-    already_done: int = 0     # rows found in predictions.jsonl at start
-    written: int = 0          # rows written by this run
-    errors: int = 0           # error rows among all rows of the list
+    rows: int = 0  # rows in the input list
+    already_done: int = 0  # rows found in predictions.jsonl at start
+    written: int = 0  # rows written by this run
+    errors: int = 0  # error rows among all rows of the list
     scenes_prepared: int = 0  # scenes encoded + scored by this run (cache hits excluded)
     wall_s: float = 0.0
     engine: str = "local"
@@ -239,11 +269,21 @@ class Summary:
         return self.written / self.wall_s if self.wall_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "already_done": self.already_done, "written": self.written, "errors": self.errors,
-                "scenes_prepared": self.scenes_prepared, "wall_s": round(self.wall_s, 3),
-                "rows_per_s": round(self.rows_per_s, 4), "engine": self.engine, **self.extra}
+        return {
+            "rows": self.rows,
+            "already_done": self.already_done,
+            "written": self.written,
+            "errors": self.errors,
+            "scenes_prepared": self.scenes_prepared,
+            "wall_s": round(self.wall_s, 3),
+            "rows_per_s": round(self.rows_per_s, 4),
+            "engine": self.engine,
+            **self.extra,
+        }
 
     def line(self) -> str:
-        return (f"{self.rows} rows ({self.already_done} already done, {self.written} written now), {self.errors} errors, "
-                f"{self.scenes_prepared} scenes prepared, {self.wall_s:.1f} s wall ({self.rows_per_s:.2f} rows/s), "
-                f"engine {self.engine}")
+        return (
+            f"{self.rows} rows ({self.already_done} already done, {self.written} written now), {self.errors} errors, "
+            f"{self.scenes_prepared} scenes prepared, {self.wall_s:.1f} s wall ({self.rows_per_s:.2f} rows/s), "
+            f"engine {self.engine}"
+        )

@@ -15,6 +15,7 @@ from uhrbat.batch.engines import run_local, run_ray
 from uhrbat.batch.inputs import BatchRow, Trust
 from uhrbat.batch.output import PARQUET, Answered, PredictionStore, Summary, write_parquet
 from uhrbat.errors import BatchEngineError, ConfigError
+from uhrbat.runfiles import progress_bar
 
 __all__ = ["BatchConfig", "run_batch"]
 
@@ -54,42 +55,42 @@ class BatchConfig:
         """Settings that decide the answers; a rerun into the same --out must match them."""
         load = {k: self.load.get(k) for k in ("dtype", "attn_implementation", "vision_tower", "compat")}
         read = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.read_opts.items())}
-        return {"model": self.model, "selection": self.selection, "max_new_tokens": self.max_new_tokens,
-                "generate": self.generate, "load": load, "read": read, "trust": self.trust}
+        return {
+            "model": self.model,
+            "selection": self.selection,
+            "max_new_tokens": self.max_new_tokens,
+            "generate": self.generate,
+            "load": load,
+            "read": read,
+            "trust": self.trust,
+        }
 
     def run_kwargs(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "read_opts": dict(self.read_opts), "trust": self.trust,
-                "geojson": self.geojson_dir is not None, "batch_size": self.batch_size, **self.generate}
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:  # type: ignore[override]
-            return Text("?  rows/s" if not task.speed else f"{task.speed:.2f} rows/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "read_opts": dict(self.read_opts),
+            "trust": self.trust,
+            "geojson": self.geojson_dir is not None,
+            "batch_size": self.batch_size,
+            **self.generate,
+        }
 
 
 def _engine(cfg: BatchConfig, todo: Sequence[BatchRow]) -> Iterator[Answered]:
     if cfg.engine == "local":
         return run_local(todo, model=cfg.model, load=cfg.load, selection=cfg.selection, run=cfg.run_kwargs())
-    return run_ray(todo, model=cfg.model, load=cfg.load, selection=cfg.selection, run=cfg.run_kwargs(),
-                   address=cfg.ray_address, actors=cfg.actors, gpus_per_actor=cfg.gpus_per_actor,
-                   cpus_per_actor=cfg.cpus_per_actor, local_cpus=cfg.ray_local_cpus)
+    return run_ray(
+        todo,
+        model=cfg.model,
+        load=cfg.load,
+        selection=cfg.selection,
+        run=cfg.run_kwargs(),
+        address=cfg.ray_address,
+        actors=cfg.actors,
+        gpus_per_actor=cfg.gpus_per_actor,
+        cpus_per_actor=cfg.cpus_per_actor,
+        local_cpus=cfg.ray_local_cpus,
+    )
 
 
 def run_batch(rows: Sequence[BatchRow], cfg: BatchConfig) -> Summary:
@@ -109,7 +110,7 @@ def run_batch(rows: Sequence[BatchRow], cfg: BatchConfig) -> Summary:
         done = store.done
         todo = [r for r in rows if r.id not in done]
         summary.already_done = len(rows) - len(todo)
-        with _progress(cfg.progress) as progress:
+        with progress_bar(cfg.progress) as progress:
             task = progress.add_task(f"batch ({cfg.engine})", total=len(todo))
             for answered in _engine(cfg, todo):
                 if store.write(answered):
@@ -118,8 +119,10 @@ def run_batch(rows: Sequence[BatchRow], cfg: BatchConfig) -> Summary:
                 progress.advance(task)
         missing = [i for i in ids if i not in store.done]
         if missing:  # an engine that silently lost rows must not look complete
-            raise BatchEngineError(f"{len(missing)} rows have no answer in {store.path} (e.g. {missing[:3]}); "
-                                   "rerun the same command to finish them")
+            raise BatchEngineError(
+                f"{len(missing)} rows have no answer in {store.path} (e.g. {missing[:3]}); "
+                "rerun the same command to finish them"
+            )
         summary.errors = sum(1 for i in ids if i in store.error_ids)
         if cfg.parquet:
             write_parquet(Path(cfg.out) / PARQUET, store.read_rows(ids))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional, Sequence
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -89,9 +90,15 @@ def format_timings(res: Any) -> str:
 
 
 def ask(
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file (PNG/JPEG/TIFF/GeoTIFF/COG/JPEG2000 ...).")],
-    questions: Annotated[list[str], typer.Argument(
-        metavar="QUESTION", help="One or more questions; the scene is prepared once and reused for each.")],
+    image: Annotated[
+        Path, typer.Argument(metavar="IMAGE", help="Image file (PNG/JPEG/TIFF/GeoTIFF/COG/JPEG2000 ...).")
+    ],
+    questions: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="QUESTION", help="One or more questions; the scene is prepared once and reused for each."
+        ),
+    ],
     model: opt.Model = DEFAULT_MODEL,
     budgets: opt.Budgets = None,
     selector: opt.Selector = None,
@@ -131,8 +138,9 @@ def ask(
     mask = load_masks(masks)
     pipe, t_load = load_pipeline(model, load, selection)
     _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, selection)}")
-    results = pipe.ask_many(source, questions, max_new_tokens=max_new_tokens, masks=mask,
-                            return_relevance=explain is not None)
+    results = pipe.ask_many(
+        source, questions, max_new_tokens=max_new_tokens, masks=mask, return_relevance=explain is not None
+    )
     for i, (q, res) in enumerate(zip(questions, results)):
         _err((f"[{i + 1}/{n}] " if n > 1 else "") + format_timings(res))
         write_outputs(res, source, q, numbered(geojson, i, n), numbered(explain, i, n))
@@ -173,8 +181,15 @@ def _out_safetensors(value: Path) -> Path:
 def trace(
     image: Annotated[Path, typer.Option("--image", metavar="FILE", help="Image file.")],
     question: Annotated[str, typer.Option("--question", help="The question.")],
-    out: Annotated[Path, typer.Option("--out", metavar="FILE.safetensors", callback=_out_safetensors,
-                                      help="Output .safetensors file (checked writable before the model runs).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            metavar="FILE.safetensors",
+            callback=_out_safetensors,
+            help="Output .safetensors file (checked writable before the model runs).",
+        ),
+    ],
     model: opt.Model = DEFAULT_MODEL,
     budgets: opt.Budgets = None,
     selector: opt.Selector = None,

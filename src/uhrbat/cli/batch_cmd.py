@@ -13,42 +13,92 @@ from uhrbat.modeling.loading import DEFAULT_MODEL
 
 
 def batch(
-    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, metavar="DIR",
-                                      help="Run folder: predictions.jsonl (one row per id), run.json, summary.json; "
-                                           "rerunning the same command resumes.")],
-    input: Annotated[Path | None, typer.Option(
-        "--input", "-i", dir_okay=False, metavar="FILE",
-        help="Question list: .jsonl/.json/.csv/.tsv/.parquet with `image` and `question` columns (optional `id`; "
-             "otherwise a stable hash of image+question).")] = None,
-    images: Annotated[str | None, typer.Option(
-        "--images", metavar="DIR|GLOB",
-        help="Every image under a folder (recursive) or matching a glob, each asked --question.")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            file_okay=False,
+            metavar="DIR",
+            help="Run folder: predictions.jsonl (one row per id), run.json, summary.json; "
+            "rerunning the same command resumes.",
+        ),
+    ],
+    input: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            dir_okay=False,
+            metavar="FILE",
+            help="Question list: .jsonl/.json/.csv/.tsv/.parquet with `image` and `question` columns (optional `id`; "
+            "otherwise a stable hash of image+question).",
+        ),
+    ] = None,
+    images: Annotated[
+        str | None,
+        typer.Option(
+            "--images",
+            metavar="DIR|GLOB",
+            help="Every image under a folder (recursive) or matching a glob, each asked --question.",
+        ),
+    ] = None,
     question: Annotated[str | None, typer.Option("--question", "-q", help="The question for --images.")] = None,
-    image_root: Annotated[Path | None, typer.Option(
-        "--image-root", file_okay=False, metavar="DIR",
-        help="Folder that relative image paths resolve in.  [default: the list's folder]")] = None,
-    untrusted: Annotated[bool, typer.Option(
-        "--untrusted",
-        help="The list comes from someone else: paths must stay inside the image root (no absolute paths, "
-             "no .., no VRT) and images are decoded by the untrusted reader.")] = False,
-    engine: Annotated[Literal["local", "ray"], typer.Option(  # type: ignore[valid-type]
-        "--engine", help="local: in this process; ray: Ray Data actors (pip install -e '.[ray]').")] = "local",
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", min=1, help="One-question scenes answered together in one generate call.")] = 1,
-    geojson_dir: Annotated[Path | None, typer.Option(
-        "--geojson-dir", file_okay=False, metavar="DIR",
-        help="Write each row's kept tokens as DIR/<id>.geojson (lon/lat when the image is georeferenced).")] = None,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--image-root",
+            file_okay=False,
+            metavar="DIR",
+            help="Folder that relative image paths resolve in.  [default: the list's folder]",
+        ),
+    ] = None,
+    untrusted: Annotated[
+        bool,
+        typer.Option(
+            "--untrusted",
+            help="The list comes from someone else: paths must stay inside the image root (no absolute paths, "
+            "no .., no VRT) and images are decoded by the untrusted reader.",
+        ),
+    ] = False,
+    engine: Annotated[
+        Literal["local", "ray"],
+        typer.Option(  # type: ignore[valid-type]
+            "--engine", help="local: in this process; ray: Ray Data actors (pip install -e '.[ray]')."
+        ),
+    ] = "local",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="One-question scenes answered together in one generate call.")
+    ] = 1,
+    geojson_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--geojson-dir",
+            file_okay=False,
+            metavar="DIR",
+            help="Write each row's kept tokens as DIR/<id>.geojson (lon/lat when the image is georeferenced).",
+        ),
+    ] = None,
     parquet: Annotated[bool, typer.Option("--parquet", help="Also write predictions.parquet at the end.")] = False,
-    ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", metavar="ADDR",
-        help="Ray cluster to join (e.g. ray://head:10001 or auto).  [default: $RAY_ADDRESS, else a local Ray]")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDR",
+            help="Ray cluster to join (e.g. ray://head:10001 or auto).  [default: $RAY_ADDRESS, else a local Ray]",
+        ),
+    ] = None,
     actors: Annotated[int, typer.Option("--actors", min=1, help="Ray: model-holding actors (one per GPU).")] = 1,
-    gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", min=0.0,
-                                                  help="Ray: GPUs per actor (> 0 runs each actor on cuda).")] = 0.0,
-    cpus_per_actor: Annotated[float, typer.Option("--cpus-per-actor", min=0.0,
-                                                  help="Ray: CPUs per actor (also its torch threads on CPU).")] = 1.0,
-    ray_cpus: Annotated[int | None, typer.Option(
-        "--ray-cpus", min=1, help="CPUs of a local Ray started by this command.  [default: all]")] = None,
+    gpus_per_actor: Annotated[
+        float, typer.Option("--gpus-per-actor", min=0.0, help="Ray: GPUs per actor (> 0 runs each actor on cuda).")
+    ] = 0.0,
+    cpus_per_actor: Annotated[
+        float, typer.Option("--cpus-per-actor", min=0.0, help="Ray: CPUs per actor (also its torch threads on CPU).")
+    ] = 1.0,
+    ray_cpus: Annotated[
+        int | None,
+        typer.Option("--ray-cpus", min=1, help="CPUs of a local Ray started by this command.  [default: all]"),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")] = False,
     model: o.Model = DEFAULT_MODEL,
     device: o.Device = "cpu",
@@ -75,25 +125,40 @@ def batch(
     if (input is None) == (images is None):
         raise ConfigError("give exactly one of --input FILE or --images DIR_OR_GLOB (with --question)")
     if images is not None and question is None:
-        raise ConfigError("--images needs --question \"...\" (the question asked about every image)")
+        raise ConfigError('--images needs --question "..." (the question asked about every image)')
     if input is not None and question is not None:
         raise ConfigError("--question goes with --images; an --input list has its own question column")
     if images is not None and image_root is not None:
         raise ConfigError("--image-root goes with --input; --images paths are used as given")
     if selector == "segments":
-        raise ConfigError("uhrbat batch does not read segment masks; use --selector kmeans or topk "
-                          "(or `uhrbat ask --masks` per image)")
-    rows = (read_input(input, image_root=image_root, trust=trust) if input is not None
-            else images_rows(images, question or "", trust=trust))
+        raise ConfigError(
+            "uhrbat batch does not read segment masks; use --selector kmeans or topk "
+            "(or `uhrbat ask --masks` per image)"
+        )
+    rows = (
+        read_input(input, image_root=image_root, trust=trust)
+        if input is not None
+        else images_rows(images, question or "", trust=trust)
+    )
     cfg = BatchConfig(
-        out=out, model=model, engine=engine,
-        load=o.load_kwargs(device=device, dtype=dtype, attn=attn, vision_tower=vision_tower, compat=compat,
-                           cache_dir=cache_dir),
+        out=out,
+        model=model,
+        engine=engine,
+        load=o.load_kwargs(
+            device=device, dtype=dtype, attn=attn, vision_tower=vision_tower, compat=compat, cache_dir=cache_dir
+        ),
         selection=o.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans),
         max_new_tokens=max_new_tokens or 512,
         read_opts=o.read_kwargs(bands=bands, stretch=stretch, max_pixels=max_pixels),
-        trust=trust, batch_size=batch_size, geojson_dir=geojson_dir, parquet=parquet, progress=not no_progress,
-        ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
+        trust=trust,
+        batch_size=batch_size,
+        geojson_dir=geojson_dir,
+        parquet=parquet,
+        progress=not no_progress,
+        ray_address=ray_address,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        cpus_per_actor=cpus_per_actor,
         ray_local_cpus=ray_cpus,
     )
     summary = run_batch(rows, cfg)

@@ -10,8 +10,9 @@ command-line options) or control the session; `/help` lists them.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -82,8 +83,15 @@ class ChatSession:
     `handle(line)` processes one input line and returns False when the session should end;
     output goes through `say` (answers, stdout) and `note` (status, stderr)."""
 
-    def __init__(self, pipe: Any, source: Any, settings: dict[str, Any], masks: Optional[dict] = None,
-                 say: Callable[[str], None] = typer.echo, note: Callable[[str], None] = lambda m: typer.echo(m, err=True)):
+    def __init__(
+        self,
+        pipe: Any,
+        source: Any,
+        settings: dict[str, Any],
+        masks: Optional[dict] = None,
+        say: Callable[[str], None] = typer.echo,
+        note: Callable[[str], None] = lambda m: typer.echo(m, err=True),
+    ):
         self.pipe = pipe
         self.source = source
         self.masks = masks
@@ -160,7 +168,8 @@ class ChatSession:
     @staticmethod
     def _example(name: str) -> str:
         return {"budgets": "/budgets 40,160,300,1000", "selector": "/selector topk", "kmeans": "/kmeans exact"}.get(
-            name, f"/{name} 10")
+            name, f"/{name} 10"
+        )
 
     def _describe(self) -> str:
         lines = [f"  {name:<15} {self._shown(key)}" for name, (key, _) in SETTINGS.items()]
@@ -203,7 +212,9 @@ def _read_lines(prompt: str):
 
 
 def chat(
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file (PNG/JPEG/TIFF/GeoTIFF/COG/JPEG2000 ...).")],
+    image: Annotated[
+        Path, typer.Argument(metavar="IMAGE", help="Image file (PNG/JPEG/TIFF/GeoTIFF/COG/JPEG2000 ...).")
+    ],
     model: opt.Model = DEFAULT_MODEL,
     budgets: opt.Budgets = None,
     selector: opt.Selector = None,
@@ -234,8 +245,10 @@ def chat(
     mask = load_masks(masks)
     pipe, t_load = load_pipeline(model, load, selection)
     typer.echo(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, selection)}", err=True)
-    typer.echo(f"chatting about {image} ({source.size[0]}x{source.size[1]} px); /help lists the commands, "
-               "/quit leaves.", err=True)
+    typer.echo(
+        f"chatting about {image} ({source.size[0]}x{source.size[1]} px); /help lists the commands, /quit leaves.",
+        err=True,
+    )
     session = ChatSession(pipe, source, dict(selection, max_new_tokens=max_new_tokens), masks=mask)
     for line in _read_lines("[bold cyan]?[/bold cyan]"):
         try:

@@ -33,8 +33,9 @@ def demo(
     max_new_tokens: opt.MaxNewTokens = 64,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Refuse bigger uploads.")] = 1024,
     max_pixels: opt.MaxPixels = opt.DEFAULT_MAX_PIXELS,
-    overlay_side: Annotated[int, typer.Option(
-        "--overlay-side", min=64, help="Long side of the overlay's image view (px).")] = 1200,
+    overlay_side: Annotated[
+        int, typer.Option("--overlay-side", min=64, help="Long side of the overlay's image view (px).")
+    ] = 1200,
 ) -> None:
     """Serve a local web page to upload an image, ask a question and see the answer with the overlay."""
     try:
@@ -44,14 +45,23 @@ def demo(
     from uhrbat.cli.ask import load_pipeline
 
     selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
-    pipe, seconds = load_pipeline(model, opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir),
-                                  selection)
+    pipe, seconds = load_pipeline(
+        model, opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir), selection
+    )
     typer.echo(f"model loaded in {seconds:.1f}s", err=True)
-    app = create_app(pipe, model_name=model, default_budgets=budgets, max_new_tokens=max_new_tokens,
-                     max_upload_mb=max_upload_mb, max_pixels=max_pixels, overlay_max_side=overlay_side)
+    app = create_app(
+        pipe,
+        model_name=model,
+        default_budgets=budgets,
+        max_new_tokens=max_new_tokens,
+        max_upload_mb=max_upload_mb,
+        max_pixels=max_pixels,
+        overlay_max_side=overlay_side,
+    )
     if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: the demo on {host} has no authentication; anyone who can reach it can run the model",
-                   err=True)
+        typer.echo(
+            f"warning: the demo on {host} has no authentication; anyone who can reach it can run the model", err=True
+        )
     typer.echo(f"UHR-BAT demo on http://{host}:{port}/  (Ctrl+C to stop)", err=True)
     serve(app, host=host, port=port)
 

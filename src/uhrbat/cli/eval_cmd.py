@@ -10,12 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from uhrbat.cli import options as opt
-
 from uhrbat.errors import BenchmarkDataError
 
 _BENCH_HELP = "Benchmark: xlrs, mme-realworld-rs, rshr, hrbench-4k, hrbench-8k, lrs-vqa."
-_LRS_HELP = ("LRS-VQA only: wordnet (default, the official synonym rule; needs nltk + WordNet 3.0) or none "
-             "(exact match only, a lower bound).")
+_LRS_HELP = (
+    "LRS-VQA only: wordnet (default, the official synonym rule; needs nltk + WordNet 3.0) or none "
+    "(exact match only, a lower bound)."
+)
 
 
 def eval_command(
@@ -23,11 +24,21 @@ def eval_command(
     data: Path = typer.Option(..., "--data", help="Benchmark annotation file (json/jsonl/parquet/tsv) or its folder."),
     model: opt.Model = ...,
     out: Path = typer.Option(..., "--out", "-o", help="Run directory (created; rerunning the same command resumes)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Root that relative image paths resolve in (default: the data file's folder)."),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="Root that relative image paths resolve in (default: the data file's folder)."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions (smoke runs)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Questions per ask_batch call."),
-    prompt: str = typer.Option("official", "--prompt", help="official (the benchmark's own prompt) or reference (the UHR-BAT reference evaluator's)."),
-    choice_by_logits: bool = typer.Option(False, "--choice-by-logits", help="Also pick the option whose letter has the highest first-token log-probability (reported separately)."),
+    prompt: str = typer.Option(
+        "official",
+        "--prompt",
+        help="official (the benchmark's own prompt) or reference (the UHR-BAT reference evaluator's).",
+    ),
+    choice_by_logits: bool = typer.Option(
+        False,
+        "--choice-by-logits",
+        help="Also pick the option whose letter has the highest first-token log-probability (reported separately).",
+    ),
     budgets: opt.Budgets = None,
     selector: opt.Selector = None,
     clusters: opt.Clusters = None,
@@ -35,14 +46,30 @@ def eval_command(
     seed: opt.Seed = None,
     kmeans: opt.KMeans = None,
     compat: opt.Compat = None,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
+    ] = "auto",
     dtype: opt.Dtype = None,
     attn: opt.Attn = None,
     vision_tower: opt.VisionTower = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.  [default: the benchmark's official setting]")] = None,
-    retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again every question whose row is an error (image, model or data)."),
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-new-tokens", min=1, help="Longest answer, in tokens.  [default: the benchmark's official setting]"
+        ),
+    ] = None,
+    retry_errors: bool = typer.Option(
+        False,
+        "--retry-errors",
+        help="On resume, run again every question whose row is an error (image, model or data).",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not draw the progress bar."),
-    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Read image paths that resolve outside --images (absolute paths, symlinks pointing out); refused by default."),
+    allow_outside_images: bool = typer.Option(
+        False,
+        "--allow-outside-images",
+        help="Read image paths that resolve outside --images (absolute paths, symlinks pointing out); "
+        "refused by default.",
+    ),
     lrs_synonyms: Optional[str] = typer.Option(None, "--lrs-synonyms", help=_LRS_HELP),
 ) -> None:
     """Run a model on a benchmark: resumable, batched, sharded under torchrun / accelerate launch."""
@@ -51,11 +78,30 @@ def eval_command(
 
     # Option values were parsed and checked by uhrbat.cli.options (the same rules as `ask`).
     cfg = EvalConfig(
-        benchmark=benchmark, data=data, out=out, model=model, images=images, limit=limit, batch_size=batch_size,
-        prompt=prompt, choice_by_logits=choice_by_logits, budgets=budgets, selector=selector,
-        clusters=clusters, iters=iters, seed=seed, kmeans_mode=kmeans, compat=compat, attn=attn,
-        vision_tower=vision_tower, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-        retry_errors=retry_errors, progress=not no_progress, allow_outside_images=allow_outside_images,
+        benchmark=benchmark,
+        data=data,
+        out=out,
+        model=model,
+        images=images,
+        limit=limit,
+        batch_size=batch_size,
+        prompt=prompt,
+        choice_by_logits=choice_by_logits,
+        budgets=budgets,
+        selector=selector,
+        clusters=clusters,
+        iters=iters,
+        seed=seed,
+        kmeans_mode=kmeans,
+        compat=compat,
+        attn=attn,
+        vision_tower=vision_tower,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        retry_errors=retry_errors,
+        progress=not no_progress,
+        allow_outside_images=allow_outside_images,
         lrs_synonyms=lrs_synonyms,
     )
     report = run_eval(cfg)
@@ -69,10 +115,19 @@ def eval_command(
 def score_command(
     benchmark: str = typer.Option(..., "--benchmark", "-b", help=_BENCH_HELP),
     data: Path = typer.Option(..., "--data", help="Benchmark annotation file (json/jsonl/parquet/tsv) or its folder."),
-    predictions: Path = typer.Option(..., "--predictions", "-p", help='JSONL with one {"id": ..., "output": "raw model text"} per line.'),
-    images: Optional[Path] = typer.Option(None, "--images", help="Image root; when given, rows whose images cannot be found count as errors (default: images are not checked)."),
+    predictions: Path = typer.Option(
+        ..., "--predictions", "-p", help='JSONL with one {"id": ..., "output": "raw model text"} per line.'
+    ),
+    images: Optional[Path] = typer.Option(
+        None,
+        "--images",
+        help="Image root; when given, rows whose images cannot be found count as errors "
+        "(default: images are not checked).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
-    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="With --images: accept image paths that resolve outside it."),
+    allow_outside_images: bool = typer.Option(
+        False, "--allow-outside-images", help="With --images: accept image paths that resolve outside it."
+    ),
     lrs_synonyms: Optional[str] = typer.Option(None, "--lrs-synonyms", help=_LRS_HELP),
 ) -> None:
     """Score saved model outputs with the benchmark's official rules (no model needed).
@@ -86,8 +141,9 @@ def score_command(
 
     spec = benchmarks.get_spec(benchmark)
     benchmarks.check_score_options(spec.name, lrs_synonyms=lrs_synonyms)
-    samples = load_benchmark(spec.name, data, images, check_images=images is not None,
-                             allow_outside_images=allow_outside_images)
+    samples = load_benchmark(
+        spec.name, data, images, check_images=images is not None, allow_outside_images=allow_outside_images
+    )
     preds, notes = load_predictions(predictions)
     report = benchmarks.score(spec.name, samples, preds, lrs_synonyms=lrs_synonyms)
     if notes:

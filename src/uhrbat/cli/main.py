@@ -47,6 +47,7 @@ _COMMAND_MODULES = [
     "uhrbat.cli.batch_cmd",
 ]
 
+
 # Frames from these packages are dropped from `--debug` tracebacks: they are the same for every
 # command and hide the project's frames.
 def _package_dirs(*names: str) -> tuple[str, ...]:
@@ -62,7 +63,9 @@ _FRAMEWORK_DIRS = _package_dirs("typer", "click")
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="On errors, print the traceback (project frames only).")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="On errors, print the traceback (project frames only)."),
+) -> None:
     _STATE["debug"] = debug
 
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     head = args[: args.index("--")] if "--" in args else args
     debug = "--debug" in head
     if debug:
-        args = ["--debug"] + [a for a in head if a != "--debug"] + args[len(head):]
+        args = ["--debug"] + [a for a in head if a != "--debug"] + args[len(head) :]
     try:
         # Standalone mode: click prints usage errors in its own format and exits (SystemExit).
         app(args=args, prog_name="uhrbat", standalone_mode=True)
@@ -114,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             sys.stderr.write(format_traceback(e))
             sys.exit(1)
-        typer.echo(f"error: internal error: {type(e).__name__}: {e} (run `uhrbat --debug ...` for the traceback)", err=True)
+        typer.echo(
+            f"error: internal error: {type(e).__name__}: {e} (run `uhrbat --debug ...` for the traceback)", err=True
+        )
         sys.exit(1)
 
 

@@ -99,72 +99,159 @@ def _out_file(value: Optional[Path]) -> Optional[Path]:
 
 
 # ----------------------------------------------------------------------------- model / device
-Model = Annotated[str, typer.Option(
-    "--model", "-m", metavar="DIR|HUB_ID",
-    help="Checkpoint folder or hub id (this package's format or the reference's LlavaQwen format).")]
-Device = Annotated[str, typer.Option(
-    "--device", help="Where to run: cpu, cuda, cuda:1, ...")]
-Dtype = Annotated[Optional[Literal[DTYPES]], typer.Option(  # type: ignore[valid-type]
-    "--dtype", help="Weights dtype.  [default: the dtype the checkpoint was saved in]")]
-Attn = Annotated[Optional[Literal[ATTN_IMPLEMENTATIONS]], typer.Option(  # type: ignore[valid-type]
-    "--attn", help="LLM attention implementation (unset: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa).")]
-VisionTower = Annotated[Optional[str], typer.Option(
-    "--vision-tower", metavar="DIR",
-    help="CLIP folder, for reference checkpoints that do not ship one.  [default: the checkpoint's]")]
-Compat = Annotated[Optional[Literal[COMPAT_MODES]], typer.Option(  # type: ignore[valid-type]
-    "--compat",
-    help="reference: reproduce the reference's inference bugs (ChatML specials -> EOS, first answer line only).  "
-         "[default: the checkpoint's: none]")]
-CacheDir = Annotated[Optional[Path], typer.Option(
-    "--cache-dir", file_okay=False, metavar="DIR",
-    help="Also keep prepared scenes (tiles, CLIP features, groups) on disk here, reused across runs.  "
-         "[default: memory only]")]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        metavar="DIR|HUB_ID",
+        help="Checkpoint folder or hub id (this package's format or the reference's LlavaQwen format).",
+    ),
+]
+Device = Annotated[str, typer.Option("--device", help="Where to run: cpu, cuda, cuda:1, ...")]
+Dtype = Annotated[
+    Optional[Literal[DTYPES]],
+    typer.Option(  # type: ignore[valid-type]
+        "--dtype", help="Weights dtype.  [default: the dtype the checkpoint was saved in]"
+    ),
+]
+Attn = Annotated[
+    Optional[Literal[ATTN_IMPLEMENTATIONS]],
+    typer.Option(  # type: ignore[valid-type]
+        "--attn",
+        help="LLM attention implementation "
+        "(unset: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa).",
+    ),
+]
+VisionTower = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vision-tower",
+        metavar="DIR",
+        help="CLIP folder, for reference checkpoints that do not ship one.  [default: the checkpoint's]",
+    ),
+]
+Compat = Annotated[
+    Optional[Literal[COMPAT_MODES]],
+    typer.Option(  # type: ignore[valid-type]
+        "--compat",
+        help="reference: reproduce the reference's inference bugs (ChatML specials -> EOS, first answer line only).  "
+        "[default: the checkpoint's: none]",
+    ),
+]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--cache-dir",
+        file_okay=False,
+        metavar="DIR",
+        help="Also keep prepared scenes (tiles, CLIP features, groups) on disk here, reused across runs.  "
+        "[default: memory only]",
+    ),
+]
 
 # ----------------------------------------------------------------------------- token selection
-Budgets = Annotated[Optional[str], typer.Option(
-    "--budgets", metavar="B1,B2,...", callback=_budgets,
-    help="Visual tokens kept per scale: comma-separated integers >= 0, one per scale, not all 0.  "
-         "[default: the checkpoint's: 80,320,600,2000 for the released model]")]
-Selector = Annotated[Optional[Literal[SELECTORS]], typer.Option(  # type: ignore[valid-type]
-    "--selector", help="How tokens are grouped before preserve-and-merge.  [default: the checkpoint's: kmeans]")]
-Clusters = Annotated[Optional[int], typer.Option(
-    "--clusters", min=0,
-    help="K-Means clusters per scale; 0 = the scale's budget.  [default: the checkpoint's: 3000 for the "
-         "released model (clamped to the tokens at each scale)]")]
-Iters = Annotated[Optional[int], typer.Option(
-    "--iters", min=1,
-    help="Maximum K-Means (Lloyd) iterations.  [default: the checkpoint's: 10 for the released model]")]
-Seed = Annotated[Optional[int], typer.Option(
-    "--seed", help="Seed of the K-Means initialisation.  [default: the checkpoint's: 0]")]
-KMeans = Annotated[Optional[Literal[KMEANS_MODES]], typer.Option(  # type: ignore[valid-type]
-    "--kmeans", help="fast: same clustering, less work; exact: the reference's loop order, bit for bit.  "
-                     "[default: the checkpoint's: fast]")]
-Masks = Annotated[Optional[Path], typer.Option(
-    "--masks", exists=True, dir_okay=False, metavar="FILE",
-    help="Segment-id mask file (from `uhrbat masks`), required by --selector segments.")]
+Budgets = Annotated[
+    Optional[str],
+    typer.Option(
+        "--budgets",
+        metavar="B1,B2,...",
+        callback=_budgets,
+        help="Visual tokens kept per scale: comma-separated integers >= 0, one per scale, not all 0.  "
+        "[default: the checkpoint's: 80,320,600,2000 for the released model]",
+    ),
+]
+Selector = Annotated[
+    Optional[Literal[SELECTORS]],
+    typer.Option(  # type: ignore[valid-type]
+        "--selector", help="How tokens are grouped before preserve-and-merge.  [default: the checkpoint's: kmeans]"
+    ),
+]
+Clusters = Annotated[
+    Optional[int],
+    typer.Option(
+        "--clusters",
+        min=0,
+        help="K-Means clusters per scale; 0 = the scale's budget.  [default: the checkpoint's: 3000 for the "
+        "released model (clamped to the tokens at each scale)]",
+    ),
+]
+Iters = Annotated[
+    Optional[int],
+    typer.Option(
+        "--iters",
+        min=1,
+        help="Maximum K-Means (Lloyd) iterations.  [default: the checkpoint's: 10 for the released model]",
+    ),
+]
+Seed = Annotated[
+    Optional[int], typer.Option("--seed", help="Seed of the K-Means initialisation.  [default: the checkpoint's: 0]")
+]
+KMeans = Annotated[
+    Optional[Literal[KMEANS_MODES]],
+    typer.Option(  # type: ignore[valid-type]
+        "--kmeans",
+        help="fast: same clustering, less work; exact: the reference's loop order, bit for bit.  "
+        "[default: the checkpoint's: fast]",
+    ),
+]
+Masks = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--masks",
+        exists=True,
+        dir_okay=False,
+        metavar="FILE",
+        help="Segment-id mask file (from `uhrbat masks`), required by --selector segments.",
+    ),
+]
 
 # ----------------------------------------------------------------------------- generation
-MaxNewTokens = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", min=1, help="Longest answer, in tokens.")]
+MaxNewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")]
 
 # ----------------------------------------------------------------------------- image reading
-Bands = Annotated[Optional[str], typer.Option(
-    "--bands", metavar="R,G,B", callback=_bands,
-    help="Raster bands to use as R,G,B (or one grey band), 1-based, e.g. 4,3,2.  [default: the image's colour bands]")]
-Stretch = Annotated[str, typer.Option(
-    "--stretch", metavar="LOW,HIGH", callback=_stretch,
-    help="Percentiles that map 16-bit/float bands to 8-bit.")]
-MaxPixels = Annotated[int, typer.Option(
-    "--max-pixels", min=0, help="Refuse images with more full-resolution pixels (0 = no limit).")]
+Bands = Annotated[
+    Optional[str],
+    typer.Option(
+        "--bands",
+        metavar="R,G,B",
+        callback=_bands,
+        help="Raster bands to use as R,G,B (or one grey band), 1-based, e.g. 4,3,2.  "
+        "[default: the image's colour bands]",
+    ),
+]
+Stretch = Annotated[
+    str,
+    typer.Option(
+        "--stretch", metavar="LOW,HIGH", callback=_stretch, help="Percentiles that map 16-bit/float bands to 8-bit."
+    ),
+]
+MaxPixels = Annotated[
+    int, typer.Option("--max-pixels", min=0, help="Refuse images with more full-resolution pixels (0 = no limit).")
+]
 
 # ----------------------------------------------------------------------------- outputs
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of the plain answer.")]
-GeoJson = Annotated[Optional[Path], typer.Option(
-    "--geojson", dir_okay=False, metavar="FILE", callback=_out_file,
-    help="Write the kept tokens as GeoJSON (checked writable before the model runs).")]
-Explain = Annotated[Optional[Path], typer.Option(
-    "--explain", dir_okay=False, metavar="FILE.png", callback=_out_file,
-    help="Write an overlay PNG of relevance and kept tokens (checked writable before the model runs).")]
+GeoJson = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--geojson",
+        dir_okay=False,
+        metavar="FILE",
+        callback=_out_file,
+        help="Write the kept tokens as GeoJSON (checked writable before the model runs).",
+    ),
+]
+Explain = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--explain",
+        dir_okay=False,
+        metavar="FILE.png",
+        callback=_out_file,
+        help="Write an overlay PNG of relevance and kept tokens (checked writable before the model runs).",
+    ),
+]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -178,8 +265,14 @@ def selection_kwargs(
 ) -> dict[str, Any]:
     """Parsed selection options -> the pipeline's keyword arguments (unset ones left out, so the
     checkpoint's values apply)."""
-    sel = {"budgets": budgets, "selector": selector, "kmeans_clusters": clusters, "kmeans_iters": iters,
-           "seed": seed, "kmeans_mode": kmeans}
+    sel = {
+        "budgets": budgets,
+        "selector": selector,
+        "kmeans_clusters": clusters,
+        "kmeans_iters": iters,
+        "seed": seed,
+        "kmeans_mode": kmeans,
+    }
     return {k: v for k, v in sel.items() if v is not None}
 
 
@@ -199,15 +292,23 @@ def load_kwargs(
         resolve_device = None
     if resolve_device is not None and device != "auto":
         resolve_device(device)  # raises ConfigError with one line, e.g. when CUDA is missing
-    out: dict[str, Any] = {"device": device, "dtype": dtype, "vision_tower": vision_tower,
-                           "attn_implementation": attn, "compat": compat}
+    out: dict[str, Any] = {
+        "device": device,
+        "dtype": dtype,
+        "vision_tower": vision_tower,
+        "attn_implementation": attn,
+        "compat": compat,
+    }
     if cache_dir is not None:
         out["cache_dir"] = str(cache_dir)
     return out
 
 
-def read_kwargs(bands: Optional[tuple[int, ...]] = None, stretch: Optional[tuple[float, float]] = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+def read_kwargs(
+    bands: Optional[tuple[int, ...]] = None,
+    stretch: Optional[tuple[float, float]] = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
     """Parsed image-reading options -> `uhrbat.io.open_image` keyword arguments."""
     out: dict[str, Any] = {"bands": bands, "max_pixels": None if max_pixels == 0 else max_pixels}
     if stretch is not None:
@@ -216,7 +317,29 @@ def read_kwargs(bands: Optional[tuple[int, ...]] = None, stretch: Optional[tuple
 
 
 __all__ = [
-    "Attn", "Bands", "Budgets", "CacheDir", "Clusters", "Compat", "Device", "Dtype", "Explain", "GeoJson", "Iters",
-    "Json", "KMeans", "Masks", "MaxNewTokens", "MaxPixels", "Model", "Seed", "Selector", "Stretch", "VisionTower",
-    "check_writable", "load_kwargs", "read_kwargs", "selection_kwargs",
+    "Attn",
+    "Bands",
+    "Budgets",
+    "CacheDir",
+    "Clusters",
+    "Compat",
+    "Device",
+    "Dtype",
+    "Explain",
+    "GeoJson",
+    "Iters",
+    "Json",
+    "KMeans",
+    "Masks",
+    "MaxNewTokens",
+    "MaxPixels",
+    "Model",
+    "Seed",
+    "Selector",
+    "Stretch",
+    "VisionTower",
+    "check_writable",
+    "load_kwargs",
+    "read_kwargs",
+    "selection_kwargs",
 ]

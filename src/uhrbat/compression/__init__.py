@@ -9,9 +9,9 @@ from uhrbat.compression.kmeans import (
 from uhrbat.compression.segments import load_mask_file, segment_ids_for_scale
 from uhrbat.compression.selection import (
     check_budget,
+    cluster_tokens,
     max_selectable,
     preserve_and_merge,
-    cluster_tokens,
     select_kmeans,
     select_segments,
     select_topk,

@@ -144,8 +144,7 @@ def clustering_features(
     per_tile = tokens_per_side * tokens_per_side
     if num_tiles < 1 or embeds.shape[0] != num_tiles * per_tile:
         raise ValueError(
-            f"embeds has {embeds.shape[0]} rows, expected num_tiles * {per_tile} = "
-            f"{num_tiles} * {per_tile}"
+            f"embeds has {embeds.shape[0]} rows, expected num_tiles * {per_tile} = {num_tiles} * {per_tile}"
         )
     feats = feat_scale * F.normalize(embeds.float(), dim=1)
     coords = coord_scale * tile_coordinates(tokens_per_side, embeds.device).repeat(num_tiles, 1)
@@ -679,12 +678,7 @@ class _BoundedDistances:
         if cand.numel():
             # Tighten the upper bound with the (float64, ~exact) own distance, then retest.
             step = max(1, _CHUNK_BYTES // (16 * self.f))
-            own = torch.cat(
-                [
-                    (self.x[c].double() - centers[labels[c]].double()).norm(dim=1)
-                    for c in cand.split(step)
-                ]
-            )
+            own = torch.cat([(self.x[c].double() - centers[labels[c]].double()).norm(dim=1) for c in cand.split(step)])
             self.upper[cand] = own * (1.0 + 1e-12)
             self.evaluations += cand.numel()
             sub = self._failing(self.lower[cand], self.upper[cand], self._err(cand, cmax))
@@ -835,9 +829,7 @@ def _cascade_sums(
     return out + _run_sums(src, None, seg, rank, counts, longest + 1)[4]
 
 
-def _torch_like_sums(
-    src: Tensor, rows: Tensor, seg: Tensor, rank: Tensor, counts: Tensor, lanes: int
-) -> Tensor:
+def _torch_like_sums(src: Tensor, rows: Tensor, seg: Tensor, rank: Tensor, counts: Tensor, lanes: int) -> Tensor:
     """Per-segment column sums bitwise equal to torch's CPU `x[rows_s].sum(0)` per segment s
     (segment s = the items with seg == s, contiguous and in order in `rows`; `counts` >= 1).
 

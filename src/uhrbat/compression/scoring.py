@@ -16,7 +16,9 @@ from uhrbat.compression.precision import autocast_off
 
 
 @autocast_off
-def last_query_attention(q_last: torch.Tensor, keys: torch.Tensor, head_dim: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def last_query_attention(
+    q_last: torch.Tensor, keys: torch.Tensor, head_dim: int, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax attention of one query row over all keys, per head, in float32.
 
     Args:
@@ -58,7 +60,9 @@ def grid_to_tiles(grid_map: torch.Tensor, grid: int, tokens_per_side: int = 24) 
 
 
 @autocast_off
-def upsample_relevance(base: torch.Tensor, base_grid: int, grids: list[int], tokens_per_side: int = 24) -> list[torch.Tensor]:
+def upsample_relevance(
+    base: torch.Tensor, base_grid: int, grids: list[int], tokens_per_side: int = 24
+) -> list[torch.Tensor]:
     """Bilinearly transfer the base-scale relevance to every scale (align_corners=False).
 
     Args:

@@ -53,16 +53,12 @@ def _tiles_from_dict(mask: Mapping[str, Any], scale: int, grid: int, side: int) 
     """`[T, side, side]` tile masks of a reference dict, put in row-major tile order."""
     key = next((k for k in _MASK_KEYS if k in mask), None)
     if key is None:
-        raise MaskError(
-            f"scale {scale}: mask dict has none of the keys {list(_MASK_KEYS)} (got {sorted(mask)})"
-        )
+        raise MaskError(f"scale {scale}: mask dict has none of the keys {list(_MASK_KEYS)} (got {sorted(mask)})")
     tiles = _as_int_tensor(mask[key], scale)
     if tiles.dim() == 2 and tiles.shape[1] == side * side:
         tiles = tiles.view(-1, side, side)
     if tiles.dim() != 3 or tiles.shape[1:] != (side, side):
-        raise MaskError(
-            f"scale {scale}: tile masks have shape {tuple(tiles.shape)}, expected [T, {side}, {side}]"
-        )
+        raise MaskError(f"scale {scale}: tile masks have shape {tuple(tiles.shape)}, expected [T, {side}, {side}]")
     ckey = next((k for k in _COORD_KEYS if k in mask), None)
     if ckey is None or mask[ckey] is None:
         return tiles
@@ -71,17 +67,13 @@ def _tiles_from_dict(mask: Mapping[str, Any], scale: int, grid: int, side: int) 
     except (RuntimeError, TypeError, ValueError) as e:
         raise MaskError(f"scale {scale}: tile coords are not (row, col) pairs ({e})") from e
     if coords.shape[0] != tiles.shape[0]:
-        raise MaskError(
-            f"scale {scale}: {tiles.shape[0]} tile masks but {coords.shape[0]} tile coords"
-        )
+        raise MaskError(f"scale {scale}: {tiles.shape[0]} tile masks but {coords.shape[0]} tile coords")
     # Place every tile by its (row, col); tiles outside the g×g grid are the extra ones the
     # reference trims. Every grid cell must be covered exactly once.
     inside = (coords >= 0).all(1) & (coords < grid).all(1)
     flat = coords[inside, 0] * grid + coords[inside, 1]
     if flat.numel() < grid * grid or torch.unique(flat).numel() != flat.numel():
-        raise MaskError(
-            f"scale {scale}: tile coords do not cover the {grid}x{grid} tile grid exactly once"
-        )
+        raise MaskError(f"scale {scale}: tile coords do not cover the {grid}x{grid} tile grid exactly once")
     out = tiles.new_empty(grid * grid, side, side)
     out[flat] = tiles[inside]
     return out
@@ -127,9 +119,7 @@ def segment_ids_for_scale(mask: Any, scale: int, tile_size: int = 336, patch_siz
         ids = m.reshape(grid, side, grid, side).permute(0, 2, 1, 3).reshape(-1)
     elif (m.dim() == 3 and shape[1:] == (side, side)) or (m.dim() == 2 and shape[1] == per_tile):
         if shape[0] < grid * grid:
-            raise MaskError(
-                f"scale {scale}: mask of shape {list(shape)} has {shape[0]} tiles, expected {grid * grid}"
-            )
+            raise MaskError(f"scale {scale}: mask of shape {list(shape)} has {shape[0]} tiles, expected {grid * grid}")
         ids = m[: grid * grid].reshape(-1)  # the reference trims extra tiles
     elif m.dim() == 1 and m.numel() >= grid * grid * per_tile and m.numel() % per_tile == 0:
         ids = m[: grid * grid * per_tile]
@@ -144,9 +134,7 @@ def segment_ids_for_scale(mask: Any, scale: int, tile_size: int = 336, patch_siz
     return ids.contiguous()
 
 
-def load_mask_file(
-    path: str | os.PathLike[str], *, tile_size: int = 336, patch_size: int = 14
-) -> dict[int, Tensor]:
+def load_mask_file(path: str | os.PathLike[str], *, tile_size: int = 336, patch_size: int = 14) -> dict[int, Tensor]:
     """Read one image's per-scale segment masks.
 
     Formats:
@@ -177,8 +165,7 @@ def load_mask_file(
             data = torch.load(str(p), map_location="cpu", weights_only=True)
             if isinstance(data, Mapping) and "annotations" in data and "scales" not in data:
                 raise MaskError(
-                    f"{p}: this is a pixel-level SAM cache (RLE annotations); convert it to "
-                    "per-scale token masks first"
+                    f"{p}: this is a pixel-level SAM cache (RLE annotations); convert it to per-scale token masks first"
                 )
             raw = data.get("scales", data) if isinstance(data, Mapping) else None  # type: ignore[assignment]
             if not isinstance(raw, Mapping):

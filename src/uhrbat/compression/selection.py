@@ -65,16 +65,13 @@ def _check_inputs(embeds: Tensor, scores: Tensor, groups: Tensor | None = None) 
         raise ValueError(f"embeds must be [N, D], got shape {tuple(embeds.shape)}")
     if scores.dim() != 1 or scores.shape[0] != embeds.shape[0]:
         raise ValueError(
-            f"scores must be [N] with N = {embeds.shape[0]} (embeds rows), "
-            f"got shape {tuple(scores.shape)}"
+            f"scores must be [N] with N = {embeds.shape[0]} (embeds rows), got shape {tuple(scores.shape)}"
         )
     if not scores.is_floating_point():
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
     if groups is not None:
         if groups.dim() != 1 or groups.shape[0] != embeds.shape[0]:
-            raise ValueError(
-                f"groups must be [N] with N = {embeds.shape[0]}, got shape {tuple(groups.shape)}"
-            )
+            raise ValueError(f"groups must be [N] with N = {embeds.shape[0]}, got shape {tuple(groups.shape)}")
         if groups.dtype.is_floating_point or groups.dtype == torch.bool:
             raise ValueError(f"groups must be an integer tensor, got {groups.dtype}")
         if groups.numel() and int(groups.min()) < 0:
@@ -458,8 +455,17 @@ def select_kmeans(
     """
     budget = check_budget(budget)
     _check_inputs(embeds, scores)
-    result = cluster_tokens(embeds, budget, num_tiles=num_tiles, num_clusters=num_clusters, max_iters=max_iters,
-                            generator=generator, mode=mode, feat_scale=feat_scale, coord_scale=coord_scale)
+    result = cluster_tokens(
+        embeds,
+        budget,
+        num_tiles=num_tiles,
+        num_clusters=num_clusters,
+        max_iters=max_iters,
+        generator=generator,
+        mode=mode,
+        feat_scale=feat_scale,
+        coord_scale=coord_scale,
+    )
     selection = preserve_and_merge(
         embeds, scores, result.labels, budget, exact=(mode == "exact"), singleton_is_merged=True
     )

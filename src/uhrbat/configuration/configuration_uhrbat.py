@@ -73,7 +73,9 @@ class UhrBatConfig(PreTrainedConfig):
 
     model_type = "uhrbat"
     sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L14_336),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L14_336
+        ),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
     }
 
@@ -147,7 +149,9 @@ class UhrBatConfig(PreTrainedConfig):
             raise ConfigError(f"image_token_id must be a non-negative token id, got {self.image_token_id}")
         n_layers = self.vision_config.num_hidden_layers
         if not -(n_layers + 1) <= self.vision_feature_layer <= n_layers:
-            raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} out of range for {n_layers} CLIP layers")
+            raise ConfigError(
+                f"vision_feature_layer {self.vision_feature_layer} out of range for {n_layers} CLIP layers"
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -162,15 +166,15 @@ class UhrBatConfig(PreTrainedConfig):
     @property
     def tokens_per_side(self) -> int:
         """Patch tokens per tile side (24 for 336 / 14)."""
-        return self.tile_size // self.patch_size
+        return self.geometry.tokens_per_side
 
     @property
     def tokens_per_tile(self) -> int:
-        return self.tokens_per_side**2
+        return self.geometry.tokens_per_tile
 
     def grid(self, scale: int) -> int:
         """Tiles per side at `scale` (remainder pixels are dropped, as in the reference)."""
-        return scale // self.tile_size
+        return self.geometry.grid(scale)
 
     def num_tiles(self, scale: int) -> int:
         return self.grid(scale) ** 2
@@ -184,7 +188,9 @@ class UhrBatConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ reference format
     @classmethod
-    def from_reference_dict(cls, ref: dict[str, Any], vision_config: dict | PreTrainedConfig | None = None) -> "UhrBatConfig":
+    def from_reference_dict(
+        cls, ref: dict[str, Any], vision_config: dict | PreTrainedConfig | None = None
+    ) -> UhrBatConfig:
         """Build a config from the reference's flat `llava_qwen` `config.json` dict."""
         ref = dict(ref)
         projector = ref.get("mm_projector_type", "mlp2x_gelu")
@@ -194,10 +200,25 @@ class UhrBatConfig(PreTrainedConfig):
         if feature != "patch":
             raise ConfigError(f"unsupported mm_vision_select_feature {feature!r} (only 'patch')")
         qwen_keys = (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
-            "rms_norm_eps", "rope_theta", "attention_dropout", "use_sliding_window", "sliding_window",
-            "max_window_layers", "bos_token_id", "eos_token_id", "tie_word_embeddings", "use_cache",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "initializer_range",
+            "rms_norm_eps",
+            "rope_theta",
+            "attention_dropout",
+            "use_sliding_window",
+            "sliding_window",
+            "max_window_layers",
+            "bos_token_id",
+            "eos_token_id",
+            "tie_word_embeddings",
+            "use_cache",
         )
         text = {k: ref[k] for k in qwen_keys if k in ref}
         text["model_type"] = "qwen2"  # rope_scaling is dropped: the reference model class forces None

@@ -23,9 +23,7 @@ class TokenGeometry:
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.tile_size < self.patch_size or self.tile_size % self.patch_size:
-            raise ConfigError(
-                f"tile_size {self.tile_size} must be a positive multiple of patch_size {self.patch_size}"
-            )
+            raise ConfigError(f"tile_size {self.tile_size} must be a positive multiple of patch_size {self.patch_size}")
 
     @property
     def tokens_per_side(self) -> int:

@@ -101,10 +101,20 @@ def _cut(text: str, until: Sequence[str]) -> str:
 class UhrBatLmms(_LmmsBase):  # type: ignore[misc, valid-type]
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = "auto", dtype: str | None = None, batch_size: int | str = 1,
-                 budgets: Any = None, selector: str | None = None, clusters: int | str | None = None,
-                 iters: int | str | None = None, seed: int | str | None = None, max_new_tokens: int | str = 512,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        device: str = "auto",
+        dtype: str | None = None,
+        batch_size: int | str = 1,
+        budgets: Any = None,
+        selector: str | None = None,
+        clusters: int | str | None = None,
+        iters: int | str | None = None,
+        seed: int | str | None = None,
+        max_new_tokens: int | str = 512,
+        **kwargs: Any,
+    ) -> None:
         if _LmmsBase is not object:
             super().__init__()
         from uhrbat.evaluation.runner import (
@@ -117,10 +127,18 @@ class UhrBatLmms(_LmmsBase):  # type: ignore[misc, valid-type]
         self._rank, self._world_size, local = dist_info()
         self.batch_size_per_gpu = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)
-        cfg = EvalConfig(benchmark="xlrs", data="", out="", model=str(pretrained), dtype=dtype, budgets=_ints(budgets),
-                         selector=selector, clusters=int(clusters) if clusters not in (None, "") else None,
-                         iters=int(iters) if iters not in (None, "") else None,
-                         seed=int(seed) if seed not in (None, "") else None)
+        cfg = EvalConfig(
+            benchmark="xlrs",
+            data="",
+            out="",
+            model=str(pretrained),
+            dtype=dtype,
+            budgets=_ints(budgets),
+            selector=selector,
+            clusters=int(clusters) if clusters not in (None, "") else None,
+            iters=int(iters) if iters not in (None, "") else None,
+            seed=int(seed) if seed not in (None, "") else None,
+        )
         self.pipe = make_pipeline(cfg, _resolve_device(device, local))
         self.task_dict: dict = getattr(self, "task_dict", {})
 
@@ -143,7 +161,7 @@ class UhrBatLmms(_LmmsBase):  # type: ignore[misc, valid-type]
     def generate_until(self, requests: list[Any]) -> list[str]:
         out: list[str] = []
         for start in range(0, len(requests), self.batch_size_per_gpu):
-            chunk = requests[start: start + self.batch_size_per_gpu]
+            chunk = requests[start : start + self.batch_size_per_gpu]
             images, questions, kwargs_list = [], [], []
             for req in chunk:
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]

@@ -40,8 +40,21 @@ from uhrbat.errors import BenchmarkDataError
 from uhrbat.evaluation.records import ImageRef, Sample, decode_base64_image, is_within
 from uhrbat.evaluation.spec import BenchmarkSpec
 
-__all__ = ["load_benchmark", "iter_rows", "parse_options", "LoadContext", "RowError", "ImageRowError", "missing", "first_of",
-           "text_field", "answer_text", "row_images", "strip_image_markers", "OPTION_RE"]
+__all__ = [
+    "load_benchmark",
+    "iter_rows",
+    "parse_options",
+    "LoadContext",
+    "RowError",
+    "ImageRowError",
+    "missing",
+    "first_of",
+    "text_field",
+    "answer_text",
+    "row_images",
+    "strip_image_markers",
+    "OPTION_RE",
+]
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".tsv", ".csv")
 
@@ -85,7 +98,8 @@ def _resolve_data_path(path: Path, spec: BenchmarkSpec) -> list[Path]:
     if path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise BenchmarkDataError(
-                f"unsupported benchmark file type {path.suffix or '(none)'!r} for {path}; expected one of {', '.join(DATA_SUFFIXES)}"
+                f"unsupported benchmark file type {path.suffix or '(none)'!r} for {path}; "
+                f"expected one of {', '.join(DATA_SUFFIXES)}"
             )
         return [path]
     # A directory: XHRBench ships `dataset.json`; hub downloads are parquet shards.
@@ -102,7 +116,9 @@ def _resolve_data_path(path: Path, spec: BenchmarkSpec) -> list[Path]:
         return files
     if not files:
         raise BenchmarkDataError(f"no benchmark data file ({', '.join(DATA_SUFFIXES)}) in directory {path}")
-    raise BenchmarkDataError(f"several data files in {path} ({', '.join(p.name for p in files[:5])}); pass one with --data")
+    raise BenchmarkDataError(
+        f"several data files in {path} ({', '.join(p.name for p in files[:5])}); pass one with --data"
+    )
 
 
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
@@ -424,8 +440,13 @@ def _llava(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
     )
 
 
-def load_benchmark(name: str, data: str | os.PathLike, images: str | os.PathLike | None = None,
-                   check_images: bool = True, allow_outside_images: bool = False) -> list[Sample]:
+def load_benchmark(
+    name: str,
+    data: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    check_images: bool = True,
+    allow_outside_images: bool = False,
+) -> list[Sample]:
     """Load and validate a benchmark; malformed rows come back as error samples.
 
     Image paths must resolve (symlinks followed) inside `images` (default: the data file's
@@ -441,8 +462,13 @@ def load_benchmark(name: str, data: str | os.PathLike, images: str | os.PathLike
     root = Path(images).expanduser() if images is not None else files[0].parent
     if images is not None and not root.is_dir():
         raise BenchmarkDataError(f"image root is not a directory: {root}")
-    ctx = LoadContext(benchmark=bench, source=data_path, root=root.absolute(), check_images=check_images,
-                      allow_outside=allow_outside_images)
+    ctx = LoadContext(
+        benchmark=bench,
+        source=data_path,
+        root=root.absolute(),
+        check_images=check_images,
+        allow_outside=allow_outside_images,
+    )
 
     samples: list[Sample] = []
     seen: dict[str, int] = {}
@@ -473,16 +499,24 @@ def load_benchmark(name: str, data: str | os.PathLike, images: str | os.PathLike
                 reason = _reason(e)
                 if sid is None and isinstance(row, dict):
                     sid = _id_of(row, spec.id_keys, gidx)
-                sample = Sample(id=sid or f"row-{gidx}", row=gidx, error=f"row {gidx}: {reason}",
-                                error_kind="image" if isinstance(e, ImageRowError) else "data",
-                                source_format=bench, question=_safe_question(row))
+                sample = Sample(
+                    id=sid or f"row-{gidx}",
+                    row=gidx,
+                    error=f"row {gidx}: {reason}",
+                    error_kind="image" if isinstance(e, ImageRowError) else "data",
+                    source_format=bench,
+                    question=_safe_question(row),
+                )
             if sample.id in seen:
                 seen[sample.id] += 1
-                sample = sample.model_copy(update={
-                    "id": f"{sample.id}#dup{seen[sample.id]}",
-                    "error": f"row {gidx}: duplicate id {sample.id!r} (first at row {samples[_first_index(samples, sample.id)].row})",
-                    "error_kind": "data",
-                })
+                sample = sample.model_copy(
+                    update={
+                        "id": f"{sample.id}#dup{seen[sample.id]}",
+                        "error": f"row {gidx}: duplicate id {sample.id!r} "
+                        f"(first at row {samples[_first_index(samples, sample.id)].row})",
+                        "error_kind": "data",
+                    }
+                )
             else:
                 seen[sample.id] = 0
             samples.append(sample)

@@ -14,8 +14,7 @@ from uhrbat.errors import BenchmarkDataError
 from uhrbat.evaluation.records import Sample
 from uhrbat.evaluation.spec import Prompt
 
-__all__ = ["PROMPT_STYLES", "build_prompt", "describe", "reference_xhr", "REFERENCE_XHR_DESCRIPTION",
-           "REF_XHR_SUFFIX"]
+__all__ = ["PROMPT_STYLES", "build_prompt", "describe", "reference_xhr", "REFERENCE_XHR_DESCRIPTION", "REF_XHR_SUFFIX"]
 
 PROMPT_STYLES = ("official", "reference")
 
@@ -46,7 +45,11 @@ def reference_xhr(sample: Sample) -> str:
             q = f"{q}\n{opts}\n{REF_XHR_SUFFIX}"
     # The reference leaks the ground truth's cardinality into the prompt (method spec §6.2);
     # reproduced only under --prompt reference.
-    if len(_letters_in(sample.answer or "")) > 1 and _REF_MULTI_MARKER in q and "You should choose multiple answers" not in q:
+    if (
+        len(_letters_in(sample.answer or "")) > 1
+        and _REF_MULTI_MARKER in q
+        and "You should choose multiple answers" not in q
+    ):
         q = q.replace(_REF_MULTI_MARKER, _REF_MULTI_MARKER + _REF_MULTI_HINT)
     return q
 

@@ -202,7 +202,7 @@ class Prediction:
     logit_choice: str | None = None
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Prediction":
+    def from_row(cls, row: dict[str, Any]) -> Prediction:
         out = row.get("output")
         if out is not None and not isinstance(out, str):
             out = str(out)
@@ -211,7 +211,12 @@ class Prediction:
         rid = row["id"]
         if isinstance(rid, float) and rid.is_integer():
             rid = int(rid)
-        return cls(id=str(rid).strip(), output=out, error=str(err) if err else None, logit_choice=lc if isinstance(lc, str) else None)
+        return cls(
+            id=str(rid).strip(),
+            output=out,
+            error=str(err) if err else None,
+            logit_choice=lc if isinstance(lc, str) else None,
+        )
 
 
 def is_within(root: str | os.PathLike, candidate: str | os.PathLike) -> bool:

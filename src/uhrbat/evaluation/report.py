@@ -80,7 +80,9 @@ class Report:
         if self.per_category:
             lines += ["## Per category", "", "| category | n | correct | accuracy (%) |", "|---|---:|---:|---:|"]
             for k, v in self.per_category.items():
-                lines.append(f"| {_md_escape(k)} | {v.get('n', 0)} | {v.get('correct', 0)} | {_fmt(v.get('accuracy'))} |")
+                lines.append(
+                    f"| {_md_escape(k)} | {v.get('n', 0)} | {v.get('correct', 0)} | {_fmt(v.get('accuracy'))} |"
+                )
             lines.append("")
         scalar = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) or v is None}
         if scalar:

@@ -42,10 +42,18 @@ from uhrbat.evaluation import benchmarks, prompts
 from uhrbat.evaluation.loaders import load_benchmark
 from uhrbat.evaluation.records import ImageRef, Prediction, Sample, open_images
 from uhrbat.evaluation.report import Report, atomic_write_text, write_report
-from uhrbat.runfiles import JsonlAppender, RunLock, read_jsonl
+from uhrbat.runfiles import JsonlAppender, RunLock, progress_bar, read_jsonl
 
-__all__ = ["EvalConfig", "EvalIncomplete", "run_eval", "dist_info", "load_predictions", "shard_of", "image_groups",
-           "PIPELINE_HOOK_ENV"]
+__all__ = [
+    "EvalConfig",
+    "EvalIncomplete",
+    "run_eval",
+    "dist_info",
+    "load_predictions",
+    "shard_of",
+    "image_groups",
+    "PIPELINE_HOOK_ENV",
+]
 
 PIPELINE_HOOK_ENV = "UHRBAT_EVAL_PIPELINE"  # "module:attr" -> a class with from_pretrained (tests, plugins)
 MERGE_TIMEOUT_ENV = "UHRBAT_EVAL_MERGE_TIMEOUT"
@@ -86,8 +94,14 @@ class EvalConfig:
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def selection(self) -> dict[str, Any]:
-        sel = {"budgets": self.budgets, "selector": self.selector, "kmeans_clusters": self.clusters,
-               "kmeans_iters": self.iters, "seed": self.seed, "kmeans_mode": self.kmeans_mode}
+        sel = {
+            "budgets": self.budgets,
+            "selector": self.selector,
+            "kmeans_clusters": self.clusters,
+            "kmeans_iters": self.iters,
+            "seed": self.seed,
+            "kmeans_mode": self.kmeans_mode,
+        }
         return {k: v for k, v in sel.items() if v is not None}
 
     def score_options(self) -> dict[str, Any]:
@@ -292,33 +306,21 @@ def _check_run_json(out: Path, fp: dict[str, Any], rank: int) -> None:
             if not isinstance(old, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{path} is unreadable or corrupt ({e}); it says which settings the rows in {out} were "
-                              "made with, so it is not overwritten: move it away to start afresh there, or use "
-                              "another --out") from None
+            raise ConfigError(
+                f"{path} is unreadable or corrupt ({e}); it says which settings the rows in {out} were "
+                "made with, so it is not overwritten: move it away to start afresh there, or use "
+                "another --out"
+            ) from None
         diff = [k for k in [*fp, *(k for k in old if k not in fp)] if old.get(k) != fp.get(k)]
         if diff:
             k = diff[0]
-            raise ConfigError(f"{out} holds a run with different settings ({k}: {old.get(k)!r} != {fp.get(k)!r}); "
-                              "use a new --out directory")
+            raise ConfigError(
+                f"{out} holds a run with different settings ({k}: {old.get(k)!r} != {fp.get(k)!r}); "
+                "use a new --out directory"
+            )
         return
     if rank == 0:
         atomic_write_text(path, json.dumps(fp, indent=2) + "\n")
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
 
 
 def _log(rank: int, msg: str) -> None:
@@ -326,9 +328,22 @@ def _log(rank: int, msg: str) -> None:
 
 
 def _base_row(s: Sample, prompt: str, rank: int) -> dict[str, Any]:
-    return {"id": s.id, "row": s.row, "prompt": prompt, "output": None, "parsed": None, "correct": False,
-            "error": None, "error_kind": None, "timings": {}, "num_visual_tokens": None, "latency_s": None,
-            "cache": None, "n_images": len(s.images), "rank": rank}
+    return {
+        "id": s.id,
+        "row": s.row,
+        "prompt": prompt,
+        "output": None,
+        "parsed": None,
+        "correct": False,
+        "error": None,
+        "error_kind": None,
+        "timings": {},
+        "num_visual_tokens": None,
+        "latency_s": None,
+        "cache": None,
+        "n_images": len(s.images),
+        "rank": rank,
+    }
 
 
 def _judge(module, s: Sample, output: str) -> tuple[Any, bool]:
@@ -343,8 +358,16 @@ class _State:
     memo: _ImageMemo = field(default_factory=_ImageMemo)
 
 
-def _process_batch(pipe, batch: list[Sample], cfg: EvalConfig, module, max_new_tokens: int, rank: int,
-                   write: Callable[[dict[str, Any]], None], state: _State | None = None) -> None:
+def _process_batch(
+    pipe,
+    batch: list[Sample],
+    cfg: EvalConfig,
+    module,
+    max_new_tokens: int,
+    rank: int,
+    write: Callable[[dict[str, Any]], None],
+    state: _State | None = None,
+) -> None:
     """Answer one batch and write one row per sample (stage timings and latency per sample).
 
     Per-sample failures (bad image, prompt too long, any error once the model has answered at
@@ -378,11 +401,16 @@ def _process_batch(pipe, batch: list[Sample], cfg: EvalConfig, module, max_new_t
     t0 = time.perf_counter()
     if len(ready) > 1:
         try:
-            results = list(pipe.ask_batch([r[2] for r in ready], [r[1] for r in ready], max_new_tokens=max_new_tokens,
-                                          **cfg.generate_kwargs))
+            results = list(
+                pipe.ask_batch(
+                    [r[2] for r in ready], [r[1] for r in ready], max_new_tokens=max_new_tokens, **cfg.generate_kwargs
+                )
+            )
             if len(results) != len(ready):
-                _log(rank, f"ask_batch returned {len(results)} answers for {len(ready)} questions; "
-                           "answering them one by one")
+                _log(
+                    rank,
+                    f"ask_batch returned {len(results)} answers for {len(ready)} questions; answering them one by one",
+                )
                 results = None
         except KeyboardInterrupt:
             raise
@@ -401,9 +429,13 @@ def _process_batch(pipe, batch: list[Sample], cfg: EvalConfig, module, max_new_t
                 res = pipe.ask(image, prompt, max_new_tokens=max_new_tokens, **cfg.generate_kwargs)
                 latency = time.perf_counter() - t1
             answer = res.answer if res.answer is not None else ""
-            row.update(output=answer, timings=dict(getattr(res, "timings", {}) or {}),
-                       num_visual_tokens=getattr(res, "num_visual_tokens", None), latency_s=latency,
-                       cache=getattr(res, "cache", None))
+            row.update(
+                output=answer,
+                timings=dict(getattr(res, "timings", {}) or {}),
+                num_visual_tokens=getattr(res, "num_visual_tokens", None),
+                latency_s=latency,
+                cache=getattr(res, "cache", None),
+            )
             group_s = (getattr(res, "timings_detail", None) or {}).get("group")
             if isinstance(group_s, (int, float)):
                 row["group_s"] = float(group_s)
@@ -472,8 +504,9 @@ def run_eval(cfg: EvalConfig, env: dict[str, str] | None = None) -> Report | Non
         return _merge_and_report(cfg, out, samples, spec, fp, world)
 
 
-def _run_shard(cfg: EvalConfig, spec, samples: list[Sample], out: Path, rank: int, world: int, local_rank: int,
-               max_new_tokens: int) -> None:
+def _run_shard(
+    cfg: EvalConfig, spec, samples: list[Sample], out: Path, rank: int, world: int, local_rank: int, max_new_tokens: int
+) -> None:
     my_shard = shard_of(samples, rank, world)
     marker = _marker(out, rank, world)
     if marker.exists():
@@ -481,7 +514,10 @@ def _run_shard(cfg: EvalConfig, spec, samples: list[Sample], out: Path, rank: in
     rank_path = _rank_file(out, rank, world)
     _, n_torn = read_jsonl(rank_path)
     if n_torn:
-        _log(rank, f"{rank_path.name}: {n_torn} torn or invalid lines ignored (a killed write); their questions run again")
+        _log(
+            rank,
+            f"{rank_path.name}: {n_torn} torn or invalid lines ignored (a killed write); their questions run again",
+        )
     done_rows, top_generation = _collect(out)
     generation = top_generation + 1  # newer than every row already here: the latest row wins the merge
     # --retry-errors runs every error row again, whatever its kind: a data error is re-read from
@@ -492,9 +528,10 @@ def _run_shard(cfg: EvalConfig, spec, samples: list[Sample], out: Path, rank: in
     pipe = None
     state = _State(rank=rank)
     counter = 0
-    with JsonlAppender(rank_path) as appender, _progress(cfg.progress) as progress:
-        task = progress.add_task(f"{spec.name} rank {rank}/{world}", total=len(my_shard),
-                                 completed=len(my_shard) - len(todo))
+    with JsonlAppender(rank_path) as appender, progress_bar(cfg.progress) as progress:
+        task = progress.add_task(
+            f"{spec.name} rank {rank}/{world}", total=len(my_shard), completed=len(my_shard) - len(todo)
+        )
 
         def write(row: dict[str, Any]) -> None:
             nonlocal counter
@@ -504,12 +541,13 @@ def _run_shard(cfg: EvalConfig, spec, samples: list[Sample], out: Path, rank: in
             progress.advance(task)
 
         for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start: start + cfg.batch_size]
+            batch = todo[start : start + cfg.batch_size]
             if pipe is None and any(s.ok for s in batch):
                 pipe = make_pipeline(cfg, _resolve_device(cfg.device, local_rank))
             _process_batch(pipe, batch, cfg, spec.scorer, max_new_tokens, rank, write, state)
-    atomic_write_text(marker, json.dumps({"rank": rank, "world": world, "n": len(my_shard),
-                                          "ids_sha": _ids_sha(my_shard)}) + "\n")
+    atomic_write_text(
+        marker, json.dumps({"rank": rank, "world": world, "n": len(my_shard), "ids_sha": _ids_sha(my_shard)}) + "\n"
+    )
 
 
 def _wait_for_ranks(out: Path, samples: list[Sample], world: int) -> None:
@@ -530,7 +568,9 @@ def _wait_for_ranks(out: Path, samples: list[Sample], world: int) -> None:
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise EvalIncomplete(f"ranks {missing} of {world} have not finished in {out}; rerun the same command to resume and merge")
+            raise EvalIncomplete(
+                f"ranks {missing} of {world} have not finished in {out}; rerun the same command to resume and merge"
+            )
         if not announced:
             _log(0, f"waiting for ranks {missing} to finish before merging")
             announced = True
@@ -571,48 +611,58 @@ def _runtime_metrics(report: Report, ordered: list[dict[str, Any]]) -> None:
     report.metrics["runtime/scenes_prepared"] = len(cold)
     report.metrics["runtime/scene_cache_hits"] = sum(1 for x in states if x == "hit")
     report.metrics["runtime/scene_cache_disk_loads"] = sum(1 for x in states if x == "disk")
-    note = (f"{len(cold)} scenes prepared for {len(answered)} answered questions "
-            f"({len(warm)} reused a prepared scene)")
+    note = f"{len(cold)} scenes prepared for {len(answered)} answered questions ({len(warm)} reused a prepared scene)"
     if cold and warm:
         cold_mean = sum(_scene_seconds(r) for r in cold) / len(cold)
         saved = sum(max(0.0, cold_mean - _scene_seconds(r)) for r in warm)
         report.metrics["runtime/scene_time_saved_s"] = saved
-        note += (f"; estimated time saved {saved:.1f} s = for each reused scene, the mean scene-preparation time of "
-                 f"the cold questions ({cold_mean:.2f} s: load + tiles + encode + K-Means) minus what it still spent")
+        note += (
+            f"; estimated time saved {saved:.1f} s = for each reused scene, the mean scene-preparation time of "
+            f"the cold questions ({cold_mean:.2f} s: load + tiles + encode + K-Means) minus what it still spent"
+        )
     if "off" in states:
         note += "; the scene cache was off for some questions (every such question prepared its scene)"
     report.meta["scene_cache"] = note
 
 
-def _merge_and_report(cfg: EvalConfig, out: Path, samples: list[Sample], spec, fp: dict[str, Any],
-                      world: int) -> Report:
+def _merge_and_report(
+    cfg: EvalConfig, out: Path, samples: list[Sample], spec, fp: dict[str, Any], world: int
+) -> Report:
     rows, _ = _collect(out)
     missing = [s.id for s in samples if s.id not in rows]
     if missing:
-        raise EvalIncomplete(f"{len(missing)} samples have no row in {out} (e.g. {missing[:3]}); rerun the same command")
+        raise EvalIncomplete(
+            f"{len(missing)} samples have no row in {out} (e.g. {missing[:3]}); rerun the same command"
+        )
     ordered = [rows[s.id] for s in samples]
     preds = {str(r["id"]): Prediction.from_row(r) for r in ordered}
     report = benchmarks.score(spec.name, samples, preds, **cfg.score_options())
     for r in ordered:  # the report's verdict is the one truth (e.g. LRS-VQA under --lrs-synonyms none)
         r["correct"] = bool(report.per_sample.get(str(r["id"]), False))
-    atomic_write_text(out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in ordered))
+    atomic_write_text(
+        out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in ordered)
+    )
     _runtime_metrics(report, ordered)
     n_multi = sum(1 for s in samples if s.ok and len(s.images) > 1)
-    report.meta.update({
-        "prompt_style": cfg.prompt,
-        "prompt_template": prompts.describe(spec.name, cfg.prompt),
-        "model": cfg.model,
-        "selection": cfg.selection() or "pipeline defaults",
-        "decoding": "greedy",
-        "max_new_tokens": fp["max_new_tokens"],
-        "max_new_tokens_source": spec.max_new_tokens_source if cfg.max_new_tokens is None else "--max-new-tokens",
-        "world_size": world,
-        "limit": cfg.limit,
-        "data": fp["data"],
-        "images_outside_root": "allowed (--allow-outside-images)" if cfg.allow_outside_images else "refused",
-    })
+    report.meta.update(
+        {
+            "prompt_style": cfg.prompt,
+            "prompt_template": prompts.describe(spec.name, cfg.prompt),
+            "model": cfg.model,
+            "selection": cfg.selection() or "pipeline defaults",
+            "decoding": "greedy",
+            "max_new_tokens": fp["max_new_tokens"],
+            "max_new_tokens_source": spec.max_new_tokens_source if cfg.max_new_tokens is None else "--max-new-tokens",
+            "world_size": world,
+            "limit": cfg.limit,
+            "data": fp["data"],
+            "images_outside_root": "allowed (--allow-outside-images)" if cfg.allow_outside_images else "refused",
+        }
+    )
     if n_multi:
-        report.meta["multi_image"] = (f"{n_multi} questions have several images; they were pasted side by side into one "
-                                      "image (the pipeline takes one image per question)")
+        report.meta["multi_image"] = (
+            f"{n_multi} questions have several images; they were pasted side by side into one "
+            "image (the pipeline takes one image per question)"
+        )
     write_report(report, out)
     return report

@@ -22,8 +22,16 @@ from typing import Any
 from uhrbat.evaluation.records import Prediction, Sample
 from uhrbat.evaluation.report import Report
 
-__all__ = ["Judged", "judge_rows", "score_benchmark", "robust_letters", "gt_letters", "normalise_predictions",
-           "check_not_all_errors", "problem_lines"]
+__all__ = [
+    "Judged",
+    "judge_rows",
+    "score_benchmark",
+    "robust_letters",
+    "gt_letters",
+    "normalise_predictions",
+    "check_not_all_errors",
+    "problem_lines",
+]
 
 
 @dataclass
@@ -120,8 +128,13 @@ def _valid_letters(sample: Sample) -> str:
     return "".join(sample.options) if sample.options else "ABCDE"
 
 
-def score_benchmark(module: ModuleType, benchmark: str, samples: list[Sample], predictions: Mapping[str, Any],
-                    extra_meta: dict[str, Any] | None = None) -> Report:
+def score_benchmark(
+    module: ModuleType,
+    benchmark: str,
+    samples: list[Sample],
+    predictions: Mapping[str, Any],
+    extra_meta: dict[str, Any] | None = None,
+) -> Report:
     preds = normalise_predictions(predictions)
     rows = judge_rows(module, samples, preds)
     headline, metrics, per_category = module.aggregate(rows)
@@ -167,9 +180,11 @@ def score_benchmark(module: ModuleType, benchmark: str, samples: list[Sample], p
         lh, _, _ = module.aggregate(lrows)
         for k, v in lh.items():
             metrics[f"logits/{k}"] = v
-        meta["choice_by_logits"] = ("option with the highest first-token log-probability of its letter after the prompt; "
-                                    "no parsing; one letter per question (multi-answer questions can only be right if the "
-                                    "ground truth is a single letter)")
+        meta["choice_by_logits"] = (
+            "option with the highest first-token log-probability of its letter after the prompt; "
+            "no parsing; one letter per question (multi-answer questions can only be right if the "
+            "ground truth is a single letter)"
+        )
     if extra_meta:
         meta.update(extra_meta)
     return Report(
@@ -195,11 +210,15 @@ def problem_lines(report: Report) -> list[str]:
     meta = report.meta
     lines = []
     if meta.get("n_missing_predictions"):
-        lines.append(f"missing predictions ({meta['n_missing_predictions']}, scored wrong): "
-                     f"{_ids(meta.get('missing_prediction_ids', []), meta['n_missing_predictions'])}")
+        lines.append(
+            f"missing predictions ({meta['n_missing_predictions']}, scored wrong): "
+            f"{_ids(meta.get('missing_prediction_ids', []), meta['n_missing_predictions'])}"
+        )
     if meta.get("n_unmatched_predictions"):
-        lines.append(f"predictions for ids not in the data ({meta['n_unmatched_predictions']}, ignored): "
-                     f"{_ids(meta.get('unmatched_prediction_ids', []), meta['n_unmatched_predictions'])}")
+        lines.append(
+            f"predictions for ids not in the data ({meta['n_unmatched_predictions']}, ignored): "
+            f"{_ids(meta.get('unmatched_prediction_ids', []), meta['n_unmatched_predictions'])}"
+        )
     for note in meta.get("prediction_file_notes", []) or []:
         lines.append(f"predictions file: {note}")
     return lines
@@ -215,4 +234,5 @@ def check_not_all_errors(report: Report, where: str) -> None:
     first = (report.meta.get("errors") or ["no prediction for any id"])[0]
     raise BenchmarkDataError(
         f"all {report.n} questions of {report.benchmark} are errors (first: {first}); check that --benchmark matches "
-        f"--data and that the prediction ids are the data's ids ({where})")
+        f"--data and that the prediction ids are the data's ids ({where})"
+    )

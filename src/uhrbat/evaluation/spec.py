@@ -43,11 +43,11 @@ class BenchmarkSpec:
     """
 
     name: str
-    normalise: Callable[[dict[str, Any], int, "LoadContext"], dict[str, Any] | None]
+    normalise: Callable[[dict[str, Any], int, LoadContext], dict[str, Any] | None]
     id_keys: tuple[str, ...]
     prompts: Mapping[str, Prompt]
     scorer: ModuleType
-    score: Callable[..., "Report"]
+    score: Callable[..., Report]
     max_new_tokens: int
     max_new_tokens_source: str
     multiple_choice: bool

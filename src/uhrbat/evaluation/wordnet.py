@@ -90,7 +90,9 @@ def _reader_for_dir(root: Path):
     class _Reader(WordNetCorpusReader):
         def open(self, file):  # noqa: A003 - NLTK API
             if file == "lexnames" and not has_lexnames:
-                return io.StringIO("".join(f"{i:02d}\t{n}\t{_POS_NUM[n.split('.')[0]]}\n" for i, n in enumerate(_LEXNAMES)))
+                return io.StringIO(
+                    "".join(f"{i:02d}\t{n}\t{_POS_NUM[n.split('.')[0]]}\n" for i, n in enumerate(_LEXNAMES))
+                )
             return super().open(file)
 
         def map_wn(self, version="wordnet"):
@@ -118,7 +120,9 @@ def _load() -> WordNet | None:
         if not _is_wordnet_dir(p):
             from uhrbat.errors import ConfigError
 
-            raise ConfigError(f"UHRBAT_WORDNET_DIR={env} does not hold the WordNet dict files ({', '.join(_REQUIRED[:2])}, ...)")
+            raise ConfigError(
+                f"UHRBAT_WORDNET_DIR={env} does not hold the WordNet dict files ({', '.join(_REQUIRED[:2])}, ...)"
+            )
         return WordNet(_reader_for_dir(p.resolve()), f"WordNet dict files at {p}")
     try:
         import nltk

@@ -46,7 +46,8 @@ class _Slots:
                 if left is not None and left <= 0:
                     raise DecodeBusyError(
                         f"all {self.limit} image-decode slot(s) stayed busy for {timeout:g} s; retry later "
-                        f"(or raise the concurrency with UHRBAT_DECODE_CONCURRENCY)")
+                        f"(or raise the concurrency with UHRBAT_DECODE_CONCURRENCY)"
+                    )
                 self.cond.wait(left)
             self.busy += 1
         self.local.depth = 1

@@ -48,8 +48,15 @@ def check_file(path: str | os.PathLike, what: str = "image") -> Path:
     if stat.S_ISDIR(st.st_mode):
         raise ImageLoadError(f"{what} path is a directory, not a file: {p}")
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        kind = (
+            "a FIFO (named pipe)"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
         raise ImageLoadError(f"{what} path is {kind}, not a regular file: {p}; give the path of an image file")
     if not os.access(p, os.R_OK):
         raise ImageLoadError(f"{what} is not readable (permission denied): {p}")
@@ -195,5 +202,13 @@ def jpeg_is_progressive(f: BinaryIO, max_bytes: int = 1 << 22) -> bool:
     return False
 
 
-__all__ = ["UNTRUSTED_FORMATS", "check_file", "describe_head", "jpeg_is_progressive", "png_ends_with_iend",
-           "png_header", "read_head", "sniff"]
+__all__ = [
+    "UNTRUSTED_FORMATS",
+    "check_file",
+    "describe_head",
+    "jpeg_is_progressive",
+    "png_ends_with_iend",
+    "png_header",
+    "read_head",
+    "sniff",
+]

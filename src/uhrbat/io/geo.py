@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -113,8 +114,10 @@ def _georef_of(source: Any) -> GeoRef | None:
 def geometry_of(token: Any) -> TokenGeometry:
     """The token geometry a token carries (`KeptToken.tile_size` / `patch_size`); CLIP-336/14
     for records without it."""
-    return TokenGeometry(int(getattr(token, "tile_size", CLIP_336_14.tile_size)),
-                         int(getattr(token, "patch_size", CLIP_336_14.patch_size)))
+    return TokenGeometry(
+        int(getattr(token, "tile_size", CLIP_336_14.tile_size)),
+        int(getattr(token, "patch_size", CLIP_336_14.patch_size)),
+    )
 
 
 def square_cells(scale: int, flat: Iterable[int], geometry: TokenGeometry = CLIP_336_14) -> np.ndarray:
@@ -135,8 +138,9 @@ def square_cells(scale: int, flat: Iterable[int], geometry: TokenGeometry = CLIP
     return np.stack([x0, y0, x0 + p, y0 + p], axis=1).astype(np.float64)
 
 
-def image_cells(scale: int, flat: Iterable[int], size: tuple[int, int],
-                geometry: TokenGeometry = CLIP_336_14) -> tuple[np.ndarray, np.ndarray]:
+def image_cells(
+    scale: int, flat: Iterable[int], size: tuple[int, int], geometry: TokenGeometry = CLIP_336_14
+) -> tuple[np.ndarray, np.ndarray]:
     """Cells of `flat` positions in original-image pixels, clipped: (`[n, 4]` boxes, keep mask).
 
     `keep[i]` is False when cell i lies entirely in the square padding (its box is then empty).
@@ -211,7 +215,12 @@ def token_regions(tokens: Sequence[Any], source: Any) -> list[TokenRegion]:
         inside = cells[keep]
         if len(inside) == 0:
             continue
-        box = (float(inside[:, 0].min()), float(inside[:, 1].min()), float(inside[:, 2].max()), float(inside[:, 3].max()))
+        box = (
+            float(inside[:, 0].min()),
+            float(inside[:, 1].min()),
+            float(inside[:, 2].max()),
+            float(inside[:, 3].max()),
+        )
         rects = join_rects(inside) if getattr(tok, "merged", False) else [box]
         out.append(TokenRegion(i, tok, box, inside, len(members), int((~keep).sum()), rects))
     return out
@@ -263,8 +272,9 @@ def _ccw(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (xs[::-1], ys[::-1]) if area2 < 0 else (xs, ys)
 
 
-def ring_coords(rect: Sequence[float], space: str, georef: GeoRef | None, densify: int = 0,
-                ndigits: int | None = None) -> list[list[float]]:
+def ring_coords(
+    rect: Sequence[float], space: str, georef: GeoRef | None, densify: int = 0, ndigits: int | None = None
+) -> list[list[float]]:
     """One rectangle as a GeoJSON linear ring in `space`: 'pixel', 'crs' or 'wgs84'."""
     xs, ys = rect_ring(rect, densify)
     if space == "pixel":
@@ -284,8 +294,15 @@ def ring_coords(rect: Sequence[float], space: str, georef: GeoRef | None, densif
     return [[float(x), float(y)] for x, y in zip(xs, ys)]
 
 
-def region_geometry(region: TokenRegion, space: str, georef: GeoRef | None, *, merged_geometry: str = "cells",
-                    densify: int = 0, ndigits: int | None = None) -> dict[str, Any]:
+def region_geometry(
+    region: TokenRegion,
+    space: str,
+    georef: GeoRef | None,
+    *,
+    merged_geometry: str = "cells",
+    densify: int = 0,
+    ndigits: int | None = None,
+) -> dict[str, Any]:
     """GeoJSON geometry of a region: Polygon (one rectangle) or MultiPolygon."""
     rects = region.geometry_rects(merged_geometry)
     polys = [[ring_coords(r, space, georef, densify, ndigits)] for r in rects]
@@ -315,8 +332,10 @@ def tokens_geojson(
     if coordinates == "auto":
         coordinates = "wgs84" if georef is not None and georef.crs is not None else "pixel"
     if coordinates == "wgs84" and (georef is None or georef.crs is None):
-        raise ValueError("WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'"
-                         + (f" ({source.georef_note})" if getattr(source, "georef_note", None) else ""))
+        raise ValueError(
+            "WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'"
+            + (f" ({source.georef_note})" if getattr(source, "georef_note", None) else "")
+        )
     ndigits = _DIGITS[coordinates] if coordinates in _DIGITS else None
     regions = token_regions(tokens, source)
     features = []
@@ -338,11 +357,13 @@ def tokens_geojson(
             "box_px": [round(v, 3) for v in reg.box],
         }
         if georef is not None:
-            X, Y = georef.pixel_to_crs([reg.box[0], reg.box[2], reg.box[2], reg.box[0]],
-                                       [reg.box[1], reg.box[1], reg.box[3], reg.box[3]])
+            X, Y = georef.pixel_to_crs(
+                [reg.box[0], reg.box[2], reg.box[2], reg.box[0]], [reg.box[1], reg.box[1], reg.box[3], reg.box[3]]
+            )
             props["box_crs"] = [round(float(v), 4) for v in (X.min(), Y.min(), X.max(), Y.max())]
-        geom = region_geometry(reg, coordinates, georef, merged_geometry=merged_geometry, densify=densify,
-                               ndigits=ndigits)
+        geom = region_geometry(
+            reg, coordinates, georef, merged_geometry=merged_geometry, densify=densify, ndigits=ndigits
+        )
         features.append({"type": "Feature", "id": reg.index, "geometry": geom, "properties": props})
     fc: dict[str, Any] = {"type": "FeatureCollection"}
     all_pts = [p for f in features for p in _points(f["geometry"])]
@@ -351,9 +372,11 @@ def tokens_geojson(
         fc["bbox"] = [float(v) for v in (arr[:, 0].min(), arr[:, 1].min(), arr[:, 0].max(), arr[:, 1].max())]
     fc["coordinate_space"] = coordinates
     if coordinates == "pixel":
-        fc["coordinate_note"] = ("coordinates are original-image pixels (x right, y down, origin at the top-left "
-                                 "corner of the image), NOT longitude/latitude: "
-                                 + (getattr(source, "georef_note", None) or "the image has no georeference"))
+        fc["coordinate_note"] = (
+            "coordinates are original-image pixels (x right, y down, origin at the top-left "
+            "corner of the image), NOT longitude/latitude: "
+            + (getattr(source, "georef_note", None) or "the image has no georeference")
+        )
     elif coordinates == "crs":
         fc["coordinate_note"] = f"coordinates are in the image CRS {georef.crs_name} (not RFC 7946 WGS84)"
     fc["image"] = {"size": list(size), **({} if georef is None else georef.to_dict())}
@@ -395,8 +418,9 @@ def write_geojson(
     Each feature has properties scale, score, status ('kept' | 'merged'), merged, kept, group,
     tile, row, col, n_members, members_in_padding, box_px and (georeferenced) box_crs.
     """
-    fc = tokens_geojson(tokens, source, coordinates=coordinates, merged_geometry=merged_geometry,
-                        densify=densify, properties=properties)
+    fc = tokens_geojson(
+        tokens, source, coordinates=coordinates, merged_geometry=merged_geometry, densify=densify, properties=properties
+    )
     with open(path, "w", encoding="utf-8") as f:
         json.dump(fc, f, separators=(",", ":"))
         f.write("\n")

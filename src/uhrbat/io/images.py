@@ -23,9 +23,10 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -100,8 +101,9 @@ def reduced_scale(size: tuple[int, int], side: int, oversample: float = DEFAULT_
     return min(1.0, oversample * side / L)
 
 
-def reduced_geometry(full_size: tuple[int, int], reduced_size: tuple[int, int]
-                     ) -> tuple[int, int, int, int, tuple[float, float, float, float]]:
+def reduced_geometry(
+    full_size: tuple[int, int], reduced_size: tuple[int, int]
+) -> tuple[int, int, int, int, tuple[float, float, float, float]]:
     """Canvas for resampling the padded square from a reduced copy of the image.
 
     The reduced copy (`reduced_size`) covers the whole original (`full_size`). Returns
@@ -139,9 +141,7 @@ def square_from_reduced(
 
 
 # ----------------------------------------------------------------------------- value conversion
-def percentile_range(
-    values: np.ndarray, stretch: Sequence[float] | None, dtype: Any = None
-) -> tuple[float, float]:
+def percentile_range(values: np.ndarray, stretch: Sequence[float] | None, dtype: Any = None) -> tuple[float, float]:
     """(lo, hi) for mapping `values` (finite, valid samples of one band) to 0..255.
 
     `stretch=(p_lo, p_hi)` uses those percentiles; `None` uses the dtype's full range for
@@ -265,8 +265,9 @@ def _select_pil_bands(
     return out
 
 
-def convert_pil(im: Image.Image, *, bands: Any = None, stretch: Sequence[float] | None = DEFAULT_STRETCH,
-                what: str = "image") -> Image.Image:
+def convert_pil(
+    im: Image.Image, *, bands: Any = None, stretch: Sequence[float] | None = DEFAULT_STRETCH, what: str = "image"
+) -> Image.Image:
     """Decoded Pillow image -> RGB with band selection and high-bit stretch."""
     sel = parse_bands(bands)
     if sel is not None:
@@ -307,8 +308,10 @@ def pil_open(path: Any, max_pixels: int | None, formats: Sequence[str] | None = 
 def pixel_limit_error(path: Any, max_pixels: int | None, e: BaseException) -> ImageLoadError:
     """Pillow's decompression-bomb guard fired: the same one-line message as ours."""
     limit = "no" if max_pixels is None else f"{int(max_pixels):,}"
-    return ImageLoadError(f"image {path} exceeds the pixel limit of {limit} pixels (max_pixels; "
-                          f"pass max_pixels=None or --max-pixels 0 to lift it): {e}")
+    return ImageLoadError(
+        f"image {path} exceeds the pixel limit of {limit} pixels (max_pixels; "
+        f"pass max_pixels=None or --max-pixels 0 to lift it): {e}"
+    )
 
 
 def check_pixel_limit(path: Any, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -328,8 +331,13 @@ class PILSource:
     #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
     georef_note: str | None = None
 
-    def __init__(self, image: Image.Image, *, exact_max_pixels: int | None = EXACT_MAX_PIXELS,
-                 oversample: float = DEFAULT_OVERSAMPLE) -> None:
+    def __init__(
+        self,
+        image: Image.Image,
+        *,
+        exact_max_pixels: int | None = EXACT_MAX_PIXELS,
+        oversample: float = DEFAULT_OVERSAMPLE,
+    ) -> None:
         self.image = image if image.mode == "RGB" else image.convert("RGB")
         self._padded: Image.Image | None = None
         self.exact_max_pixels = exact_max_pixels
@@ -362,9 +370,17 @@ class JPEGDraftSource:
     #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
     georef_note: str | None = None
 
-    def __init__(self, path: Path, size: tuple[int, int], *, bands: Any = None,
-                 stretch: Sequence[float] | None = DEFAULT_STRETCH, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 oversample: float = DEFAULT_OVERSAMPLE, formats: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        size: tuple[int, int],
+        *,
+        bands: Any = None,
+        stretch: Sequence[float] | None = DEFAULT_STRETCH,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        oversample: float = DEFAULT_OVERSAMPLE,
+        formats: Sequence[str] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.label = str(self.path)  # how messages name the file (an upload's name, not its temp copy)
         self._size = size
@@ -405,8 +421,14 @@ class JPEGDraftSource:
 
 
 # ----------------------------------------------------------------------------- readers
-def load_pil(path: str | os.PathLike, *, bands: Any = None, stretch: Sequence[float] | None = DEFAULT_STRETCH,
-             max_pixels: int | None = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None) -> Image.Image:
+def load_pil(
+    path: str | os.PathLike,
+    *,
+    bands: Any = None,
+    stretch: Sequence[float] | None = DEFAULT_STRETCH,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
     """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files."""
     p = check_file(path)
     try:

@@ -26,8 +26,9 @@ import math
 import os
 import textwrap
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -141,8 +142,9 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def _relevance_view(relevance: dict[int, Any], side: int, crop: tuple[int, int, int, int],
-                    geometry: TokenGeometry) -> tuple[np.ndarray, int] | None:
+def _relevance_view(
+    relevance: dict[int, Any], side: int, crop: tuple[int, int, int, int], geometry: TokenGeometry
+) -> tuple[np.ndarray, int] | None:
     """Base-scale relevance resampled onto the view: float (h, w) in [0, 1], and the scale used."""
     if not relevance:
         return None
@@ -156,13 +158,17 @@ def _relevance_view(relevance: dict[int, Any], side: int, crop: tuple[int, int, 
         raise ValueError(f"relevance at scale {scale} has {tiles} tiles, not a square grid")
     n = m.shape[-1]
     if m.shape[-2:] != (geometry.tokens_per_side,) * 2:
-        raise ValueError(f"relevance tiles are {m.shape[-2]}x{n} tokens but the token geometry has "
-                         f"{geometry.tokens_per_side} per side ({geometry.tile_size}-px tiles, "
-                         f"{geometry.patch_size}-px patches)")
+        raise ValueError(
+            f"relevance tiles are {m.shape[-2]}x{n} tokens but the token geometry has "
+            f"{geometry.tokens_per_side} per side ({geometry.tile_size}-px tiles, "
+            f"{geometry.patch_size}-px patches)"
+        )
     grid = m.reshape(g, g, m.shape[-2], n).transpose(0, 2, 1, 3).reshape(g * m.shape[-2], g * n)
     covered = (g * geometry.tile_size) / scale  # fraction of the square the tiles cover
     span = max(1, round(side * covered))
-    im = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32), mode="F").resize((span, span), Image.Resampling.BILINEAR)
+    im = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32), mode="F").resize(
+        (span, span), Image.Resampling.BILINEAR
+    )
     full = np.zeros((side, side), np.float32)
     full[:span, :span] = np.asarray(im)[:side, :side]
     x0, y0, x1, y1 = crop
@@ -295,8 +301,9 @@ def render_overlay(
         counts[int(t.scale)]["merged" if getattr(t, "merged", False) else "kept"] += 1
     n_dropped = len(tokens) - len(regions)
     shape = (vh, vw)
-    kept_lab = {s: _labels(shape, [[_view_rect(r.box, k, dx, dy, vw, vh)] for r in by_scale[s] if not r.merged])
-                for s in scales}
+    kept_lab = {
+        s: _labels(shape, [[_view_rect(r.box, k, dx, dy, vw, vh)] for r in by_scale[s] if not r.merged]) for s in scales
+    }
     for s in scales:  # translucent fills, coarse to fine (finer fills on top)
         _fill(rgb, kept_lab[s], colours[s]["kept"], fill_alpha)
     for s in reversed(scales):  # merged groups: dashed outlines, fine to coarse
@@ -331,8 +338,12 @@ def render_overlay(
 
     y = vh + pad
     legend_box = (0, vh, cw, vh + legend_h)
-    d.text((pad, y), title or "Visual tokens per scale: kept (boxes) and merged groups (dashed outlines)",
-           fill=PANEL_FG, font=font)
+    d.text(
+        (pad, y),
+        title or "Visual tokens per scale: kept (boxes) and merged groups (dashed outlines)",
+        fill=PANEL_FG,
+        font=font,
+    )
     y += line_h
     sw = fs
     col2 = pad + sw + 8 + max(190, int(d.textlength(f"{max(scales, default=0)} px: 0000 kept", font=font)) + 24)

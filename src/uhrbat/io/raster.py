@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -121,14 +122,18 @@ def untrusted_driver(path: Path | str) -> tuple[Path, str]:
     """(real path, the one GDAL driver allowed) for an untrusted file; ImageLoadError otherwise."""
     raw = os.fspath(path)
     if raw.startswith("/vsi") or "://" in raw:
-        raise ImageLoadError(f"untrusted input must be a local file path, got {raw!r}; GDAL virtual paths "
-                             f"(/vsi...) and URLs are only read with trust='local'")
+        raise ImageLoadError(
+            f"untrusted input must be a local file path, got {raw!r}; GDAL virtual paths "
+            f"(/vsi...) and URLs are only read with trust='local'"
+        )
     p = check_file(os.path.realpath(raw))
     head = read_head(p)
     kind = sniff(head)
     if kind not in UNTRUSTED_FORMATS:
-        raise ImageLoadError(f"image {p} is {describe_head(head)}, which is not accepted from untrusted input; "
-                             f"send a PNG, JPEG or TIFF/GeoTIFF file")
+        raise ImageLoadError(
+            f"image {p} is {describe_head(head)}, which is not accepted from untrusted input; "
+            f"send a PNG, JPEG or TIFF/GeoTIFF file"
+        )
     return p, GDAL_DRIVERS[kind][0]
 
 
@@ -149,8 +154,7 @@ def georef_of(ds: Any) -> GeoRef | None:
     return GeoRef(crs=crs, transform=transform)
 
 
-def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIXELS, *,
-                        trust: str = "local") -> bool:
+def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIXELS, *, trust: str = "local") -> bool:
     """Should a TIFF / JPEG2000 file be read with rasterio rather than Pillow?
 
     Pillow keeps plain 8-bit photos (<= 4 bands, no geospatial metadata, nodata or overviews,
@@ -214,9 +218,12 @@ class RasterSource:
         self._cache: tuple[float, Image.Image] | None = None  # (scale, reduced RGB copy) of a streamed raster
         self.stretch = None if stretch is None else (float(stretch[0]), float(stretch[1]))
         if self.stretch is not None and not (0 <= self.stretch[0] < self.stretch[1] <= 100):
-            raise ImageLoadError(f"{self.label}: stretch percentiles must satisfy 0 <= low < high <= 100, got {stretch}")
-        self.exact_max_pixels = (None if exact_max_pixels is None
-                                 else min(int(exact_max_pixels), int(raster_exact_max_pixels)))
+            raise ImageLoadError(
+                f"{self.label}: stretch percentiles must satisfy 0 <= low < high <= 100, got {stretch}"
+            )
+        self.exact_max_pixels = (
+            None if exact_max_pixels is None else min(int(exact_max_pixels), int(raster_exact_max_pixels))
+        )
         self.oversample = float(oversample)
         self.resampling = Resampling[resampling] if isinstance(resampling, str) else Resampling(resampling)
         self.stats_side = int(stats_side)
@@ -239,8 +246,11 @@ class RasterSource:
             self._stream(reduced_scale(self._size, self.stream_side, self.oversample))  # one forward pass
         elif self.overview_factors or self._size[0] * self._size[1] <= 64_000_000:
             # A 64-px decimated read: served by the smallest overview, touches the whole extent.
-            self._read_checked(max(1, round(self._size[0] * 64 / max(self._size))),
-                               max(1, round(self._size[1] * 64 / max(self._size))), resampling=Resampling.nearest)
+            self._read_checked(
+                max(1, round(self._size[0] * 64 / max(self._size))),
+                max(1, round(self._size[1] * 64 / max(self._size))),
+                resampling=Resampling.nearest,
+            )
         else:  # huge and without overviews: only probe the first and last blocks (no full scan)
             self._probe_corners()
 
@@ -260,7 +270,8 @@ class RasterSource:
             raise ImageLoadError(
                 f"raster {self.label} stores its pixels in {bw}x{bh} blocks ({nbytes / 2**20:,.0f} MB each), above "
                 f"the {UNTRUSTED_MAX_BLOCK_BYTES // 2**20} MB limit for untrusted TIFFs; send a tiled (COG) or "
-                f"striped GeoTIFF")
+                f"striped GeoTIFF"
+            )
 
     def _inspect(self, ds: Any, bands: tuple[int, ...] | None, max_pixels: int | None) -> None:
         if ds.count < 1:
@@ -288,8 +299,10 @@ class RasterSource:
                 self._lut = lut
             elif all(c in ci for c in (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)):
                 self.mode = "cmyk"
-                bands = tuple(ci.index(c) + 1 for c in (ColorInterp.cyan, ColorInterp.magenta,
-                                                        ColorInterp.yellow, ColorInterp.black))
+                bands = tuple(
+                    ci.index(c) + 1
+                    for c in (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)
+                )
             elif all(c in ci for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
                 bands = tuple(ci.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
             elif ds.count >= 3 and ci[:3].count(ColorInterp.alpha) == 0:
@@ -337,8 +350,10 @@ class RasterSource:
         return self.exact_max_pixels is None or L * L <= self.exact_max_pixels
 
     def __repr__(self) -> str:
-        return (f"RasterSource({str(self.path)!r}, size={self._size}, bands={self.bands}, dtype={self.dtype}, "
-                f"overviews={self.overview_factors}, georef={'yes' if self.georef else 'no'})")
+        return (
+            f"RasterSource({str(self.path)!r}, size={self._size}, bands={self.bands}, dtype={self.dtype}, "
+            f"overviews={self.overview_factors}, georef={'yes' if self.georef else 'no'})"
+        )
 
     # ------------------------------------------------------------------ reading
     def _probe_corners(self) -> None:
@@ -353,8 +368,9 @@ class RasterSource:
         except _READ_ERRORS as e:
             raise ImageLoadError(f"corrupt or unreadable raster {self.label}: {_gdal_message(e)}") from e
 
-    def _read_checked(self, w: int, h: int, out: np.ndarray | None = None,
-                      resampling: Resampling | None = None) -> np.ndarray:
+    def _read_checked(
+        self, w: int, h: int, out: np.ndarray | None = None, resampling: Resampling | None = None
+    ) -> np.ndarray:
         """Read the raster at `(h, w)` into `out` (uint8 `(h, w, >=3)`, pre-filled with the pad
         colour; a new RGBX array when None), blending nodata / alpha towards the pad colour."""
         if out is None:
@@ -371,8 +387,9 @@ class RasterSource:
             raise ImageLoadError(f"corrupt or unreadable raster {self.label}: {msg}") from e
         return out
 
-    def _read_into(self, ds: Any, out: np.ndarray, resampling: Resampling, rows: int = 1024,
-                   window: Any = None) -> None:
+    def _read_into(
+        self, ds: Any, out: np.ndarray, resampling: Resampling, rows: int = 1024, window: Any = None
+    ) -> None:
         """Read the raster (or `window` of it) resampled to `out`'s shape; see `_read_checked`."""
         h, w = out.shape[:2]
         shape = (h, w)
@@ -410,7 +427,7 @@ class RasterSource:
                 alpha = finite.astype(np.uint8) * np.uint8(255)
         if self._has_mask:
             m = None
-            for b in (self.bands if self.mode != "cmyk" else self.bands[:1]):
+            for b in self.bands if self.mode != "cmyk" else self.bands[:1]:
                 mb = ds.read_masks(b, out_shape=shape, resampling=Resampling.nearest, **win)
                 m = mb if m is None else np.maximum(m, mb, out=m)
             if m is not None and m.min() < 255:
@@ -460,8 +477,13 @@ class RasterSource:
         ci = list(ds.colorinterp)
         if ColorInterp.alpha in ci:
             a = arr[ci.index(ColorInterp.alpha)]
-            return a if a.dtype == np.uint8 else (a >> 8).astype(np.uint8) if a.dtype == np.uint16 else \
-                (a > 0).astype(np.uint8) * np.uint8(255)
+            return (
+                a
+                if a.dtype == np.uint8
+                else (a >> 8).astype(np.uint8)
+                if a.dtype == np.uint16
+                else (a > 0).astype(np.uint8) * np.uint8(255)
+            )
         nod = [ds.nodatavals[b - 1] for b in self.bands]
         if any(v is not None for v in nod):  # valid where any selected band differs from its nodata
             valid = np.zeros(arr.shape[1:], bool)
@@ -510,7 +532,7 @@ class RasterSource:
             img, alpha = rgba.convert("RGB"), (rgba.getchannel("A") if (self._lut[:, 3] < 255).any() else None)
         else:
             chans = []
-            for b in (self.bands if len(self.bands) == 3 else self.bands * 3):
+            for b in self.bands if len(self.bands) == 3 else self.bands * 3:
                 band = arr[b - 1]
                 k = self.bands.index(b)
                 b8 = stretch_to_uint8(band, *self.stretch_ranges[k]) if self.stretch_ranges is not None else band

@@ -118,19 +118,26 @@ def open_image(
     if trust not in ("local", "untrusted"):
         raise ImageLoadError(f"trust must be 'local' or 'untrusted', got {trust!r}")
     if isinstance(image, Image.Image):
-        return PILSource(convert_pil(image, bands=bands, stretch=stretch), exact_max_pixels=exact_max_pixels,
-                         oversample=oversample)
+        return PILSource(
+            convert_pil(image, bands=bands, stretch=stretch), exact_max_pixels=exact_max_pixels, oversample=oversample
+        )
     if isinstance(image, (str, os.PathLike)):
-        opts = {"bands": bands, "stretch": stretch, "max_pixels": max_pixels, "exact_max_pixels": exact_max_pixels,
-                "oversample": oversample}
+        opts = {
+            "bands": bands,
+            "stretch": stretch,
+            "max_pixels": max_pixels,
+            "exact_max_pixels": exact_max_pixels,
+            "oversample": oversample,
+        }
         return _open_path(image, trust, opts)
     if isinstance(image, ImageSource):
         return image
     raise ImageLoadError(f"unsupported image input of type {type(image).__name__}")
 
 
-def open_image_bytes(data: bytes | bytearray | memoryview, *, filename: str | None = None,
-                     **read_opts: Any) -> ImageSource:
+def open_image_bytes(
+    data: bytes | bytearray | memoryview, *, filename: str | None = None, **read_opts: Any
+) -> ImageSource:
     """An image from uploaded bytes; always `trust="untrusted"` (see the module docstring).
 
     The bytes go to a private temporary file that lives as long as the returned source needs
@@ -146,8 +153,10 @@ def open_image_bytes(data: bytes | bytearray | memoryview, *, filename: str | No
         raise ImageLoadError(f"the uploaded image {name} is empty")
     kind = sniff(data[:32])
     if kind not in UNTRUSTED_FORMATS:
-        raise ImageLoadError(f"the uploaded image {name} is {describe_head(data[:32])}, which is not accepted "
-                             f"from untrusted input; send a {_ACCEPTED} file")
+        raise ImageLoadError(
+            f"the uploaded image {name} is {describe_head(data[:32])}, which is not accepted "
+            f"from untrusted input; send a {_ACCEPTED} file"
+        )
     tmp = tempfile.mkdtemp(prefix="uhrbat-upload-")  # mode 0700: private to this process's user
     path = os.path.join(tmp, "upload" + SUFFIX[kind])
     try:
@@ -174,8 +183,10 @@ def open_image_bytes(data: bytes | bytearray | memoryview, *, filename: str | No
 # ----------------------------------------------------------------------------- paths
 def _refuse_virtual(raw: str) -> None:
     if raw.startswith("/vsi") or "://" in raw:
-        raise ImageLoadError(f"untrusted input must be a local file path, got {raw!r}; GDAL virtual paths "
-                             f"(/vsi...) and URLs are only read with trust='local'")
+        raise ImageLoadError(
+            f"untrusted input must be a local file path, got {raw!r}; GDAL virtual paths "
+            f"(/vsi...) and URLs are only read with trust='local'"
+        )
 
 
 def _open_path(image: str | os.PathLike, trust: Trust, opts: dict[str, Any]) -> ImageSource:
@@ -187,8 +198,9 @@ def _open_path(image: str | os.PathLike, trust: Trust, opts: dict[str, Any]) -> 
         _refuse_virtual(raw)
     elif raw.startswith("/vsi"):  # a GDAL virtual file system path: only GDAL can read it
         if not rasterio_available():
-            raise ImageLoadError(f"{raw}: GDAL virtual paths need rasterio; install the geo extra "
-                                 f"(pip install 'uhrbat[geo]')")
+            raise ImageLoadError(
+                f"{raw}: GDAL virtual paths need rasterio; install the geo extra (pip install 'uhrbat[geo]')"
+            )
         from uhrbat.io.raster import RasterSource
 
         return RasterSource(raw, **opts)
@@ -197,16 +209,33 @@ def _open_path(image: str | os.PathLike, trust: Trust, opts: dict[str, Any]) -> 
         p = check_file(os.path.realpath(p))
     kind = sniff(read_head(p))
     if untrusted and kind not in UNTRUSTED_FORMATS:
-        raise ImageLoadError(f"image {p} is {describe_head(read_head(p))}, which is not accepted from untrusted "
-                             f"input; send a {_ACCEPTED} file")
+        raise ImageLoadError(
+            f"image {p} is {describe_head(read_head(p))}, which is not accepted from untrusted "
+            f"input; send a {_ACCEPTED} file"
+        )
     return _open_file(p, kind, trust, **opts)
 
 
-def _open_file(p: Path, kind: str | None, trust: Trust, *, bands: Any, stretch: Any, max_pixels: int | None,
-               exact_max_pixels: int | None, oversample: float) -> ImageSource:
+def _open_file(
+    p: Path,
+    kind: str | None,
+    trust: Trust,
+    *,
+    bands: Any,
+    stretch: Any,
+    max_pixels: int | None,
+    exact_max_pixels: int | None,
+    oversample: float,
+) -> ImageSource:
     untrusted = trust == "untrusted"
-    rkw = {"bands": bands, "stretch": stretch, "max_pixels": max_pixels, "exact_max_pixels": exact_max_pixels,
-           "oversample": oversample, "trust": trust}
+    rkw = {
+        "bands": bands,
+        "stretch": stretch,
+        "max_pixels": max_pixels,
+        "exact_max_pixels": exact_max_pixels,
+        "oversample": oversample,
+        "trust": trust,
+    }
     formats = PIL_FORMATS.get(kind) if untrusted else None
     have_gdal = rasterio_available()
     if kind in ("tiff", "jp2") and have_gdal:
@@ -250,10 +279,14 @@ def _open_file(p: Path, kind: str | None, trust: Trust, *, bands: Any, stretch: 
                 raise ImageLoadError(
                     f"image {p} is a progressive JPEG of {w}x{h} = {w * h:,} pixels, above the limit of "
                     f"{UNTRUSTED_PROGRESSIVE_MAX_PIXELS:,} for untrusted progressive JPEGs (decoding one buffers "
-                    f"every DCT coefficient); send it as a baseline JPEG, PNG or tiled GeoTIFF")
+                    f"every DCT coefficient); send it as a baseline JPEG, PNG or tiled GeoTIFF"
+                )
     if exact_max_pixels is None or w * h <= exact_max_pixels:
-        src = PILSource(load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels, formats=formats),
-                        exact_max_pixels=exact_max_pixels, oversample=oversample)
+        src = PILSource(
+            load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels, formats=formats),
+            exact_max_pixels=exact_max_pixels,
+            oversample=oversample,
+        )
         if geotiff and not have_gdal:
             _note_geotiff_without_rasterio(src, p)
         return src
@@ -267,33 +300,40 @@ def _open_file(p: Path, kind: str | None, trust: Trust, *, bands: Any, stretch: 
                 f"image {p} is a progressive JPEG of {w}x{h} = {w * h:,} pixels; above exact_max_pixels "
                 f"({limit}) it would be decoded reduced, but a progressive decode buffers every DCT coefficient "
                 f"(~{6 * w * h / 2**30:.1f} GB); convert it to a baseline JPEG or a tiled GeoTIFF, or pass "
-                f"exact_max_pixels=None to decode it in full")
-        src = JPEGDraftSource(p, size, bands=bands, stretch=stretch, max_pixels=max_pixels, oversample=oversample,
-                              formats=formats)
+                f"exact_max_pixels=None to decode it in full"
+            )
+        src = JPEGDraftSource(
+            p, size, bands=bands, stretch=stretch, max_pixels=max_pixels, oversample=oversample, formats=formats
+        )
         src.reduced(min(1.0, 256 / max(size)))  # validate the file now (tiny decode)
         return src
     if interlaced:
         raise ImageLoadError(
             f"image {p} is an interlaced PNG of {w}x{h} = {w * h:,} pixels, above exact_max_pixels ({limit}); "
             f"interlaced PNGs cannot be streamed in bounded memory: save it non-interlaced or as a tiled "
-            f"GeoTIFF, or pass exact_max_pixels=None to decode it in full")
+            f"GeoTIFF, or pass exact_max_pixels=None to decode it in full"
+        )
     if orientation != 1:
         raise ImageLoadError(
             f"image {p} has {w}x{h} = {w * h:,} pixels (above exact_max_pixels, {limit}) and an EXIF rotation, "
-            f"which only a full decode applies; pass exact_max_pixels=None to decode it in full")
+            f"which only a full decode applies; pass exact_max_pixels=None to decode it in full"
+        )
     if not have_gdal:
         raise ImageLoadError(
             f"image {p} has {w}x{h} = {w * h:,} pixels, above exact_max_pixels ({limit}); such {fmt} files are "
             f"streamed through GDAL: install the geo extra (pip install 'uhrbat[geo]'), or pass "
-            f"exact_max_pixels=None to decode it in full with Pillow (~{4 * w * h / 2**30:.1f} GB)")
+            f"exact_max_pixels=None to decode it in full with Pillow (~{4 * w * h / 2**30:.1f} GB)"
+        )
     from uhrbat.io.raster import RasterSource
 
     return RasterSource(p, **rkw)  # GDAL failures are ImageLoadErrors: no fallback to a full decode
 
 
 def _note_geotiff_without_rasterio(src: PILSource, p: Path) -> None:
-    note = (f"{p} is a GeoTIFF, but rasterio is not installed, so its georeference was not read: install the "
-            f"geo extra (pip install 'uhrbat[geo]') for CRS / WGS84 output; coordinates are image pixels")
+    note = (
+        f"{p} is a GeoTIFF, but rasterio is not installed, so its georeference was not read: install the "
+        f"geo extra (pip install 'uhrbat[geo]') for CRS / WGS84 output; coordinates are image pixels"
+    )
     src.georef_note = note
     warnings.warn(note, stacklevel=3)
 

@@ -23,7 +23,9 @@ from uhrbat.errors import BudgetError, ConfigError, PromptError
 REFERENCE_IMAGE_INDEX = -200
 
 
-def from_reference_call(model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]):
+def from_reference_call(
+    model: Any, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+):
     cfg = model.config
     kwargs = dict(kwargs)
     ids = kwargs.pop("inputs", None) if input_ids is None else input_ids
@@ -72,11 +74,15 @@ def from_reference_call(model: Any, input_ids: torch.Tensor | None, attention_ma
     new_ids = torch.full((len(rows), longest), int(pad), dtype=torch.long)
     new_mask = torch.zeros_like(new_ids)
     for b, r in enumerate(rows):
-        new_ids[b, longest - len(r):] = torch.tensor(r)
-        new_mask[b, longest - len(r):] = 1
+        new_ids[b, longest - len(r) :] = torch.tensor(r)
+        new_mask[b, longest - len(r) :] = 1
     if masks is not None:
         for m in masks:
-            masks_out.append(None if not m else {int(k): (v["masks"] if isinstance(v, dict) and "masks" in v else v) for k, v in m.items()})
+            masks_out.append(
+                None
+                if not m
+                else {int(k): (v["masks"] if isinstance(v, dict) and "masks" in v else v) for k, v in m.items()}
+            )
         if any(m is not None for m in masks_out):
             kwargs.setdefault("selector", "segments")
     return new_ids, new_mask, pixel_values, (masks_out or None), budgets, kwargs

@@ -63,16 +63,22 @@ def _resolve_vision_path(directory: Path, ref: dict[str, Any], vision_tower: str
     return None
 
 
-def reference_config(directory: Path, vision_tower: str | os.PathLike | None = None) -> tuple[UhrBatConfig, Path | None]:
+def reference_config(
+    directory: Path, vision_tower: str | os.PathLike | None = None
+) -> tuple[UhrBatConfig, Path | None]:
     """Our config for a reference checkpoint folder, plus the vision-tower folder if local."""
     from transformers import CLIPVisionConfig
 
     ref = json.loads((directory / "config.json").read_text())
     vpath = _resolve_vision_path(directory, ref, vision_tower)
     vcfg = CLIPVisionConfig.from_pretrained(str(vpath)) if vpath is not None else None
-    if vcfg is None and str(ref.get("mm_vision_tower", "")).rstrip("/").split("/")[-1] not in ("clip-vit-large-patch14-336", ""):
+    if vcfg is None and str(ref.get("mm_vision_tower", "")).rstrip("/").split("/")[-1] not in (
+        "clip-vit-large-patch14-336",
+        "",
+    ):
         raise CheckpointError(
-            f"vision tower {ref.get('mm_vision_tower')!r} not found; pass --vision-tower PATH (a CLIPVisionModel folder)"
+            f"vision tower {ref.get('mm_vision_tower')!r} not found; "
+            "pass --vision-tower PATH (a CLIPVisionModel folder)"
         )
     return UhrBatConfig.from_reference_dict(ref, vcfg), vpath
 
@@ -106,9 +112,16 @@ def load_reference_checkpoint(
                 loaded[ours] = fh.get_tensor(key)
     if not any(k.startswith("vision_tower.") for k in loaded) and vpath is None:
         # The release names the tower by hub id (openai/clip-vit-large-patch14-336).
-        name = str(vision_tower or os.environ.get("UHR_BAT_VISION_TOWER") or json.loads((directory / "config.json").read_text()).get("mm_vision_tower") or "")
+        name = str(
+            vision_tower
+            or os.environ.get("UHR_BAT_VISION_TOWER")
+            or json.loads((directory / "config.json").read_text()).get("mm_vision_tower")
+            or ""
+        )
         if not name:
-            raise CheckpointError(f"{directory}: no vision tower weights in the checkpoint and no mm_vision_tower; pass --vision-tower")
+            raise CheckpointError(
+                f"{directory}: no vision tower weights in the checkpoint and no mm_vision_tower; pass --vision-tower"
+            )
         vpath = local_dir(name)
     if not any(k.startswith("vision_tower.") for k in loaded):
         vfiles = weight_files(vpath)
@@ -116,7 +129,7 @@ def load_reference_checkpoint(
             with safe_open(str(f), framework="pt", device=str(device)) as fh:
                 for key in fh.keys():
                     if key.startswith("vision_model."):
-                        loaded["vision_tower." + key[len("vision_model."):]] = fh.get_tensor(key)
+                        loaded["vision_tower." + key[len("vision_model.") :]] = fh.get_tensor(key)
     # The vision tower's post_layernorm / unused head may be absent; everything else is required.
     missing = [k for k in expected if k not in loaded]
     if missing:
@@ -130,7 +143,9 @@ def load_reference_checkpoint(
         want = expected[k].shape
         if tuple(t.shape) != tuple(want):
             if k.endswith(("embed_tokens.weight", "lm_head.weight")) and t.shape[1:] == want[1:]:
-                raise CheckpointError(f"{k}: checkpoint has {t.shape[0]} vocabulary rows but config vocab_size is {want[0]}")
+                raise CheckpointError(
+                    f"{k}: checkpoint has {t.shape[0]} vocabulary rows but config vocab_size is {want[0]}"
+                )
             raise CheckpointError(f"{k}: shape {tuple(t.shape)} in checkpoint, model expects {tuple(want)}")
         loaded[k] = t.to(dtype)
     model.load_state_dict(loaded, strict=True, assign=True)

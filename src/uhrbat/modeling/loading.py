@@ -31,8 +31,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     """`"fp32" | "bf16" | "fp16" | "auto"` (or a torch dtype, or None) -> torch dtype or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16, "auto": None}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "auto": None,
+    }
     if dtype not in names:
         raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
@@ -80,8 +87,9 @@ def _geometry(config: Any) -> dict[str, Any]:
     return {"scales": list(config.scales), "tile_size": config.tile_size, "patch_size": config.patch_size}
 
 
-def _load_ours(directory: Path, device: Any, dtype: torch.dtype | None,
-               overrides: dict[str, Any]) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
+def _load_ours(
+    directory: Path, device: Any, dtype: torch.dtype | None, overrides: dict[str, Any]
+) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
     # device_map loads the shards straight onto the accelerator (no full copy in host RAM).
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}
     net = UhrBatForConditionalGeneration.from_pretrained(str(directory), dtype=dtype, **placement, **overrides)
@@ -98,8 +106,9 @@ def _load_ours(directory: Path, device: Any, dtype: torch.dtype | None,
     return net, processor
 
 
-def _load_reference(directory: Path, device: Any, dtype: torch.dtype | None, vision_tower: Any,
-                    overrides: dict[str, Any]) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
+def _load_reference(
+    directory: Path, device: Any, dtype: torch.dtype | None, vision_tower: Any, overrides: dict[str, Any]
+) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
     from transformers import AutoTokenizer
 
     net = load_reference_checkpoint(directory, vision_tower=vision_tower, dtype=dtype, device=device, **overrides)

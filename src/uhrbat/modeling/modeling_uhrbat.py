@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -152,7 +153,7 @@ class SelectionOptions:
     seed: int
 
     @classmethod
-    def resolve(cls, config: UhrBatConfig, **kw: Any) -> "SelectionOptions":
+    def resolve(cls, config: UhrBatConfig, **kw: Any) -> SelectionOptions:
         from uhrbat.processing.processing_uhrbat import parse_budgets
 
         def given(name: str, default: Any) -> Any:
@@ -163,7 +164,9 @@ class SelectionOptions:
         opts = cls(
             budgets=parse_budgets(given("budgets", config.budgets), len(config.scales)),
             selector=given("selector", config.selector),
-            kmeans_clusters=config.kmeans_clusters if kw.get("kmeans_clusters", "unset") == "unset" else kw["kmeans_clusters"],
+            kmeans_clusters=config.kmeans_clusters
+            if kw.get("kmeans_clusters", "unset") == "unset"
+            else kw["kmeans_clusters"],
             kmeans_iters=given("kmeans_iters", config.kmeans_iters),
             kmeans_mode=given("kmeans_mode", config.kmeans_mode),
             seed=given("seed", config.seed),
@@ -234,7 +237,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "UhrBatForConditionalGeneration":
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any
+    ) -> UhrBatForConditionalGeneration:
         """Load this package's format strictly: missing weights raise `CheckpointError`.
 
         Reference-format checkpoints (`LlavaQwenForCausalLM`, e.g. the released `RL-MIND/UHR-BAT`)
@@ -253,7 +258,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from e
         missing = sorted(info.get("missing_keys") or [])
         if missing:
-            raise CheckpointError(f"{path}: {len(missing)} weights missing from the checkpoint, e.g. {', '.join(missing[:4])}")
+            raise CheckpointError(
+                f"{path}: {len(missing)} weights missing from the checkpoint, e.g. {', '.join(missing[:4])}"
+            )
         return model
 
     # ------------------------------------------------------------------ plumbing
@@ -279,7 +286,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         return out
 
     # ------------------------------------------------------------------ vision
-    def encode_tiles(self, tiles: torch.Tensor, chunk_size: int | None = None, keep_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_tiles(
+        self, tiles: torch.Tensor, chunk_size: int | None = None, keep_clip: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CLIP (selected layer, CLS dropped) + projector, chunked.
 
         Args:
@@ -295,7 +304,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         dtype = self.projector.fc1.weight.dtype
         outs, clips = [], []
         for i in range(0, tiles.shape[0], chunk):
-            x = tiles[i : i + chunk].to(device=vm.embeddings.patch_embedding.weight.device, dtype=vm.embeddings.patch_embedding.weight.dtype)
+            x = tiles[i : i + chunk].to(
+                device=vm.embeddings.patch_embedding.weight.device, dtype=vm.embeddings.patch_embedding.weight.dtype
+            )
             if idx == len(layers):
                 h = vm(pixel_values=x).last_hidden_state
             else:
@@ -310,7 +321,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     @autocast_off  # selection ignores autocast (bf16 training): same tokens as inference
-    def score_relevance(self, prefix_embeds: torch.Tensor, image_embeds: torch.Tensor, suffix_embeds: torch.Tensor) -> torch.Tensor:
+    def score_relevance(
+        self, prefix_embeds: torch.Tensor, image_embeds: torch.Tensor, suffix_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """Relevance of each base-scale token for one prompt.
 
         Args:
@@ -324,7 +337,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         L = seq.shape[1]
         positions = torch.arange(L, device=seq.device).unsqueeze(0)
         last = self.lm_layers[-1]
-        hidden, kw = run_until(self.language_model.model, last, inputs_embeds=seq, position_ids=positions, use_cache=False)
+        hidden, kw = run_until(
+            self.language_model.model, last, inputs_embeds=seq, position_ids=positions, use_cache=False
+        )
         cos, sin = kw["position_embeddings"]
         attn = last.self_attn
         d = attn.head_dim
@@ -365,7 +380,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     @autocast_off  # selection ignores autocast (bf16 training): same tokens as inference
-    def group_scene(self, scene: SceneFeatures, opts: SelectionOptions, trace: ImageTrace | None = None) -> dict[int, torch.Tensor]:
+    def group_scene(
+        self, scene: SceneFeatures, opts: SelectionOptions, trace: ImageTrace | None = None
+    ) -> dict[int, torch.Tensor]:
         """K-Means labels `[N_s]` per scale (empty unless the selector is kmeans).
 
         Query-independent. One seeded generator runs through the scales in order, so the labels
@@ -381,9 +398,16 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             t0 = time.perf_counter()
             emb = scene.embeds[sl[s]].reshape(-1, scene.embeds.shape[-1])
             km = cluster_tokens(
-                emb, budget, num_tiles=cfg.num_tiles(s), num_clusters=opts.kmeans_clusters, max_iters=opts.kmeans_iters,
-                generator=generator, mode=opts.kmeans_mode, feat_scale=cfg.kmeans_feat_scale,
-                coord_scale=cfg.kmeans_coord_scale, tokens_per_side=cfg.tokens_per_side,
+                emb,
+                budget,
+                num_tiles=cfg.num_tiles(s),
+                num_clusters=opts.kmeans_clusters,
+                max_iters=opts.kmeans_iters,
+                generator=generator,
+                mode=opts.kmeans_mode,
+                feat_scale=cfg.kmeans_feat_scale,
+                coord_scale=cfg.kmeans_coord_scale,
+                tokens_per_side=cfg.tokens_per_side,
             )
             labels[s] = km.labels
             if trace is not None:
@@ -405,8 +429,16 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             )
         return mask
 
-    def _select_scale(self, embeds: torch.Tensor, rel: torch.Tensor, budget: int, scale: int, opts: SelectionOptions,
-                      labels: torch.Tensor | None, masks: dict | None) -> Selection:
+    def _select_scale(
+        self,
+        embeds: torch.Tensor,
+        rel: torch.Tensor,
+        budget: int,
+        scale: int,
+        opts: SelectionOptions,
+        labels: torch.Tensor | None,
+        masks: dict | None,
+    ) -> Selection:
         if opts.selector == "topk":
             return select_topk(embeds, rel, budget)
         if opts.selector == "segments":
@@ -449,7 +481,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         t1 = time.perf_counter()
         sl = self._tile_slices()
         rel_base = self.score_relevance(prefix_embeds, scene.score_base, suffix_embeds)
-        rels = scoring.upsample_relevance(rel_base.float(), cfg.grid(cfg.base_scale), [cfg.grid(s) for s in cfg.scales], cfg.tokens_per_side)
+        rels = scoring.upsample_relevance(
+            rel_base.float(), cfg.grid(cfg.base_scale), [cfg.grid(s) for s in cfg.scales], cfg.tokens_per_side
+        )
         t2 = time.perf_counter()
         if groups is None:
             groups = self.group_scene(scene, opts, trace)
@@ -566,13 +600,24 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             suf_idx = torch.arange(stop, end, device=input_ids.device)[valid[stop:end]]
             trace = traces[b] if traces is not None else None
             visual = self.compress_image(
-                None if pixel_values is None else pixel_values[b], inputs_embeds[b, pre_idx], inputs_embeds[b, suf_idx], opts,
-                masks=None if masks is None else masks[b], trace=trace,
-                scene=None if scenes is None else scenes[b], groups=None if groups is None else groups[b],
+                None if pixel_values is None else pixel_values[b],
+                inputs_embeds[b, pre_idx],
+                inputs_embeds[b, suf_idx],
+                opts,
+                masks=None if masks is None else masks[b],
+                trace=trace,
+                scene=None if scenes is None else scenes[b],
+                groups=None if groups is None else groups[b],
             )
             n = visual.shape[0]
-            row = torch.cat([inputs_embeds[b, :start], visual.to(inputs_embeds.dtype),
-                             inputs_embeds.new_zeros(expected - n, inputs_embeds.shape[-1]), inputs_embeds[b, stop:]])
+            row = torch.cat(
+                [
+                    inputs_embeds[b, :start],
+                    visual.to(inputs_embeds.dtype),
+                    inputs_embeds.new_zeros(expected - n, inputs_embeds.shape[-1]),
+                    inputs_embeds[b, stop:],
+                ]
+            )
             if n < expected:
                 attention_mask[b, start + n : stop] = 0
             rows.append(row)
@@ -581,7 +626,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
     @property
     def image_token_id(self) -> int:
         if self.config.image_token_id is None:
-            raise ConfigError("config.image_token_id is not set; load the model with its processor (UhrBatPipeline) or set it")
+            raise ConfigError(
+                "config.image_token_id is not set; load the model with its processor (UhrBatPipeline) or set it"
+            )
         return int(self.config.image_token_id)
 
     # ------------------------------------------------------------------ forward / generate
@@ -667,8 +714,15 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         elif input_ids is not None and inputs_embeds is None and (input_ids == self.config.image_token_id).any():
             raise PromptError("input_ids contain <image> placeholders but no pixel_values were given")
         out = self.language_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
         )
         if out.logits is not None:
             out.logits = self._mask_vocab(out.logits)
@@ -688,8 +742,13 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         # `generate`), so the decoding steps only ever see text ids.
         kwargs.pop("pixel_values", None)
         return super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
 
     @torch.no_grad()
@@ -762,8 +821,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         return self.generate_from_embeds(input_ids, inputs_embeds, attention_mask, **kwargs)
 
     @torch.no_grad()
-    def generate_from_embeds(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                             **kwargs: Any) -> Any:
+    def generate_from_embeds(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+    ) -> Any:
         """Generate from prompts whose visual tokens are already spliced (`prepare_inputs_embeds`).
 
         `input_ids` `[B, L]` (placeholders included) only feed logits processors such as
@@ -771,21 +831,36 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         max_pos = self.config.text_config.max_position_embeddings
         new = kwargs.get("max_new_tokens") or 0
         if input_ids.shape[1] + new > max_pos:
-            raise BudgetError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({new}) exceeds max_position_embeddings {max_pos}")
-        out = super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            raise BudgetError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({new}) exceeds max_position_embeddings {max_pos}"
+            )
+        out = super().generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        )
         return _strip_prompt(out, input_ids.shape[1])
 
 
-def selection_kwargs(budgets: Sequence[int] | torch.Tensor | None = None, selector: str | None = None,
-                     kmeans_clusters: int | None = None, kmeans_iters: int | None = None,
-                     kmeans_mode: str | None = None, seed: int | None = None) -> dict[str, Any]:
+def selection_kwargs(
+    budgets: Sequence[int] | torch.Tensor | None = None,
+    selector: str | None = None,
+    kmeans_clusters: int | None = None,
+    kmeans_iters: int | None = None,
+    kmeans_mode: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
     """The given selection options (None = the config's) for `SelectionOptions.resolve`.
 
     `budgets` may be a list, a `[S]` tensor or the processor's `[B, S]` tensor (rows identical)."""
     if torch.is_tensor(budgets):
         budgets = (budgets[0] if budgets.dim() == 2 else budgets).tolist()
-    given = {"budgets": budgets, "selector": selector, "kmeans_clusters": kmeans_clusters,
-             "kmeans_iters": kmeans_iters, "kmeans_mode": kmeans_mode, "seed": seed}
+    given = {
+        "budgets": budgets,
+        "selector": selector,
+        "kmeans_clusters": kmeans_clusters,
+        "kmeans_iters": kmeans_iters,
+        "kmeans_mode": kmeans_mode,
+        "seed": seed,
+    }
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -9,7 +9,8 @@ uint8 -> float64 * (1/255) -> float32 -> (x - mean) / std.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +89,13 @@ class UhrBatImageProcessor(BaseImageProcessor):
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments (what `save_pretrained` writes)."""
-        return {"scales": list(self.scales), "tile_size": self.tile_size, "patch_size": self.patch_size,
-                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+        return {
+            "scales": list(self.scales),
+            "tile_size": self.tile_size,
+            "patch_size": self.patch_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
 
     # ---------------------------------------------------------------- core
     def _lut(self) -> np.ndarray:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import BatchFeature
@@ -40,7 +41,9 @@ def parse_budgets(budgets: Any, num_scales: int | None = None) -> list[int]:
         try:
             items = list(budgets)
         except TypeError:
-            raise BudgetError(f"budgets must be a list of integers or a string like '80,320,600,2000', got {budgets!r}") from None
+            raise BudgetError(
+                f"budgets must be a list of integers or a string like '80,320,600,2000', got {budgets!r}"
+            ) from None
     out: list[int] = []
     for b in items:
         if isinstance(b, str):
@@ -56,15 +59,20 @@ def parse_budgets(budgets: Any, num_scales: int | None = None) -> list[int]:
             try:
                 v = operator.index(b)  # int, numpy / 0-d torch integers
             except TypeError:
-                raise BudgetError(f"budget {b!r} is not an integer; budgets are integers, e.g. [80, 320, 600, 2000]") from None
+                raise BudgetError(
+                    f"budget {b!r} is not an integer; budgets are integers, e.g. [80, 320, 600, 2000]"
+                ) from None
             if v < 0:
                 raise BudgetError(f"budget {v} is negative; budgets must be >= 0")
         out.append(v)
     if num_scales is not None and len(out) != num_scales:
-        raise BudgetError(f"got {len(out)} budgets {out} but the model has {num_scales} scales; give one budget per scale")
+        raise BudgetError(
+            f"got {len(out)} budgets {out} but the model has {num_scales} scales; give one budget per scale"
+        )
     if out and not any(out):
-        raise BudgetError(f"budgets {out} are all 0, so the model would see no image; keep at least one token, "
-                          "e.g. 80,320,600,2000")
+        raise BudgetError(
+            f"budgets {out} are all 0, so the model would see no image; keep at least one token, e.g. 80,320,600,2000"
+        )
     return out
 
 
@@ -121,7 +129,9 @@ class UhrBatProcessor(ProcessorMixin):
         """ChatML prompt for one question (`<image>` prefixed as in the reference)."""
         return question_prompt(question)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **_: Any) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **_: Any
+    ) -> str:
         """HF-style messages (content str or [{"type": "image"}, {"type": "text", ...}]) -> prompt."""
         return chatml(messages, add_generation_prompt=add_generation_prompt)
 
@@ -184,7 +194,7 @@ class UhrBatProcessor(ProcessorMixin):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> "UhrBatProcessor":
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> UhrBatProcessor:
         """`ProcessorMixin.from_pretrained` (folder or hub id), plus overrides of the saved
         settings: `budgets`, `max_context`, `compat`, and the image processor's `scales`,
         `tile_size`, `patch_size` (e.g. from the model's config)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from uhrbat.errors import PromptError
 
@@ -18,12 +19,14 @@ def validate_question(question: str) -> str:
         raise PromptError(f"the question must be text, got {type(question).__name__}")
     q = question.lstrip()
     while q.startswith(IMAGE_MARKER):
-        q = q[len(IMAGE_MARKER):].lstrip("\n").lstrip()
+        q = q[len(IMAGE_MARKER) :].lstrip("\n").lstrip()
     if not q.strip():
-        raise PromptError("the question is empty; ask something about the image, e.g. \"How many ships are there?\"")
+        raise PromptError('the question is empty; ask something about the image, e.g. "How many ships are there?"')
     if IMAGE_MARKER in q:
-        raise PromptError(f"the question contains an extra {IMAGE_MARKER!r} marker; the image is given separately, "
-                          f"remove {IMAGE_MARKER!r} from the question")
+        raise PromptError(
+            f"the question contains an extra {IMAGE_MARKER!r} marker; the image is given separately, "
+            f"remove {IMAGE_MARKER!r} from the question"
+        )
     return q
 
 

@@ -66,9 +66,9 @@ class ServeOptions:
     model_name: str = "uhrbat"
     api_key: str | None = None
     allowed_local_media_path: str | None = None
-    max_request_bytes: int = 256 * MiB   # whole HTTP body (base64 images included)
-    max_new_tokens: int = 512            # default and upper limit of max_tokens / max_completion_tokens
-    max_pixels: int | None = None        # None: the reader's default limit; 0: no limit
+    max_request_bytes: int = 256 * MiB  # whole HTTP body (base64 images included)
+    max_new_tokens: int = 512  # default and upper limit of max_tokens / max_completion_tokens
+    max_pixels: int | None = None  # None: the reader's default limit; 0: no limit
     retry_after_s: int = 2
 
     def read_options(self) -> dict[str, Any]:
@@ -95,8 +95,9 @@ def api_error_of(exc: BaseException, retry_after_s: int = 2) -> APIError:
     if isinstance(exc, RequestCancelled):  # nginx's "client closed request"; nobody reads it
         return APIError(499, "the client closed the request", code="cancelled")
     if isinstance(exc, (ServerBusyError, DecodeBusyError)):
-        return APIError(503, str(exc), type="server_error", code="overloaded",
-                        headers={"Retry-After": str(retry_after_s)})
+        return APIError(
+            503, str(exc), type="server_error", code="overloaded", headers={"Retry-After": str(retry_after_s)}
+        )
     if isinstance(exc, UhrBatError):
         return bad_request(str(exc), code=type(exc).__name__)
     if isinstance(exc, (RequestValidationError, ValidationError)):
@@ -115,14 +116,22 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self) -> APIError:
-        return APIError(413, f"request body larger than the server's limit of {self.max_bytes / MiB:g} MiB "
-                        "(--max-request-mb)", code="request_too_large")
+        return APIError(
+            413,
+            f"request body larger than the server's limit of {self.max_bytes / MiB:g} MiB (--max-request-mb)",
+            code="request_too_large",
+        )
 
     async def _reject(self, send: Any) -> None:
         err = self._too_large()
         body = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -189,8 +198,15 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
         metrics.errors.labels(err.type).inc()
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
-    for exc_type in (APIError, UhrBatError, RequestCancelled, RequestValidationError, ValidationError, HTTPException,
-                     Exception):
+    for exc_type in (
+        APIError,
+        UhrBatError,
+        RequestCancelled,
+        RequestValidationError,
+        ValidationError,
+        HTTPException,
+        Exception,
+    ):
         app.add_exception_handler(exc_type, lambda _req, exc: error_response(exc))
 
     def check_key(request: Request) -> None:
@@ -199,15 +215,24 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
         if not auth:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY' (openai.OpenAI(api_key=KEY))",
-                           type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "missing API key: send 'Authorization: Bearer KEY' (openai.OpenAI(api_key=KEY))",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), opts.api_key.encode()):
             raise APIError(401, "invalid API key", type="authentication_error", code="invalid_api_key")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": opts.model_name, "model_loaded": engine.loaded,
-                "queue_depth": engine.depth, "running": engine.running}
+        return {
+            "status": "ok",
+            "model": opts.model_name,
+            "model_loaded": engine.loaded,
+            "queue_depth": engine.depth,
+            "running": engine.running,
+        }
 
     @app.get("/metrics")
     def prom() -> Response:
@@ -232,16 +257,23 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
         req = ChatCompletionRequest.model_validate(payload)
         req.check_supported()
         if req.model != opts.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {opts.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {opts.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         job = await run_in_threadpool(build_job, req)
         if req.stream:
             return await stream(request, req, job)
         done = await wait_for(request, job)
         body = ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=opts.model_name,
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=opts.model_name,
             choices=[Choice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
-            usage=usage(done), uhrbat=await run_in_threadpool(extension, req, done, job.filename),
+            usage=usage(done),
+            uhrbat=await run_in_threadpool(extension, req, done, job.filename),
         )
         return JSONResponse(body.model_dump())
 
@@ -254,8 +286,11 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
         max_new = req.max_new_tokens(opts.max_new_tokens)
         if max_new > opts.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise bad_request(f"{param} {max_new} exceeds this server's limit of {opts.max_new_tokens} "
-                              "(uhrbat serve --max-new-tokens)", param)
+            raise bad_request(
+                f"{param} {max_new} exceeds this server's limit of {opts.max_new_tokens} "
+                "(uhrbat serve --max-new-tokens)",
+                param,
+            )
         selection: dict[str, Any] = {}
         if req.budgets is not None:
             try:
@@ -272,11 +307,22 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
                 generation["top_p"] = req.top_p
         if req.repetition_penalty is not None:
             generation["repetition_penalty"] = req.repetition_penalty
-        raw = read_image_url(part.image_url.url, allowed_local_media_path=opts.allowed_local_media_path,
-                             max_bytes=opts.max_request_bytes, param=where)
+        raw = read_image_url(
+            part.image_url.url,
+            allowed_local_media_path=opts.allowed_local_media_path,
+            max_bytes=opts.max_request_bytes,
+            param=where,
+        )
         image = UntrustedImage(raw.data, raw.filename, opts.read_options(), where, path=raw.path, root=raw.root)
-        return Job(image=image, messages=messages, max_new_tokens=max_new,
-                   generation=generation, selection=selection, stops=req.stop_list(), seed=req.seed)
+        return Job(
+            image=image,
+            messages=messages,
+            max_new_tokens=max_new,
+            generation=generation,
+            selection=selection,
+            stops=req.stop_list(),
+            seed=req.seed,
+        )
 
     async def wait_for(request: Request, job: Job) -> Completion:
         """Queue the job and wait; a client that goes away cancels it."""
@@ -304,9 +350,12 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
         """The `uhrbat` response field: cache, timings, visual tokens; kept tokens on request."""
         res, source = done.result, done.source
         ext: dict[str, Any] = {
-            "cache": res.cache, "num_visual_tokens": int(res.num_visual_tokens),
-            "image_size": list(res.image_size), "timings": {k: float(v) for k, v in (res.timings or {}).items()},
-            "queue_seconds": round(done.queued_s, 6), "batch_size": done.batch_size,
+            "cache": res.cache,
+            "num_visual_tokens": int(res.num_visual_tokens),
+            "image_size": list(res.image_size),
+            "timings": {k: float(v) for k, v in (res.timings or {}).items()},
+            "queue_seconds": round(done.queued_s, 6),
+            "batch_size": done.batch_size,
         }
         if req.return_tokens:
             from uhrbat.io.geo import tokens_geojson, tokens_with_boxes
@@ -352,8 +401,13 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
             return f"data: {json.dumps(data)}\n\n"
 
         def chunk(delta: Delta, finish: str | None = None, **extra: Any) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=cid, created=now, model=opts.model_name,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)], **extra)
+            return ChatCompletionChunk(
+                id=cid,
+                created=now,
+                model=opts.model_name,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+                **extra,
+            )
 
         async def events() -> AsyncIterator[str]:
             sent = ""
@@ -371,25 +425,30 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
                     yield "data: [DONE]\n\n"
                     return
                 if done.text.startswith(sent) and len(done.text) > len(sent):
-                    yield sse(chunk(Delta(content=done.text[len(sent):])))
+                    yield sse(chunk(Delta(content=done.text[len(sent) :])))
                 ext = await run_in_threadpool(extension, req, done, filename)
                 yield sse(chunk(Delta(), done.finish_reason, uhrbat=ext))
                 if include_usage:
-                    yield sse(ChatCompletionChunk(id=cid, created=now, model=opts.model_name, choices=[],
-                                                  usage=usage(done)))
+                    yield sse(
+                        ChatCompletionChunk(id=cid, created=now, model=opts.model_name, choices=[], usage=usage(done))
+                    )
                 yield "data: [DONE]\n\n"
             finally:
                 if not job.future.done():
                     job.cancel.set()  # the client went away: stop this row's generation
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     app.state.build_job = build_job
     app.state.wait_for = wait_for
     app.add_middleware(BodyLimitMiddleware, max_bytes=opts.max_request_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics,
-                       routes={"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/api/ask"})
+    app.add_middleware(
+        MetricsMiddleware,
+        metrics=metrics,
+        routes={"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/", "/api/ask"},
+    )
     return app
 
 
@@ -416,8 +475,9 @@ class serve_in_thread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}/"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    lifespan="off", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        )
         self._thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:
@@ -434,5 +494,12 @@ class serve_in_thread:
         self._thread.join(timeout=10)
 
 
-__all__ = ["BodyLimitMiddleware", "ServeOptions", "api_error_of", "create_app", "model_scales", "serve",
-           "serve_in_thread"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "ServeOptions",
+    "api_error_of",
+    "create_app",
+    "model_scales",
+    "serve",
+    "serve_in_thread",
+]

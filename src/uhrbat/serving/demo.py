@@ -80,9 +80,11 @@ PAGE = """<!doctype html>
  main{display:grid;grid-template-columns:minmax(280px,380px) 1fr;gap:20px;padding:20px}
  form{background:#fff;border:1px solid #e7e5e4;border-radius:8px;padding:16px;align-self:start}
  label{display:block;font-size:13px;font-weight:600;margin:12px 0 4px}
- input[type=text],input[type=number],textarea{width:100%;box-sizing:border-box;padding:6px 8px;border:1px solid #d6d3d1;border-radius:6px;font:inherit}
+ input[type=text],input[type=number],textarea{width:100%;box-sizing:border-box;padding:6px 8px;
+   border:1px solid #d6d3d1;border-radius:6px;font:inherit}
  textarea{min-height:70px} small{color:#78716c}
- button{margin-top:16px;padding:8px 16px;border:0;border-radius:6px;background:#0f766e;color:#fff;font-weight:600;cursor:pointer}
+ button{margin-top:16px;padding:8px 16px;border:0;border-radius:6px;background:#0f766e;color:#fff;
+   font-weight:600;cursor:pointer}
  button:disabled{background:#a8a29e;cursor:wait}
  #result{background:#fff;border:1px solid #e7e5e4;border-radius:8px;padding:16px;min-height:200px}
  #answer{font-size:18px;white-space:pre-wrap;margin:6px 0 12px} #error{color:#b91c1c;white-space:pre-wrap}
@@ -184,8 +186,12 @@ def create_app(
     if pipeline is None and pipeline_factory is None:
         raise ValueError("create_app needs a pipeline or a pipeline_factory")
     engine = Engine(pipeline, pipeline_factory=pipeline_factory, max_batch=max_batch, max_queue=max_queue)
-    options = ServeOptions(model_name=model_name or "uhrbat", max_request_bytes=int(max_upload_mb * 1024 * 1024),
-                           max_new_tokens=max_new_tokens, max_pixels=max_pixels)
+    options = ServeOptions(
+        model_name=model_name or "uhrbat",
+        max_request_bytes=int(max_upload_mb * 1024 * 1024),
+        max_new_tokens=max_new_tokens,
+        max_pixels=max_pixels,
+    )
     app = create_serving_app(engine, options)
     store = _Store(store_size)
 
@@ -195,10 +201,12 @@ def create_app(
         if engine.loaded:
             scales, budgets = model_scales(engine.pipeline()), _default_budgets(engine.pipeline())
         budgets = list(default_budgets) if default_budgets else (budgets or list(DEFAULT_BUDGETS))
-        return (PAGE.replace("__MODEL__", html.escape(model_name or "UHR-BAT"))
-                .replace("__SCALES__", html.escape(", ".join(map(str, scales)) if scales else "672, 1344, 2688, 4032"))
-                .replace("__BUDGETS__", html.escape(",".join(map(str, budgets))))
-                .replace("__MAXNEW__", str(int(max_new_tokens))))
+        return (
+            PAGE.replace("__MODEL__", html.escape(model_name or "UHR-BAT"))
+            .replace("__SCALES__", html.escape(", ".join(map(str, scales)) if scales else "672, 1344, 2688, 4032"))
+            .replace("__BUDGETS__", html.escape(",".join(map(str, budgets))))
+            .replace("__MAXNEW__", str(int(max_new_tokens)))
+        )
 
     @app.post("/api/ask")
     async def ask(request: Request) -> JSONResponse:
@@ -226,9 +234,13 @@ def create_app(
         if not data:
             raise ImageLoadError(f"the uploaded file {filename!r} is empty")
         read_opts = dict(options.read_options(), **({"bands": bands} if bands else {}))
-        job = Job(image=UntrustedImage(data, filename, read_opts), max_new_tokens=n_new, selection=selection,
-                  return_relevance=True,
-                  messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+        job = Job(
+            image=UntrustedImage(data, filename, read_opts),
+            max_new_tokens=n_new,
+            selection=selection,
+            return_relevance=True,
+            messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        )
         del data
         done = await app.state.wait_for(request, job)  # the engine's worker decodes and runs the model
         res, source = done.result, done.source
@@ -238,8 +250,9 @@ def create_app(
 
             buf = io.BytesIO()
             with decode_section():  # the overlay reads the image's pixels again
-                ov = render_overlay(source, res.tokens, res.relevance, question, done.text, None,
-                                    max_side=overlay_max_side)
+                ov = render_overlay(
+                    source, res.tokens, res.relevance, question, done.text, None, max_side=overlay_max_side
+                )
             ov.image.save(buf, format="PNG", compress_level=3)
             geo = tokens_geojson(res.tokens, source, properties={"question": question, "answer": done.text})
             geo["image"]["path"] = filename  # the uploaded file's name, never a server path
@@ -252,20 +265,22 @@ def create_app(
         timings = {k: float(v) for k, v in (res.timings or {}).items()}
         timings["overlay"] = t_overlay
         log.info("answered (+%.2fs overlay): %r", t_overlay, done.text)
-        return JSONResponse({
-            "id": key,
-            "answer": done.text,
-            "num_visual_tokens": int(getattr(res, "num_visual_tokens", len(res.tokens))),
-            "kept": sum(1 for t in res.tokens if not t.merged),
-            "merged": sum(1 for t in res.tokens if t.merged),
-            "image_size": list(source.size),
-            "georeferenced": getattr(source, "georef", None) is not None,
-            "cache": res.cache,
-            "timings": timings,
-            "overlay_url": f"api/result/{key}/overlay.png",
-            "overlay_size": list(ov.size),
-            "geojson_url": f"api/result/{key}/kept.geojson",
-        })
+        return JSONResponse(
+            {
+                "id": key,
+                "answer": done.text,
+                "num_visual_tokens": int(getattr(res, "num_visual_tokens", len(res.tokens))),
+                "kept": sum(1 for t in res.tokens if not t.merged),
+                "merged": sum(1 for t in res.tokens if t.merged),
+                "image_size": list(source.size),
+                "georeferenced": getattr(source, "georef", None) is not None,
+                "cache": res.cache,
+                "timings": timings,
+                "overlay_url": f"api/result/{key}/overlay.png",
+                "overlay_size": list(ov.size),
+                "geojson_url": f"api/result/{key}/kept.geojson",
+            }
+        )
 
     @app.get("/api/result/{key}/overlay.png")
     def overlay_png(key: str) -> Response:
@@ -289,5 +304,6 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 7860, log_level: str = 
     from uhrbat.serving.app import serve as _serve
 
     _serve(app, host=host, port=port, log_level=log_level)
+
 
 __all__ = ["create_app", "serve", "serve_in_thread"]

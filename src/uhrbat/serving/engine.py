@@ -49,7 +49,7 @@ class UntrustedImage:
     filename: str
     read_opts: dict[str, Any] = field(default_factory=dict)
     where: str | None = None  # prefix for error messages, e.g. "messages.0.content.1.image_url"
-    path: str | None = None   # instead of `data`: a file, re-checked to lie inside `root`
+    path: str | None = None  # instead of `data`: a file, re-checked to lie inside `root`
     root: str | None = None
 
     def open(self) -> Any:
@@ -158,7 +158,7 @@ class RowControl(StoppingCriteria):
         for i, job in enumerate(self.jobs):
             stop = job.cancel.is_set() or self.steps >= job.max_new_tokens
             if not stop and job.stops:
-                text = self.tokenizer.decode(input_ids[i, self.prompt_len:].tolist(), skip_special_tokens=True)
+                text = self.tokenizer.decode(input_ids[i, self.prompt_len :].tolist(), skip_special_tokens=True)
                 stop = any(s in text for s in job.stops)
             done.append(stop)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
@@ -189,7 +189,7 @@ class RowStreamer(BaseStreamer):
             text = self._safe_text(i)
             if len(text) > len(self.sent[i]) and text.startswith(self.sent[i]):
                 try:
-                    job.on_text(text[len(self.sent[i]):])
+                    job.on_text(text[len(self.sent[i]) :])
                 except Exception:  # a gone consumer stops its own row, never the batch
                     log.warning("dropping a stream whose consumer failed", exc_info=True)
                     job.cancel.set()
@@ -217,9 +217,16 @@ class Engine:
     `pipeline` is a ready pipeline or a zero-argument factory (called once, under a lock, on
     first use). Call `start()` before `submit()`, `close()` when done."""
 
-    def __init__(self, pipeline: Any = None, *, pipeline_factory: Callable[[], Any] | None = None,
-                 max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.02,
-                 metrics: Any = None) -> None:
+    def __init__(
+        self,
+        pipeline: Any = None,
+        *,
+        pipeline_factory: Callable[[], Any] | None = None,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.02,
+        metrics: Any = None,
+    ) -> None:
         if pipeline is None and pipeline_factory is None:
             raise ValueError("Engine needs a pipeline or a pipeline_factory")
         if max_batch < 1 or max_queue < 1:
@@ -301,8 +308,11 @@ class Engine:
             key = first.batch_key()
             if self.max_batch > 1 and self.batch_wait_s > 0:
                 deadline = time.monotonic() + self.batch_wait_s
-                while (sum(j.batch_key() == key for j in self._pending) < self.max_batch - 1
-                       and (left := deadline - time.monotonic()) > 0 and not self._stop):
+                while (
+                    sum(j.batch_key() == key for j in self._pending) < self.max_batch - 1
+                    and (left := deadline - time.monotonic()) > 0
+                    and not self._stop
+                ):
                     self._cond.wait(left)
             batch, keep = [first], deque()
             for job in self._pending:
@@ -367,10 +377,14 @@ class Engine:
             torch.manual_seed(first.seed)  # sampled jobs run alone, so this seeds exactly this request
         try:
             results = pipe.chat_batch(
-                [j.source for j in batch], [j.messages for j in batch],
+                [j.source for j in batch],
+                [j.messages for j in batch],
                 max_new_tokens=max(j.max_new_tokens for j in batch),
-                stopping_criteria=StoppingCriteriaList([control]), streamer=streamer,
-                return_relevance=first.return_relevance, **first.generation, **first.selection,
+                stopping_criteria=StoppingCriteriaList([control]),
+                streamer=streamer,
+                return_relevance=first.return_relevance,
+                **first.generation,
+                **first.selection,
             )
         except Exception as e:  # noqa: BLE001  (handed to the requests' futures)
             if len(batch) > 1 and not (streamer and any(streamer.sent)):
@@ -386,8 +400,9 @@ class Engine:
         for job, res in zip(batch, results):
             text, hit = trim_at_stop(res.answer, job.stops)
             length = not hit and len(res.generated_ids) >= job.max_new_tokens  # answer ids, EOS excluded
-            done = Completion(res, text, "length" if length else "stop", job.source, started - job.enqueued_at,
-                              len(batch))
+            done = Completion(
+                res, text, "length" if length else "stop", job.source, started - job.enqueued_at, len(batch)
+            )
             if self.metrics is not None:
                 self.metrics.observe_result(res, done.queued_s)
             if not job.future.done():
@@ -399,5 +414,13 @@ def _fail(job: Job, exc: BaseException) -> None:
         job.future.set_exception(exc)
 
 
-__all__ = ["Completion", "Engine", "Job", "RequestCancelled", "RowControl", "RowStreamer", "UntrustedImage",
-           "trim_at_stop"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "Job",
+    "RequestCancelled",
+    "RowControl",
+    "RowStreamer",
+    "UntrustedImage",
+    "trim_at_stop",
+]

@@ -42,9 +42,14 @@ def last_question(messages: Sequence[dict[str, Any]]) -> str:
 
 
 class FakePipeline:
-    def __init__(self, scales: Sequence[int] = (672, 1344, 2688, 4032),
-                 budgets: Sequence[int] = (8, 16, 24, 32), *, step_delay: float = 0.0,
-                 answer_fn: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        scales: Sequence[int] = (672, 1344, 2688, 4032),
+        budgets: Sequence[int] = (8, 16, 24, 32),
+        *,
+        step_delay: float = 0.0,
+        answer_fn: Callable[[str], str] | None = None,
+    ) -> None:
         self.scales = list(scales)
         self.default_budgets = list(budgets)
         self.step_delay = step_delay
@@ -71,8 +76,9 @@ class FakePipeline:
                 k = (i * 7919) % side
                 r, c = k, (k * 3 + i) % side
                 t = (r // 24) * g + (c // 24)
-                toks.append(KeptToken(s, t, r % 24, c % 24, 1.0 - i / max(1, b), False, i,
-                                      [t * 576 + (r % 24) * 24 + (c % 24)]))
+                toks.append(
+                    KeptToken(s, t, r % 24, c % 24, 1.0 - i / max(1, b), False, i, [t * 576 + (r % 24) * 24 + (c % 24)])
+                )
             if b > 0:
                 members = sorted({(n_cells // 2 + j * 25) % n_cells for j in range(6)})
                 p = members[0]
@@ -92,15 +98,28 @@ class FakePipeline:
 
     # ------------------------------------------------------------------ API
     def ask(self, image: Any, question: str, max_new_tokens: int = 64, **kwargs: Any) -> AskResult:
-        return self.chat(image, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                         max_new_tokens=max_new_tokens, **kwargs)
+        return self.chat(
+            image,
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
 
     def chat(self, image: Any, messages: Sequence[dict[str, Any]], **kwargs: Any) -> AskResult:
         return self.chat_batch([image], [messages], **kwargs)[0]
 
-    def chat_batch(self, images: Sequence[Any], conversations: Sequence[Sequence[dict[str, Any]]], *,
-                   max_new_tokens: int = 64, budgets: Sequence[int] | None = None, return_relevance: bool = False,
-                   streamer: Any = None, stopping_criteria: Any = None, **kwargs: Any) -> list[AskResult]:
+    def chat_batch(
+        self,
+        images: Sequence[Any],
+        conversations: Sequence[Sequence[dict[str, Any]]],
+        *,
+        max_new_tokens: int = 64,
+        budgets: Sequence[int] | None = None,
+        return_relevance: bool = False,
+        streamer: Any = None,
+        stopping_criteria: Any = None,
+        **kwargs: Any,
+    ) -> list[AskResult]:
         import torch
 
         sources = [open_image(im) for im in images]
@@ -111,8 +130,16 @@ class FakePipeline:
         with self._lock:
             self.batches.append(len(images))
             for c, src in zip(conversations, sources):
-                self.calls.append({"question": last_question(c), "turns": len(c), "budgets": budgets,
-                                   "max_new_tokens": max_new_tokens, "size": tuple(src.size), **kwargs})
+                self.calls.append(
+                    {
+                        "question": last_question(c),
+                        "turns": len(c),
+                        "budgets": budgets,
+                        "max_new_tokens": max_new_tokens,
+                        "size": tuple(src.size),
+                        **kwargs,
+                    }
+                )
             caches = []
             for src in sources:
                 key = (tuple(src.size), tuple(budgets))
@@ -126,8 +153,9 @@ class FakePipeline:
         out: list[list[int]] = [[] for _ in range(n)]
         unfinished = torch.ones(n, dtype=torch.bool)
         for step in range(max_new_tokens):
-            nxt = torch.tensor([answers[i][step] if unfinished[i] and step < len(answers[i]) else EOS
-                                for i in range(n)])
+            nxt = torch.tensor(
+                [answers[i][step] if unfinished[i] and step < len(answers[i]) else EOS for i in range(n)]
+            )
             for i in range(n):
                 if unfinished[i]:
                     out[i].append(int(nxt[i]))
@@ -148,11 +176,22 @@ class FakePipeline:
         for i, src in enumerate(sources):
             gen = [t for t in out[i] if t != EOS]
             res = AskResult(
-                answer=tok.decode(gen).strip(), tokens=self.tokens_for(budgets),
-                timings={"load": 0.0, "tiles": 0.0, "encode": 0.0, "score": 0.0, "select": 0.0, "prefill": 0.0,
-                         "decode": 0.0},
-                num_visual_tokens=len(self.tokens_for(budgets)), image_size=tuple(src.size), scales=list(self.scales),
-                generated_ids=gen, relevance=self.relevance() if return_relevance else None,
+                answer=tok.decode(gen).strip(),
+                tokens=self.tokens_for(budgets),
+                timings={
+                    "load": 0.0,
+                    "tiles": 0.0,
+                    "encode": 0.0,
+                    "score": 0.0,
+                    "select": 0.0,
+                    "prefill": 0.0,
+                    "decode": 0.0,
+                },
+                num_visual_tokens=len(self.tokens_for(budgets)),
+                image_size=tuple(src.size),
+                scales=list(self.scales),
+                generated_ids=gen,
+                relevance=self.relevance() if return_relevance else None,
             )
             # contract-2 fields (set as attributes so this works before and after AskResult gains them)
             res.cache = caches[i]

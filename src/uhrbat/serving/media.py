@@ -28,8 +28,15 @@ from uhrbat.serving.openai_api import (
     bad_request,
 )
 
-_IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/tiff", "image/geotiff", "image/tif",
-                      "application/octet-stream")
+_IMAGE_MEDIA_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/tiff",
+    "image/geotiff",
+    "image/tif",
+    "application/octet-stream",
+)
 
 
 @dataclass
@@ -71,15 +78,19 @@ def conversation(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], Ima
         out.append({"role": role, "content": parts})
     if len(images) != 1:
         what = "no image" if not images else f"{len(images)} images"
-        raise bad_request(f"the conversation has {what}; UHR-BAT answers about exactly one image per conversation "
-                          "(one image_url part in a user message; resend it with each follow-up)", "messages")
+        raise bad_request(
+            f"the conversation has {what}; UHR-BAT answers about exactly one image per conversation "
+            "(one image_url part in a user message; resend it with each follow-up)",
+            "messages",
+        )
     if out[-1]["role"] != "user":
         raise bad_request("the last message must be the user's question", "messages")
     return out, images[0][0], images[0][1]
 
 
-def read_image_url(url: str, *, allowed_local_media_path: str | os.PathLike | None, max_bytes: int,
-                   param: str = "image_url") -> ImageInput:
+def read_image_url(
+    url: str, *, allowed_local_media_path: str | os.PathLike | None, max_bytes: int, param: str = "image_url"
+) -> ImageInput:
     """Resolve an `image_url` to its bytes or checked path (see the module docstring). Files are
     not read here: the worker opens them with the untrusted reader, so `max_bytes` (the body
     limit) applies to data: URLs only."""
@@ -89,8 +100,11 @@ def read_image_url(url: str, *, allowed_local_media_path: str | os.PathLike | No
     if scheme == "file":
         return _read_file_url(url, allowed_local_media_path, param)
     shown = url if len(url) <= 60 else url[:57] + "..."
-    raise bad_request(f"{param}: unsupported image URL {shown!r}; send the image as a data: URL "
-                      "(data:image/png;base64,...) — the server does not fetch remote URLs", param)
+    raise bad_request(
+        f"{param}: unsupported image URL {shown!r}; send the image as a data: URL "
+        "(data:image/png;base64,...) — the server does not fetch remote URLs",
+        param,
+    )
 
 
 def _read_data_url(url: str, max_bytes: int, param: str) -> ImageInput:
@@ -102,11 +116,16 @@ def _read_data_url(url: str, max_bytes: int, param: str) -> ImageInput:
     if "base64" not in fields[1:]:
         raise bad_request(f"{param}: data: URLs must be base64 (data:image/png;base64,...)", param)
     if media not in _IMAGE_MEDIA_TYPES:
-        raise bad_request(f"{param}: media type {media!r} is not an accepted image type "
-                          "(image/png, image/jpeg, image/tiff)", param)
+        raise bad_request(
+            f"{param}: media type {media!r} is not an accepted image type (image/png, image/jpeg, image/tiff)", param
+        )
     if len(payload) * 3 // 4 > max_bytes:
-        raise APIError(413, f"{param}: the image is larger than the server's limit of {max_bytes} bytes",
-                       param=param, code="request_too_large")
+        raise APIError(
+            413,
+            f"{param}: the image is larger than the server's limit of {max_bytes} bytes",
+            param=param,
+            code="request_too_large",
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -125,25 +144,31 @@ def inside(root: str | os.PathLike, path: str) -> str | None:
 
 def _read_file_url(url: str, allowed: str | os.PathLike | None, param: str) -> ImageInput:
     if allowed is None:
-        raise bad_request(f"{param}: file:// URLs are disabled on this server (start it with "
-                          "--allowed-local-media-path DIR to allow files under DIR); send a data: URL", param)
+        raise bad_request(
+            f"{param}: file:// URLs are disabled on this server (start it with "
+            "--allowed-local-media-path DIR to allow files under DIR); send a data: URL",
+            param,
+        )
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost"):
-        raise bad_request(f"{param}: file:// URLs must name a local path (file:///path), got host {parsed.netloc!r}",
-                          param)
+        raise bad_request(
+            f"{param}: file:// URLs must name a local path (file:///path), got host {parsed.netloc!r}", param
+        )
     asked = unquote(parsed.path)
     # Containment is decided on the resolved path before touching the file, so the answer never
     # tells whether a path outside the root exists.
     real = inside(allowed, asked)
     if real is None:
-        raise APIError(400, f"{param}: {asked!r} is outside the allowed local media path", param=param,
-                       code="path_not_allowed")
+        raise APIError(
+            400, f"{param}: {asked!r} is outside the allowed local media path", param=param, code="path_not_allowed"
+        )
     rel = os.path.relpath(real, os.path.realpath(allowed))
     try:
         st = os.stat(real)
     except OSError as e:
-        raise bad_request(f"{param}: cannot open {rel!r} under the allowed local media path ({e.strerror})",
-                          param) from None
+        raise bad_request(
+            f"{param}: cannot open {rel!r} under the allowed local media path ({e.strerror})", param
+        ) from None
     if not stat.S_ISREG(st.st_mode):  # FIFOs, devices, folders
         raise bad_request(f"{param}: {rel!r} is not a regular file", param)
     return ImageInput(None, Path(real).name, path=real, root=str(allowed))

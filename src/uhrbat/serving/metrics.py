@@ -22,19 +22,28 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("uhrbat_requests", "HTTP requests by route and status code", ["route", "status"],
-                                registry=r)
+        self.requests = Counter(
+            "uhrbat_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
         self.errors = Counter("uhrbat_errors", "Error responses by OpenAI error type", ["type"], registry=r)
-        self.request_seconds = Histogram("uhrbat_request_seconds", "Wall time of an HTTP request", ["route"],
-                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.stage_seconds = Histogram("uhrbat_stage_seconds", "Pipeline stage time per request (queue = waiting)",
-                                       ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram(
+            "uhrbat_request_seconds", "Wall time of an HTTP request", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.stage_seconds = Histogram(
+            "uhrbat_stage_seconds",
+            "Pipeline stage time per request (queue = waiting)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("uhrbat_queue_depth", "Requests waiting for the model", registry=r)
-        self.batch_size = Histogram("uhrbat_batch_size", "Requests per model batch",
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.batch_size = Histogram(
+            "uhrbat_batch_size", "Requests per model batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
+        )
         self.tokens = Counter("uhrbat_tokens", "Prompt and completion tokens", ["kind"], registry=r)
-        self.scene_cache = Counter("uhrbat_scene_cache", "Scene-cache results (off | miss | hit | disk)", ["result"],
-                                   registry=r)
+        self.scene_cache = Counter(
+            "uhrbat_scene_cache", "Scene-cache results (off | miss | hit | disk)", ["result"], registry=r
+        )
 
     def observe_result(self, res: Any, queued_s: float) -> None:
         self.stage_seconds.labels("queue").observe(queued_s)

@@ -19,8 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class APIError(Exception):
     """An HTTP error rendered in OpenAI's schema (see `body`)."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -210,7 +218,20 @@ class ModelList(BaseModel):
 
 
 __all__ = [
-    "APIError", "AssistantMessage", "ChatCompletion", "ChatCompletionChunk", "ChatCompletionRequest", "Choice",
-    "ChunkChoice", "Delta", "ImagePart", "Message", "ModelCard", "ModelList", "TextPart", "Usage", "bad_request",
+    "APIError",
+    "AssistantMessage",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "Choice",
+    "ChunkChoice",
+    "Delta",
+    "ImagePart",
+    "Message",
+    "ModelCard",
+    "ModelList",
+    "TextPart",
+    "Usage",
+    "bad_request",
     "validation_error",
 ]

@@ -27,17 +27,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from uhrbat.errors import ConfigError, MaskError
 from uhrbat.processing.prompt import IMAGE_MARKER
 
 MANIFEST_VERSION = 1
 ROLE_ALIASES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "bot": "assistant", "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
 }
 MASK_SUFFIXES = (".safetensors", ".pt")
 
@@ -54,17 +60,28 @@ class Sample:
     source: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "image": self.image, "messages": self.messages, "masks": self.masks, "source": self.source}
+        return {
+            "id": self.id,
+            "image": self.image,
+            "messages": self.messages,
+            "masks": self.masks,
+            "source": self.source,
+        }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], root: Path | None = None) -> "Sample":
+    def from_json(cls, d: dict[str, Any], root: Path | None = None) -> Sample:
         def res(p: str | None) -> str | None:
             if p is None or root is None or os.path.isabs(p):
                 return p
             return os.path.normpath(str(root / p))
 
-        return cls(id=str(d["id"]), image=res(d["image"]), messages=list(d["messages"]), masks=res(d.get("masks")),
-                   source=d.get("source"))
+        return cls(
+            id=str(d["id"]),
+            image=res(d["image"]),
+            messages=list(d["messages"]),
+            masks=res(d.get("masks")),
+            source=d.get("source"),
+        )
 
 
 @dataclass
@@ -135,9 +152,11 @@ def validate_masks(masks: dict[int, Any], scales: Sequence[int] | None, tile: in
 #: What each `verify` level checks (the README and `--verify` help say the same).
 VERIFY_LEVELS = {
     "none": "the image file exists and is not empty",
-    "header": ("the file's header parses as an image (Pillow, else GDAL) and, for PNG / JPEG, the file is "
-               "complete (the PNG chunk list reaches IEND; a JPEG end marker is in its last 1 MB); corrupt "
-               "pixel data inside a complete file is only found by 'full'"),
+    "header": (
+        "the file's header parses as an image (Pillow, else GDAL) and, for PNG / JPEG, the file is "
+        "complete (the PNG chunk list reaches IEND; a JPEG end marker is in its last 1 MB); corrupt "
+        "pixel data inside a complete file is only found by 'full'"
+    ),
     "full": "every pixel decodes: the image is opened with the shared reader and a 16-px square is built",
 }
 
@@ -289,7 +308,11 @@ def read_parquet_rows(path: Path) -> Iterator[RawRow]:
         raise ConfigError("reading parquet needs pyarrow (pip install pyarrow)") from e
     table = pq.read_table(str(path))
     cols = set(table.column_names)
-    img_col = "image_paths" if "image_paths" in cols else ("file_name" if "file_name" in cols else ("image" if "image" in cols else None))
+    img_col = (
+        "image_paths"
+        if "image_paths" in cols
+        else ("file_name" if "file_name" in cols else ("image" if "image" in cols else None))
+    )
     if img_col is None:
         raise ConfigError(f"{path}: no image column (expected image_paths or file_name); columns: {sorted(cols)}")
     q_col = next((c for c in ("prompt", "question") if c in cols), None)
@@ -298,9 +321,12 @@ def read_parquet_rows(path: Path) -> Iterator[RawRow]:
     for i, row in enumerate(table.to_pylist()):
         conv = row.get("conversations")
         yield RawRow(
-            where=f"{path.name}:{i}", id=str(row.get("id") if row.get("id") is not None else i), image=row.get(img_col),
+            where=f"{path.name}:{i}",
+            id=str(row.get("id") if row.get("id") is not None else i),
+            image=row.get(img_col),
             messages=None if _is_missing(conv) else conv,
-            question=row.get(q_col) if q_col else None, answer=row.get("answer"),
+            question=row.get(q_col) if q_col else None,
+            answer=row.get("answer"),
             masks=row.get("masks") or row.get("mask"),
             source=row.get("source_dataset") or row.get("source"),
         )
@@ -341,21 +367,42 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
                 bad_lines.append((ln, str(e)))
         numbered = items  # type: ignore[assignment]
     for ln, err in bad_lines:
-        yield RawRow(where=f"{path.name}:{ln}", id=str(ln), image=None, messages=None, question=RowError(f"invalid JSON line: {err}"))
+        yield RawRow(
+            where=f"{path.name}:{ln}",
+            id=str(ln),
+            image=None,
+            messages=None,
+            question=RowError(f"invalid JSON line: {err}"),
+        )
     for i, obj in numbered:
         if not isinstance(obj, dict):
-            yield RawRow(where=f"{path.name}:{i}", id=str(i), image=None, messages=None, question=RowError("row is not an object"))
+            yield RawRow(
+                where=f"{path.name}:{i}",
+                id=str(i),
+                image=None,
+                messages=None,
+                question=RowError("row is not an object"),
+            )
             continue
         if _non_utf8(obj):
-            yield RawRow(where=f"{path.name}:{i}", id=str(i), image=None, messages=None,
-                         question=RowError("row holds bytes that are not valid UTF-8; fix the file's encoding"))
+            yield RawRow(
+                where=f"{path.name}:{i}",
+                id=str(i),
+                image=None,
+                messages=None,
+                question=RowError("row holds bytes that are not valid UTF-8; fix the file's encoding"),
+            )
             continue
         img = obj.get("image", obj.get("image_paths", obj.get("file_name")))
         yield RawRow(
-            where=f"{path.name}:{i}", id=str(obj.get("id", i)), image=img,
+            where=f"{path.name}:{i}",
+            id=str(obj.get("id", i)),
+            image=img,
             messages=obj.get("conversations", obj.get("messages")),
-            question=obj.get("question", obj.get("prompt")), answer=obj.get("answer"),
-            masks=obj.get("masks", obj.get("mask")), source=obj.get("source_dataset", obj.get("source")),
+            question=obj.get("question", obj.get("prompt")),
+            answer=obj.get("answer"),
+            masks=obj.get("masks", obj.get("mask")),
+            source=obj.get("source_dataset", obj.get("source")),
         )
 
 
@@ -371,7 +418,7 @@ def _resolve_image(raw: Any, image_roots: Sequence[Path], strip_prefix: str | No
         raise RowError("no image path")
     rel = raw.strip()
     if strip_prefix and rel.startswith(strip_prefix):
-        rel = rel[len(strip_prefix):]
+        rel = rel[len(strip_prefix) :]
     if os.path.isabs(rel):
         return Path(rel), Path(rel).name
     candidates = [(root / rel, rel) for root in image_roots]
@@ -383,9 +430,16 @@ def _resolve_image(raw: Any, image_roots: Sequence[Path], strip_prefix: str | No
     return candidates[0]
 
 
-def convert_row(row: RawRow, image_roots: Sequence[Path], *, strip_prefix: str | None = "images/",
-                mask_dir: Path | None = None, scales: Sequence[int] | None = None, verify: str = "header",
-                mask_root: Path | None = None) -> Sample:
+def convert_row(
+    row: RawRow,
+    image_roots: Sequence[Path],
+    *,
+    strip_prefix: str | None = "images/",
+    mask_dir: Path | None = None,
+    scales: Sequence[int] | None = None,
+    verify: str = "header",
+    mask_root: Path | None = None,
+) -> Sample:
     """One raw row -> a validated `Sample` (raises `RowError`)."""
     if isinstance(row.question, RowError):
         raise row.question
@@ -416,8 +470,13 @@ def convert_row(row: RawRow, image_roots: Sequence[Path], *, strip_prefix: str |
             validate_masks(read_mask_file(masks), scales)
         except (MaskError, OSError, ValueError, RuntimeError) as e:
             raise RowError(f"unreadable mask {masks}: {e}") from None
-    return Sample(id=row.id, image=str(image.resolve()), messages=messages, masks=str(masks.resolve()) if masks else None,
-                  source=None if _is_missing(row.source) else str(row.source))
+    return Sample(
+        id=row.id,
+        image=str(image.resolve()),
+        messages=messages,
+        masks=str(masks.resolve()) if masks else None,
+        source=None if _is_missing(row.source) else str(row.source),
+    )
 
 
 def find_sft_parquet(path: Path) -> tuple[Path, Path]:
@@ -472,8 +531,7 @@ def prepare_sft(
     seen_ids: dict[str, int] = {}
     tmp = out.with_name(out.name + ".tmp")
     try:
-        _write_manifest(tmp, inputs, out, image_root, md, strip_prefix, scales, verify, relative, report,
-                        seen_ids)
+        _write_manifest(tmp, inputs, out, image_root, md, strip_prefix, scales, verify, relative, report, seen_ids)
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave a partial manifest behind
         raise
@@ -485,9 +543,19 @@ def prepare_sft(
     return report
 
 
-def _write_manifest(tmp: Path, inputs: Sequence[str | os.PathLike], out: Path, image_root: Any, md: Path | None,
-                    strip_prefix: str | None, scales: Sequence[int] | None, verify: str, relative: bool,
-                    report: PrepareReport, seen_ids: dict[str, int]) -> None:
+def _write_manifest(
+    tmp: Path,
+    inputs: Sequence[str | os.PathLike],
+    out: Path,
+    image_root: Any,
+    md: Path | None,
+    strip_prefix: str | None,
+    scales: Sequence[int] | None,
+    verify: str,
+    relative: bool,
+    report: PrepareReport,
+    seen_ids: dict[str, int],
+) -> None:
     with tmp.open("w", encoding="utf-8") as f:
         for inp in inputs:
             p = Path(inp)
@@ -538,5 +606,7 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         try:
             out.append(Sample.from_json(json.loads(line), root))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{p}:{ln + 1}: not a manifest line ({e}); build manifests with `uhrbat data prepare-sft`") from e
+            raise ConfigError(
+                f"{p}:{ln + 1}: not a manifest line ({e}); build manifests with `uhrbat data prepare-sft`"
+            ) from e
     return out

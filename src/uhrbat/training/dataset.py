@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -55,7 +56,11 @@ class SftDataset(Dataset):
         self.max_length = max_length
         self.options = options or TokenizeOptions()
         self.use_masks = use_masks
-        samples = read_manifest(manifest) if isinstance(manifest, (str, bytes)) or hasattr(manifest, "__fspath__") else list(manifest)
+        samples = (
+            read_manifest(manifest)
+            if isinstance(manifest, (str, bytes)) or hasattr(manifest, "__fspath__")
+            else list(manifest)
+        )
         self.samples: list[Sample] = []
         self.lengths: list[int] = []
         self.dropped: list[Dropped] = []
@@ -68,11 +73,18 @@ class SftDataset(Dataset):
             self.samples.append(s)
             self.lengths.append(len(enc))
         if self.dropped:
-            logger.warning("dropped %d of %d samples that cannot train, e.g. %s: %s", len(self.dropped), len(samples),
-                           self.dropped[0].id, self.dropped[0].reason)
+            logger.warning(
+                "dropped %d of %d samples that cannot train, e.g. %s: %s",
+                len(self.dropped),
+                len(samples),
+                self.dropped[0].id,
+                self.dropped[0].reason,
+            )
         if not self.samples:
-            raise UhrBatError(f"no trainable samples ({len(self.dropped)} dropped; first: "
-                              f"{self.dropped[0].reason if self.dropped else 'empty manifest'})")
+            raise UhrBatError(
+                f"no trainable samples ({len(self.dropped)} dropped; first: "
+                f"{self.dropped[0].reason if self.dropped else 'empty manifest'})"
+            )
 
     def encode(self, sample: Sample):
         return encode_conversation(self.processor, sample.messages, self.num_visual, self.max_length, self.options)

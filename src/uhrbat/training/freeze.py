@@ -19,8 +19,9 @@ linear layers train instead (when `llm` is listed); the other listed parts train
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,10 +35,16 @@ PARTS = {
     "scale_residuals": "scale_residuals",
 }
 ALIASES = {
-    "projector": "vision_projector", "mm_mlp_adapter": "vision_projector", "mm_projector": "vision_projector",
-    "language_model": "llm", "mm_language_model": "llm", "lm": "llm",
-    "multiscale_token_mlp": "token_mlp", "mlp": "token_mlp",
-    "scale_pos_residuals": "scale_residuals", "residuals": "scale_residuals",
+    "projector": "vision_projector",
+    "mm_mlp_adapter": "vision_projector",
+    "mm_projector": "vision_projector",
+    "language_model": "llm",
+    "mm_language_model": "llm",
+    "lm": "llm",
+    "multiscale_token_mlp": "token_mlp",
+    "mlp": "token_mlp",
+    "scale_pos_residuals": "scale_residuals",
+    "residuals": "scale_residuals",
 }
 REFERENCE_DEFAULT = ("vision_projector", "token_mlp", "llm")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,7 +59,9 @@ def parse_parts(spec: str | Iterable[str] | None) -> list[str]:
     for it in items:
         name = ALIASES.get(it, it)
         if name in ("vision_tower", "clip", "vision"):
-            raise ConfigError("the CLIP vision tower cannot be trained: tiles are encoded without gradient (method §5.2)")
+            raise ConfigError(
+                "the CLIP vision tower cannot be trained: tiles are encoded without gradient (method §5.2)"
+            )
         if name not in PARTS:
             raise ConfigError(f"unknown trainable part {it!r}; choose from {', '.join(PARTS)}")
         if name not in out:
@@ -82,7 +91,9 @@ class LoraSettings:
         if self.quantize not in (None, "none", "4bit", "8bit"):
             raise ConfigError(f"lora.quantize must be 4bit, 8bit or none, got {self.quantize!r}")
         if self.quantize in ("4bit", "8bit") and not self.enabled:
-            raise ConfigError("lora.quantize needs LoRA (set lora.r > 0): quantized weights cannot be fine-tuned directly")
+            raise ConfigError(
+                "lora.quantize needs LoRA (set lora.r > 0): quantized weights cannot be fine-tuned directly"
+            )
 
 
 def quantization_config(lora: LoraSettings, compute_dtype: torch.dtype | None) -> Any:
@@ -96,8 +107,13 @@ def quantization_config(lora: LoraSettings, compute_dtype: torch.dtype | None) -
         raise ConfigError("QLoRA needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
     skip = ["vision_tower", "projector", "token_mlp", "scale_residuals", "lm_head"]
     if lora.quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
+            llm_int8_skip_modules=skip,
+        )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
@@ -132,8 +148,13 @@ def inject_lora(model: nn.Module, lora: LoraSettings) -> None:
         from peft import prepare_model_for_kbit_training
 
         prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-                     bias="none")
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
     inject_adapter_in_model(cfg, lm, adapter_name="default")
     for n, p in lm.named_parameters():
         p.requires_grad_("lora_" in n)
@@ -143,7 +164,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing on the LLM's decoder layers (the only part with a big graph)."""
     lm = model.language_model
     fn = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-    kw_name = "activation_checkpointing_kwargs" if fn.__name__ == "activation_checkpointing_enable" else "gradient_checkpointing_kwargs"
+    kw_name = (
+        "activation_checkpointing_kwargs"
+        if fn.__name__ == "activation_checkpointing_enable"
+        else "gradient_checkpointing_kwargs"
+    )
     fn(**{kw_name: {"use_reentrant": False}})
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,8 +181,13 @@ class SamMaskGenerator:
         self.settings.check()
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, settings: MaskSettings | None = None, device: str = "cpu",
-                        dtype: str | torch.dtype | None = None) -> "SamMaskGenerator":
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        settings: MaskSettings | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> SamMaskGenerator:
         from transformers import SamModel
 
         from uhrbat.devices import resolve_device
@@ -204,7 +210,9 @@ class SamMaskGenerator:
 
     @torch.no_grad()
     def generate(self, image: Any) -> list[dict[str, Any]]:
-        """PIL RGB image -> SAM records (`segmentation` bool [H, W], `area`, `predicted_iou`, `stability_score`, `bbox`)."""
+        """PIL RGB image -> SAM records.
+
+        Each record: `segmentation` bool [H, W], `area`, `predicted_iou`, `stability_score`, `bbox`."""
         st = self.settings
         inputs = self.image_processor(images=image, return_tensors="pt")
         dtype = next(self.model.parameters()).dtype
@@ -215,9 +223,12 @@ class SamMaskGenerator:
         all_masks, all_iou, all_stab = [], [], []
         for i in range(0, grid.shape[0], st.points_per_batch):
             pts = grid[i : i + st.points_per_batch].to(self.device, dtype)
-            out = self.model(image_embeddings=emb, input_points=pts[None, :, None, :],
-                             input_labels=torch.ones(1, pts.shape[0], 1, dtype=torch.long, device=self.device),
-                             multimask_output=True)
+            out = self.model(
+                image_embeddings=emb,
+                input_points=pts[None, :, None, :],
+                input_labels=torch.ones(1, pts.shape[0], 1, dtype=torch.long, device=self.device),
+                multimask_output=True,
+            )
             low = out.pred_masks[0].float()  # [P, 3, h', w']
             iou = out.iou_scores[0].float()  # [P, 3]
             low, iou = low.flatten(0, 1), iou.flatten(0, 1)
@@ -231,7 +242,11 @@ class SamMaskGenerator:
                     [low[j : j + 16, None].cpu()], [(H, W)], [(h, w)], binarize=False
                 )[0][:, 0]
                 stab = _stability(logits, st.mask_threshold, st.stability_score_offset)
-                ok = stab > st.stability_score_thresh if st.stability_score_thresh > 0 else torch.ones_like(stab, dtype=torch.bool)
+                ok = (
+                    stab > st.stability_score_thresh
+                    if st.stability_score_thresh > 0
+                    else torch.ones_like(stab, dtype=torch.bool)
+                )
                 binm = logits[ok] > st.mask_threshold
                 all_masks.append(binm)
                 all_iou.append(iou[j : j + 16][ok.to(iou.device)].cpu())
@@ -246,8 +261,13 @@ class SamMaskGenerator:
         boxes = _boxes(masks)
         keep = box_nms(boxes, iou, st.box_nms_thresh)
         return [
-            {"segmentation": masks[k].numpy(), "area": int(area[k]), "predicted_iou": float(iou[k]),
-             "stability_score": float(stab[k]), "bbox": boxes[k].tolist()}
+            {
+                "segmentation": masks[k].numpy(),
+                "area": int(area[k]),
+                "predicted_iou": float(iou[k]),
+                "stability_score": float(stab[k]),
+                "bbox": boxes[k].tolist(),
+            }
             for k in keep.tolist()
         ]
 
@@ -263,8 +283,12 @@ def sam_image_processor(path: str | os.PathLike, config: Any) -> Any:
             pass
     side = int(config.vision_config.image_size)
     low = side // int(config.vision_config.patch_size) * 4
-    return SamImageProcessorPil(size={"longest_edge": side}, pad_size={"height": side, "width": side},
-                                mask_size={"longest_edge": low}, mask_pad_size={"height": low, "width": low})
+    return SamImageProcessorPil(
+        size={"longest_edge": side},
+        pad_size={"height": side, "width": side},
+        mask_size={"longest_edge": low},
+        mask_pad_size={"height": low, "width": low},
+    )
 
 
 # ----------------------------------------------------------------------------- files
@@ -319,7 +343,10 @@ class MaskReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        return f"{self.written} mask files written, {self.skipped} already present, {len(self.failed)} failed ({self.seconds:.1f}s)"
+        return (
+            f"{self.written} mask files written, {self.skipped} already present, "
+            f"{len(self.failed)} failed ({self.seconds:.1f}s)"
+        )
 
 
 def generate_masks(
@@ -357,16 +384,26 @@ def generate_masks(
         else:
             todo.append((p, rel, dst))
     if todo:
-        gen = sam if isinstance(sam, SamMaskGenerator) else SamMaskGenerator.from_pretrained(sam, settings, device, dtype)
+        gen = (
+            sam if isinstance(sam, SamMaskGenerator) else SamMaskGenerator.from_pretrained(sam, settings, device, dtype)
+        )
         for k, (p, rel, dst) in enumerate(todo):
             try:
                 ids, size, n = segment_map(gen, p)
                 tensors = masks_from_map(ids, scales, tile, patch)
                 if keep_pixels:
                     tensors["pixels"] = torch.from_numpy(ids)
-                meta = {"format": FORMAT, "version": "1", "image": rel, "width": str(size[0]), "height": str(size[1]),
-                        "segments": str(int(ids.max())), "sam_masks": str(n), "resolution": str(gen.settings.resolution),
-                        "sam": str(sam) if not isinstance(sam, SamMaskGenerator) else "in-memory"}
+                meta = {
+                    "format": FORMAT,
+                    "version": "1",
+                    "image": rel,
+                    "width": str(size[0]),
+                    "height": str(size[1]),
+                    "segments": str(int(ids.max())),
+                    "sam_masks": str(n),
+                    "resolution": str(gen.settings.resolution),
+                    "sam": str(sam) if not isinstance(sam, SamMaskGenerator) else "in-memory",
+                }
                 tmp = dst.with_name(dst.name + ".tmp")
                 save_file(tensors, str(tmp), metadata=meta)
                 os.replace(tmp, dst)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from uhrbat.errors import ConfigError
 from uhrbat.training.freeze import LoraSettings, parse_parts
@@ -90,7 +91,9 @@ class TrainRecipe:
     # ------------------------------------------------------------------ checks
     def check(self) -> None:
         if not self.model:
-            raise ConfigError("recipe: 'model' is required (a checkpoint folder in this package's format; see `uhrbat convert`)")
+            raise ConfigError(
+                "recipe: 'model' is required (a checkpoint folder in this package's format; see `uhrbat convert`)"
+            )
         if not self.data:
             raise ConfigError("recipe: 'data' is required (a manifest from `uhrbat data prepare-sft`)")
         parse_parts(self.train)
@@ -126,12 +129,16 @@ class TrainRecipe:
         if self.deepspeed and not launched:
             # Under a launcher (torchrun sets LOCAL_RANK/WORLD_SIZE) DeepSpeed can run on CPU
             # with gloo, which the engine tests use; a plain run looks for MPI and GPUs.
-            problems.append(f"deepspeed {self.deepspeed}: DeepSpeed needs CUDA, which is not available on this "
-                            f"machine ({why}); use --deepspeed none")
+            problems.append(
+                f"deepspeed {self.deepspeed}: DeepSpeed needs CUDA, which is not available on this "
+                f"machine ({why}); use --deepspeed none"
+            )
         if self.fp16:
             problems.append(f"fp16: fp16 mixed precision needs CUDA ({why}); use --set fp16=false (bf16 runs on CPU)")
         if self.lora.quantize not in (None, "none"):
-            problems.append(f"lora.quantize {self.lora.quantize}: QLoRA (bitsandbytes) needs CUDA ({why}); drop --qlora")
+            problems.append(
+                f"lora.quantize {self.lora.quantize}: QLoRA (bitsandbytes) needs CUDA ({why}); drop --qlora"
+            )
         return problems
 
     # ------------------------------------------------------------------ engine configs
@@ -169,7 +176,9 @@ class TrainRecipe:
                 elif word == "offload":
                     cfg["cpu_offload"] = True
                 elif word != "auto_wrap":
-                    raise ConfigError(f"recipe: unknown fsdp option {word!r} (full_shard, shard_grad_op, offload, auto_wrap)")
+                    raise ConfigError(
+                        f"recipe: unknown fsdp option {word!r} (full_shard, shard_grad_op, offload, auto_wrap)"
+                    )
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,7 +258,13 @@ def build_recipe(data: dict[str, Any]) -> TrainRecipe:
     if str(data.get("fsdp", "")).strip().lower() in ("true", "yes", "on", "1"):
         data["fsdp"] = True
     for key in ("deepspeed", "fsdp", "fsdp_config", "eval_data", "dtype"):
-        if isinstance(data.get(key), (str, bool)) and str(data[key]).strip().lower() in ("none", "null", "false", "", "no"):
+        if isinstance(data.get(key), (str, bool)) and str(data[key]).strip().lower() in (
+            "none",
+            "null",
+            "false",
+            "",
+            "no",
+        ):
             data[key] = None
     recipe = TrainRecipe(**data, lora=LoraSettings(**lora))
     for key in ("learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm", "num_train_epochs"):

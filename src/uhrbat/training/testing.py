@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,13 +26,20 @@ ANSWERS = [
 ]
 
 
-def make_tiny_training_checkpoint(path: str | os.PathLike, scales: Sequence[int] = (336, 672, 1008),
-                                  budgets: Sequence[int] = (4, 8, 8), seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_training_checkpoint(
+    path: str | os.PathLike,
+    scales: Sequence[int] = (336, 672, 1008),
+    budgets: Sequence[int] = (4, 8, 8),
+    seed: int = 0,
+    **overrides: Any,
+) -> Path:
     """`uhrbat.testing.make_tiny_checkpoint` with a small pyramid (fast on CPU)."""
     from uhrbat.testing import make_tiny_checkpoint
 
     base = overrides.pop("base_scale", 672 if 672 in scales else scales[0])
-    return make_tiny_checkpoint(path, seed=seed, scales=list(scales), budgets=list(budgets), base_scale=base, **overrides)
+    return make_tiny_checkpoint(
+        path, seed=seed, scales=list(scales), budgets=list(budgets), base_scale=base, **overrides
+    )
 
 
 def make_images(folder: str | os.PathLike, n: int, seed: int = 0, size: tuple[int, int] = (90, 70)) -> list[Path]:
@@ -62,8 +70,13 @@ class TinySetup:
     images: list[Path]
 
 
-def make_tiny_training_setup(root: str | os.PathLike, n: int = 8, scales: Sequence[int] = (336, 672, 1008),
-                             budgets: Sequence[int] = (4, 8, 8), seed: int = 0) -> TinySetup:
+def make_tiny_training_setup(
+    root: str | os.PathLike,
+    n: int = 8,
+    scales: Sequence[int] = (336, 672, 1008),
+    budgets: Sequence[int] = (4, 8, 8),
+    seed: int = 0,
+) -> TinySetup:
     """Checkpoint + `n` generated images + a validated manifest under `root`."""
     from uhrbat.training.data import prepare_sft
 
@@ -71,9 +84,14 @@ def make_tiny_training_setup(root: str | os.PathLike, n: int = 8, scales: Sequen
     ck = make_tiny_training_checkpoint(root / "ckpt", scales=scales, budgets=budgets, seed=seed)
     images = make_images(root / "images", n, seed=seed)
     rows = [
-        {"id": f"s{i}", "image": p.name,
-         "conversations": [{"from": "human", "value": "<image>\n" + QUESTIONS[i % len(QUESTIONS)]},
-                           {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]}]}
+        {
+            "id": f"s{i}",
+            "image": p.name,
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + QUESTIONS[i % len(QUESTIONS)]},
+                {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]},
+            ],
+        }
         for i, p in enumerate(images)
     ]
     src = root / "images" / "sft.json"
@@ -93,8 +111,13 @@ def engine_smoke(*runs: Sequence[str]) -> None:
     a ZeRO-3 run last (its global config makes later model loads partitioned):
     `python -c "from uhrbat.training.testing import engine_smoke; engine_smoke([...], [...])"`.
     """
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0",
-                 "WORLD_SIZE": "1"}.items():
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29517",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         os.environ.setdefault(k, v)
     try:
         import importlib

@@ -21,8 +21,9 @@ kept. `query="reference"` reproduces the reference's leak instead (the last toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from uhrbat.errors import ContextOverflowError, PromptError
 from uhrbat.processing.prompt import IMAGE_MARKER
@@ -54,7 +55,7 @@ class TokenizeOptions:
     query: str = "prompt"
 
     @classmethod
-    def from_compat(cls, compat: str | None = None, **overrides: Any) -> "TokenizeOptions":
+    def from_compat(cls, compat: str | None = None, **overrides: Any) -> TokenizeOptions:
         base = cls("reference", "reference", "reference") if compat == "reference" else cls()
         for k, v in overrides.items():
             if v is not None:
@@ -92,19 +93,23 @@ def _segments(processor: Any, messages: Sequence[dict[str, str]]) -> list[tuple[
         full = render(list(messages[: k + 1]), add_generation_prompt=False)
         if not full.startswith(prev):
             raise PromptError("the chat template is not prefix-consistent; cannot locate the assistant turns")
-        seg = full[len(prev):]
+        seg = full[len(prev) :]
         if m["role"] == "assistant":
             head = render(list(messages[:k]), add_generation_prompt=True)
             if not head.startswith(prev) or not full.startswith(head):
                 raise PromptError("the chat template's generation prompt does not prefix the assistant turn")
-            header = head[len(prev):]
-            body = seg[len(header):]
+            header = head[len(prev) :]
+            body = seg[len(header) :]
             content_at = body.find(m["content"])
             if content_at != 0:
                 raise PromptError("the chat template altered the assistant content; cannot build labels")
             # The answer runs through the end-of-turn marker; what follows it (ChatML: "\n") is the tail.
             tail_len = len(body) - len(body.rstrip("\n"))
-            pieces += [("header", header), ("answer", body[: len(body) - tail_len]), ("tail", body[len(body) - tail_len:])]
+            pieces += [
+                ("header", header),
+                ("answer", body[: len(body) - tail_len]),
+                ("tail", body[len(body) - tail_len :]),
+            ]
         else:
             pieces.append(("text", seg))
         prev = full
@@ -137,8 +142,11 @@ def encode_conversation(
         if m["role"] == "user":
             m["content"] = normalise_image_turn(m["content"])
 
-    special = {i for i in (tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>"))
-               if isinstance(i, int) and i >= 0 and i != tok.unk_token_id}
+    special = {
+        i
+        for i in (tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>"))
+        if isinstance(i, int) and i >= 0 and i != tok.unk_token_id
+    }
     nl = tok("\n", add_special_tokens=False)["input_ids"]
 
     ids: list[int] = []
@@ -172,8 +180,8 @@ def encode_conversation(
     pos = where[0]
     extra = list(nl) if opts.layout == "reference" else []
     run = [image_id] * num_visual + extra
-    ids = ids[:pos] + run + ids[pos + 1:]
-    labels = labels[:pos] + [IGNORE_INDEX] * len(run) + labels[pos + 1:]
+    ids = ids[:pos] + run + ids[pos + 1 :]
+    labels = labels[:pos] + [IGNORE_INDEX] * len(run) + labels[pos + 1 :]
     if query_index > pos:
         query_index += len(run) - 1
 
@@ -199,6 +207,7 @@ def encode_conversation(
         raise PromptError("the relevance query must come after the image")
     if max_length is not None and len(ids) > max_length:
         raise ContextOverflowError(
-            f"sample is {len(ids)} tokens ({num_visual} visual + {len(ids) - num_visual} text) > max_length {max_length}"
+            f"sample is {len(ids)} tokens ({num_visual} visual + {len(ids) - num_visual} text) "
+            f"> max_length {max_length}"
         )
     return Encoded(ids, labels, query_index, pos, num_visual)

@@ -65,8 +65,15 @@ class UhrBatTrainer(Trainer):
       `step_losses`.
     """
 
-    def __init__(self, *args: Any, processor: Any = None, recipe: TrainRecipe | None = None,
-                 skip_nonfinite_loss: bool = True, max_shard_size: str = "5GB", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        processor: Any = None,
+        recipe: TrainRecipe | None = None,
+        skip_nonfinite_loss: bool = True,
+        max_shard_size: str = "5GB",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.processor = processor
         self.recipe = recipe
@@ -76,15 +83,21 @@ class UhrBatTrainer(Trainer):
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ step
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         value = float(loss)
         if self.skip_nonfinite_loss and not math.isfinite(value):
             self.skipped_steps += 1
             if self.is_deepspeed_enabled:
-                logger.warning("non-finite loss at step %d (DeepSpeed: gradients cannot be dropped here)", self.state.global_step)
+                logger.warning(
+                    "non-finite loss at step %d (DeepSpeed: gradients cannot be dropped here)", self.state.global_step
+                )
             else:
-                logger.warning("non-finite loss at step %d: gradients of this accumulation window dropped", self.state.global_step)
+                logger.warning(
+                    "non-finite loss at step %d: gradients of this accumulation window dropped", self.state.global_step
+                )
                 model.zero_grad(set_to_none=True)
             loss = torch.zeros_like(loss)
             value = 0.0
@@ -103,8 +116,9 @@ class UhrBatTrainer(Trainer):
         use_cache = getattr(text_cfg, "use_cache", True)
         text_cfg.use_cache = True  # the saved checkpoint is for inference
         try:
-            model.save_pretrained(output_dir, state_dict=sd, max_shard_size=self.max_shard_size,
-                                  is_main_process=self.args.should_save)
+            model.save_pretrained(
+                output_dir, state_dict=sd, max_shard_size=self.max_shard_size, is_main_process=self.args.should_save
+            )
         finally:
             text_cfg.use_cache = use_cache
         if self.processor is not None:
@@ -112,8 +126,11 @@ class UhrBatTrainer(Trainer):
         if has_lora(model):
             from safetensors.torch import save_file
 
-            adapters = ({k: v.detach().cpu().contiguous() for k, v in state_dict.items() if "lora_" in k}
-                        if state_dict is not None else lora_state_dict(model))  # gathered under ZeRO-3 / FSDP
+            adapters = (
+                {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if "lora_" in k}
+                if state_dict is not None
+                else lora_state_dict(model)
+            )  # gathered under ZeRO-3 / FSDP
             save_file(adapters, os.path.join(output_dir, LORA_ADAPTER_FILE), metadata={"format": "pt"})
             if self.recipe is not None:
                 Path(output_dir, LORA_CONFIG_FILE).write_text(json.dumps(self.recipe.lora.__dict__, indent=2) + "\n")
@@ -187,7 +204,8 @@ def load_checkpoint_weights(model: torch.nn.Module, directory: str | os.PathLike
     missing = [k for k in result.missing_keys if k not in allowed_missing]
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{directory}: checkpoint does not match the model (missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
+            f"{directory}: checkpoint does not match the model "
+            f"(missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
         )
 
 
@@ -211,8 +229,9 @@ def load_model_for_training(recipe: TrainRecipe, device: str | None = None):
     qcfg = quantization_config(recipe.lora, resolve_dtype(dtype, "cpu"))
     if qcfg is not None:
         extra["quantization_config"] = qcfg
-    model, processor = load(recipe.model, device=device or "cpu", dtype=dtype,
-                            attn_implementation=recipe.attn_implementation, **extra)
+    model, processor = load(
+        recipe.model, device=device or "cpu", dtype=dtype, attn_implementation=recipe.attn_implementation, **extra
+    )
     counts = apply_freeze(model, recipe.train, recipe.lora)
     logger.info("trainable parameters: %s", counts)
     if recipe.gradient_checkpointing:
@@ -332,21 +351,37 @@ def engine_info(trainer: Trainer) -> dict[str, Any]:
     return info
 
 
-def build_trainer(recipe: TrainRecipe, callbacks: list[Any] | None = None, model: Any = None, processor: Any = None) -> UhrBatTrainer:
+def build_trainer(
+    recipe: TrainRecipe, callbacks: list[Any] | None = None, model: Any = None, processor: Any = None
+) -> UhrBatTrainer:
     """Model + data + `UhrBatTrainer` for a recipe (no training yet)."""
     if model is None:
         model, processor = load_model_for_training(recipe)
     options = TokenizeOptions.from_compat(recipe.compat, layout=recipe.layout, labels=recipe.labels, query=recipe.query)
     max_length = recipe.max_length or model.config.max_context
     train_ds = SftDataset(recipe.data, processor, recipe.budgets, max_length, options, use_masks=recipe.use_masks)
-    eval_ds = (SftDataset(recipe.eval_data, processor, recipe.budgets, max_length, options, use_masks=recipe.use_masks)
-               if recipe.eval_data else None)
-    collator = UhrBatCollator(pad_token_id=processor.tokenizer.pad_token_id, budgets=recipe.budgets,
-                              padding_side=recipe.padding_side, selection=selection_kwargs(recipe))
+    eval_ds = (
+        SftDataset(recipe.eval_data, processor, recipe.budgets, max_length, options, use_masks=recipe.use_masks)
+        if recipe.eval_data
+        else None
+    )
+    collator = UhrBatCollator(
+        pad_token_id=processor.tokenizer.pad_token_id,
+        budgets=recipe.budgets,
+        padding_side=recipe.padding_side,
+        selection=selection_kwargs(recipe),
+    )
     args = training_arguments(recipe)
     trainer = UhrBatTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-        callbacks=callbacks, processor=processor, recipe=recipe, skip_nonfinite_loss=recipe.skip_nonfinite_loss,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        callbacks=callbacks,
+        processor=processor,
+        recipe=recipe,
+        skip_nonfinite_loss=recipe.skip_nonfinite_loss,
         max_shard_size=recipe.max_shard_size,
     )
     return trainer
@@ -378,9 +413,14 @@ def run_training(recipe: TrainRecipe, callbacks: list[Any] | None = None) -> Tra
     if trainer.args.should_save:
         _write_dropped(trainer.train_dataset, Path(recipe.output_dir))
     return TrainResult(
-        output_dir=recipe.output_dir, global_step=trainer.state.global_step, step_losses=list(trainer.step_losses),
-        log_history=list(trainer.state.log_history), resumed_from=resume, dropped=dropped,
-        trainable=trainable_names(trainer.accelerator.unwrap_model(trainer.model)), engine=engine_info(trainer),
+        output_dir=recipe.output_dir,
+        global_step=trainer.state.global_step,
+        step_losses=list(trainer.step_losses),
+        log_history=list(trainer.state.log_history),
+        resumed_from=resume,
+        dropped=dropped,
+        trainable=trainable_names(trainer.accelerator.unwrap_model(trainer.model)),
+        engine=engine_info(trainer),
     )
 
 
@@ -393,6 +433,12 @@ def _write_dropped(ds: SftDataset, out: Path) -> None:
 
 
 __all__ = [
-    "LoraSettings", "TrainRecipe", "UhrBatTrainer", "build_trainer", "load_checkpoint_weights", "run_training",
-    "training_arguments", "ConfigError",
+    "LoraSettings",
+    "TrainRecipe",
+    "UhrBatTrainer",
+    "build_trainer",
+    "load_checkpoint_weights",
+    "run_training",
+    "training_arguments",
+    "ConfigError",
 ]

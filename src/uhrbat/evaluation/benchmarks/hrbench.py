@@ -1,4 +1,6 @@
-"""HR-Bench 4K / 8K: rows, official prompt and scoring. Scoring follows the rule path of lmms-eval `lmms_eval/tasks/hrbench/hrbench_evals.py`
+"""HR-Bench 4K / 8K: rows, official prompt and scoring.
+
+Scoring follows the rule path of lmms-eval `lmms_eval/tasks/hrbench/hrbench_evals.py`
 (`HRBenchEval.can_infer`) and the aggregation of `lmms_eval/tasks/hrbench/utils.py`.
 
 Decisions reproduced, quirks included:
@@ -58,11 +60,11 @@ FCP_NAMES = {"cross", "fcp"}
 
 META = {
     "scorer": "lmms-eval tasks/hrbench/hrbench_evals.py (HRBenchEval.can_infer rule path) + tasks/hrbench/utils.py "
-              "(hrbench_aggregate_results)",
+    "(hrbench_aggregate_results)",
     "extraction": "exactly one option letter as a whole token (after replacing .()[],:;!*#{} by spaces), else exactly "
-                  "one option text contained in the output; refusals -> Z",
+    "one option text contained in the output; refusals -> Z",
     "judge": "rows the official code would send to an external LLM judge are scored wrong (never judged); "
-             "their number is metrics['judge_needed']",
+    "their number is metrics['judge_needed']",
     "comparison": "answer.lower() == prediction.lower()",
     "overall": "mean over cycle_category of the per-cycle accuracy (all questions)",
     "fsp": "same, over category 'single' (FSP) questions",
@@ -202,15 +204,24 @@ def score(samples: list[Sample], predictions: Mapping[str, Any], benchmark: str 
 def _spec(split: str) -> BenchmarkSpec:
     name = f"hrbench-{split}"
     return BenchmarkSpec(
-        name=name, aliases=(f"hrbench{split}",), normalise=normalise, id_keys=("index", "id"),
+        name=name,
+        aliases=(f"hrbench{split}",),
+        normalise=normalise,
+        id_keys=("index", "id"),
         prompts={
-            "official": (official_prompt, "lmms-eval tasks/hrbench/utils.py hrbench_doc_to_text: question + 'A. opt' lines "
-                                          "+ 'Answer the option letter directly.'"),
+            "official": (
+                official_prompt,
+                "lmms-eval tasks/hrbench/utils.py hrbench_doc_to_text: question + 'A. opt' lines "
+                "+ 'Answer the option letter directly.'",
+            ),
             "reference": (reference_xhr, REFERENCE_XHR_DESCRIPTION),
         },
-        scorer=sys.modules[__name__], score=lambda samples, predictions: score(samples, predictions, benchmark=name),
-        max_new_tokens=128, max_new_tokens_source="not set by lmms-eval tasks/hrbench; our choice",
-        multiple_choice=True, pick_files=_shards_for(split),
+        scorer=sys.modules[__name__],
+        score=lambda samples, predictions: score(samples, predictions, benchmark=name),
+        max_new_tokens=128,
+        max_new_tokens_source="not set by lmms-eval tasks/hrbench; our choice",
+        multiple_choice=True,
+        pick_files=_shards_for(split),
     )
 
 

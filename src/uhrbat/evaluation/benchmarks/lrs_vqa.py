@@ -1,4 +1,6 @@
-"""LRS-VQA: rows, prompt and scoring. Scoring reproduces VisionXLab/LRS-VQA `Script/evaluation_LRSVQA.py` (commit d8d28bf)
+"""LRS-VQA: rows, prompt and scoring.
+
+Scoring reproduces VisionXLab/LRS-VQA `Script/evaluation_LRSVQA.py` (commit d8d28bf)
 with the output handling of `Script/llava_eval_LRSVQA.py`.
 
 Decisions reproduced, quirks included:
@@ -43,9 +45,9 @@ SUBSETS = ("FAIR", "GLH-Bridge", "STAR")
 
 META = {
     "scorer": "LRS-VQA Script/evaluation_LRSVQA.py (evaluate_dataset / are_synonyms), outputs stripped as in "
-              "Script/llava_eval_LRSVQA.py",
+    "Script/llava_eval_LRSVQA.py",
     "comparison": "output.strip().lower() == ground_truth.lower(), or a shared WordNet 3.0 synset "
-                  "(== some path_similarity > 0.8)",
+    "(== some path_similarity > 0.8)",
     "subsets": "question_id prefix before the first '_' (FAIR, GLH-Bridge, STAR)",
     "headline": "overall accuracy (OA) per subset and their mean; AA = mean per-category accuracy, in metrics",
 }
@@ -126,9 +128,11 @@ def aggregate(rows: list[Judged]) -> tuple[dict[str, Any], dict[str, Any], dict[
 
 
 SYNONYM_MODES = ("wordnet", "none")
-NO_WORDNET = ("LRS-VQA scoring needs WordNet 3.0 for its official synonym rule (without it the same answers score "
-              "far lower, e.g. 26.0 instead of 55.8): pip install nltk and apt-get install wordnet-base (or set "
-              "UHRBAT_WORDNET_DIR to WordNet 3.0 dict files), or pass --lrs-synonyms none for exact-match-only scoring")
+NO_WORDNET = (
+    "LRS-VQA scoring needs WordNet 3.0 for its official synonym rule (without it the same answers score "
+    "far lower, e.g. 26.0 instead of 55.8): pip install nltk and apt-get install wordnet-base (or set "
+    "UHRBAT_WORDNET_DIR to WordNet 3.0 dict files), or pass --lrs-synonyms none for exact-match-only scoring"
+)
 
 
 def check_options(lrs_synonyms: str = "wordnet") -> None:
@@ -148,7 +152,10 @@ class _ExactOnly:
     """This module's rules with the synonym rule off (`--lrs-synonyms none`)."""
 
     NAME, SUPPORTS_ROBUST, SUPPORTS_LOGITS = NAME, False, False
-    META = {**META, "comparison": "output.strip().lower() == ground_truth.lower() (exact match only: --lrs-synonyms none)"}
+    META = {
+        **META,
+        "comparison": "output.strip().lower() == ground_truth.lower() (exact match only: --lrs-synonyms none)",
+    }
     extract = staticmethod(extract)
     correct = staticmethod(correct_exact)
     aggregate = staticmethod(aggregate)
@@ -169,20 +176,31 @@ def score(samples: list[Sample], predictions: Mapping[str, Any], lrs_synonyms: s
         extra = {"wordnet": "not used (--lrs-synonyms none): exact match only, a lower bound of the official score"}
     others = sorted({subset_of(s) for s in samples} - set(SUBSETS))
     if others:
-        extra["note_subsets"] = f"question ids with unknown subset prefixes: {others[:10]} (scored, not in the headline)"
+        extra["note_subsets"] = (
+            f"question ids with unknown subset prefixes: {others[:10]} (scored, not in the headline)"
+        )
     return score_benchmark(rules, NAME, samples, predictions, extra_meta=extra)
 
 
 SPECS = (
     BenchmarkSpec(
-        name=NAME, aliases=("lrsvqa",), normalise=normalise, id_keys=("question_id", "id"),
+        name=NAME,
+        aliases=("lrsvqa",),
+        normalise=normalise,
+        id_keys=("question_id", "id"),
         prompts={
             "official": (official_prompt, "LRS-VQA Script/llava_eval_LRSVQA.py: the `text` field unchanged"),
-            "reference": (official_prompt, "the UHR-BAT reference has no LRS-VQA evaluator; same as official (`text` "
-                                           "unchanged)"),
+            "reference": (
+                official_prompt,
+                "the UHR-BAT reference has no LRS-VQA evaluator; same as official (`text` unchanged)",
+            ),
         },
-        scorer=sys.modules[__name__], score=score, max_new_tokens=128,
-        max_new_tokens_source="LRS-VQA Script/llava_eval_LRSVQA.py --max_new_tokens default", multiple_choice=False,
-        score_options=("lrs_synonyms",), check_options=check_options,
+        scorer=sys.modules[__name__],
+        score=score,
+        max_new_tokens=128,
+        max_new_tokens_source="LRS-VQA Script/llava_eval_LRSVQA.py --max_new_tokens default",
+        multiple_choice=False,
+        score_options=("lrs_synonyms",),
+        check_options=check_options,
     ),
 )

@@ -1,4 +1,6 @@
-"""MME-RealWorld, remote-sensing subset: rows, official prompt and scoring. Scoring reproduces `evaluation/eval_your_results.py` of
+"""MME-RealWorld, remote-sensing subset: rows, official prompt and scoring.
+
+Scoring reproduces `evaluation/eval_your_results.py` of
 yfzhang114/MME-RealWorld (the lmms-eval `tasks/mme_realworld/utils.py` copy is the same rule).
 
 Decisions reproduced, quirks included:
@@ -44,16 +46,17 @@ _PREFIXES = (
     "The correct answer is",
     "The answer is",
     "The answer",
-    "The best option is" "The correct option is",  # sic
-    "Best answer:" "Best option:",  # sic
+    "The best option isThe correct option is",  # sic
+    "Best answer:Best option:",  # sic
 )
 _DEFAULT_CHOICES = ("(A)", "(B)", "(C)", "(D)", "(E)")  # lmms-eval default `choices`
 
 META = {
-    "scorer": "MME-RealWorld evaluation/eval_your_results.py (extract_characters_regex + per-Task/Subtask/Category accuracy)",
+    "scorer": "MME-RealWorld evaluation/eval_your_results.py "
+    "(extract_characters_regex + per-Task/Subtask/Category accuracy)",
     "subset": "rows with Subtask == 'Remote Sensing' (lmms-eval variant: last part of `category`)",
     "extraction": "strip stock prefixes; '' if >10 words and no upper-case A-E; first upper-case A-E anywhere; "
-                  "else choice[1] of the first answer choice containing the lower-cased output ('' -> 'A')",
+    "else choice[1] of the first answer choice containing the lower-cased output ('' -> 'A')",
     "comparison": "Ground truth == extracted letter (exact)",
     "avg": "correct / all remote-sensing questions",
     "avg_c": "unweighted mean of the per-category accuracies (categories lower-cased, '*attribute*' folded)",
@@ -132,7 +135,7 @@ def _ref_strip_option_prefix(text: str) -> str:
     # Reproduces the reference regex, which also eats a leading capital of an unprefixed
     # option ("Apple" -> "pple"); MME options are always prefixed "(A) ..." so it is harmless there.
     m = _REF_OPTION_PREFIX.match(text)
-    return text[m.end():].strip() if m else text.strip()
+    return text[m.end() :].strip() if m else text.strip()
 
 
 def official_prompt(sample: Sample) -> str:
@@ -172,7 +175,7 @@ def extract(output: Any, sample: Sample | None = None) -> str:
         return ""
     m = re.search(r"[ABCDE]", s)
     if m is None:
-        choices = (sample.option_lines if sample is not None and sample.option_lines else list(_DEFAULT_CHOICES))
+        choices = sample.option_lines if sample is not None and sample.option_lines else list(_DEFAULT_CHOICES)
         for choice in choices:
             if s.lower() in choice.lower():
                 return choice[1] if len(choice) > 1 else ""
@@ -214,18 +217,29 @@ def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:
 
 SPECS = (
     BenchmarkSpec(
-        name=NAME, aliases=("mme-rs", "mme-realworld"), normalise=normalise,
+        name=NAME,
+        aliases=("mme-rs", "mme-realworld"),
+        normalise=normalise,
         id_keys=("Question_id", "index", "id", "question_id"),
         prompts={
-            "official": (official_prompt, "MME-RealWorld evaluation/model_vqa_mme_real_world.py: Text + ' The choices are "
-                                          "listed below: ' + choices + default --test-prompt + '\\nThe best answer is:'"),
-            "reference": (reference_prompt, "UHR-BAT reference eval_mme_remote_sensing_multiscale.py _format_question: Text, "
-                                            "'Options:', 'A. opt' lines, 'Please reply with the letter of the correct option "
-                                            "(e.g., A/B/C/D/E).'"),
+            "official": (
+                official_prompt,
+                "MME-RealWorld evaluation/model_vqa_mme_real_world.py: Text + ' The choices are "
+                "listed below: ' + choices + default --test-prompt + '\\nThe best answer is:'",
+            ),
+            "reference": (
+                reference_prompt,
+                "UHR-BAT reference eval_mme_remote_sensing_multiscale.py _format_question: Text, "
+                "'Options:', 'A. opt' lines, 'Please reply with the letter of the correct option "
+                "(e.g., A/B/C/D/E).'",
+            ),
         },
-        scorer=sys.modules[__name__], score=score, max_new_tokens=64,
+        scorer=sys.modules[__name__],
+        score=score,
+        max_new_tokens=64,
         max_new_tokens_source="MME-RealWorld evaluation/model_vqa_mme_real_world.py --max_new_tokens default",
-        multiple_choice=True, keep_row=keep_row,
+        multiple_choice=True,
+        keep_row=keep_row,
         no_rows_hint="no Remote Sensing rows (MME-RealWorld is filtered to Subtask == 'Remote Sensing')",
     ),
 )

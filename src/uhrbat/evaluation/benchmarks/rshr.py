@@ -50,20 +50,40 @@ LETTERS = "ABCD"
 _SPECIAL = re.compile(r"<\|[^>]+?\|>(?: ?assistant)?|<image>|</?s>|<pad>|<eos>|<unk>", re.IGNORECASE)
 
 # Column abbreviations of the RSHR MCQ leaderboard (Yunkaidang/RSHR assets/image_203.png).
-PERCEPTION = {"col", "color", "colour", "shp", "shape", "det", "detection", "oc", "rel", "relation", "ogd", "rg",
-              "regional grounding", "ocn", "rcn", "orientation", "counting", "object counting", "regional counting",
-              "object classification", "object category"}
+PERCEPTION = {
+    "col",
+    "color",
+    "colour",
+    "shp",
+    "shape",
+    "det",
+    "detection",
+    "oc",
+    "rel",
+    "relation",
+    "ogd",
+    "rg",
+    "regional grounding",
+    "ocn",
+    "rcn",
+    "orientation",
+    "counting",
+    "object counting",
+    "regional counting",
+    "object classification",
+    "object category",
+}
 REASONING = {"ad", "anomaly detection", "fp", "mrjc", "mrjcs", "osj", "mad", "mtfp", "mosj"}
 
 META = {
     "scorer": "no official RSHR scorer exists; UHR-BAT reference evaluator rule "
-              "(with_k-means/longva/scripts/eval_xlrs_multiscale_to_json.py: _extract_choice_set / correct)",
+    "(with_k-means/longva/scripts/eval_xlrs_multiscale_to_json.py: _extract_choice_set / correct)",
     "extraction": "remove special tokens; sorted set of every A-D character of the upper-cased output",
     "comparison": "predicted letter set == ground-truth letter set (same extraction applied to the answer)",
     "micro": "correct / all multiple-choice questions",
     "macro": "mean of the per-category accuracies",
     "groups": "perception_* / reasoning_* restrict micro and macro to that group; rows whose group cannot be "
-              "determined are listed under 'unassigned'",
+    "determined are listed under 'unassigned'",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -180,23 +200,38 @@ def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:
     checked = []
     for s in samples:
         if s.ok and not letter_set(s.answer or ""):
-            s = s.model_copy(update={"error": f"row {s.row}: ground truth {s.answer!r} has no option letter "
-                                              "(open-ended rows are not scored; RSHR judges them with an LLM)"})
+            s = s.model_copy(
+                update={
+                    "error": f"row {s.row}: ground truth {s.answer!r} has no option letter "
+                    "(open-ended rows are not scored; RSHR judges them with an LLM)"
+                }
+            )
         checked.append(s)
     return score_benchmark(sys.modules[__name__], NAME, checked, predictions)
 
 
 SPECS = (
     BenchmarkSpec(
-        name=NAME, aliases=("xhrbench", "rshr-bench"), normalise=normalise, id_keys=("id", "index", "question_id"),
+        name=NAME,
+        aliases=("xhrbench", "rshr-bench"),
+        normalise=normalise,
+        id_keys=("id", "index", "question_id"),
         prompts={
-            "official": (official_prompt, "no official RSHR prompt exists: reference XHRBench prompt (question + 'A. opt' "
-                                          "lines + 'Select the best answer based on the image. Answer with the option letter "
-                                          "only.') without the ground-truth-derived multi-answer hint"),
-            "reference": (reference_xhr, "UHR-BAT reference eval_xlrs_multiscale_to_json.py XHRBench prompt, including the "
-                                         "ground-truth-derived ' You should choose multiple answers.' hint"),
+            "official": (
+                official_prompt,
+                "no official RSHR prompt exists: reference XHRBench prompt (question + 'A. opt' "
+                "lines + 'Select the best answer based on the image. Answer with the option letter "
+                "only.') without the ground-truth-derived multi-answer hint",
+            ),
+            "reference": (
+                reference_xhr,
+                "UHR-BAT reference eval_xlrs_multiscale_to_json.py XHRBench prompt, including the "
+                "ground-truth-derived ' You should choose multiple answers.' hint",
+            ),
         },
-        scorer=sys.modules[__name__], score=score, max_new_tokens=512,
+        scorer=sys.modules[__name__],
+        score=score,
+        max_new_tokens=512,
         max_new_tokens_source="UHR-BAT reference eval_xlrs_multiscale_to_json.py --max_new_tokens default",
         multiple_choice=True,
     ),

@@ -1,4 +1,6 @@
-"""XLRS-Bench(-lite): rows, official prompt and scoring. Scoring reproduces lmms-eval `lmms_eval/tasks/xlrs/mcq_utils.py`
+"""XLRS-Bench(-lite): rows, official prompt and scoring.
+
+Scoring reproduces lmms-eval `lmms_eval/tasks/xlrs/mcq_utils.py`
 (`extract_characters_regex`, `xlrs_aggregate_results`, `xlrs_aggregate_results_macro_score`);
 VLMEvalKit `XLRSBench.extract_characters_regex` is the same function.
 
@@ -66,13 +68,14 @@ _PREFIXES = (
     "The correct answer is",
     "The answer is",
     "The answer",
-    "The best option is" "The correct option is",  # sic: missing comma in the original
-    "Best answer:" "Best option:",  # sic
+    "The best option isThe correct option is",  # sic: missing comma in the original
+    "Best answer:Best option:",  # sic
 )
 
 META = {
     "scorer": "lmms-eval tasks/xlrs/mcq_utils.py (extract_characters_regex, xlrs_aggregate_results[_macro_score])",
-    "extraction": "strip stock prefixes; '' if no upper-case A-E; letters in '(x)', else every a-e/A-E character; upper-cased set",
+    "extraction": "strip stock prefixes; '' if no upper-case A-E; letters in '(x)', "
+    "else every a-e/A-E character; upper-cased set",
     "comparison": "set(parsed letters) == set(characters of the ground-truth string)",
     "micro": "correct / all questions (the README's full-bench 'Avg' and UHR-BAT's 'weighted average')",
     "macro": "mean of the 13 official L3-task accuracies; a task without questions counts as 0 (lmms-eval)",
@@ -182,25 +185,38 @@ def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:
     rep = score_benchmark(sys.modules[__name__], NAME, samples, predictions)
     odd = [s.id for s in samples if s.ok and s.answer and not re.fullmatch(r"[A-E]+", s.answer)]
     if odd:
-        rep.meta["note_answers"] = (f"{len(odd)} ground-truth answers contain characters other than A-E "
-                                    f"(e.g. {odd[:3]}); the official character-set comparison can never match them")
+        rep.meta["note_answers"] = (
+            f"{len(odd)} ground-truth answers contain characters other than A-E "
+            f"(e.g. {odd[:3]}); the official character-set comparison can never match them"
+        )
     unknown = rep.metrics.get("n_unknown_task_questions", 0)
     if unknown:
-        rep.meta["note_tasks"] = (f"{unknown} questions have a category outside the 13 official L3 tasks; they count in micro "
-                                  "but not in macro (lmms-eval would refuse them)")
+        rep.meta["note_tasks"] = (
+            f"{unknown} questions have a category outside the 13 official L3 tasks; they count in micro "
+            "but not in macro (lmms-eval would refuse them)"
+        )
     return rep
 
 
 SPECS = (
     BenchmarkSpec(
-        name=NAME, aliases=("xlrs-lite", "xlrs-bench"), normalise=normalise, id_keys=("index", "id", "question_id"),
+        name=NAME,
+        aliases=("xlrs-lite", "xlrs-bench"),
+        normalise=normalise,
+        id_keys=("index", "id", "question_id"),
         prompts={
-            "official": (official_prompt, "lmms-eval tasks/xlrs/mcq_utils.py xlrs_doc_to_text: question + 'The choices are "
-                                          "listed below:' + options as distributed + single/multi-answer instruction ending "
-                                          "'The answer is:'"),
+            "official": (
+                official_prompt,
+                "lmms-eval tasks/xlrs/mcq_utils.py xlrs_doc_to_text: question + 'The choices are "
+                "listed below:' + options as distributed + single/multi-answer instruction ending "
+                "'The answer is:'",
+            ),
             "reference": (reference_xhr, REFERENCE_XHR_DESCRIPTION),
         },
-        scorer=sys.modules[__name__], score=score, max_new_tokens=64,
-        max_new_tokens_source="lmms-eval tasks/xlrs/XLRS-lite.yaml", multiple_choice=True,
+        scorer=sys.modules[__name__],
+        score=score,
+        max_new_tokens=64,
+        max_new_tokens_source="lmms-eval tasks/xlrs/XLRS-lite.yaml",
+        multiple_choice=True,
     ),
 )
