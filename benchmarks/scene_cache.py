@@ -81,6 +81,11 @@ def main() -> None:
     ap.add_argument("--eval-iters", type=int, default=10)
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-one-scene", action="store_true")
+    ap.add_argument(
+        "--reuse-scoring-prefix",
+        action="store_true",
+        help="opt-in two-step scoring with the prefix KV cached (not bitwise the default one-pass scoring)",
+    )
     ap.add_argument("--clip-width", type=int, default=256)
     ap.add_argument("--clip-layers", type=int, default=4)
     ap.add_argument("--llm-width", type=int, default=512)
@@ -104,7 +109,17 @@ def main() -> None:
     out: dict = {
         "settings": {
             k: getattr(args, k)
-            for k in ("budgets", "clusters", "iters", "kmeans", "threads", "device", "dtype", "max_new_tokens")
+            for k in (
+                "budgets",
+                "clusters",
+                "iters",
+                "kmeans",
+                "threads",
+                "device",
+                "dtype",
+                "max_new_tokens",
+                "reuse_scoring_prefix",
+            )
         }
     }
     gen = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens)
@@ -115,6 +130,7 @@ def main() -> None:
             kmeans_clusters=args.clusters,
             kmeans_iters=args.iters,
             kmeans_mode=args.kmeans,
+            reuse_scoring_prefix=args.reuse_scoring_prefix,
         )
         pipe = UhrBatPipeline.from_pretrained(model_path, device=args.device, dtype=args.dtype, **sel)
         plain = UhrBatPipeline(pipe.model, pipe.processor, scene_cache=False, **sel)
@@ -153,6 +169,7 @@ def main() -> None:
                 kmeans_clusters=args.eval_clusters,
                 kmeans_iters=args.eval_iters,
                 kmeans_mode=args.kmeans,
+                reuse_scoring_prefix=args.reuse_scoring_prefix,
             )
             images = eval_images(args.eval_images, args.eval_side)
             qs = (QUESTIONS * args.eval_questions)[: args.eval_questions]
@@ -209,7 +226,8 @@ def main() -> None:
 def print_one_scene(one: dict, args: argparse.Namespace) -> None:
     print(
         f"one scene ({args.device}, {args.dtype}, {args.threads} thread(s); budgets {args.budgets}, "
-        f"{args.clusters} clusters, <= {args.iters} iterations):"
+        f"{args.clusters} clusters, <= {args.iters} iterations"
+        f"{', scoring prefix reused' if args.reuse_scoring_prefix else ''}):"
     )
     print(f"{'stage':<10}{'uncached':>10}{'cold':>10}{'warm':>10}")
     for k in STAGES:

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from uhrbat.configuration.geometry import CLIP_336_14, TokenGeometry
 from uhrbat.errors import BudgetError, ConfigError, PromptError
 from uhrbat.io.sources import open_image
 from uhrbat.modeling.loading import DEFAULT_MODEL, load
-from uhrbat.modeling.modeling_uhrbat import ImageTrace, SceneFeatures, SelectionOptions
+from uhrbat.modeling.modeling_uhrbat import ImageTrace, SceneFeatures, ScoringPrefix, SelectionOptions
 from uhrbat.processing.prompt import IMAGE_MARKER, chatml, validate_question
 from uhrbat.results import AskResult, KeptToken
 from uhrbat.scene_cache import DEFAULT_MAX_BYTES, SceneCache, digest
@@ -176,6 +176,8 @@ def _make_cache(scene_cache: Any, cache_dir: Any) -> SceneCache | None:
         if cache_dir is not None:
             raise ConfigError("cache_dir needs the scene cache; drop scene_cache=False or cache_dir")
         return None
+    if cache_dir is not None:  # "~/.cache/uhrbat/scenes" means the home folder, not a "~" folder here
+        cache_dir = Path(cache_dir).expanduser()
     if scene_cache is True:
         return SceneCache(DEFAULT_MAX_BYTES, cache_dir)
     if isinstance(scene_cache, int) and scene_cache >= 0:
@@ -198,6 +200,11 @@ class UhrBatPipeline:
         scene_cache: True (default bound, `uhrbat.scene_cache.DEFAULT_MAX_BYTES` per device),
             False, a byte bound (0 = no in-memory layer), or a `SceneCache` to share.
         cache_dir: folder of the on-disk cache layer (safetensors), or None.
+        reuse_scoring_prefix: opt-in. Score in two steps (text before the image + image, then
+            the question) and keep the first step's KV in the scene cache, so a follow-up
+            question runs only its own tokens in the scoring pass. Cached == uncached holds
+            bitwise within this mode, but its relevance differs from the default one-pass
+            scoring (and the parity fixtures) in the last bits (README "Many questions per scene").
         **selection: default selection options (budgets, selector, kmeans_clusters,
             kmeans_iters, kmeans_mode, seed).
 
@@ -211,10 +218,14 @@ class UhrBatPipeline:
         processor: Any,
         scene_cache: Any = True,
         cache_dir: str | os.PathLike | None = None,
+        reuse_scoring_prefix: bool = False,
         **selection: Any,
     ) -> None:
         self.model = model
         self.processor = processor
+        if not isinstance(reuse_scoring_prefix, bool):
+            raise ConfigError(f"reuse_scoring_prefix must be True or False, got {reuse_scoring_prefix!r}")
+        self.reuse_scoring_prefix = reuse_scoring_prefix
         self.selection = {k: v for k, v in selection.items() if k in _SELECTION_KEYS and v is not None}
         SelectionOptions.resolve(model.config, **self.selection)  # validate early
         self.scene_cache = _make_cache(scene_cache, cache_dir)
@@ -235,6 +246,7 @@ class UhrBatPipeline:
         compat: str | None = None,
         scene_cache: Any = True,
         cache_dir: str | os.PathLike | None = None,
+        reuse_scoring_prefix: bool = False,
         **selection: Any,
     ) -> UhrBatPipeline:
         t = time.perf_counter()
@@ -249,7 +261,14 @@ class UhrBatPipeline:
         )
         if compat:
             proc.compat = compat
-        pipe = cls(net, proc, scene_cache=scene_cache, cache_dir=cache_dir, **selection)
+        pipe = cls(
+            net,
+            proc,
+            scene_cache=scene_cache,
+            cache_dir=cache_dir,
+            reuse_scoring_prefix=reuse_scoring_prefix,
+            **selection,
+        )
         pipe.load_seconds = time.perf_counter() - t
         return pipe
 
@@ -635,9 +654,43 @@ class UhrBatPipeline:
                 traces=traces,
                 scenes=[sc.features for sc in scenes],
                 groups=groups,
+                scoring_prefix=self._scoring_prefix_provider(scenes) if self.reuse_scoring_prefix else None,
                 **raw_opts,
             )
         return ids, embeds, mask, traces, scenes, opts, group_seconds
+
+    def _scoring_prefix_provider(
+        self, scenes: Sequence[_Scene]
+    ) -> Callable[[int, torch.Tensor, Callable[[], ScoringPrefix]], ScoringPrefix]:
+        """`scoring_prefix` for `prepare_inputs_embeds`: each row's `ScoringPrefix` from the scene
+        cache, keyed by its scene, the exact token ids before the image (system prompt and user
+        header: another system prompt or compat template is another key), the LLM's attention
+        implementation and dtype; computed and kept on a miss."""
+        cache = self.scene_cache
+        lm = self.model.language_model
+        num_layers = len(self.model.lm_layers)
+
+        def provide(row: int, prefix_ids: torch.Tensor, compute: Callable[[], ScoringPrefix]) -> ScoringPrefix:
+            key = scenes[row].key
+            if cache is None or key is None:
+                return compute()
+            pkey = digest(
+                "scoring-prefix",
+                key,
+                [int(t) for t in prefix_ids.tolist()],
+                self.model.config.compat,
+                getattr(lm.config, "_attn_implementation", None),
+                str(lm.get_input_embeddings().weight.dtype),
+            )
+            with cache.key_lock(pkey):
+                got = cache.get(pkey, self.device)
+                state = ScoringPrefix.from_tensors(got[0], num_layers) if got is not None else None
+                if state is None:
+                    state = compute()
+                    cache.put(pkey, state.tensors())
+            return state
+
+        return provide
 
     def _run(
         self,

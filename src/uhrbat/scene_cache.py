@@ -9,6 +9,9 @@ scale with K-Means. The cache keeps their results, keyed by *content*:
   identity (config + weights fingerprint), dtype, device and the software/hardware it ran on;
 * ``groups`` items: K-Means labels per scale, keyed by the scene key and every option that changes
   them (selector, K per scale, iterations, seed, mode, clustering scales);
+* ``scoring-prefix`` items (only with the pipeline's opt-in `reuse_scoring_prefix=True`): the
+  scoring pass's KV for the text before the image + the image (`ScoringPrefix`), keyed by the
+  scene key, the exact token ids before the image, compat, the LLM's attention and dtype;
 * source aliases: a cheap fingerprint of the *source* (file bytes + read options + tiling
   settings, or the pixels of a PIL image) -> the content key and image size, so a follow-up
   question skips decoding and tiling too.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -79,8 +80,8 @@ def _text(value: Any) -> str | None:
         return None
     if isinstance(value, float) and math.isnan(value):  # NaN from parquet / pandas
         return None
-    if isinstance(value, (bytes, bytearray, dict)):
-        raise TypeError("embedded image data")
+    if isinstance(value, (bytes, bytearray, dict, list, tuple, bool)):
+        raise TypeError(type(value).__name__)  # not a path or a question; never str()-ed into one
     text = str(value)
     return text if text.strip() else None
 
@@ -112,15 +113,21 @@ def _make_rows(records: Iterable[tuple[int, dict[str, Any]]], root: Path, trust:
         error = None
         try:
             image = _text(rec.get("image"))
-        except TypeError:
+        except TypeError as e:
+            embedded = isinstance(rec.get("image"), (bytes, bytearray, dict))
             image, error = (
-                f"<embedded image, row {n}>",
+                f"<embedded image, row {n}>" if embedded else f"<{e}, row {n}>",
                 (
                     f"{where} row {n}: embedded image bytes are not supported; "
                     "write the images to files and list their paths"
+                    if embedded
+                    else f"{where} row {n}: image must be a file path (text), got {e}"
                 ),
             )
-        question = _text(rec.get("question"))
+        try:
+            question = _text(rec.get("question"))
+        except TypeError as e:
+            question, error = f"<{e}, row {n}>", error or f"{where} row {n}: question must be text, got {e}"
         given = rec.get("id")
         rid = (
             None
@@ -142,9 +149,18 @@ def _make_rows(records: Iterable[tuple[int, dict[str, Any]]], root: Path, trust:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The list as UTF-8 text; a byte that is not UTF-8 refuses the list, naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BatchInputError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x}); save the list as UTF-8") from None
+
+
 def _jsonl_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    with path.open("r", encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -169,10 +185,9 @@ def _jsonl_records(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _csv_records(path: Path, delimiter: str) -> list[tuple[int, dict[str, Any]]]:
-    with path.open("r", encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        _require_columns(path, reader.fieldnames or [])
-        return [(n, rec) for n, rec in enumerate(reader, 2)]  # line 1 is the header
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    _require_columns(path, reader.fieldnames or [])
+    return [(n, rec) for n, rec in enumerate(reader, 2)]  # line 1 is the header
 
 
 def _parquet_records(path: Path) -> list[tuple[int, dict[str, Any]]]:

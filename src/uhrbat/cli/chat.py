@@ -20,6 +20,7 @@ from uhrbat.cli import options as opt
 from uhrbat.cli.ask import describe_selection, format_timings, load_masks, load_pipeline, open_source
 from uhrbat.errors import ConfigError, ContextOverflowError, UhrBatError
 from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.processing.prompt import validate_question
 
 HELP = """\
 Type a question and press Enter. Commands:
@@ -177,6 +178,11 @@ class ChatSession:
         return "\n".join(lines)
 
     def _ask(self, question: str) -> None:
+        try:  # the CLI's own wording ("remove '<image>' from the question"), not the API's message-part advice
+            question = validate_question(question)
+        except UhrBatError as e:
+            self.note(f"error: {e}")
+            return
         if not self.messages:
             content: Any = [{"type": "image"}, {"type": "text", "text": question}]
         else:

@@ -56,6 +56,14 @@ def serve(
             "--max-queue", min=1, help="Most requests waiting for the model; more are answered 503 + Retry-After."
         ),
     ] = 64,
+    max_clusters: Annotated[
+        int,
+        typer.Option("--max-clusters", min=0, help="Largest kmeans_clusters a request may ask for (extra_body)."),
+    ] = 3000,
+    max_iters: Annotated[
+        int,
+        typer.Option("--max-iters", min=1, help="Largest kmeans_iters a request may ask for (extra_body)."),
+    ] = 100,
     batch_wait_ms: Annotated[
         float,
         typer.Option("--batch-wait-ms", min=0, help="How long the worker waits for more requests to fill a batch."),
@@ -102,6 +110,8 @@ def serve(
         allowed_local_media_path=None if allowed_local_media_path is None else str(allowed_local_media_path),
         max_request_bytes=int(max_request_mb * 1024 * 1024),
         max_new_tokens=max_new_tokens,
+        max_kmeans_clusters=max_clusters,
+        max_kmeans_iters=max_iters,
         max_pixels=max_pixels,
     )
     app = create_app(engine, options)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -306,11 +307,15 @@ def pil_open(path: Any, max_pixels: int | None, formats: Sequence[str] | None = 
 
 
 def pixel_limit_error(path: Any, max_pixels: int | None, e: BaseException) -> ImageLoadError:
-    """Pillow's decompression-bomb guard fired: the same one-line message as ours."""
+    """Pillow's decompression-bomb guard fired: the same one-line message as ours.
+
+    Pillow's own text is left out: it names its threshold (twice `max_pixels`), not ours."""
     limit = "no" if max_pixels is None else f"{int(max_pixels):,}"
+    found = re.search(r"\((\d+) pixels\)", str(e))  # "Image size (N pixels) exceeds limit of 2L pixels"
+    has = f" has {int(found.group(1)):,} pixels, which" if found else ""
     return ImageLoadError(
-        f"image {path} exceeds the pixel limit of {limit} pixels (max_pixels; "
-        f"pass max_pixels=None or --max-pixels 0 to lift it): {e}"
+        f"image {path}{has} exceeds the pixel limit of {limit} pixels (max_pixels; "
+        f"pass max_pixels=None or --max-pixels 0 to lift it)"
     )
 
 

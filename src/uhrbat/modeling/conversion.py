@@ -72,12 +72,11 @@ def reference_config(
     ref = json.loads((directory / "config.json").read_text())
     vpath = _resolve_vision_path(directory, ref, vision_tower)
     vcfg = CLIPVisionConfig.from_pretrained(str(vpath)) if vpath is not None else None
-    if vcfg is None and str(ref.get("mm_vision_tower", "")).rstrip("/").split("/")[-1] not in (
-        "clip-vit-large-patch14-336",
-        "",
-    ):
+    # Name the tower that was looked for: a given --vision-tower, not the config's entry.
+    cand = str(vision_tower or os.environ.get("UHR_BAT_VISION_TOWER") or ref.get("mm_vision_tower") or "")
+    if vcfg is None and cand.rstrip("/").split("/")[-1] not in ("clip-vit-large-patch14-336", ""):
         raise CheckpointError(
-            f"vision tower {ref.get('mm_vision_tower')!r} not found; "
+            f"vision tower {cand!r} not found (no folder with a config.json there); "
             "pass --vision-tower PATH (a CLIPVisionModel folder)"
         )
     return UhrBatConfig.from_reference_dict(ref, vcfg), vpath

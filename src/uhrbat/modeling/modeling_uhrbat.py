@@ -15,9 +15,10 @@ Each tile is encoded exactly once; scoring and selection inputs derive from the 
 
 from __future__ import annotations
 
+import functools
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,52 @@ class SceneFeatures:
     score_base: torch.Tensor
     features: dict[int, torch.Tensor] | None = None
     clip: torch.Tensor | None = None
+
+
+@dataclass
+class ScoringPrefix:
+    """Query-independent state of the scoring pass: the text before the image and the image.
+
+    Used only when the scoring prefix is reused (`UhrBatPipeline(reuse_scoring_prefix=True)`);
+    see `score_prefix` for why that is not bitwise the one-pass scoring.
+
+    Attributes:
+        keys, values: per layer `0 .. L-2`, `[1, H_kv, n, d]` attention keys (rotated) and values.
+        last_keys: `[1, H_kv, n, d]` the last layer's rotated keys of the same `n` rows.
+        image_start: index of the first image row (= number of text rows before the image).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last_keys: torch.Tensor
+    image_start: int
+
+    @property
+    def length(self) -> int:
+        return int(self.last_keys.shape[2])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict (scene cache item); `image_start` travels as a 0-d int64 tensor."""
+        out = {f"k.{i}": k for i, k in enumerate(self.keys)} | {f"v.{i}": v for i, v in enumerate(self.values)}
+        out["last_k"] = self.last_keys
+        out["image_start"] = torch.tensor(self.image_start, dtype=torch.int64, device=self.last_keys.device)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], num_layers: int) -> ScoringPrefix | None:
+        """Inverse of `tensors`, or None when the item does not hold `num_layers - 1` layers of
+        one consistent shape (a foreign or stale item is recomputed, never used)."""
+        try:
+            keys = [tensors[f"k.{i}"] for i in range(num_layers - 1)]
+            values = [tensors[f"v.{i}"] for i in range(num_layers - 1)]
+            last, start = tensors["last_k"], int(tensors["image_start"])
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return None
+        if len(tensors) != 2 * num_layers or last.dim() != 4 or not 0 <= start < last.shape[2]:
+            return None
+        if any(t.dim() != 4 or t.shape[:3] != last.shape[:3] or t.dtype != last.dtype for t in keys + values):
+            return None
+        return cls(keys=keys, values=values, last_keys=last, image_start=start)
 
 
 @dataclass
@@ -354,6 +401,87 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         pos = torch.arange(prefix_embeds.shape[0], prefix_embeds.shape[0] + image_embeds.shape[0], device=seq.device)
         return scoring.image_relevance(probs, pos)
 
+    def _last_layer_kq(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, want_q: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rotated last-layer keys `[1, H_kv, n, d]` of `hidden` `[1, n, H]` and, if `want_q`, the
+        rotated query `[1, H, 1, d]` of its last row (every row projected, as in `score_relevance`)."""
+        last = self.lm_layers[-1]
+        attn = last.self_attn
+        d, n = attn.head_dim, hidden.shape[1]
+        h = last.input_layernorm(hidden)
+        k = attn.k_proj(h).view(1, n, -1, d).transpose(1, 2)
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        if not want_q:
+            return k, None
+        q = attn.q_proj(h)[:, -1:].view(1, 1, -1, d).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+        return k, q
+
+    @torch.no_grad()
+    @autocast_off
+    def score_prefix(self, prefix_embeds: torch.Tensor, image_embeds: torch.Tensor) -> ScoringPrefix:
+        """The query-independent half of a two-step scoring pass: text before the image + image.
+
+        Not bitwise the one-pass `score_relevance`: there, the rows before the question are
+        computed in attention products whose key axis spans the whole prompt, and that length
+        (question included) changes their last bits (on the parity fixtures: relevance within
+        ~1e-9 absolute, 5e-7 relative; same selections and answers). Pair it only with
+        `score_relevance_from_prefix`, never mix it with the one-pass numbers.
+
+        Args:
+            prefix_embeds: `[P, H]` embedded text before the image; image_embeds: `[N, H]`.
+        """
+        from transformers import DynamicCache
+
+        seq = torch.cat([prefix_embeds, image_embeds]).unsqueeze(0)
+        n = seq.shape[1]
+        cache = DynamicCache(config=self.language_model.config)
+        positions = torch.arange(n, device=seq.device).unsqueeze(0)
+        hidden, kw = run_until(
+            self.language_model.model,
+            self.lm_layers[-1],
+            inputs_embeds=seq,
+            position_ids=positions,
+            use_cache=True,
+            cache=cache,
+        )
+        last_k, _ = self._last_layer_kq(hidden, *kw["position_embeddings"], want_q=False)
+        layers = cache.layers[: len(self.lm_layers) - 1]
+        return ScoringPrefix(
+            keys=[lay.keys for lay in layers],
+            values=[lay.values for lay in layers],
+            last_keys=last_k,
+            image_start=prefix_embeds.shape[0],
+        )
+
+    @torch.no_grad()
+    @autocast_off
+    def score_relevance_from_prefix(self, prefix: ScoringPrefix, suffix_embeds: torch.Tensor) -> torch.Tensor:
+        """`[N]` float32 relevance of the prefix's image rows for the question `suffix_embeds`
+        `[S, H]` (ends with the query token): only the suffix's rows run through the LLM."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.language_model.config)
+        for i, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+            cache.update(k, v, i)  # concatenation with the suffix makes new tensors: `prefix` is not changed
+        seq = suffix_embeds.unsqueeze(0)
+        n0 = prefix.length
+        positions = torch.arange(n0, n0 + seq.shape[1], device=seq.device).unsqueeze(0)
+        hidden, kw = run_until(
+            self.language_model.model,
+            self.lm_layers[-1],
+            inputs_embeds=seq,
+            position_ids=positions,
+            use_cache=True,
+            cache=cache,
+        )
+        k, q = self._last_layer_kq(hidden, *kw["position_embeddings"], want_q=True)
+        d = self.lm_layers[-1].self_attn.head_dim
+        probs = scoring.last_query_attention(q[0, :, 0], torch.cat([prefix.last_keys, k], dim=2)[0], d)
+        pos = torch.arange(prefix.image_start, n0, device=seq.device)
+        return scoring.image_relevance(probs, pos)
+
     # ------------------------------------------------------------------ selection
     @torch.no_grad()
     @autocast_off  # selection ignores autocast (bf16 training): same tokens as inference
@@ -459,11 +587,15 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         trace: ImageTrace | None = None,
         scene: SceneFeatures | None = None,
         groups: dict[int, torch.Tensor] | None = None,
+        scoring_prefix: Callable[[Callable[[], ScoringPrefix]], ScoringPrefix] | None = None,
     ) -> torch.Tensor:
         """All tiles of one image -> `[n_visual, H]` post-MLP tokens for the LLM.
 
         `scene` (from `encode_scene`) and `groups` (from `group_scene`, for these `opts`) skip
-        the query-independent work; the result is bitwise the same as computing them here."""
+        the query-independent work; the result is bitwise the same as computing them here.
+        `scoring_prefix`, if given, switches to the two-step scoring pass (`score_prefix` +
+        `score_relevance_from_prefix`): it is called with a function that computes this image's
+        `ScoringPrefix` and returns that state (e.g. from a cache)."""
         cfg = self.config
         t0 = time.perf_counter()
         # Training: selection runs without gradient, then only the rows that reach the LLM are
@@ -480,7 +612,11 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             raise ValueError("training needs the CLIP features: pass tiles, not a prepared scene")
         t1 = time.perf_counter()
         sl = self._tile_slices()
-        rel_base = self.score_relevance(prefix_embeds, scene.score_base, suffix_embeds)
+        if scoring_prefix is None:
+            rel_base = self.score_relevance(prefix_embeds, scene.score_base, suffix_embeds)
+        else:
+            state = scoring_prefix(lambda: self.score_prefix(prefix_embeds, scene.score_base))
+            rel_base = self.score_relevance_from_prefix(state, suffix_embeds)
         rels = scoring.upsample_relevance(
             rel_base.float(), cfg.grid(cfg.base_scale), [cfg.grid(s) for s in cfg.scales], cfg.tokens_per_side
         )
@@ -543,6 +679,7 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
         query_index: torch.Tensor | None = None,
         scenes: Sequence[SceneFeatures] | None = None,
         groups: Sequence[dict[int, torch.Tensor] | None] | None = None,
+        scoring_prefix: Callable[[int, torch.Tensor, Callable[[], ScoringPrefix]], ScoringPrefix] | None = None,
         **selection: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace each prompt's `<image>` placeholder run with its selected visual tokens.
@@ -557,6 +694,10 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
             scenes: optional per-row prepared scenes (`encode_scene`) used instead of
                 `pixel_values` (which may then be None); `groups`: their K-Means labels
                 (`group_scene` with the same selection options) or None to compute them.
+            scoring_prefix: optional; switches to the two-step scoring pass. Called as
+                `scoring_prefix(row, prefix_ids, compute)` with the row's ids before the image
+                (padding dropped) and a function computing its `ScoringPrefix`; returns that
+                state (computed or cached: the pipeline keys it by scene and `prefix_ids`).
         Returns:
             `inputs_embeds` `[B, L, H]` and the attention mask `[B, L]`; if a scale yields
             fewer tokens than its budget (fewer candidates), the unused placeholders are
@@ -608,6 +749,9 @@ class UhrBatForConditionalGeneration(UhrBatPreTrainedModel, GenerationMixin):
                 trace=trace,
                 scene=None if scenes is None else scenes[b],
                 groups=None if groups is None else groups[b],
+                scoring_prefix=None
+                if scoring_prefix is None
+                else functools.partial(scoring_prefix, b, input_ids[b, pre_idx]),
             )
             n = visual.shape[0]
             row = torch.cat(

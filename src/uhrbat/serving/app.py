@@ -67,7 +67,12 @@ class ServeOptions:
     api_key: str | None = None
     allowed_local_media_path: str | None = None
     max_request_bytes: int = 256 * MiB  # whole HTTP body (base64 images included)
+    max_request_option: str = "--max-request-mb"  # the flag that sets it, named in the 413 message
     max_new_tokens: int = 512  # default and upper limit of max_tokens / max_completion_tokens
+    # Upper limits of what a client may ask K-Means to do (`extra_body`): clustering time grows with
+    # clusters x iterations, so without a bound one request could hold the worker for minutes.
+    max_kmeans_clusters: int = 3000
+    max_kmeans_iters: int = 100
     max_pixels: int | None = None  # None: the reader's default limit; 0: no limit
     retry_after_s: int = 2
 
@@ -111,19 +116,25 @@ def api_error_of(exc: BaseException, retry_after_s: int = 2) -> APIError:
 class BodyLimitMiddleware:
     """413 for bodies over `max_bytes`: by Content-Length before reading, else while reading."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(
+        self, app: Any, max_bytes: int, metrics: Metrics | None = None, option: str = "--max-request-mb"
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.option = option
+        self.metrics = metrics  # rejections here never reach the app's error handler: count them
 
     def _too_large(self) -> APIError:
         return APIError(
             413,
-            f"request body larger than the server's limit of {self.max_bytes / MiB:g} MiB (--max-request-mb)",
+            f"request body larger than the server's limit of {self.max_bytes / MiB:g} MiB ({self.option})",
             code="request_too_large",
         )
 
     async def _reject(self, send: Any) -> None:
         err = self._too_large()
+        if self.metrics is not None:
+            self.metrics.errors.labels(err.type).inc()
         body = json.dumps(err.body()).encode()
         await send(
             {
@@ -252,6 +263,8 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
             payload = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad_request(f"the request body is not valid JSON ({e})") from None
+        except RecursionError:  # "[[[[...": json.loads recurses once per level
+            raise bad_request("the request body is nested too deeply to be a chat request") from None
         if not isinstance(payload, dict):
             raise bad_request("the request body must be a JSON object")
         req = ChatCompletionRequest.model_validate(payload)
@@ -297,6 +310,14 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
                 selection["budgets"] = parse_budgets(req.budgets, len(model_scales(engine.pipeline())))
             except UhrBatError as e:
                 raise bad_request(str(e), "budgets") from None
+        limits = {
+            "kmeans_clusters": (opts.max_kmeans_clusters, "--max-clusters"),
+            "kmeans_iters": (opts.max_kmeans_iters, "--max-iters"),
+        }
+        for name, (limit, flag) in limits.items():
+            value = getattr(req, name)
+            if value is not None and value > limit:
+                raise bad_request(f"{name} {value} exceeds this server's limit of {limit} (uhrbat serve {flag})", name)
         for name in ("selector", "kmeans_clusters", "kmeans_iters", "seed"):
             if getattr(req, name) is not None:
                 selection[name] = getattr(req, name)
@@ -443,7 +464,9 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
 
     app.state.build_job = build_job
     app.state.wait_for = wait_for
-    app.add_middleware(BodyLimitMiddleware, max_bytes=opts.max_request_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=opts.max_request_bytes, metrics=metrics, option=opts.max_request_option
+    )
     app.add_middleware(
         MetricsMiddleware,
         metrics=metrics,

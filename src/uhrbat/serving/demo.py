@@ -189,6 +189,7 @@ def create_app(
     options = ServeOptions(
         model_name=model_name or "uhrbat",
         max_request_bytes=int(max_upload_mb * 1024 * 1024),
+        max_request_option="--max-upload-mb",
         max_new_tokens=max_new_tokens,
         max_pixels=max_pixels,
     )

@@ -63,12 +63,12 @@ def conversation(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], Ima
         if content is None:
             content = ""
         if isinstance(content, str):
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": _unicode(content, f"messages.{i}.content")})
             continue
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
+                parts.append({"type": "text", "text": _unicode(part.text, f"messages.{i}.content.{j}.text")})
             else:
                 where = f"messages.{i}.content.{j}.image_url"
                 if role != "user":
@@ -86,6 +86,17 @@ def conversation(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], Ima
     if out[-1]["role"] != "user":
         raise bad_request("the last message must be the user's question", "messages")
     return out, images[0][0], images[0][1]
+
+
+def _unicode(text: str, where: str) -> str:
+    """`text`, or a 400 when it holds a lone surrogate (JSON allows "\\ud800"; the tokenizer does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(
+            f"{where}: the text holds a lone UTF-16 surrogate, which is not valid Unicode", where
+        ) from None
+    return text
 
 
 def read_image_url(
@@ -155,6 +166,9 @@ def _read_file_url(url: str, allowed: str | os.PathLike | None, param: str) -> I
             f"{param}: file:// URLs must name a local path (file:///path), got host {parsed.netloc!r}", param
         )
     asked = unquote(parsed.path)
+    if not asked.isprintable():
+        # NUL, control characters, lone surrogates (JSON "\ud800"): os.stat would raise, not answer
+        raise bad_request(f"{param}: the file:// URL is not a valid local path", param)
     # Containment is decided on the resolved path before touching the file, so the answer never
     # tells whether a path outside the root exists.
     real = inside(allowed, asked)

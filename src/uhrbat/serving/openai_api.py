@@ -50,19 +50,44 @@ def validation_error(exc: ValidationError | Any) -> APIError:
     errors = exc.errors() if hasattr(exc, "errors") else []
     if not errors:
         return bad_request(str(exc))
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    # A value that matches no member of a union (`content: str | list[part]`) fails once per
+    # member; the deepest failure is the specific one (`content.0.text: Field required`), and
+    # failures at the same depth are the alternatives (`content: a valid string or a valid list`).
+    depth = max(len(e.get("loc", ())) for e in errors)
+    deepest = [e for e in errors if len(e.get("loc", ())) == depth]
+    err = deepest[0]
+    loc = _field_path(err.get("loc", ()))
     param = ".".join(loc) or None
-    msg = err.get("msg", "invalid value")
     if err.get("type") == "extra_forbidden":
         msg = "unknown field; the server does not support it (check the spelling of extra_body keys)"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    else:
+        msgs = [e.get("msg", "invalid value") for e in deepest if _field_path(e.get("loc", ())) == loc]
+        msg = " or ".join(dict.fromkeys(msgs[:1] + [m.removeprefix("Input should be ") for m in msgs[1:]]))
+    others = {tuple(_field_path(e.get("loc", ()))) for e in errors}
+    others = {o for o in others if tuple(loc[: len(o)]) != o}  # not this field or a union around it
+    more = f" (and {len(others)} more problem{'s' if len(others) > 1 else ''})" if others else ""
     return bad_request(f"{param or 'request'}: {msg}{more}", param=param)
+
+
+def _field_path(loc: Any) -> list[str]:
+    """A pydantic error location without the union-member tags it inserts (`str`,
+    `list[...]`, `TextPart`, a tagged union's tag repeated before its field)."""
+    out: list[str] = []
+    for p in loc:
+        if p in ("body", "query", "path"):
+            continue
+        if isinstance(p, str) and ("[" in p or p[:1].isupper() or p in ("str", "int", "float", "bool")):
+            continue
+        if out and isinstance(p, str) and p == out[-1]:
+            continue
+        out.append(str(p))
+    return out
 
 
 # ----------------------------------------------------------------------------- request
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a wrong JSON type is a 400, never coerced ("yes" -> True, true -> 1, "7" -> 7)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImageURL(_Strict):
@@ -102,7 +127,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI documents (and torch accepts)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
