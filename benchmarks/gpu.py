@@ -218,17 +218,11 @@ def stage_times(res: Any) -> dict[str, float]:
     return out
 
 
-def make_pipeline(model: Any, proc: Any, cache: bool, **selection: Any) -> tuple[Any, str | None]:
-    """A pipeline with the scene cache on or off; (pipe, None) or (None, why) when this build
-    of the pipeline has no scene cache."""
+def make_pipeline(model: Any, proc: Any, cache: bool, **selection: Any) -> Any:
+    """A pipeline over the already-built model with the scene cache on or off."""
     from uhrbat.pipeline import UhrBatPipeline
 
-    try:
-        return UhrBatPipeline(model, proc, scene_cache=cache, **selection), None
-    except TypeError as e:
-        if cache:
-            return None, f"UhrBatPipeline has no scene_cache ({e})"
-        return UhrBatPipeline(model, proc, **selection), None
+    return UhrBatPipeline(model, proc, scene_cache=cache, **selection)
 
 
 def run_scene(
@@ -243,7 +237,7 @@ def run_scene(
 ) -> list[dict[str, Any]]:
     rows = []
     kw = dict(max_new_tokens=max_new, min_new_tokens=max_new)
-    cold, _ = make_pipeline(model, proc, False, **selection)
+    cold = make_pipeline(model, proc, False, **selection)
     cold.ask(image, QUESTIONS[0], max_new_tokens=2)  # warm-up: kernels, allocator
     reset_peak(device)
     t = time.perf_counter()
@@ -259,45 +253,29 @@ def run_scene(
             total=total,
             per_question=total,
             peak_gb=peak_gb(device),
-            cache=getattr(res, "cache", "off"),
+            cache=res.cache,
         )
     )
 
-    cached, why = make_pipeline(model, proc, True, **selection)
-    if cached is None:
-        rows.append(
-            dict(
-                scene=scene_name,
-                setting=setting,
-                run="cached follow-up",
-                batch=1,
-                stages=None,
-                total=None,
-                per_question=None,
-                peak_gb=None,
-                cache="n/a",
-                note=why,
-            )
+    cached = make_pipeline(model, proc, True, **selection)
+    cached.ask(image, QUESTIONS[0], **kw)  # fills the cache (miss)
+    reset_peak(device)
+    t = time.perf_counter()
+    res = cached.ask(image, QUESTIONS[1], **kw)
+    total = time.perf_counter() - t
+    rows.append(
+        dict(
+            scene=scene_name,
+            setting=setting,
+            run="cached follow-up",
+            batch=1,
+            stages=stage_times(res),
+            total=total,
+            per_question=total,
+            peak_gb=peak_gb(device),
+            cache=res.cache,
         )
-    else:
-        cached.ask(image, QUESTIONS[0], **kw)  # fills the cache (miss)
-        reset_peak(device)
-        t = time.perf_counter()
-        res = cached.ask(image, QUESTIONS[1], **kw)
-        total = time.perf_counter() - t
-        rows.append(
-            dict(
-                scene=scene_name,
-                setting=setting,
-                run="cached follow-up",
-                batch=1,
-                stages=stage_times(res),
-                total=total,
-                per_question=total,
-                peak_gb=peak_gb(device),
-                cache=getattr(res, "cache", "?"),
-            )
-        )
+    )
 
     images = variants(image)
     reset_peak(device)
