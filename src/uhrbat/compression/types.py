@@ -33,8 +33,3 @@ class Selection:
 
     def __len__(self) -> int:
         return int(self.merged.numel())
-
-    @property
-    def first_position(self) -> torch.Tensor:
-        """`[n]` the first member position of every row (the token itself for single rows)."""
-        return self.positions[self.offsets[:-1]]

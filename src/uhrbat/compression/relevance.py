@@ -1,4 +1,4 @@
-"""Query-guided relevance (method §3) as pure tensor functions.
+"""Query-guided relevance (method §3) as pure tensor functions (the scoring pass's maths).
 
 The LLM itself scores the base-scale tokens: the last prompt token's last-layer attention
 over the image tokens, averaged over heads. Everything here works on tensors handed in by
