@@ -31,6 +31,7 @@ from torch import Tensor
 from uhrbat.compression.kmeans import KMeansResult, clustering_features, kmeans
 from uhrbat.compression.precision import autocast_off
 from uhrbat.compression.types import Selection
+from uhrbat.configuration.geometry import CLIP_336_14
 from uhrbat.errors import BudgetError
 
 __all__ = [
@@ -409,7 +410,7 @@ def cluster_tokens(
     mode: str = "fast",
     feat_scale: float = 1.0,
     coord_scale: float = 0.05,
-    tokens_per_side: int = 24,
+    tokens_per_side: int = CLIP_336_14.tokens_per_side,
 ) -> KMeansResult:
     """The grouping step of the `kmeans` selector (method §4.1): K-Means on
     `clustering_features(embeds)` with K = `num_clusters` if > 0, else the budget (then

@@ -59,7 +59,8 @@ class Canvases:
 
     def tensors(self) -> dict[str, Tensor]:
         """Store item (memory only): `canvas.{S}` uint8 tensors."""
-        return {f"canvas.{s}": torch.from_numpy(np.ascontiguousarray(a)) for s, a in self.squares.items()}
+        # PIL's pixels arrive read-only; the store's tensors own their memory.
+        return {f"canvas.{s}": torch.from_numpy(a if a.flags.writeable else a.copy()) for s, a in self.squares.items()}
 
     @classmethod
     def from_tensors(cls, image_processor: Any, item: dict[str, Tensor]) -> Canvases:
