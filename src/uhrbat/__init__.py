@@ -27,8 +27,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ContextOverflowError",
+    "GenerationOptions",
     "ImageLoadError",
     "PromptError",
+    "ReadOptions",
+    "SceneStore",
+    "SelectionOptions",
     "UhrBatConfig",
     "UhrBatError",
     "UhrBatForConditionalGeneration",
@@ -40,10 +44,19 @@ __all__ = [
 register_auto_classes()
 
 
+_LAZY = {
+    "UhrBatPipeline": "uhrbat.pipeline",
+    "SceneStore": "uhrbat.scene.store",
+    "SelectionOptions": "uhrbat.options",
+    "GenerationOptions": "uhrbat.options",
+    "ReadOptions": "uhrbat.options",
+}
+
+
 def __getattr__(name: str):
     # Lazy: the pipeline pulls in the image readers and generation plumbing only when used.
-    if name == "UhrBatPipeline":
-        from uhrbat.pipeline import UhrBatPipeline
+    if name in _LAZY:
+        import importlib
 
-        return UhrBatPipeline
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)

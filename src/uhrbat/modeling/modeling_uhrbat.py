@@ -212,17 +212,8 @@ class UhrBatForConditionalGeneration(
         if cache is None:
             cache = past_key_values
         if pixel_values is not None and inputs_embeds is None:
-            options = SelectionOptions.of(
-                **selection_kwargs(
-                    budgets if budgets is not None else image_budgets,
-                    selector,
-                    kmeans_clusters,
-                    kmeans_iters,
-                    kmeans_mode,
-                    seed,
-                    encode,
-                    gate_margin,
-                )
+            options = selection_options(
+                budgets, image_budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin
             )
             if query_index is None and labels is not None and self.config.compat != "reference":
                 query_index = _last_prompt_index(labels)
@@ -329,17 +320,8 @@ class UhrBatForConditionalGeneration(
             selector = selector or implied
         for k in ("modalities", "images"):  # model-card arguments with no meaning here
             kwargs.pop(k, None)
-        options = SelectionOptions.of(
-            **selection_kwargs(
-                budgets if budgets is not None else image_budgets,
-                selector,
-                kmeans_clusters,
-                kmeans_iters,
-                kmeans_mode,
-                seed,
-                encode,
-                gate_margin,
-            )
+        options = selection_options(
+            budgets, image_budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin
         )
         if input_ids is None:
             raise PromptError("generate needs input_ids (use UhrBatProcessor)")
@@ -403,6 +385,16 @@ def selection_kwargs(
         "gate_margin": gate_margin,
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def selection_options(
+    budgets: Sequence[int] | torch.Tensor | None,
+    image_budgets: Sequence[int] | torch.Tensor | None,
+    *given: Any,
+) -> SelectionOptions:
+    """`forward`/`generate`'s selection keywords (in `selection_kwargs` order after `budgets`) as
+    `SelectionOptions`; without `budgets`, the ones the processor expanded the prompts for."""
+    return SelectionOptions.of(**selection_kwargs(budgets if budgets is not None else image_budgets, *given))
 
 
 def _last_prompt_index(labels: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ maths is `uhrbat.compression.relevance`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
@@ -85,15 +86,26 @@ class RelevanceMixin:
             `[N]` float32 relevance.
         """
         seq = torch.cat([prefix_embeds, image_embeds, suffix_embeds]).unsqueeze(0)
-        positions = torch.arange(seq.shape[1], device=seq.device).unsqueeze(0)
-        hidden, kw = run_until(
-            self.language_model.model, self.lm_layers[-1], inputs_embeds=seq, position_ids=positions, use_cache=False
-        )
+        hidden, kw = self._last_layer_input(seq)
         k, q = self._last_layer_kq(hidden, *kw["position_embeddings"], want_q=True)
         d = self.lm_layers[-1].self_attn.head_dim
         probs = relevance.last_query_attention(q[0, :, 0], k[0], d)
         pos = torch.arange(prefix_embeds.shape[0], prefix_embeds.shape[0] + image_embeds.shape[0], device=seq.device)
         return relevance.image_relevance(probs, pos)
+
+    def _last_layer_input(self, seq: torch.Tensor, start: int = 0, cache: Any = None) -> tuple[torch.Tensor, dict]:
+        """Run the LLM on `seq` `[1, n, H]` (positions from `start`, through `cache` if given) up to
+        its last layer; returns that layer's input `[1, n, H]` and keyword arguments."""
+        positions = torch.arange(start, start + seq.shape[1], device=seq.device).unsqueeze(0)
+        extra = {} if cache is None else {"cache": cache}
+        return run_until(
+            self.language_model.model,
+            self.lm_layers[-1],
+            inputs_embeds=seq,
+            position_ids=positions,
+            use_cache=cache is not None,
+            **extra,
+        )
 
     def _last_layer_kq(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, want_q: bool
@@ -132,17 +144,8 @@ class RelevanceMixin:
         from transformers import DynamicCache
 
         seq = torch.cat([prefix_embeds, image_embeds]).unsqueeze(0)
-        n = seq.shape[1]
         cache = DynamicCache(config=self.language_model.config)
-        positions = torch.arange(n, device=seq.device).unsqueeze(0)
-        hidden, kw = run_until(
-            self.language_model.model,
-            self.lm_layers[-1],
-            inputs_embeds=seq,
-            position_ids=positions,
-            use_cache=True,
-            cache=cache,
-        )
+        hidden, kw = self._last_layer_input(seq, cache=cache)
         last_k, _ = self._last_layer_kq(hidden, *kw["position_embeddings"], want_q=False)
         layers = cache.layers[: len(self.lm_layers) - 1]
         return ScoringPrefix(
@@ -164,15 +167,7 @@ class RelevanceMixin:
             cache.update(k, v, i)  # concatenation with the suffix makes new tensors: `prefix` is not changed
         seq = suffix_embeds.unsqueeze(0)
         n0 = prefix.length
-        positions = torch.arange(n0, n0 + seq.shape[1], device=seq.device).unsqueeze(0)
-        hidden, kw = run_until(
-            self.language_model.model,
-            self.lm_layers[-1],
-            inputs_embeds=seq,
-            position_ids=positions,
-            use_cache=True,
-            cache=cache,
-        )
+        hidden, kw = self._last_layer_input(seq, start=n0, cache=cache)
         k, q = self._last_layer_kq(hidden, *kw["position_embeddings"], want_q=True)
         d = self.lm_layers[-1].self_attn.head_dim
         probs = relevance.last_query_attention(q[0, :, 0], torch.cat([prefix.last_keys, k], dim=2)[0], d)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from uhrbat.compression import relevance
-from uhrbat.errors import BudgetError, PromptError
+from uhrbat.errors import BudgetError, ConfigError, PromptError
 from uhrbat.modeling.scoring_pass import ScoringPrefix
 from uhrbat.modeling.trace import ImageTrace
 from uhrbat.modeling.training import needs_gradient, rows_with_grad
@@ -143,6 +143,9 @@ class VisualTokensMixin:
             masked out so the sequence equals the reference's shorter one.
         """
         cfg = self.config
+        if options is not None and selection:
+            both = ", ".join(selection)
+            raise ConfigError(f"give the selection options as options= or as keywords, not both ({both})")
         opts = (options if options is not None else SelectionOptions.of(**selection)).resolve(cfg)
         image_id = self.image_token_id
         if attention_mask is None:

@@ -192,7 +192,6 @@ class SceneView:
             for s, t in plan.items()
             if t is None or t.numel()
         }
-        got = {k: v for k, v in item.items()}
-        return sorted(got) == sorted(str(s) for s in want) and all(
-            got[str(s)].shape == (n,) and got[str(s)].dtype == torch.int64 for s, n in want.items()
+        return sorted(item) == sorted(str(s) for s in want) and all(
+            item[str(s)].shape == (n,) and item[str(s)].dtype == torch.int64 for s, n in want.items()
         )
