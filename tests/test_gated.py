@@ -126,6 +126,8 @@ def test_gated_kmeans_groups_the_most_relevant_tiles_only(tiny_pipeline) -> None
     assert again.reuse == {"features": "hit", "groups": "hit"}
     wider = cached.ask(AERIAL, "How many trees?", **{**ASK, "gate_margin": 3.0})  # other tiles: other groups
     assert wider.reuse == {"features": "hit", "groups": "miss"} and wider.tiles[1344]["held"] == 4
+    none = plain.ask(AERIAL, "How many trees?", **{**ASK, "budgets": [8, 0]})  # nothing needed at 1344
+    assert none.tiles[1344] == {"encoded": 0, "held": 0, "total": 16} and {t.scale for t in none.tokens} == {672}
 
 
 def test_gated_through_generate_and_bad_values(tiny_pipeline) -> None:

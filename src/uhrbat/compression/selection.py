@@ -79,15 +79,7 @@ def _check_inputs(embeds: Tensor, scores: Tensor, groups: Tensor | None = None) 
 
 
 def _empty(embeds: Tensor) -> Selection:
-    dev = embeds.device
-    return Selection(
-        embeds=embeds.new_empty(0, embeds.shape[1]),
-        positions=torch.empty(0, dtype=torch.int64, device=dev),
-        offsets=torch.zeros(1, dtype=torch.int64, device=dev),
-        merged=torch.empty(0, dtype=torch.bool, device=dev),
-        scores=torch.empty(0, dtype=torch.float64, device=dev),
-        group=torch.empty(0, dtype=torch.int64, device=dev),
-    )
+    return Selection.empty(embeds)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from uhrbat.compression import relevance
+from uhrbat.compression.types import Selection
 from uhrbat.errors import BudgetError, ConfigError, PromptError
 from uhrbat.modeling.scoring_pass import ScoringPrefix
 from uhrbat.modeling.trace import ImageTrace
@@ -84,8 +85,11 @@ class VisualTokensMixin:
             mask = require_mask(masks, s, selector.name) if selector.needs_masks else None
             with torch.no_grad():
                 r = rel.reshape(-1) if tok.complete else rel[tok.tiles.to(rel.device)].reshape(-1)
-                sel = selector.select(tok, r.to(tok.embeds.device), budget, opts, groups.get(s), mask)
-                sel.positions = tok.to_scale(sel.positions)
+                if tok.embeds.shape[0]:
+                    sel = selector.select(tok, r.to(tok.embeds.device), budget, opts, groups.get(s), mask)
+                    sel.positions = tok.to_scale(sel.positions)
+                else:  # gated, nothing of this scale needed (budget 0)
+                    sel = Selection.empty(tok.embeds)
             if need_grad:
                 clip = scene.scene.clip[s]
                 sel.embeds = rows_with_grad(self, clip.reshape(-1, clip.shape[-1]), s, sel)

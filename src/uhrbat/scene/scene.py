@@ -109,7 +109,13 @@ class Scene:
 
     def tokens(self, scale: int, tiles: Tensor | None = None) -> ScaleTokens:
         """The candidates of `scale`: every encoded tile, or the (encoded) `tiles` given."""
-        f = self.features[scale]
+        f = self.features.get(scale)
+        if f is None:  # nothing of this scale encoded (a gated question with budget 0 there)
+            base = self.score_base
+            f = ScaleFeatures(
+                torch.empty(0, dtype=torch.int64),
+                base.new_empty(0, self.geometry.tokens.tokens_per_tile, base.shape[-1]),
+            )
         hidden = f.embeds.shape[-1]
         if tiles is None or (tiles.numel() == f.tiles.numel() and torch.equal(tiles.cpu(), f.tiles.cpu())):
             return ScaleTokens(
