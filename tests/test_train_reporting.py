@@ -105,30 +105,14 @@ def test_a_run_logs_to_tensorboard(tmp_path, monkeypatch: pytest.MonkeyPatch) ->
     scalars under the output folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from uhrbat.training.recipe import load_recipe
+    from test_train import BUDGETS, SCALES, _recipe
     from uhrbat.training.testing import make_tiny_training_setup
     from uhrbat.training.trainer import run_training
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    setup = make_tiny_training_setup(tmp_path / "setup", n=2, scales=[336, 672], budgets=[4, 8])
+    setup = make_tiny_training_setup(tmp_path / "setup", n=2, scales=SCALES, budgets=BUDGETS)
     out = tmp_path / "run"
-    recipe = load_recipe(
-        None,
-        [],
-        model=str(setup.checkpoint),
-        data=str(setup.manifest),
-        output_dir=str(out),
-        budgets=[4, 8],
-        kmeans_clusters=4,
-        kmeans_iters=2,
-        deepspeed="none",
-        bf16=False,
-        tf32=False,
-        max_steps=2,
-        save_steps=10,
-        logging_steps=1,
-        report_to="tensorboard",
-    )
+    recipe = _recipe(setup, out, max_steps=2, report_to="tensorboard")
     res = run_training(recipe)
     events = sorted(out.glob("runs/*/events.out.tfevents.*"))
     assert len(events) == 1, list(out.rglob("*"))

@@ -36,9 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from uhrbat.compression.greedy import check_selector_inputs, lazy_greedy, single_rows, tie_rank
+from uhrbat.compression.greedy import lazy_greedy, selector_inputs, single_rows, tie_rank
 from uhrbat.compression.precision import autocast_off
-from uhrbat.compression.selection import check_budget
 from uhrbat.compression.types import Selection
 
 __all__ = ["RESOLUTION", "select_divprune"]
@@ -71,11 +70,7 @@ def select_divprune(
         BudgetError: budget is not an integer >= 0.
         ValueError: shapes, dtypes or non-finite values.
     """
-    budget = check_budget(budget)
-    check_selector_inputs(features, relevance, positions)
-    n = features.shape[0]
-    pos = torch.arange(n, device=features.device) if positions is None else positions.to(torch.int64)
-    k = min(budget, n)
+    k, pos = selector_inputs(features, relevance, budget, positions)
     if k == 0:
         return single_rows(features, relevance, pos, pos[:0])
 

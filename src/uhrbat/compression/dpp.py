@@ -58,9 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from uhrbat.compression.greedy import check_selector_inputs, lazy_greedy, single_rows, tie_rank
+from uhrbat.compression.greedy import lazy_greedy, selector_inputs, single_rows, tie_rank
 from uhrbat.compression.precision import autocast_off
-from uhrbat.compression.selection import check_budget
 from uhrbat.compression.types import Selection
 from uhrbat.errors import ConfigError
 
@@ -123,14 +122,10 @@ def select_dpp(
         ConfigError: theta or jitter out of range.
         ValueError: shapes, dtypes or non-finite values.
     """
-    budget = check_budget(budget)
     theta = _check_theta(theta)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 < float(jitter) < math.inf:
         raise ConfigError(f"dpp jitter must be a finite number > 0, got {jitter!r}")
-    check_selector_inputs(features, relevance, positions)
-    n = features.shape[0]
-    pos = torch.arange(n, device=features.device) if positions is None else positions.to(torch.int64)
-    k = min(budget, n)
+    k, pos = selector_inputs(features, relevance, budget, positions)
     if k == 0:
         return single_rows(features, relevance, pos, pos[:0])
 

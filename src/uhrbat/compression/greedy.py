@@ -31,9 +31,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from uhrbat.compression.selection import check_budget
 from uhrbat.compression.types import Selection
 
-__all__ = ["check_selector_inputs", "lazy_greedy", "single_rows", "tie_rank"]
+__all__ = ["lazy_greedy", "selector_inputs", "single_rows", "tie_rank"]
 
 # Directions applied to every token together; tokens whose scores are kept exact in between.
 BLOCK = 64
@@ -42,8 +43,17 @@ POOL = 512
 _CHUNK = 65_536
 
 
-def check_selector_inputs(features: Tensor, relevance: Tensor, positions: Tensor | None) -> None:
-    """Shapes, dtypes and finiteness of a selector's inputs (`ValueError`, one line)."""
+def selector_inputs(
+    features: Tensor, relevance: Tensor, budget: object, positions: Tensor | None
+) -> tuple[int, Tensor]:
+    """Check a selector's inputs; return the rows to keep, `min(budget, N)`, and the `[N]` int64
+    positions (`arange(N)` when None).
+
+    Raises:
+        BudgetError: budget is not an integer >= 0.
+        ValueError: shapes, dtypes or non-finite values (one line).
+    """
+    budget = check_budget(budget)
     if features.dim() != 2:
         raise ValueError(f"features must be [N, D], got shape {tuple(features.shape)}")
     n = features.shape[0]
@@ -62,6 +72,8 @@ def check_selector_inputs(features: Tensor, relevance: Tensor, positions: Tensor
         raise ValueError("relevance has NaN or infinite values")
     if n and not bool(torch.isfinite(features).all()):
         raise ValueError("features have NaN or infinite values")
+    pos = torch.arange(n, device=features.device) if positions is None else positions.to(torch.int64)
+    return min(budget, n), pos
 
 
 def tie_rank(relevance: Tensor, positions: Tensor) -> Tensor:
