@@ -17,7 +17,7 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import PromptError
-from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 
 def _err(msg: str) -> None:
