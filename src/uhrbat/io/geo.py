@@ -27,6 +27,7 @@ its own single cell.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,20 +36,59 @@ from typing import Any
 import numpy as np
 
 from uhrbat.configuration.geometry import CLIP_336_14, TokenGeometry
+from uhrbat.errors import GeoError, GeoTransformError, NotGeoreferencedError
+
+#: Suffix of the pixel-space kept-token file written for images without a georeference.
+PIXEL_JSON_SUFFIX = ".pixels.json"
 
 
 # ----------------------------------------------------------------------------- georeference
+def transform_problem(coefficients: Sequence[float]) -> str | None:
+    """Why an affine pixel->CRS transform `(a, b, c, d, e, f)` is unusable, or None.
+
+    Non-finite coefficients (a NaN / inf pixel scale or origin) and singular transforms (zero
+    pixel size: no inverse, every pixel on one point) cannot place pixels on a map."""
+    try:
+        a, b, c, d, e, f = (float(v) for v in coefficients)
+    except (TypeError, ValueError):
+        return f"the pixel-to-map transform is not six numbers: {coefficients!r}"
+    if not all(math.isfinite(v) for v in (a, b, c, d, e, f)):
+        return f"its pixel-to-map transform has non-finite values ({a}, {b}, {c}, {d}, {e}, {f})"
+    det = a * e - b * d
+    if not math.isfinite(det) or det == 0:
+        return f"its pixel-to-map transform is singular (pixel size {a} x {e}, rotation {b}, {d})"
+    return None
+
+
+def short_gdal_message(e: BaseException) -> str:
+    """One short line from a GDAL / PROJ error (their text can embed a whole PROJJSON CRS)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    cut = msg.find(" from '{")
+    if cut > 0:
+        msg = msg[:cut]
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
 @dataclass(frozen=True)
 class GeoRef:
     """CRS + affine pixel->CRS transform of a raster (pixel-edge coordinates, GDAL convention).
 
     `crs` is a `rasterio.crs.CRS` (or anything `rasterio`/`pyproj` accept: "EPSG:32617", WKT);
     `transform` an `affine.Affine` or a 6-tuple `(a, b, c, d, e, f)`:
-    `X = a*x + b*y + c`, `Y = d*x + e*y + f`.
+    `X = a*x + b*y + c`, `Y = d*x + e*y + f`. A non-finite or singular transform is refused
+    (`GeoError`): readers treat such a file as not georeferenced, with a note (issue 18).
+    `wgs84_error`: set by `checked_wgs84` when the CRS cannot be transformed to WGS84; every
+    WGS84 conversion then raises `GeoTransformError` with it, while CRS coordinates still work.
     """
 
     crs: Any
     transform: Any
+    wgs84_error: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        problem = transform_problem(tuple(self.transform)[:6])
+        if problem:
+            raise GeoError(f"unusable georeference: {problem}")
 
     @property
     def coefficients(self) -> tuple[float, float, float, float, float, float]:
@@ -72,10 +112,36 @@ class GeoRef:
         y = np.asarray(y, dtype=np.float64)
         return a * x + b * y + c, d * x + e * y + f
 
+    def crs_to_pixel(self, X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Image-CRS coordinates -> (fractional) pixel-edge coordinates: the inverse transform."""
+        a, b, c, d, e, f = self.coefficients
+        det = a * e - b * d
+        X = np.asarray(X, dtype=np.float64) - c
+        Y = np.asarray(Y, dtype=np.float64) - f
+        return (e * X - b * Y) / det, (a * Y - d * X) / det
+
+    def shifted(self, x0: float, y0: float, sx: float = 1.0, sy: float = 1.0) -> GeoRef:
+        """The georeference of a window whose pixel (0, 0) is this raster's `(x0, y0)` and whose
+        pixels are `sx x sy` of this raster's (the window transform)."""
+        a, b, c, d, e, f = self.coefficients
+        t = (a * sx, b * sy, a * x0 + b * y0 + c, d * sx, e * sy, d * x0 + e * y0 + f)
+        try:
+            from affine import Affine
+
+            t = Affine(*t)
+        except ImportError:  # pragma: no cover - affine comes with rasterio
+            pass
+        return GeoRef(self.crs, t, self.wgs84_error)
+
     def crs_to_wgs84(self, X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Image-CRS coordinates -> (longitude, latitude) in WGS84 degrees."""
+        """Image-CRS coordinates -> (longitude, latitude) in WGS84 degrees.
+
+        Raises `NotGeoreferencedError` without a CRS and `GeoTransformError` when the CRS cannot
+        be transformed (never a raw GDAL / PROJ exception) or a point has no WGS84 position."""
         if self.crs is None:
-            raise ValueError("this image has an affine transform but no CRS; WGS84 is unknown")
+            raise NotGeoreferencedError("this image has an affine transform but no CRS; WGS84 is unknown")
+        if self.wgs84_error:
+            raise GeoTransformError(self.wgs84_error)
         X = np.asarray(X, dtype=np.float64)
         Y = np.asarray(Y, dtype=np.float64)
         try:
@@ -86,15 +152,72 @@ class GeoRef:
             from pyproj import Transformer
 
             crs = self.crs.to_wkt() if hasattr(self.crs, "to_wkt") else self.crs
-            tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-            lon, lat = tr.transform(X.ravel(), Y.ravel())
-        return np.asarray(lon).reshape(X.shape), np.asarray(lat).reshape(X.shape)
+            try:
+                tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+                lon, lat = tr.transform(X.ravel(), Y.ravel())
+            except Exception as e:  # pyproj.exceptions.CRSError / ProjError
+                raise GeoTransformError(self._wgs84_message(e)) from None
+        except Exception as e:  # rasterio's CPLE_* errors (CPLE_NotSupportedError, ...)
+            raise GeoTransformError(self._wgs84_message(e)) from None
+        lon = np.asarray(lon, dtype=np.float64).reshape(X.shape)
+        lat = np.asarray(lat, dtype=np.float64).reshape(X.shape)
+        if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
+            raise GeoTransformError(
+                f"some points have no WGS84 position in CRS {self.crs_name} (outside the area where it is "
+                f"defined); use CRS or pixel coordinates"
+            )
+        return lon, lat
+
+    def _wgs84_message(self, e: BaseException) -> str:
+        return (
+            f"the image CRS {self.crs_name} cannot be transformed to WGS84 longitude/latitude "
+            f"({short_gdal_message(e)}); use CRS coordinates (box_crs, coordinates='crs') or pixel boxes (--json)"
+        )
+
+    def checked_wgs84(self, size: tuple[int, int]) -> GeoRef:
+        """This georeference, with `wgs84_error` set when the corners and centre of a `size`
+        raster cannot be transformed to WGS84 (found at open time, said once, never a crash later)."""
+        if self.crs is None or self.wgs84_error:
+            return self
+        W, H = size
+        try:
+            self.pixel_to_wgs84([0, W, W, 0, W / 2], [0, 0, H, H, H / 2])
+        except GeoTransformError as e:
+            return GeoRef(self.crs, self.transform, str(e))
+        return self
 
     def pixel_to_wgs84(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         return self.crs_to_wgs84(*self.pixel_to_crs(x, y))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"crs": self.crs_name, "transform": list(self.coefficients)}
+        d: dict[str, Any] = {"crs": self.crs_name, "transform": list(self.coefficients)}
+        if self.wgs84_error:
+            d["wgs84_error"] = self.wgs84_error
+        return d
+
+
+def map_ready(source: Any) -> GeoRef:
+    """The georeference of `source` when map output in WGS84 (GeoJSON) is possible; otherwise
+    `NotGeoreferencedError` / `GeoTransformError` with one line saying why and what to use
+    instead. Call it before the model runs (e.g. for `--geojson`) to fail early."""
+    georef = _georef_of(source)
+    if georef is None or georef.crs is None:
+        why = getattr(source, "georef_note", None) or (
+            "it has an affine transform but no CRS" if georef is not None else "it has no georeference"
+        )
+        raise NotGeoreferencedError(
+            f"{_label(source)} cannot be written as GeoJSON: {why}. GeoJSON coordinates are WGS84 "
+            f"longitude/latitude (RFC 7946), and pixel coordinates there would be misplaced by GIS tools; "
+            f"use --json (pixel boxes) or write_pixel_json (a {PIXEL_JSON_SUFFIX} file)"
+        )
+    if georef.wgs84_error:
+        raise GeoTransformError(f"{_label(source)} cannot be written as GeoJSON: {georef.wgs84_error}")
+    return georef
+
+
+def _label(source: Any) -> str:
+    label = getattr(source, "label", None) or getattr(source, "path", None)
+    return f"image {label}" if label else "this image"
 
 
 # ----------------------------------------------------------------------------- token -> boxes

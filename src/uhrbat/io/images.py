@@ -157,25 +157,51 @@ def percentile_range(values: np.ndarray, stretch: Sequence[float] | None, dtype:
     v = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
     if v.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(v.astype(np.float64, copy=False), [float(stretch[0]), float(stretch[1])])
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = np.percentile(v.astype(np.float64, copy=False), [float(stretch[0]), float(stretch[1])])
     lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # percentiles of +-1e308 data can overflow
+        lo, hi = float(v.min()), float(v.max())
     if not hi > lo:  # constant data: fall back to the full range (ints) or mid-grey (floats)
         if np.issubdtype(dtype, np.integer):
             return percentile_range(values, None, dtype)
-        return lo - 0.5, lo + 0.5
+        return constant_range(lo)
     return lo, hi
 
 
+def constant_range(value: float) -> tuple[float, float]:
+    """(lo, hi) around a constant band, so that it maps to mid-grey (128) at any magnitude.
+
+    A fixed +-0.5 vanishes in float64 above ~1e16 (lo == hi: the division by zero of issue 18),
+    so the half-width grows with the value: the smallest power of two that changes it."""
+    half = max(0.5, math.ulp(value) * 2.0) if math.isfinite(value) else 0.5
+    return value - half, value + half
+
+
 def stretch_to_uint8(band: np.ndarray, lo: float, hi: float, rows: int = 1024) -> np.ndarray:
-    """Linear map [lo, hi] -> [0, 255] (clipped, NaN -> 0), in row chunks to bound memory."""
+    """Linear map [lo, hi] -> [0, 255] (clipped, NaN -> 0), in row chunks to bound memory.
+
+    Computed in float32 when lo and hi are distinct, finite float32 numbers (every ordinary
+    raster), else in float64 (|values| near 1e16 and above, or float64 extremes); a range
+    that is still empty or not finite maps every finite value to mid-grey (128)."""
     out = np.empty(band.shape, dtype=np.uint8)
-    scale = 255.0 / (hi - lo)
+    lo, hi = float(lo), float(hi)
+    span = hi - lo
+    degenerate = not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(span) and span > 0)
+    with np.errstate(over="ignore"):
+        f32 = not degenerate and np.isfinite(np.float32(255.0 / span)) and np.float32(lo) != np.float32(hi)
+    dtype = np.float32 if f32 and np.isfinite(np.float32(lo)) and np.isfinite(np.float32(hi)) else np.float64
+    scale = 0.0 if degenerate else 255.0 / span
     flat = band.reshape(-1, band.shape[-1]) if band.ndim > 1 else band.reshape(1, -1)
     dst = out.reshape(flat.shape)
     for r0 in range(0, flat.shape[0], rows):
-        x = flat[r0 : r0 + rows].astype(np.float32)
-        x -= lo
-        x *= scale
+        x = flat[r0 : r0 + rows].astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if degenerate:  # finite -> 128, NaN -> 0, +-inf -> 255 / 0 (as below)
+                x = np.where(np.isfinite(x), dtype(127.5), x)
+            else:
+                x -= lo
+                x *= scale
         np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         np.clip(x, 0, 255, out=x)
         np.rint(x, out=x)
@@ -197,11 +223,15 @@ def to_rgb(im: Image.Image, *, stretch: Sequence[float] | None = None) -> Image.
         arr = np.asarray(im)
         if stretch is None:
             a64 = arr.astype(np.float64)
-            lo, hi = float(np.nanmin(a64)) if a64.size else 0.0, float(np.nanmax(a64)) if a64.size else 1.0
+            fin = a64[np.isfinite(a64)]
+            lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
             if im.mode.startswith("I;16") and hi <= 65535:
                 lo, hi = 0.0, 65535.0
-            scaled = np.zeros_like(a64) if hi <= lo else (a64 - lo) / (hi - lo) * 255.0
-            out = np.nan_to_num(scaled).round().clip(0, 255).astype("uint8")
+            span = hi - lo
+            with np.errstate(over="ignore", invalid="ignore"):
+                ok = span > 0 and math.isfinite(span)
+                scaled = (a64 - lo) / span * 255.0 if ok else np.zeros_like(a64)
+                out = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).round().clip(0, 255).astype("uint8")
         else:
             sample = arr[:: max(1, arr.shape[0] // 1024), :: max(1, arr.shape[1] // 1024)]
             lo, hi = percentile_range(sample.ravel(), stretch)

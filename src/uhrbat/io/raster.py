@@ -41,7 +41,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from uhrbat.errors import ImageLoadError
 from uhrbat.io.formats import GDAL_DRIVERS, UNTRUSTED_FORMATS, check_file, describe_head, read_head, sniff
-from uhrbat.io.geo import GeoRef
+from uhrbat.io.geo import GeoRef, short_gdal_message, transform_problem
 from uhrbat.io.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_OVERSAMPLE,
@@ -126,7 +126,7 @@ def untrusted_driver(path: Path | str) -> tuple[Path, str]:
             f"untrusted input must be a local file path, got {raw!r}; GDAL virtual paths "
             f"(/vsi...) and URLs are only read with trust='local'"
         )
-    p = check_file(os.path.realpath(raw))
+    p = check_file(os.path.realpath(check_file(raw)))  # checked before realpath: a NUL byte is a clear error
     head = read_head(p)
     kind = sniff(head)
     if kind not in UNTRUSTED_FORMATS:
@@ -137,21 +137,38 @@ def untrusted_driver(path: Path | str) -> tuple[Path, str]:
     return p, GDAL_DRIVERS[kind][0]
 
 
-def georef_of(ds: Any) -> GeoRef | None:
-    """CRS + affine transform of an open dataset, or None when it is not georeferenced."""
+def read_georef(ds: Any, label: str = "raster") -> tuple[GeoRef | None, str | None]:
+    """(georeference, note) of an open dataset.
+
+    `(None, None)`: not georeferenced. `(None, note)`: the file has a georeference we refuse to
+    use (a NaN / inf / singular pixel-to-map transform, issue 18): the image is read as not
+    georeferenced and `note` says so. A CRS that cannot be transformed to WGS84 is kept (CRS
+    coordinates still work) with `GeoRef.wgs84_error` set, found here at open time."""
     crs = ds.crs
     transform = ds.transform
     if transform.is_identity:
         gcps, gcp_crs = ds.gcps
-        if gcps:
-            from rasterio.transform import from_gcps
+        if not gcps:
+            return None, None
+        from rasterio.transform import from_gcps
 
+        try:
             transform, crs = from_gcps(gcps), gcp_crs
-        else:
-            return None
-    if crs is None and transform.is_identity:
-        return None
-    return GeoRef(crs=crs, transform=transform)
+        except Exception as e:  # degenerate / non-finite GCPs
+            return None, _ignored(label, f"its ground control points give no transform ({short_gdal_message(e)})")
+    problem = transform_problem(tuple(transform)[:6])
+    if problem:
+        return None, _ignored(label, problem)
+    return GeoRef(crs=crs, transform=transform).checked_wgs84((int(ds.width), int(ds.height))), None
+
+
+def _ignored(label: str, problem: str) -> str:
+    return f"the georeference of {label} was ignored: {problem}; coordinates are image pixels"
+
+
+def georef_of(ds: Any) -> GeoRef | None:
+    """CRS + affine transform of an open dataset, or None (see `read_georef`)."""
+    return read_georef(ds)[0]
 
 
 def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIXELS, *, trust: str = "local") -> bool:
@@ -167,7 +184,7 @@ def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIX
             if ds.driver not in ("GTiff", "COG", "JP2OpenJPEG", "JPEG2000", "JP2KAK", "JP2ECW"):
                 return True
             plain = (
-                georef_of(ds) is None
+                read_georef(ds) == (None, None)
                 and all(dt == "uint8" for dt in ds.dtypes)
                 and ds.count <= 4
                 and all(v is None for v in ds.nodatavals)
@@ -284,7 +301,9 @@ class RasterSource:
             check_pixel_limit(self.path, self._size, max_pixels)
         if self.trust == "untrusted":
             self._check_blocks(ds)
-        self.georef = georef_of(ds)
+        self.georef, self.georef_note = read_georef(ds, self.label)
+        if self.georef_note:
+            warnings.warn(self.georef_note, stacklevel=4)
         ci = list(ds.colorinterp)
         self.mode = "bands"
         self._lut = None

@@ -74,6 +74,7 @@ from uhrbat.io.images import (
     pil_open,
     pixel_limit_error,
 )
+from uhrbat.io.tiff import check_tiff_layout
 
 Trust = Literal["local", "untrusted"]
 #: Untrusted progressive JPEGs above this many pixels are refused: libjpeg keeps every DCT
@@ -193,6 +194,8 @@ def _open_path(image: str | os.PathLike, trust: Trust, opts: dict[str, Any]) -> 
     raw = os.fspath(image)
     if isinstance(raw, bytes):
         raw = os.fsdecode(raw)
+    if "\x00" in raw:  # os.stat / realpath / GDAL would raise a bare ValueError (or truncate the name)
+        raise ImageLoadError(f"image path contains a NUL byte, which no file name can: {raw!r}")
     untrusted = trust == "untrusted"
     if untrusted:
         _refuse_virtual(raw)
@@ -237,6 +240,8 @@ def _open_file(
         "trust": trust,
     }
     formats = PIL_FORMATS.get(kind) if untrusted else None
+    if kind == "tiff":  # before any decoder: strip / tile tables that point into the header, ...
+        check_tiff_layout(p, strict=untrusted)
     have_gdal = rasterio_available()
     if kind in ("tiff", "jp2") and have_gdal:
         from uhrbat.io.raster import RasterSource, wants_raster_reader
