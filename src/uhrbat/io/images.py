@@ -186,11 +186,20 @@ def stretch_to_uint8(band: np.ndarray, lo: float, hi: float, rows: int = 1024) -
     that is still empty or not finite maps every finite value to mid-grey (128)."""
     out = np.empty(band.shape, dtype=np.uint8)
     lo, hi = float(lo), float(hi)
-    span = hi - lo
-    degenerate = not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(span) and span > 0)
+    # A span past float64's range (-1e308 .. 1e308) is stretched on halved values.
+    pre = 0.5 if math.isfinite(lo) and math.isfinite(hi) and not math.isfinite(hi - lo) else 1.0
+    lo, span = lo * pre, hi * pre - lo * pre
+    degenerate = not (math.isfinite(lo) and math.isfinite(span) and span > 0)
     with np.errstate(over="ignore"):
-        f32 = not degenerate and np.isfinite(np.float32(255.0 / span)) and np.float32(lo) != np.float32(hi)
-    dtype = np.float32 if f32 and np.isfinite(np.float32(lo)) and np.isfinite(np.float32(hi)) else np.float64
+        f32 = (
+            not degenerate
+            and pre == 1.0
+            and np.isfinite(np.float32(255.0 / span))
+            and np.float32(lo) != np.float32(hi)
+            and np.isfinite(np.float32(lo))
+            and np.isfinite(np.float32(hi))
+        )
+    dtype = np.float32 if f32 else np.float64
     scale = 0.0 if degenerate else 255.0 / span
     flat = band.reshape(-1, band.shape[-1]) if band.ndim > 1 else band.reshape(1, -1)
     dst = out.reshape(flat.shape)
@@ -200,6 +209,8 @@ def stretch_to_uint8(band: np.ndarray, lo: float, hi: float, rows: int = 1024) -
             if degenerate:  # finite -> 128, NaN -> 0, +-inf -> 255 / 0 (as below)
                 x = np.where(np.isfinite(x), dtype(127.5), x)
             else:
+                if pre != 1.0:
+                    x *= pre
                 x -= lo
                 x *= scale
         np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
