@@ -349,26 +349,65 @@ def token_regions(tokens: Sequence[Any], source: Any) -> list[TokenRegion]:
     return out
 
 
+def scene_mapping(source: Any) -> tuple[float, float, float, float]:
+    """`(x0, y0, sx, sy)`: source pixel `(x, y)` is scene pixel `(x0 + sx * x, y0 + sy * y)`.
+
+    A source opened with a region (`uhrbat.io.regions`) is a window of a larger scene; every
+    pixel output (`box_px`, pixel files) is in the scene's pixels, so it can be laid over the
+    full image. `(0, 0, 1, 1)` for a whole image."""
+    region = None if isinstance(source, (tuple, list)) else getattr(source, "region", None)
+    if region is None:
+        return 0.0, 0.0, 1.0, 1.0
+    return region.scene_mapping
+
+
+def _scene_box(box: Sequence[float], m: tuple[float, float, float, float]) -> list[float]:
+    x0, y0, sx, sy = m
+    return [
+        round(x0 + sx * box[0], 3),
+        round(y0 + sy * box[1], 3),
+        round(x0 + sx * box[2], 3),
+        round(y0 + sy * box[3], 3),
+    ]
+
+
+def _scene_size(source: Any) -> tuple[int, int]:
+    region = None if isinstance(source, (tuple, list)) else getattr(source, "region", None)
+    return tuple(region.scene_size) if region is not None else _size_of(source)  # type: ignore[return-value]
+
+
+def _crs_box(georef: GeoRef, box: Sequence[float]) -> list[float]:
+    """The bounding box, in the image CRS, of a pixel box's corners (full precision)."""
+    X, Y = georef.pixel_to_crs([box[0], box[2], box[2], box[0]], [box[1], box[1], box[3], box[3]])
+    return [float(X.min()), float(Y.min()), float(X.max()), float(Y.max())]
+
+
 def pixel_boxes(tokens: Sequence[Any], source: Any) -> list[list[float] | None]:
-    """Per token (same order): `[x0, y0, x1, y1]` in original-image pixels, or None when the
-    token lies entirely in the padding. Merged tokens: the union box of their members."""
+    """Per token (same order): `[x0, y0, x1, y1]` in the scene's pixels (the original image's;
+    a region's offset added, see `scene_mapping`), or None when the token lies entirely in the
+    padding. Merged tokens: the union box of their members."""
     boxes: list[list[float] | None] = [None] * len(tokens)
+    m = scene_mapping(source)
     for r in token_regions(tokens, source):
-        boxes[r.index] = [round(v, 3) for v in r.box]
+        boxes[r.index] = _scene_box(r.box, m)
     return boxes
 
 
 def tokens_with_boxes(tokens: Sequence[Any], source: Any) -> list[dict[str, Any]]:
     """`token.to_dict()` plus `box_px` (see `pixel_boxes`) and, for georeferenced sources,
-    `box_crs` (the pixel box's corners' bounding box in the image CRS) — for `ask --json`."""
+    `box_crs` (the pixel box's corners' bounding box in the image CRS, full precision) — for
+    `ask --json`."""
     georef = _georef_of(source)
+    m = scene_mapping(source)
+    boxes: list[tuple[float, float, float, float] | None] = [None] * len(tokens)
+    for r in token_regions(tokens, source):
+        boxes[r.index] = r.box
     out = []
-    for tok, box in zip(tokens, pixel_boxes(tokens, source)):
+    for tok, box in zip(tokens, boxes):
         d = tok.to_dict() if hasattr(tok, "to_dict") else dict(vars(tok))
-        d["box_px"] = box
+        d["box_px"] = None if box is None else _scene_box(box, m)
         if georef is not None and box is not None:
-            X, Y = georef.pixel_to_crs([box[0], box[2], box[2], box[0]], [box[1], box[1], box[3], box[3]])
-            d["box_crs"] = [float(X.min()), float(Y.min()), float(X.max()), float(Y.max())]
+            d["box_crs"] = _crs_box(georef, box)
         out.append(d)
     return out
 
@@ -435,7 +474,55 @@ def region_geometry(
 
 
 # ----------------------------------------------------------------------------- GeoJSON
-_DIGITS = {"wgs84": 9, "crs": 4, "pixel": 3}
+_DIGITS = {"wgs84": 9, "crs": 4}
+
+
+def _token_properties(reg: TokenRegion, georef: GeoRef | None, m: tuple[float, float, float, float]) -> dict:
+    tok = reg.token
+    props: dict[str, Any] = {
+        "index": reg.index,
+        "scale": int(tok.scale),
+        "score": float(tok.score),
+        "status": "merged" if reg.merged else "kept",
+        "merged": reg.merged,
+        "kept": not reg.merged,
+        "group": int(tok.group),
+        "tile": int(tok.tile),
+        "row": int(tok.row),
+        "col": int(tok.col),
+        "n_members": reg.n_members,
+        "members_in_padding": reg.n_in_padding,
+        "box_px": _scene_box(reg.box, m),
+    }
+    if georef is not None:
+        props["box_crs"] = _crs_box(georef, reg.box)
+    return props
+
+
+def _image_info(source: Any) -> dict[str, Any]:
+    """The scene a document describes: size, CRS / transform (the scene's, also for a region),
+    path, and the region (window) when there is one."""
+    region = None if isinstance(source, (tuple, list)) else getattr(source, "region", None)
+    georef = region.scene_georef if region is not None else _georef_of(source)
+    info: dict[str, Any] = {"size": list(_scene_size(source)), **({} if georef is None else georef.to_dict())}
+    path = getattr(source, "path", None)
+    if path is not None:
+        info["path"] = str(path)
+    if region is not None:
+        info["region"] = region.to_dict()
+    return info
+
+
+def legacy_crs_member(georef: GeoRef) -> dict[str, Any]:
+    """The GeoJSON 2008 `crs` member naming the image CRS: GDAL, QGIS and most GIS read it, so
+    a `coordinates="crs"` file lands where it should (RFC 7946 dropped the member)."""
+    epsg = georef.crs_name if (georef.crs_name or "").startswith("EPSG:") else None
+    if epsg:
+        name = f"urn:ogc:def:crs:EPSG::{epsg.split(':', 1)[1]}"
+    else:
+        to_wkt = getattr(georef.crs, "to_wkt", None)
+        name = to_wkt() if callable(to_wkt) else str(georef.crs)
+    return {"type": "name", "properties": {"name": name}}
 
 
 def tokens_geojson(
@@ -447,70 +534,56 @@ def tokens_geojson(
     densify: int = 0,
     properties: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The FeatureCollection `write_geojson` writes (see there)."""
+    """The FeatureCollection `write_geojson` writes (see there).
+
+    Only map coordinates: an image without a georeference raises `NotGeoreferencedError`
+    (GeoJSON is read as WGS84 longitude/latitude by every GIS; pixel coordinates would be placed
+    off the globe, issue 23): use `tokens_pixel_json` for a pixel-space file, or `kept_tokens_document`
+    to get whichever fits the image."""
     if merged_geometry not in ("cells", "bbox"):
         raise ValueError(f"merged_geometry must be 'cells' or 'bbox', got {merged_geometry!r}")
-    size = _size_of(source)
-    georef = _georef_of(source)
-    if coordinates == "auto":
-        coordinates = "wgs84" if georef is not None and georef.crs is not None else "pixel"
-    if coordinates == "wgs84" and (georef is None or georef.crs is None):
-        raise ValueError(
-            "WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'"
-            + (f" ({source.georef_note})" if getattr(source, "georef_note", None) else "")
+    if coordinates not in ("auto", "wgs84", "crs"):
+        raise GeoError(
+            f"GeoJSON coordinates must be 'auto', 'wgs84' or 'crs', got {coordinates!r}; pixel coordinates are "
+            f"written by tokens_pixel_json / write_pixel_json (a {PIXEL_JSON_SUFFIX} file), never as GeoJSON"
         )
-    ndigits = _DIGITS[coordinates] if coordinates in _DIGITS else None
+    georef = _georef_of(source)
+    if coordinates == "crs":
+        if georef is None or georef.crs is None:
+            map_ready(source)  # raises NotGeoreferencedError with the reason
+    else:
+        georef = map_ready(source)
+        coordinates = "wgs84"
+    assert georef is not None
+    ndigits = _DIGITS[coordinates]
+    m = scene_mapping(source)
     regions = token_regions(tokens, source)
     features = []
     for reg in regions:
-        tok = reg.token
-        props: dict[str, Any] = {
-            "index": reg.index,
-            "scale": int(tok.scale),
-            "score": float(tok.score),
-            "status": "merged" if reg.merged else "kept",
-            "merged": reg.merged,
-            "kept": not reg.merged,
-            "group": int(tok.group),
-            "tile": int(tok.tile),
-            "row": int(tok.row),
-            "col": int(tok.col),
-            "n_members": reg.n_members,
-            "members_in_padding": reg.n_in_padding,
-            "box_px": [round(v, 3) for v in reg.box],
-        }
-        if georef is not None:
-            X, Y = georef.pixel_to_crs(
-                [reg.box[0], reg.box[2], reg.box[2], reg.box[0]], [reg.box[1], reg.box[1], reg.box[3], reg.box[3]]
-            )
-            props["box_crs"] = [round(float(v), 4) for v in (X.min(), Y.min(), X.max(), Y.max())]
         geom = region_geometry(
             reg, coordinates, georef, merged_geometry=merged_geometry, densify=densify, ndigits=ndigits
         )
-        features.append({"type": "Feature", "id": reg.index, "geometry": geom, "properties": props})
+        features.append(
+            {"type": "Feature", "id": reg.index, "geometry": geom, "properties": _token_properties(reg, georef, m)}
+        )
     fc: dict[str, Any] = {"type": "FeatureCollection"}
+    if coordinates == "crs":
+        fc["crs"] = legacy_crs_member(georef)
     all_pts = [p for f in features for p in _points(f["geometry"])]
     if all_pts:
         arr = np.asarray(all_pts)
         fc["bbox"] = [float(v) for v in (arr[:, 0].min(), arr[:, 1].min(), arr[:, 0].max(), arr[:, 1].max())]
     fc["coordinate_space"] = coordinates
-    if coordinates == "pixel":
+    if coordinates == "crs":
         fc["coordinate_note"] = (
-            "coordinates are original-image pixels (x right, y down, origin at the top-left "
-            "corner of the image), NOT longitude/latitude: "
-            + (getattr(source, "georef_note", None) or "the image has no georeference")
+            f"coordinates are in the image CRS {georef.crs_name} (named by the legacy 'crs' member; not RFC 7946 WGS84)"
         )
-    elif coordinates == "crs":
-        fc["coordinate_note"] = f"coordinates are in the image CRS {georef.crs_name} (not RFC 7946 WGS84)"
-    fc["image"] = {"size": list(size), **({} if georef is None else georef.to_dict())}
-    path = getattr(source, "path", None)
-    if path is not None:
-        fc["image"]["path"] = str(path)
+    fc["image"] = _image_info(source)
     fc["merged_geometry"] = merged_geometry
     fc["tokens_total"] = len(tokens)
     fc["tokens_in_padding_dropped"] = len(tokens) - len(regions)
     if properties:
-        fc.update({k: v for k, v in properties.items() if k not in ("type", "features")})
+        fc.update({k: v for k, v in properties.items() if k not in ("type", "features", "crs")})
     fc["features"] = features
     return fc
 
@@ -519,6 +592,15 @@ def _points(geom: dict[str, Any]) -> list[list[float]]:
     if geom["type"] == "Polygon":
         return [p for ring in geom["coordinates"] for p in ring]
     return [p for poly in geom["coordinates"] for ring in poly for p in ring]
+
+
+def _dump(path: str | os.PathLike, doc: dict[str, Any]) -> None:
+    try:
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:  # a NaN / inf slipped into a coordinate: never write invalid JSON
+        raise GeoError(f"refusing to write {path}: {e}") from None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
 
 
 def write_geojson(
@@ -533,21 +615,87 @@ def write_geojson(
 ) -> dict[str, Any]:
     """Write the kept / merged tokens as an RFC 7946 GeoJSON FeatureCollection; returns it.
 
-    coordinates: 'auto' (WGS84 lon/lat when the source is georeferenced with a CRS, else pixel
-        coordinates, flagged by the top-level `coordinate_space` / `coordinate_note` members),
-        'wgs84', 'pixel', or 'crs' (image CRS; not RFC 7946).
+    coordinates: 'auto' / 'wgs84' (longitude/latitude; the image must be georeferenced with a
+        CRS that transforms to WGS84, else `NotGeoreferencedError` / `GeoTransformError` before
+        anything is written: check early with `map_ready(source)`), or 'crs' (the image CRS,
+        named by the legacy `crs` member that GDAL / QGIS read; not RFC 7946).
     merged_geometry: 'cells' (MultiPolygon of a merged token's member cells) or 'bbox'.
     properties: extra top-level members (e.g. question, answer, model).
     Each feature has properties scale, score, status ('kept' | 'merged'), merged, kept, group,
-    tile, row, col, n_members, members_in_padding, box_px and (georeferenced) box_crs.
+    tile, row, col, n_members, members_in_padding, box_px (scene pixels) and box_crs (image CRS,
+    full precision). For a region the coordinates are the scene's and `image.region` names the
+    window. Images without a georeference: `write_pixel_json`.
     """
     fc = tokens_geojson(
         tokens, source, coordinates=coordinates, merged_geometry=merged_geometry, densify=densify, properties=properties
     )
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(fc, f, separators=(",", ":"))
-        f.write("\n")
+    _dump(path, fc)
     return fc
+
+
+# ----------------------------------------------------------------------------- pixel-space file
+PIXEL_FORMAT = "uhrbat.pixel-boxes/1"
+
+
+def tokens_pixel_json(
+    tokens: Sequence[Any], source: Any, *, properties: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Kept / merged tokens in scene pixels, in a document no GIS reads as GeoJSON.
+
+    `{"format": "uhrbat.pixel-boxes/1", "coordinate_space": "pixel", "coordinate_note": ...,
+    "image": {...}, "tokens_total", "tokens_in_padding_dropped", "tokens": [...]}`: one entry per
+    token outside the padding with the GeoJSON feature's properties (`box_px`, ...) and
+    `rects_px` (a merged token's member cells joined by row; the box otherwise). Pixels are
+    edges, x right, y down, origin at the scene's top-left corner. No `type` /
+    `coordinates` members: a GIS tool refuses the file instead of placing pixels on the globe."""
+    georef = _georef_of(source)
+    m = scene_mapping(source)
+    regions = token_regions(tokens, source)
+    why = getattr(source, "georef_note", None) or (
+        "the image has no georeference"
+        if georef is None
+        else georef.wgs84_error or ("it has no CRS" if georef.crs is None else "written in pixels on request")
+    )
+    doc: dict[str, Any] = {
+        "format": PIXEL_FORMAT,
+        "coordinate_space": "pixel",
+        "coordinate_note": (
+            "scene pixels (x right, y down, origin at the top-left corner of the image), NOT longitude/latitude: " + why
+        ),
+        "image": _image_info(source),
+        "tokens_total": len(tokens),
+        "tokens_in_padding_dropped": len(tokens) - len(regions),
+    }
+    if properties:
+        doc.update({k: v for k, v in properties.items() if k not in ("format", "tokens", "type")})
+    doc["tokens"] = [
+        {**_token_properties(reg, georef, m), "rects_px": [_scene_box(r, m) for r in reg.geometry_rects("cells")]}
+        for reg in regions
+    ]
+    return doc
+
+
+def write_pixel_json(
+    path: str | os.PathLike, tokens: Sequence[Any], source: Any, *, properties: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write `tokens_pixel_json` to `path` (name it `*.pixels.json`, `PIXEL_JSON_SUFFIX`); returns it."""
+    doc = tokens_pixel_json(tokens, source, properties=properties)
+    _dump(path, doc)
+    return doc
+
+
+def kept_tokens_document(
+    tokens: Sequence[Any], source: Any, *, properties: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
+    """`(document, suffix)` for an output folder of many images (batch, demo downloads):
+    GeoJSON in WGS84 and ".geojson" when `map_ready(source)` holds, else the pixel file and
+    `PIXEL_JSON_SUFFIX`, whose `coordinate_note` says why. The suffix names the format, so a
+    pixel file is never saved where a GIS expects GeoJSON."""
+    try:
+        map_ready(source)
+    except GeoError:
+        return tokens_pixel_json(tokens, source, properties=properties), PIXEL_JSON_SUFFIX
+    return tokens_geojson(tokens, source, properties=properties), ".geojson"
 
 
 #: Alias (the name `uhrbat ask --json` uses).

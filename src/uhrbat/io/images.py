@@ -376,6 +376,10 @@ class PILSource:
     georef = None
     #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
     georef_note: str | None = None
+    #: How messages name the image (its path or upload name), when it came from a file.
+    label: str | None = None
+    #: The window of a larger scene this source shows (`uhrbat.io.regions.Region`), or None.
+    region = None
 
     def __init__(
         self,
@@ -415,6 +419,7 @@ class JPEGDraftSource:
     georef = None
     #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
     georef_note: str | None = None
+    region = None
 
     def __init__(
         self,

@@ -173,10 +173,10 @@ def open_image_bytes(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    src.label = name  # later messages name the upload, not the private copy
     if isinstance(src, PILSource):
         shutil.rmtree(tmp, ignore_errors=True)  # decoded in memory: the file is no longer needed
     else:  # lazy sources re-read the file for each square: remove it with the source
-        src.label = name  # later read errors name the upload, not the private copy
         weakref.finalize(src, shutil.rmtree, tmp, True)
     return src
 
@@ -292,6 +292,7 @@ def _open_file(
             exact_max_pixels=exact_max_pixels,
             oversample=oversample,
         )
+        src.label = str(p)
         if geotiff and not have_gdal:
             _note_geotiff_without_rasterio(src, p)
         return src
