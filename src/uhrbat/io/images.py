@@ -479,14 +479,20 @@ def load_pil(
     stretch: Sequence[float] | None = DEFAULT_STRETCH,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     formats: Sequence[str] | None = None,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> Image.Image:
-    """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files."""
+    """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files.
+
+    `crop` (x0, y0, x1, y1 of the upright image) is cut *before* the value conversion, so the
+    percentile stretch of high-bit data is the crop's own, as for the crop saved as a file."""
     p = check_file(path)
     try:
         with pil_open(p, max_pixels, formats) as im:
             check_pixel_limit(p, im.size, max_pixels)
             im.load()
             im = ImageOps.exif_transpose(im)
+            if crop is not None:
+                im = im.crop(crop)
             return convert_pil(im, bands=bands, stretch=stretch, what=f"image {p}")
     except ImageLoadError:
         raise
