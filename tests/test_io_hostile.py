@@ -121,6 +121,26 @@ def test_non_finite_or_singular_pixel_scale_is_not_georeferenced_with_a_note(tmp
     assert "--json" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_ground_control_points_give_a_fitted_transform_or_a_note(tmp_path) -> None:
+    from rasterio.control import GroundControlPoint as G
+
+    data = np.zeros((1, 20, 30), np.uint8) + 50
+    good = [G(0, 0, 500000, 6000000), G(0, 30, 500300, 6000000), G(20, 0, 500000, 5999800), G(20, 30, 500300, 5999800)]
+    for name, gcps, ok in (("fit.tif", good, True), ("line.tif", [G(i, i, 5e5 + i, 6e6 - i) for i in range(4)], False)):
+        p = tmp_path / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(p, "w", driver="GTiff", width=30, height=20, count=1, dtype="uint8") as ds:
+                ds.write(data)
+                ds.gcps = (gcps, CRS.from_epsg(32633))
+            if ok:
+                src = open_image(p)
+                assert src.georef.coefficients == pytest.approx((10, 0, 500000, 0, -10, 6000000), abs=1e-6)
+                continue
+        with pytest.warns(UserWarning, match="collinear"):
+            assert open_image(p).georef is None
+
+
 def test_georef_refuses_non_finite_transforms_itself() -> None:
     from uhrbat.io.geo import GeoRef
 

@@ -42,7 +42,7 @@ from rasterio.windows import Window
 
 from uhrbat.errors import ImageLoadError, RegionError
 from uhrbat.io.formats import GDAL_DRIVERS, UNTRUSTED_FORMATS, check_file, describe_head, read_head, sniff
-from uhrbat.io.geo import GeoRef, short_gdal_message, transform_problem
+from uhrbat.io.geo import GeoRef, transform_problem
 from uhrbat.io.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_OVERSAMPLE,
@@ -154,16 +154,35 @@ def read_georef(ds: Any, label: str = "raster") -> tuple[GeoRef | None, str | No
         gcps, gcp_crs = ds.gcps
         if not gcps:
             return None, None
-        from rasterio.transform import from_gcps
-
-        try:
-            transform, crs = from_gcps(gcps), gcp_crs
-        except Exception as e:  # degenerate / non-finite GCPs
-            return None, _ignored(label, f"its ground control points give no transform ({short_gdal_message(e)})")
+        transform, problem = _affine_from_gcps(gcps)
+        if problem:
+            return None, _ignored(label, problem)
+        crs = gcp_crs
     problem = transform_problem(tuple(transform)[:6])
     if problem:
         return None, _ignored(label, problem)
     return GeoRef(crs=crs, transform=transform).checked_wgs84((int(ds.width), int(ds.height))), None
+
+
+def _affine_from_gcps(gcps: Sequence[Any]) -> tuple[Any, str | None]:
+    """The least-squares affine transform through ground control points, or (None, why).
+
+    Fitted here rather than with GDAL's GCPsToGeoTransform, whose result rasterio returns even
+    when the fit failed (uninitialised numbers for a single GCP, e.g. a GeoTIFF whose pixel
+    scale is zero)."""
+    from affine import Affine
+
+    pts = np.array([(g.col, g.row, g.x, g.y) for g in gcps], dtype=np.float64)
+    if len(pts) < 3:
+        return None, f"it has {len(pts)} ground control point(s) and no usable transform (an affine fit needs 3)"
+    if not np.isfinite(pts).all():
+        return None, "its ground control points have non-finite coordinates"
+    A = np.column_stack([pts[:, 0], pts[:, 1], np.ones(len(pts))])
+    if np.linalg.matrix_rank(A) < 3:
+        return None, "its ground control points are collinear (no affine transform through them)"
+    cx = np.linalg.lstsq(A, pts[:, 2], rcond=None)[0]
+    cy = np.linalg.lstsq(A, pts[:, 3], rcond=None)[0]
+    return Affine(*cx, *cy), None
 
 
 def _ignored(label: str, problem: str) -> str:
