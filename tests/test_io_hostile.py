@@ -272,3 +272,49 @@ def test_layout_check_refuses_ifd_loops_and_huge_tables(tmp_path) -> None:
         open_image(tmp_path / "many.tif", trust="untrusted")
     with pytest.raises(ImageLoadError, match="inconsistent TIFF"):
         open_image_bytes(_strip_tiff(100, 1_000_000, offset=0))
+
+
+# ----------------------------------------------------------------------------- item 12: elongated images
+@pytest.mark.parametrize("shape", [(1, 500), (500, 1), (3, 3000), (3000, 3), (400, 250), (700, 699)])
+@pytest.mark.parametrize("side", [7, 336, 672])
+def test_padded_resize_equals_the_two_pass_resize_of_the_canvas(shape, side, monkeypatch) -> None:
+    from uhrbat.io import images
+
+    w, h = shape
+    rng = np.random.default_rng(w * 7 + h)
+    small = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    L = max(w, h)
+    g = min(1.0, 2 * side / L)
+    small = small.resize((max(1, round(w * g)), max(1, round(h * g))))
+    cw, ch, px0, py0, box = images.reduced_geometry((w, h), small.size)
+    canvas = Image.new("RGB", (cw, ch), images.PAD_RGB)
+    canvas.paste(small, (px0, py0))
+    bicubic = Image.Resampling.BICUBIC
+    two_pass = canvas.resize((side, ch), bicubic, box=(box[0], 0, box[2], ch))
+    two_pass = np.asarray(two_pass.resize((side, side), bicubic, box=(0, box[1], side, box[3])))
+    one_call = np.asarray(canvas.resize((side, side), bicubic, box=box)).astype(int)
+    for band_bytes in (1 << 22, 4096, 64):  # many small bands give the same result
+        monkeypatch.setattr(images, "BAND_BYTES", band_bytes)
+        got = np.asarray(images.square_from_reduced(small, (w, h), side))
+        assert np.array_equal(got, two_pass)
+        assert np.abs(got.astype(int) - one_call).max() <= 2  # Pillow may run one call's passes the other way
+
+
+def test_elongated_png_costs_about_what_a_normal_image_costs(tmp_path) -> None:
+    """Issue 18 item 12: a 1 x 100,000 PNG (a few hundred bytes) used to cost ~+409 MB over a
+    normal image for the 672..4032 pyramid (an ~8066^2 padded canvas and Pillow's intermediate)."""
+    from untrusted_corpus import png_bytes, run_worker
+
+    (tmp_path / "tall.png").write_bytes(png_bytes(1, 100_000))
+    (tmp_path / "wide.png").write_bytes(png_bytes(100_000, 1))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(
+        tmp_path / "normal.png"
+    )
+    items = [(tmp_path / n, "untrusted") for n in ("normal.png", "tall.png", "wide.png")]
+    normal, tall, wide = run_worker(items, side=(672, 1344, 2688, 4032), timeout=120)
+    assert normal["status"] == tall["status"] == wide["status"] == "ok", (normal, tall, wide)
+    assert tall["peak_mb"] < normal["peak_mb"] + 120 and wide["peak_mb"] < normal["peak_mb"] + 120, (
+        normal["peak_mb"],
+        tall["peak_mb"],
+        wide["peak_mb"],
+    )

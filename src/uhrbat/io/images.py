@@ -136,9 +136,74 @@ def square_from_reduced(
 ) -> Image.Image:
     """`pad_to_square(original).resize((side, side))` geometry from a reduced RGB copy."""
     cw, ch, px0, py0, box = reduced_geometry(full_size, image.size)
-    canvas = Image.new("RGB", (cw, ch), fill)
-    canvas.paste(image, (px0, py0))
-    return canvas.resize((side, side), Image.Resampling.BICUBIC, box=box)
+    return padded_resize(image, (cw, ch), (px0, py0), side, box, fill)
+
+
+#: Bytes of one band of the virtual canvas `padded_resize` builds at a time.
+BAND_BYTES = 32 * 2**20
+
+
+def padded_resize(
+    image: Image.Image,
+    canvas_size: tuple[int, int],
+    offset: tuple[int, int],
+    side: int,
+    box: tuple[float, float, float, float] | None = None,
+    fill: tuple[int, int, int] = PAD_RGB,
+) -> Image.Image:
+    """`canvas.resize((side, side), BICUBIC, box=box)` as two explicit 1-D bicubic passes,
+    horizontal then vertical, where `canvas` is a `canvas_size` RGB image filled with `fill` and
+    `image` pasted at `offset` — without ever materialising the canvas (for a 1 x 100,000 strip
+    it would be ~all padding; issue 18).
+
+    The result is bit for bit `canvas.resize((side, ch), box=(bx0, 0, bx1, ch))` followed by
+    `.resize((side, side), box=(0, by0, side, by1))`: Pillow's own two-pass algorithm with its
+    8-bit intermediate (a single `resize` call may run the passes in the other order, a
+    difference of a level or two on a few pixels). Both passes run on bands: the horizontal one
+    on bands of canvas rows that hold image pixels (padding-only rows give padding-only
+    intermediate rows), keeping only the intermediate columns the image reaches; the vertical
+    one on bands of those columns (the others are padding in the output). Every band is resized
+    with the full pass's box and sizes, so its filter coefficients are the full pass's, and
+    padding-only pixels come out as `fill` exactly (normalised coefficients keep a constant).
+    Memory: the output, the image's reach in the intermediate and one band (`BAND_BYTES`).
+    Used for the reduced path only; the reference's exact path keeps Pillow's single call."""
+    cw, ch = canvas_size
+    px, py = offset
+    w, h = image.size
+    bx0, by0, bx1, by1 = box if box is not None else (0.0, 0.0, float(cw), float(ch))
+    out = Image.new("RGB", (side, side), fill)
+    # Canvas columns / rows the image occupies (clipped to the canvas).
+    ix0, ix1, iy0, iy1 = max(px, 0), min(px + w, cw), max(py, 0), min(py + h, ch)
+    if ix1 <= ix0 or iy1 <= iy0:  # the image is off the canvas: all padding
+        return out
+    image = image if image.mode in ("RGB", "RGBX") else image.convert("RGB")  # RGBX: converted per band
+    # Intermediate columns whose horizontal filter reaches an image column (bicubic support 2,
+    # widened by the downscale factor), with a margin: extra columns are computed, not guessed.
+    scale = (bx1 - bx0) / side
+    support = 2.0 * max(scale, 1.0)
+    c0 = max(0, math.floor((ix0 - support - bx0) / scale - 0.5) - 2)
+    c1 = min(side, math.ceil((ix1 + support - bx0) / scale + 0.5) + 2)
+    if c1 <= c0:
+        return out
+    # Pass 1: rows of the canvas that hold image pixels -> intermediate rows, columns c0..c1.
+    strip = Image.new("RGB", (c1 - c0, iy1 - iy0))
+    rows = max(1, BAND_BYTES // (4 * cw))
+    for r in range(iy0, iy1, rows):
+        n = min(rows, iy1 - r)
+        band = Image.new("RGB", (cw, n), fill)
+        band.paste(image.crop((0, r - py, w, r - py + n)), (px, 0))
+        hz = band.resize((side, n), Image.Resampling.BICUBIC, box=(bx0, 0, bx1, n))
+        strip.paste(hz.crop((c0, 0, c1, n)), (0, r - iy0))
+        del band, hz
+    # Pass 2: columns c0..c1 of the intermediate (padding above / below the strip) -> output.
+    cols = max(1, BAND_BYTES // (4 * ch))
+    for c in range(c0, c1, cols):
+        k = min(cols, c1 - c)
+        band = Image.new("RGB", (k, ch), fill)
+        band.paste(strip.crop((c - c0, 0, c - c0 + k, iy1 - iy0)), (0, iy0))
+        out.paste(band.resize((k, side), Image.Resampling.BICUBIC, box=(0, by0, k, by1)), (c, 0))
+        del band
+    return out
 
 
 # ----------------------------------------------------------------------------- value conversion

@@ -55,7 +55,6 @@ from uhrbat.io.images import (
     check_pixel_limit,
     parse_bands,
     percentile_range,
-    reduced_geometry,
     reduced_scale,
     square_from_reduced,
     stretch_to_uint8,
@@ -635,12 +634,11 @@ class RasterSource:
         if self.driver in SEQUENTIAL_DRIVERS:  # from the streamed copy (re-streamed only for a bigger side)
             return square_from_reduced(self.reduced(g), self._size, side)
         w, h = max(1, round(W * g)), max(1, round(H * g))
-        cw, ch, px0, py0, box = reduced_geometry(self._size, (w, h))
-        # One RGBX canvas shared with Pillow (zero-copy): the read lands directly in it.
-        canvas = _pad_canvas(cw, ch)
-        self._read_checked(w, h, out=canvas[py0 : py0 + h, px0 : px0 + w])
-        im = Image.frombuffer("RGBX", (cw, ch), canvas, "raw", "RGBX", 0, 1)
-        return im.resize((side, side), Image.Resampling.BICUBIC, box=box).convert("RGB")
+        # The read lands in an RGBX array shared with Pillow (zero-copy); the padded square is
+        # resampled from it in bands, never materialised (see `padded_resize`).
+        reduced = self._read_checked(w, h)
+        im = Image.frombuffer("RGBX", (w, h), reduced, "raw", "RGBX", 0, 1)
+        return square_from_reduced(im, self._size, side)
 
 
 def _pad_canvas(w: int, h: int) -> np.ndarray:
