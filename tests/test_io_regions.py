@@ -279,3 +279,34 @@ def test_huge_png_region_is_streamed_through_gdal(tmp_path) -> None:
     assert src.size == (400, 300) and src.region.pixels == (15000, 12000, 15400, 12300)
     a = np.asarray(src.square(400))
     assert (a[50:350] == 0x40).all() and (a[:50] == PAD_RGB).all()
+
+
+@pytest.mark.slow
+def test_region_of_a_20000_px_cog_reads_only_the_window(tmp_path) -> None:
+    """Issue 21: a 2,000-px window of a generated 20,000^2 COG with overviews, read and tiled
+    (672..4032, 228 tiles) in a fresh process, peaks well under 1.5 GB and gives the cut file's
+    tiles; the same window in map coordinates gives the same pixels (benchmarks/region_memory.py)."""
+    import subprocess
+    import sys
+
+    from big_scene import ORIGIN, PIXEL
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "region_memory.py"), "--keep", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "tiles equal to the cut file: True" in out.stdout and "region peak < 1500 MB" in out.stdout
+    scene = next(tmp_path.glob("scene_*_cog.tif"))
+    x0, y0 = 9123, 9123
+    box = [
+        ORIGIN[0] + PIXEL * x0,
+        ORIGIN[1] - PIXEL * (y0 + 2000),
+        ORIGIN[0] + PIXEL * (x0 + 2000),
+        ORIGIN[1] - PIXEL * y0,
+    ]
+    src = open_image(scene, region=box, region_crs="EPSG:32617")
+    assert src.region.pixels == (x0, y0, x0 + 2000, y0 + 2000)
