@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from untrusted_corpus import png_bytes, run_worker
 
+
 def _normal_png() -> bytes:
     import io
 
