@@ -22,14 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from pyramid_memory import rss_mb  # noqa: E402
 
 
 def measure(path: str, region: list[int] | None, cut: str | None) -> dict:

@@ -124,6 +124,17 @@ def vrt_source(target: str, w: int = 64, h: int = 64) -> bytes:
     ).encode()
 
 
+def small_geotiff(path: Path, rng: np.random.Generator, dtype: str, *, overviews=(), **profile) -> Path:
+    """A 48 x 40 3-band random GeoTIFF (`profile`: crs, transform, tiling, compression ...)."""
+    import rasterio
+
+    with rasterio.open(path, "w", driver="GTiff", width=48, height=40, count=3, dtype=dtype, **profile) as ds:
+        ds.write(rng.integers(0, 255, (3, 40, 48)).astype(dtype))
+        if overviews:
+            ds.build_overviews(list(overviews))
+    return path
+
+
 # ----------------------------------------------------------------------------- corpus
 def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 18) -> list[tuple[Path, tuple]]:
     """~300 hostile files under `root`. `url`: a loopback URL that must never be fetched;
@@ -151,7 +162,6 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
         "cmyk.tif": _save(Image.new("CMYK", (30, 20), (0, 200, 230, 20)), "TIFF"),
     }
     try:
-        import rasterio
         from rasterio.transform import from_origin
 
         for name, kw in (
@@ -160,19 +170,9 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
             ("f32.tif", {}),
         ):
             dtype = "float32" if name == "f32.tif" else "uint8"
-            with rasterio.open(
-                root / name,
-                "w",
-                driver="GTiff",
-                width=48,
-                height=40,
-                count=3,
-                dtype=dtype,
-                crs="EPSG:32633",
-                transform=from_origin(500000, 6000000, 10, 10),
-                **kw,
-            ) as ds:
-                ds.write(rng.integers(0, 255, (3, 40, 48)).astype(dtype))
+            small_geotiff(
+                root / name, rng, dtype, crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), **kw
+            )
             bases[name] = (root / name).read_bytes()
     except ImportError:
         pass
@@ -456,7 +456,6 @@ def make_fuzz_cases(root: Path, seed: int, n: int = 1200) -> list[tuple[Path, st
     prog_jpg = _save(_noise(96, 64, rng), "JPEG", quality=85, progressive=True)
     geo_bases: list[bytes] = []
     try:
-        import rasterio
         from rasterio.transform import from_origin
 
         for i, (dtype, kw) in enumerate(
@@ -468,21 +467,8 @@ def make_fuzz_cases(root: Path, seed: int, n: int = 1200) -> list[tuple[Path, st
             )
         ):
             p = root / f"_base{i}.tif"
-            with rasterio.open(
-                p,
-                "w",
-                driver="GTiff",
-                width=48,
-                height=40,
-                count=3,
-                dtype=dtype,
-                crs="EPSG:32617",
-                transform=from_origin(404000, 3290000, 0.5, 0.5),
-                **kw,
-            ) as ds:
-                ds.write(rng.integers(0, 255, (3, 40, 48)).astype(dtype))
-                if i == 0:
-                    ds.build_overviews([2, 4])
+            tr = from_origin(404000, 3290000, 0.5, 0.5)
+            small_geotiff(p, rng, dtype, crs="EPSG:32617", transform=tr, overviews=(2, 4) if i == 0 else (), **kw)
             geo_bases.append(p.read_bytes())
             p.unlink()
     except ImportError:

@@ -340,21 +340,16 @@ def _collect(obj: Any, out: list, label: str, depth: int) -> None:
     if depth > 8 or not isinstance(obj, dict):
         raise RegionError(f"{label}: invalid GeoJSON (expected an object with a 'type')")
     typ = obj.get("type")
-    if typ == "FeatureCollection":
-        feats = obj.get("features")
-        if not isinstance(feats, list):
-            raise RegionError(f"{label}: a FeatureCollection needs a 'features' list")
-        for f in feats:
-            _collect(f, out, label, depth + 1)
+    member = {"FeatureCollection": "features", "GeometryCollection": "geometries"}.get(typ)
+    if member is not None:
+        items = obj.get(member)
+        if not isinstance(items, list):
+            raise RegionError(f"{label}: a {typ} needs a '{member}' list")
+        for item in items:
+            _collect(item, out, label, depth + 1)
     elif typ == "Feature":
         if obj.get("geometry") is not None:
             _collect(obj["geometry"], out, label, depth + 1)
-    elif typ == "GeometryCollection":
-        geoms = obj.get("geometries")
-        if not isinstance(geoms, list):
-            raise RegionError(f"{label}: a GeometryCollection needs a 'geometries' list")
-        for g in geoms:
-            _collect(g, out, label, depth + 1)
     elif typ in _POLYGONAL:
         coords = obj.get("coordinates")
         for poly in [coords] if typ == "Polygon" else (coords if isinstance(coords, list) else [None]):

@@ -31,6 +31,19 @@ Memory and time are bounded by the work, not by the file, at both levels:
   (needs rasterio) into a copy reduced to what the 4032-px pyramid needs; large GeoTIFFs are
   read decimated (overviews). A failure in those paths is an error, never a silent full decode.
 
+TIFFs, at both levels, have their strip / tile tables checked before any decoder sees them
+(`uhrbat.io.tiff`: blocks inside the file, none in the header or an IFD, tables as long as the
+image needs): an inconsistent file is one `ImageLoadError`, never seconds of garbage decoding.
+
+Regions (`region=`, `region_crs=`, `region_file=`, `region_geojson=`; `uhrbat.io.regions`)
+read one window at native resolution, exactly as if it had been cut into its own file. What is
+bounded: a TIFF / COG window decodes only the window's blocks (the pixel limit applies to the
+window; a window too big for the pyramid is read decimated, from overviews, so memory follows
+the output, never the raster); PNG / JPEG up to `exact_max_pixels` are decoded whole by Pillow
+and cropped (the limit applies to the whole image); bigger ones go through GDAL, which decodes
+rows forward up to the window's last row and keeps only the window (memory bounded by the
+window; the limit applies to the rows decoded).
+
 Wrap untrusted decodes in `uhrbat.io.decode_section()` to bound how many run at once.
 """
 
