@@ -310,3 +310,19 @@ def test_region_of_a_20000_px_cog_reads_only_the_window(tmp_path) -> None:
     ]
     src = open_image(scene, region=box, region_crs="EPSG:32617")
     assert src.region.pixels == (x0, y0, x0 + 2000, y0 + 2000)
+
+
+def test_region_of_a_jpeg_above_exact_max_pixels_is_read_through_gdal(tmp_path) -> None:
+    """Above `exact_max_pixels` a PNG / JPEG region is a GDAL windowed read (forced here with a
+    small limit): same window, same geometry; JPEG decoders may differ by a level or two."""
+    from uhrbat.io.raster import RasterSource
+
+    y, x = np.mgrid[0:600, 0:800]
+    img = Image.fromarray(np.stack([x % 256, y % 256, (x // 4 + y // 4) % 256], -1).astype(np.uint8))
+    img.save(tmp_path / "a.jpg", quality=95)
+    src = open_image(tmp_path / "a.jpg", region=[100, 50, 500, 350], exact_max_pixels=10_000)
+    assert isinstance(src, RasterSource) and src.size == (400, 300) and src.region.pixels == (100, 50, 500, 350)
+    with Image.open(tmp_path / "a.jpg") as im:
+        ref = np.asarray(im.convert("RGB").crop((100, 50, 500, 350))).astype(int)
+    got = np.asarray(src.square(400))[50:350].astype(int)
+    assert np.abs(got - ref).mean() < 1.0
