@@ -140,7 +140,7 @@ def square_from_reduced(
 
 
 #: Bytes of one band of the virtual canvas `padded_resize` builds at a time.
-BAND_BYTES = 32 * 2**20
+BAND_BYTES = 8 * 2**20
 
 
 def padded_resize(
