@@ -50,7 +50,7 @@ def test_resolution_fills_the_checkpoint_values_once() -> None:
     [
         (dict(budgets="8,x"), BudgetError, "budget 'x' is not an integer"),
         (dict(budgets=[0, 0]), BudgetError, "are all 0"),
-        (dict(selector="random"), ConfigError, "selector must be one of kmeans, segments, topk, got 'random'"),
+        (dict(selector="random"), ConfigError, "one of kmeans, segments, topk, divprune, dpp, got 'random'"),
         (dict(kmeans_clusters=-1), ConfigError, "kmeans_clusters must be >= 0 (0 = the scale's budget), got -1"),
         (dict(kmeans_clusters=2.5), ConfigError, "kmeans_clusters must be an integer, got 2.5"),
         (dict(kmeans_iters=True), ConfigError, "kmeans_iters must be an integer, got True"),

@@ -21,11 +21,11 @@ def _pipe(tiny_pipeline, **kw):
 
 
 def test_registry_lists_and_resolves_the_builtin_selectors() -> None:
-    assert selector_names()[:3] == ("kmeans", "segments", "topk")
+    assert selector_names()[:5] == ("kmeans", "segments", "topk", "divprune", "dpp")
     km, seg, top = (get_selector(n) for n in ("kmeans", "segments", "topk"))
     assert (km.name, km.grouping, km.needs_masks) == ("kmeans", True, False)
     assert (seg.grouping, seg.needs_masks, top.grouping) == (False, True, False)
-    with pytest.raises(ConfigError, match="selector must be one of kmeans, segments, topk"):
+    with pytest.raises(ConfigError, match="selector must be one of kmeans, segments, topk, divprune, dpp"):
         get_selector("nope")
 
 
@@ -63,6 +63,19 @@ def test_a_registered_selector_is_usable_everywhere(tiny_pipeline, lowest_first)
         rel = res.relevance[scale].reshape(-1)
         want = torch.sort(-rel, descending=True, stable=True).indices[:budget].tolist()
         assert [t.members[0] for t in res.tokens if t.scale == scale] == want
+
+
+@pytest.mark.parametrize("name", ["divprune", "dpp"])
+def test_diversity_selectors_keep_exact_budgets_everywhere(tiny_pipeline, name) -> None:
+    """DivPrune and DPP: registered like the others, exactly the budget per scale, deterministic,
+    gated or not (they have no grouping step, so gated runs them on the most relevant tiles)."""
+    pipe = _pipe(tiny_pipeline)
+    runs = [pipe.ask(IMAGE, "How many trees?", max_new_tokens=2, selector=name) for _ in range(2)]
+    runs.append(pipe.ask(IMAGE, "How many trees?", max_new_tokens=2, selector=name, encode="gated"))
+    for res in runs:
+        assert [sum(t.scale == s for t in res.tokens) for s in res.scales] == [8, 16]
+        assert not any(t.merged for t in res.tokens) and "groups" not in res.reuse
+    assert [t.to_dict() for t in runs[0].tokens] == [t.to_dict() for t in runs[1].tokens]
 
 
 def test_progress_reports_every_stage_in_order_and_can_cancel(tiny_pipeline) -> None:

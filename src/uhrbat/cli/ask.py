@@ -176,6 +176,10 @@ def ask(
         for i in range(n if path is not None and n > 1 else 0):
             opt.check_writable(numbered(path, i, n))
     source = open_source(image, opts.read)
+    if geojson is not None:  # GeoJSON is lon/lat: refuse a non-georeferenced image before the model runs
+        from uhrbat.io.geo import map_ready
+
+        map_ready(source)
     mask = load_masks(opts.masks)
     pipe, t_load = load_pipeline(opts.model, load, opts.selection)
     _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, opts.selection)}")

@@ -20,7 +20,6 @@ from uhrbat.cli import options as opt
 from uhrbat.cli.ask import describe_selection, format_timings, live_status, load_masks, load_pipeline, open_source
 from uhrbat.errors import ConfigError, ContextOverflowError, UhrBatError
 from uhrbat.options import ENCODE_MODES, KMEANS_MODES, GenerationOptions, SelectionOptions, parse_budgets
-from uhrbat.processing.prompt import validate_question
 from uhrbat.selectors import selector_names
 
 
@@ -196,6 +195,8 @@ class ChatSession:
         return "\n".join(lines)
 
     def _ask(self, question: str) -> None:
+        from uhrbat.processing.prompt import validate_question
+
         try:  # the CLI's own wording ("remove '<image>' from the question"), not the API's message-part advice
             question = validate_question(question)
         except UhrBatError as e:

@@ -43,7 +43,7 @@ class UhrBatConfig(PreTrainedConfig):
         scales: square pyramid sides in pixels, ascending (default 672/1344/2688/4032).
         tile_size: side of a tile (the CLIP input), 336.
         budgets: visual tokens kept per scale (default 80/320/600/2000).
-        selector: default token selector, a registered name (`uhrbat.selectors`: kmeans, segments, topk).
+        selector: default token selector, a registered name (`uhrbat.selectors`: kmeans, segments, topk, divprune, dpp).
         kmeans_clusters: clusters per scale; `None` or 0 means K = the scale's budget.
         kmeans_iters: maximum Lloyd iterations.
         kmeans_coord_scale / kmeans_feat_scale: weights of the tile-local (x, y) and of the

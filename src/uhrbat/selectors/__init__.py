@@ -40,6 +40,8 @@ _MODULES: dict[str, str] = {
     "kmeans": "uhrbat.selectors.builtin",
     "segments": "uhrbat.selectors.builtin",
     "topk": "uhrbat.selectors.builtin",
+    "divprune": "uhrbat.selectors.diversity",
+    "dpp": "uhrbat.selectors.diversity",
 }
 _REGISTERED: dict[str, Selector] = {}
 _LOCK = threading.Lock()
