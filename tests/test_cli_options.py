@@ -201,7 +201,7 @@ def test_bad_option_values_are_usage_errors_in_every_command(command, bad, messa
     [
         (["--encode", "fast"], "Invalid value for '--encode'"),
         (["--gate-margin", "0"], "Invalid value for '--gate-margin': gate_margin must be a number > 0"),
-        (["--gate-margin", "-2.5"], "gate_margin must be a number > 0 (e.g. 4), got -2.5"),
+        (["--gate-margin", "-2.5"], "gate_margin must be a number > 0 (e.g. 16), got -2.5"),
         (["--selector", "random"], "Invalid value for '--selector'"),
     ],
 )

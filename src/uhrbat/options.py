@@ -45,7 +45,7 @@ ENCODE_MODES = ("full", "gated")
 COMPAT_MODES = ("none", "reference")
 #: `encode="gated"`: at each finer scale, encode the most relevant tiles until they hold at least
 #: this many times the scale's budget in tokens (see README "Gated encoding").
-DEFAULT_GATE_MARGIN = 4.0
+DEFAULT_GATE_MARGIN = 16.0
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_STRETCH = (2.0, 98.0)  # == uhrbat.io.images.DEFAULT_STRETCH (checked in tests)
 DEFAULT_MAX_PIXELS = 1_500_000_000  # == uhrbat.io.images.DEFAULT_MAX_PIXELS (checked in tests)
