@@ -13,15 +13,15 @@ import pytest
 
 from test_eval_runner import _main, make_many
 from test_eval_support import FakePipeline, make_xlrs, write_png
-from uhrbat.errors import ConfigError, RunLockedError
-from uhrbat.evaluation.loaders import load_benchmark
+from uhrbat.errors import ConfigError, RunFileError, RunLockedError
+from uhrbat.evaluation.benchmarks import load_benchmark
 from uhrbat.evaluation.runner import EvalConfig, run_eval, shard_of
 from uhrbat.runfiles import JsonlAppender, RunLock, read_jsonl
 
 
 @pytest.fixture(autouse=True)
 def fake_pipeline(monkeypatch):
-    monkeypatch.setenv("UHRBAT_EVAL_PIPELINE", "test_eval_support:FakePipeline")
+    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     FakePipeline.instances.clear()
@@ -164,7 +164,7 @@ def test_corrupt_run_json_is_refused_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text('{"benchmark": "rshr", "mod')
-    with pytest.raises(ConfigError, match="run.json is unreadable or corrupt .*move it away"):
+    with pytest.raises(RunFileError, match="run.json is unreadable or corrupt .*never rewritten.*move it away"):
         run_eval(_cfg(data, out))
     assert (out / "run.json").read_text() == '{"benchmark": "rshr", "mod'
 
@@ -233,7 +233,7 @@ def test_eval_refuses_lrs_without_wordnet_before_loading_the_model(tmp_path, mon
             out=tmp_path / "r",
             model="m",
             progress=False,
-            lrs_synonyms="none",
+            score_options={"lrs_synonyms": "none"},
         )
     )
     assert "exact match only" in rep.meta["wordnet"]

@@ -3,7 +3,7 @@ tiny synthetic benchmark in each official format (images generated with Pillow).
 
 The fake answers with whatever the question carries between `[[` and `]]` ("A" otherwise),
 so a test decides each answer in the data it writes. It is selected in subprocesses through
-the `UHRBAT_EVAL_PIPELINE=test_eval_support:FakePipeline` hook (with `tests/` on PYTHONPATH).
+the `UHRBAT_PIPELINE_CLASS=test_eval_support:FakePipeline` hook (with `tests/` on PYTHONPATH).
 """
 
 from __future__ import annotations
