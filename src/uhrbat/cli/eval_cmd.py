@@ -163,7 +163,9 @@ def _print_summary(report, out: Path | None) -> None:
     from uhrbat.evaluation.scoring import problem_lines
 
     console = _console()
-    t = Table(title=f"{report.benchmark}: {report.n} questions, {report.n_errors} errors (scored wrong)")
+    # a plain line, not a table title: rich wraps a title to the table's width
+    console.print(f"{report.benchmark}: {report.n} questions, {report.n_errors} errors (scored wrong)", markup=False)
+    t = Table()
     for k in report.headline:
         t.add_column(k, justify="right")
     t.add_row(*("–" if v is None else f"{v:.2f}" for v in report.headline.values()))
