@@ -75,3 +75,28 @@ def test_readme_add_a_benchmark_example_works(tmp_path):
     finally:
         benchmarks._REGISTRY.pop("my-bench", None)
         sys.modules.pop(mod.__name__, None)
+
+
+def test_modules_below_the_registry_never_import_it():
+    """Issue 19: no `benchmarks <-> loaders <-> spec` circle, not even through imports deferred into
+    functions or the registry's discovery (benchmark modules import the modules below it)."""
+    from test_structure import import_graph
+
+    graph = import_graph(top_level=False)
+    below = [
+        "uhrbat.evaluation.records",
+        "uhrbat.evaluation.spec",
+        "uhrbat.evaluation.loaders",
+        "uhrbat.evaluation.prompts",
+        "uhrbat.evaluation.scoring",
+        "uhrbat.evaluation.report",
+    ]
+    seen, todo = set(), list(below)
+    while todo:  # everything the lower modules reach, transitively
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph.get(m, ())
+    assert "uhrbat.evaluation.benchmarks" not in seen
+    assert not any(m.startswith("uhrbat.evaluation.benchmarks.") for m in seen)
+    assert "uhrbat.evaluation.runner" not in seen
