@@ -13,22 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_support import FakePipeline, make_hrbench, make_lrs, make_mme, make_rshr, make_xlrs, write_png
+from test_eval_support import (
+    HOOK,
+    FakePipeline,
+    fake_pipeline,  # noqa: F401 - the fixture, used by pytestmark
+    make_hrbench,
+    make_lrs,
+    make_mme,
+    make_rshr,
+    make_xlrs,
+    write_png,
+)
 from uhrbat.errors import ConfigError
 from uhrbat.evaluation.runner import EvalConfig, dist_info, run_eval
 from uhrbat.runfiles import read_jsonl
 
 TESTS_DIR = Path(__file__).resolve().parent
-HOOK = "test_eval_support:FakePipeline"
 
 
-@pytest.fixture(autouse=True)
-def fake_pipeline(monkeypatch):
-    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", HOOK)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    FakePipeline.instances.clear()
-    yield
+pytestmark = pytest.mark.usefixtures("fake_pipeline")
 
 
 def _ids(path: Path) -> list[str]:

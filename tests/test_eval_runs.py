@@ -12,20 +12,18 @@ from pathlib import Path
 import pytest
 
 from test_eval_runner import _main, make_many
-from test_eval_support import FakePipeline, make_xlrs, write_png
+from test_eval_support import (
+    FakePipeline,
+    fake_pipeline,  # noqa: F401 - the fixture, used by pytestmark
+    make_xlrs,
+    write_png,
+)
 from uhrbat.errors import ConfigError, RunFileError, RunLockedError
 from uhrbat.evaluation.benchmarks import load_benchmark
 from uhrbat.evaluation.runner import EvalConfig, run_eval, shard_of
 from uhrbat.runfiles import JsonlAppender, RunLock, read_jsonl
 
-
-@pytest.fixture(autouse=True)
-def fake_pipeline(monkeypatch):
-    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    FakePipeline.instances.clear()
-    yield
+pytestmark = pytest.mark.usefixtures("fake_pipeline")
 
 
 def _cfg(data, out, **kw) -> EvalConfig:

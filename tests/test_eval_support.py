@@ -17,11 +17,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from uhrbat.results import AskResult
 
 _ANS = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
+
+
+HOOK = "test_eval_support:FakePipeline"
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """Every pipeline the factory loads (in this process and in subprocesses) is a `FakePipeline`;
+    no rank environment leaks in. Import it into a test module and mark it autouse there."""
+    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", HOOK)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    FakePipeline.instances.clear()
 
 
 class FakePipeline:

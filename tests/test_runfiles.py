@@ -12,19 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_support import FakePipeline, write_png
+from test_eval_support import (
+    FakePipeline,
+    fake_pipeline,  # noqa: F401 - the fixture, used by pytestmark
+    write_png,
+)
 from uhrbat.batch import BatchConfig, read_input, run_batch
 from uhrbat.errors import ConfigError, RunFileError
 from uhrbat.evaluation.runner import EvalConfig, run_eval
 from uhrbat.runfiles import JsonlAppender, RowFile, RowProgress, atomic_write, check_run_settings, read_jsonl
 
-
-@pytest.fixture(autouse=True)
-def fake_pipeline(monkeypatch):
-    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    FakePipeline.instances.clear()
+pytestmark = pytest.mark.usefixtures("fake_pipeline")
 
 
 # ---------------------------------------------------------------------------------------------- one eval, one batch

@@ -86,22 +86,12 @@ class BatchConfig:
 
 
 def _engine(cfg: BatchConfig, todo: Sequence[BatchRow], on_loaded: Callable[[], None]) -> Iterator[Answered]:
+    model = {"model": cfg.model, "load": cfg.load, "selection": cfg.selection, "run": cfg.run_kwargs()}
     if cfg.engine == "local":
-        return run_local(
-            todo,
-            model=cfg.model,
-            load=cfg.load,
-            selection=cfg.selection,
-            run=cfg.run_kwargs(),
-            on_loaded=on_loaded,
-            log=cfg.log,
-        )
+        return run_local(todo, **model, on_loaded=on_loaded, log=cfg.log)
     return run_ray(
         todo,
-        model=cfg.model,
-        load=cfg.load,
-        selection=cfg.selection,
-        run=cfg.run_kwargs(),
+        **model,
         address=cfg.ray_address,
         actors=cfg.actors,
         gpus_per_actor=cfg.gpus_per_actor,
