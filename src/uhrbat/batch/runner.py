@@ -13,7 +13,7 @@ from typing import Any
 
 from uhrbat.batch.engines import run_local, run_ray
 from uhrbat.batch.inputs import BatchRow, Trust
-from uhrbat.batch.output import PARQUET, SUMMARY, Answered, PredictionStore, Summary, write_parquet
+from uhrbat.batch.output import PARQUET, PREDICTIONS, SUMMARY, Answered, PredictionStore, Summary, write_parquet
 from uhrbat.errors import BatchEngineError, ConfigError
 from uhrbat.factory import model_identity
 from uhrbat.rowrunner import hold_back_unexpected
@@ -114,7 +114,7 @@ def run_batch(rows: Sequence[BatchRow], cfg: BatchConfig) -> Summary:
     out = Path(cfg.out).expanduser()
     summary = Summary(rows=len(rows), engine=cfg.engine)
     ids = [r.id for r in rows]
-    refuse_directories(out / SUMMARY, *([out / PARQUET] if cfg.parquet else []))
+    refuse_directories(out / PREDICTIONS, out / SUMMARY, *([out / PARQUET] if cfg.parquet else []))
     with PredictionStore(out, cfg.fingerprint(), cfg.geojson_dir, log=cfg.log) as store:
         todo = store.pending(rows, cfg.retry_errors)
         summary.already_done = len(rows) - len(todo)
