@@ -455,3 +455,22 @@ def test_cli_bad_budgets_are_a_usage_error(tmp_path, capsys):
     )
     assert "Invalid value for '--budgets'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_row_the_prompt_template_cannot_format_is_that_rows_error(tmp_path, monkeypatch):
+    from uhrbat.evaluation import prompts
+
+    real = prompts.build_prompt
+
+    def build(spec, sample, style="official"):
+        if sample.id == "q001":
+            raise KeyError("options")
+        return real(spec, sample, style)
+
+    monkeypatch.setattr(prompts, "build_prompt", build)
+    rep = run_eval(
+        EvalConfig(benchmark="rshr", data=make_many(tmp_path, 3), out=tmp_path / "run", model="m", progress=False)
+    )
+    assert rep.n == 3 and rep.n_errors == 1
+    row = {r["id"]: r for r in read_jsonl(tmp_path / "run" / "predictions.jsonl")[0]}["q001"]
+    assert row["error"] == "prompt: KeyError: 'options'" and row["error_kind"] == "data"

@@ -50,7 +50,7 @@ from uhrbat.evaluation.records import ImageRef, Prediction, Sample, open_images
 from uhrbat.evaluation.report import Report, write_report
 from uhrbat.evaluation.spec import BenchmarkSpec
 from uhrbat.factory import load_pipeline, model_identity, pick_device
-from uhrbat.rowrunner import Job, Outcome, RowRunner, hold_back_unexpected
+from uhrbat.rowrunner import Job, Outcome, RowRunner, error_message, hold_back_unexpected
 from uhrbat.runfiles import (
     JsonlAppender,
     RowFile,
@@ -241,7 +241,11 @@ def _image_input(refs: list[ImageRef]):
 def _job(spec: BenchmarkSpec, s: Sample, style: str) -> Job:
     if not s.ok:
         return Job(id=s.id, question=s.question, error=s.error, error_kind=s.error_kind or "data", item=s)
-    return Job(id=s.id, question=prompts.build_prompt(spec, s, style), scene=_image_key(s), item=s)
+    try:
+        question = prompts.build_prompt(spec, s, style)
+    except Exception as e:  # noqa: BLE001 - per-row isolation: a row the template cannot format is that row's error
+        return Job(id=s.id, question=s.question, error=f"prompt: {error_message(e)}", error_kind="data", item=s)
+    return Job(id=s.id, question=question, scene=_image_key(s), item=s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +366,7 @@ def run_eval(cfg: EvalConfig, env: dict[str, str] | None = None) -> Report | Non
     cfg.benchmark = spec.name
     if cfg.prompt not in prompts.PROMPT_STYLES:
         raise ConfigError(f"unknown prompt style {cfg.prompt!r}; choose one of {', '.join(prompts.PROMPT_STYLES)}")
+    prompts.describe(spec, cfg.prompt)  # a benchmark without this prompt style: refused before anything runs
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
