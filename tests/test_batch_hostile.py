@@ -113,8 +113,11 @@ def test_bad_rows_among_good_ones_each_become_one_error_row(tmp_path, tiny_check
     bad = got["badcrs"]["error"]
     assert bad and (got["badcrs"]["answer"] is not None) == bad.startswith("GeoJSON: ")
     assert not (tmp_path / "geo" / "badcrs.geojson").exists()
-    assert got["big"]["error"] and got["big"]["answer"] is None  # whatever the reader raises, a row error
+    # whatever the reader raises for the 1e20 raster (today ZeroDivisionError) is that row's error; a
+    # reader that maps a constant raster to a flat image answers it instead — never a dead run
+    assert (got["big"]["error"] is None) == (got["big"]["answer"] is not None)
     assert sorted(p.name for p in (tmp_path / "geo").iterdir()) == ["good1.geojson", "good2.geojson"]
     err = capsys.readouterr().err
     for rid in ("badcrs", "nul", "big"):
-        assert f"{rid}: {got[rid]['error']}" in err  # each error row logged as it is written
+        if got[rid]["error"]:
+            assert f"{rid}: {got[rid]['error']}" in err  # each error row logged as it is written
