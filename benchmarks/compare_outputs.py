@@ -7,14 +7,18 @@ Runs a fixed set of cases through the *public* interfaces only - the CLI as subp
 normalised JSON file per case. Comparing the files of two code versions shows whether `ask --json`,
 `chat`, `trace`, `batch`, `eval` and the HTTP API still give identical outputs for the same inputs.
 
-    python benchmarks/compare_outputs.py capture OUT_DIR            # all cases (~2-4 min, 2 cores)
-    python benchmarks/compare_outputs.py capture OUT_DIR --only ask_topk,http
+    python benchmarks/compare_outputs.py capture OUT_DIR            # all cases
+    python benchmarks/compare_outputs.py capture OUT_DIR --only ask_topk,http     # names or prefixes
+    python benchmarks/compare_outputs.py capture OUT_DIR --only eval --force      # recapture one case
     python benchmarks/compare_outputs.py compare BEFORE_DIR AFTER_DIR   # exit 1 if a case differs
     python benchmarks/compare_outputs.py list                        # the cases
 
     # another worktree's code against the baseline captured on main (427f50e):
     PYTHONPATH=/work/wt-X/src python benchmarks/compare_outputs.py capture /tmp/after
     python benchmarks/compare_outputs.py compare /work/baseline-outputs /tmp/after
+
+Cost: 24 processes, about 5 CPU-minutes in all (about 3 s of each is importing torch); on the
+project's shared 2-core machine a capture took 10 min at load average ~8 and 35 min at ~20.
 
 Inputs (resolved from this file: `<repo>/../shared`, or `--shared DIR`): the tiny reference-format
 checkpoint `parity/uhrbat_tiny`, `parity/images/image_a.png` (3000x2000) and `image_b.png`
@@ -252,12 +256,10 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else "<missing>"
 
 
-def cli_record(
-    ctx: Context, args: list[str], *, files: dict[str, Path] | None = None, stdin: str | None = None, as_json=True
-) -> Record:
+def cli_record(ctx: Context, args: list[str], *, files: dict[str, Path] | None = None, as_json: bool = True) -> Record:
     """A CLI run: exit code and stdout (JSON lines or text) compared; stderr is the log, except
     when the command failed, where stderr (the error message) is output."""
-    p = ctx.cli(args, stdin)
+    p = ctx.cli(args)
     output: dict[str, Any] = {"exit_code": p.returncode}
     if p.returncode == 0:
         output["stdout"] = json_lines(p.stdout) if as_json else p.stdout.splitlines()
@@ -272,88 +274,69 @@ def cli_record(
 
 
 # --- ask / chat / trace
+def ask(ctx: Context, image: str, questions: list[str], options: list[str], geojson: str | None = None) -> Record:
+    """`uhrbat ask IMAGE QUESTIONS --model tiny OPTIONS`; with `geojson` (a work sub-folder) also
+    `--geojson <work>/FOLDER/kept.geojson`, whose file(s) (`kept.N.geojson` for several questions)
+    are captured."""
+    args = ["ask", ctx.image(image), *questions, "--model", ctx.model, *options]
+    files: dict[str, Path] = {}
+    if geojson is not None:
+        geo = ctx.work / geojson / "kept.geojson"
+        geo.parent.mkdir(parents=True, exist_ok=True)
+        args += ["--geojson", str(geo)]
+        names = ["kept.geojson"] if len(questions) == 1 else [f"kept.{i + 1}.geojson" for i in range(len(questions))]
+        files = {name: geo.with_name(name) for name in names}
+    return cli_record(ctx, args, files=files, as_json="--json" in options)
+
+
 def case_ask_kmeans_fast(ctx: Context) -> Record:
     """Default budgets (80/320/600/2000), K = budget, fast K-Means."""
-    return cli_record(
-        ctx,
-        [
-            "ask",
-            ctx.image(IMAGE_B),
-            "How many trees are there?",
-            "--model",
-            ctx.model,
-            "--clusters",
-            "0",
-            *GEN,
-            "--json",
-        ],
-    )
+    return ask(ctx, IMAGE_B, ["How many trees are there?"], ["--clusters", "0", *GEN, "--json"])
 
 
 def case_ask_kmeans_exact(ctx: Context) -> Record:
     """Exact (reference loop order) K-Means on small budgets."""
-    return cli_record(
-        ctx,
-        ["ask", ctx.image(IMAGE_B), "How many trees are there?", "--model", ctx.model, *SMALL, "--kmeans", "exact"]
-        + [*GEN, "--json"],
-    )
+    return ask(ctx, IMAGE_B, ["How many trees are there?"], [*SMALL, "--kmeans", "exact", *GEN, "--json"])
 
 
 def case_ask_topk(ctx: Context) -> Record:
     """Top-k selector on the 3000x2000 image, default budgets."""
-    return cli_record(
-        ctx,
-        ["ask", ctx.image(IMAGE_A), "Is there a river?", "--model", ctx.model, "--selector", "topk", *GEN, "--json"],
-    )
+    return ask(ctx, IMAGE_A, ["Is there a river?"], ["--selector", "topk", *GEN, "--json"])
 
 
 def case_ask_seed_budgets(ctx: Context) -> Record:
     """A non-default seed, budgets, K and iteration count."""
-    args = ["ask", ctx.image(IMAGE_B), "Where is the largest building?", "--model", ctx.model]
-    args += ["--budgets", "4,12,40,100", "--clusters", "6", "--iters", "3", "--seed", "7", *GEN, "--json"]
-    return cli_record(ctx, args)
+    options = ["--budgets", "4,12,40,100", "--clusters", "6", "--iters", "3", "--seed", "7", *GEN, "--json"]
+    return ask(ctx, IMAGE_B, ["Where is the largest building?"], options)
 
 
 def case_ask_compat_reference(ctx: Context) -> Record:
     """`--compat reference` (the reference's inference bugs), a longer answer."""
-    args = ["ask", ctx.image(IMAGE_B), "Describe the scene.", "--model", ctx.model, *SMALL, "--compat", "reference"]
-    return cli_record(ctx, args + ["--max-new-tokens", "24", "--json"])
+    options = [*SMALL, "--compat", "reference", "--max-new-tokens", "24", "--json"]
+    return ask(ctx, IMAGE_B, ["Describe the scene."], options)
 
 
 def case_ask_two_questions(ctx: Context) -> Record:
     """Two questions in one call (scene reuse: miss then hit) with numbered pixel-space GeoJSON files."""
-    geo = ctx.work / "two" / "kept.geojson"
-    geo.parent.mkdir(parents=True, exist_ok=True)
-    args = ["ask", ctx.image(AERIAL), "How many trees are there?", "Is there a road?", "--model", ctx.model]
-    args += ["--budgets", "16,32,48,64", "--clusters", "0", *GEN, "--json", "--geojson", str(geo)]
-    files = {"kept.1.geojson": geo.with_name("kept.1.geojson"), "kept.2.geojson": geo.with_name("kept.2.geojson")}
-    return cli_record(ctx, args, files=files)
+    options = ["--budgets", "16,32,48,64", "--clusters", "0", *GEN, "--json"]
+    return ask(ctx, AERIAL, ["How many trees are there?", "Is there a road?"], options, geojson="two")
 
 
 def case_ask_two_questions_text(ctx: Context) -> Record:
     """Two questions without --json: the `Q: ... / A: ...` text output."""
-    args = ["ask", ctx.image(IMAGE_B), "How many trees are there?", "Is there a road?", "--model", ctx.model, *SMALL]
-    return cli_record(ctx, args + GEN, as_json=False)
-
-
-def ask_geojson(ctx: Context, folder: str, image: str, question: str, options: list[str]) -> Record:
-    """`ask IMAGE QUESTION OPTIONS --json --geojson <work>/FOLDER/kept.geojson`, the file captured."""
-    geo = ctx.work / folder / "kept.geojson"
-    geo.parent.mkdir(parents=True, exist_ok=True)
-    args = ["ask", ctx.image(image), question, "--model", ctx.model, *options, *GEN, "--json", "--geojson", str(geo)]
-    return cli_record(ctx, args, files={"kept.geojson": geo})
+    return ask(ctx, IMAGE_B, ["How many trees are there?", "Is there a road?"], [*SMALL, *GEN])
 
 
 def case_ask_geotiff_geojson(ctx: Context) -> Record:
     """A UTM GeoTIFF: --json (pixel and CRS boxes) and --geojson (WGS84 lon/lat)."""
-    options = ["--clusters", "0", "--budgets", "20,40,60,80"]
-    return ask_geojson(ctx, "geotiff", GEOTIFF_UTM, "How many trees are there?", options)
+    options = ["--clusters", "0", "--budgets", "20,40,60,80", *GEN, "--json"]
+    return ask(ctx, GEOTIFF_UTM, ["How many trees are there?"], options, geojson="geotiff")
 
 
 def case_ask_geotiff_4326_topk(ctx: Context) -> Record:
     """An EPSG:4326 GeoTIFF with the top-k selector and --geojson."""
-    options = ["--selector", "topk", "--budgets", "20,40,60,80"]
-    return ask_geojson(ctx, "geotiff4326", GEOTIFF_4326, "Where is the lake?", options)
+    options = ["--selector", "topk", "--budgets", "20,40,60,80", *GEN, "--json"]
+    return ask(ctx, GEOTIFF_4326, ["Where is the lake?"], options, geojson="geotiff4326")
 
 
 def case_ask_errors(ctx: Context) -> Record:
@@ -866,23 +849,33 @@ def package_info(env: dict[str, str]) -> dict[str, str]:
     return json.loads(p.stdout)
 
 
-def git_head(path: Path) -> str | None:
-    p = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if p.returncode:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+def git_state(path: Path) -> dict[str, str | None]:
+    """Where the code under test comes from: the commit checked out at `path` (the package's src
+    folder), the git tree of that folder (equal for equal code, whatever else the commit changed)
+    and whether the folder has uncommitted changes. None outside git."""
+
+    def git(*args: str) -> str | None:
+        p = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--untracked-files=all", "--", ".")
+    return {"git": git("rev-parse", "HEAD"), "src_tree": git("rev-parse", "HEAD:./"), "src_dirty": bool(dirty)}
+
+
+def describe_code(info: dict[str, Any]) -> str:
+    """One line naming the code a capture ran (a manifest or `git_state` + file + threads)."""
+    dirty = ", src has uncommitted changes" if info.get("src_dirty") else ""
+    return (
+        f"uhrbat from {info.get('uhrbat')} (git {info.get('git')}, src tree {info.get('src_tree')}{dirty}, "
+        f"threads {info.get('threads')})"
     )
-    return p.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def capture(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()) and not args.force:
-        raise SystemExit(f"error: {out} is not empty; give an empty folder or --force (overwrites its case files)")
-    for old in out.glob("*.json"):
-        old.unlink()
+        raise SystemExit(f"error: {out} is not empty; give an empty folder, or --force to recapture the cases run")
     shared = Path(args.shared).resolve()
     if not (shared / "parity" / "uhrbat_tiny").is_dir():
         raise SystemExit(f"error: {shared}/parity/uhrbat_tiny not found; give the shared folder with --shared DIR")
@@ -890,10 +883,19 @@ def capture(args: argparse.Namespace) -> int:
     env = subprocess_env(args.threads)
     info = package_info(env)
     src = Path(info["file"]).resolve().parents[1]
+    code = {"uhrbat": info["file"], **git_state(src), "threads": args.threads}
+    previous = json.loads((out / MANIFEST).read_text(encoding="utf-8")) if (out / MANIFEST).exists() else {}
+    if previous and (code["src_dirty"] or any(previous.get(k) != code[k] for k in ("uhrbat", "src_tree", "threads"))):
+        raise SystemExit(
+            f"error: {out} holds a capture of other code or settings ({previous.get('uhrbat')}, src tree "
+            f"{previous.get('src_tree')}, threads {previous.get('threads')}); capture into another folder"
+        )
+    for name in names:  # --force replaces the cases run now; the others stay
+        (out / f"{name}.json").unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="uhrbat-compare-")).resolve()
     pairs = sorted({(str(work), "<work>"), (str(shared), "<shared>"), (str(src), "<src>")}, key=lambda p: -len(p[0]))
     ctx = Context(shared=shared, work=work, env=env, roots=Roots(tuple(pairs)), timeout=args.timeout)
-    print(f"uhrbat from {info['file']} (git {git_head(src)}); work folder {work}", file=sys.stderr)
+    print(f"{describe_code(code)}; work folder {work}", file=sys.stderr)
     t_all = time.perf_counter()
     durations: dict[str, float] = {}
     failed: list[str] = []
@@ -933,17 +935,17 @@ def capture(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     total = time.perf_counter() - t_all
+    seconds = {**previous.get("seconds", {}), **durations}
+    failed = sorted(set(failed) | (set(previous.get("failed", [])) - set(names)))
     manifest = {
-        "cases": names,
-        "uhrbat": info["file"],
-        "git": git_head(src),
+        "cases": [n for n in CASES if n in set(names) | set(previous.get("cases", []))],
+        **code,
         "python": sys.version.split()[0],
         "torch": info["torch"],
         "transformers": info["transformers"],
-        "threads": args.threads,
         "shared": str(shared),
-        "seconds": durations,
-        "total_seconds": round(total, 1),
+        "seconds": seconds,
+        "total_seconds": round(total, 1) if not previous else None,  # None: several runs
         "failed": failed,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -964,12 +966,17 @@ def load_cases(folder: Path) -> dict[str, Any]:
 def compare(args: argparse.Namespace) -> int:
     before_dir, after_dir = Path(args.before), Path(args.after)
     before, after = load_cases(before_dir), load_cases(after_dir)
+    setups = []
     for side, folder in (("before", before_dir), ("after", after_dir)):
         m = folder / MANIFEST
         if m.exists():
             info = json.loads(m.read_text(encoding="utf-8"))
-            what = f"git {info.get('git')}, torch {info.get('torch')}, threads {info.get('threads')}"
-            print(f"{side}: {info.get('uhrbat')} ({what})")
+            print(f"{side}: {describe_code(info)}, torch {info.get('torch')}")
+            setups.append((info.get("threads"), info.get("torch")))
+    if len(setups) == 2 and setups[0] != setups[1]:
+        print(
+            "warning: captured with other threads or torch builds; floats may differ in the last bits for that reason"
+        )
     found = set(before) | set(after)
     order = [n for n in CASES if n in found] + sorted(found - set(CASES))  # the capture order
     n_diff = 0
@@ -1004,9 +1011,11 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--only", help="comma-separated case names or prefixes (ask, batch, http, ...)")
     cap.add_argument("--shared", default=str(DEFAULT_SHARED), help="the shared folder (default: %(default)s)")
     cap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every subprocess (default: 2)")
-    cap.add_argument("--timeout", type=float, default=600, help="seconds per command (default: 600)")
+    cap.add_argument("--timeout", type=float, default=1800, help="seconds per command (default: 1800)")
     cap.add_argument(
-        "--force", action="store_true", help="write into a non-empty OUT_DIR (its case files are replaced)"
+        "--force",
+        action="store_true",
+        help="write into a capture of the same code: the cases run are replaced, the others kept",
     )
     cap.add_argument("--keep-work", action="store_true", help="keep the temporary work folder (inputs, raw outputs)")
     cmp = sub.add_parser("compare", help="compare two capture folders; exit 1 if any case differs")
