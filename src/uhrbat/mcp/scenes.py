@@ -45,7 +45,7 @@ class Scene:
     source: Any  # the opened ImageSource (untrusted reader)
     handle: Any = None  # what `uhrbat.mcp.adapter.scene_handle` made of `source` (at the first question)
     questions: list[Question] = field(default_factory=list)
-    last: Any = None  # the last question's AskResult (its tokens and relevance draw `look`)
+    last: tuple[str, Any] | None = None  # (question, AskResult) of the last question: `look` draws it
     opened_at: float = 0.0  # clock seconds
     used_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one question at a time per scene
@@ -81,16 +81,24 @@ class SceneTable:
         for sid in [s.id for s in self._scenes.values() if now - s.used_at > self.ttl_s]:
             del self._scenes[sid]
 
+    def check_room(self) -> None:
+        """`SceneHandleError` when the table is full (checked again by `add`)."""
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        self._expire()
+        if len(self._scenes) >= self.max_scenes:
+            ttl = f"after {self.ttl_s:g} s unused" if self.ttl_s else "never (no TTL)"
+            raise SceneHandleError(
+                f"{len(self._scenes)} scenes are open, the most this server keeps (--max-scenes "
+                f"{self.max_scenes}); close one with close_scene (idle scenes expire {ttl})"
+            )
+
     def add(self, path: str, source: Any) -> Scene:
         """Register an opened source under a new id (`SceneHandleError` when the table is full)."""
         with self._lock:
-            self._expire()
-            if len(self._scenes) >= self.max_scenes:
-                ttl = f"after {self.ttl_s:g} s unused" if self.ttl_s else "never (no TTL)"
-                raise SceneHandleError(
-                    f"{len(self._scenes)} scenes are open, the most this server keeps (--max-scenes "
-                    f"{self.max_scenes}); close one with close_scene (idle scenes expire {ttl})"
-                )
+            self._check_room()
             sid = secrets.token_urlsafe(16)
             while sid in self._scenes:  # 128 random bits: never in practice
                 sid = secrets.token_urlsafe(16)

@@ -10,6 +10,7 @@ server keeps answering either way.
 
 # No `from __future__ import annotations`: the SDK reads the tools' annotations to build their schemas.
 
+import base64
 import functools
 import logging
 import socket
@@ -159,8 +160,6 @@ def build_server(service: SceneService) -> MCPServer:
     )
     async def look(scene_id: SceneId, region: Region = None, region_crs: RegionCrs = None) -> CallToolResult:
         png, text = await _run(service.look, scene_id, region, region_crs)
-        import base64
-
         return CallToolResult(
             content=[
                 ImageContent(type="image", data=base64.b64encode(png).decode("ascii"), mime_type="image/png"),

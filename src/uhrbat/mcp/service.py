@@ -104,6 +104,7 @@ class SceneService:
         from uhrbat.io import decode_section, open_image
 
         real = resolve_allowed(path, self.roots)
+        self.table.check_room()  # before decoding, not after
         read = dict(self.options.read)
         if bands is not None:
             read["bands"] = tuple(bands)
@@ -145,7 +146,7 @@ class SceneService:
             )
             seconds = float(sum(res.timings.values()))
             SceneTable.record(scene, Question(question, res.answer, res.cache, seconds))
-            scene.last = res
+            scene.last = (question, res)
             number = len(scene.questions)
         evidence = evidence_geojson(res.tokens, scene.source, max_regions, {"question": question, "answer": res.answer})
         out = AskOutput(
@@ -171,20 +172,21 @@ class SceneService:
 
         scene = self.table.get(scene_id)
         adapter.region_options(region, region_crs)
-        last, asked = scene.last, scene.questions[-1] if scene.questions else None
+        last = scene.last
         w, h = scene.source.size
         with decode_section():  # the view reads the scene's pixels again
-            if last is None or asked is None:
+            if last is None:
                 image = plain_view(scene.source, LOOK_MAX_SIDE)
                 text = (
                     f"No question has been asked about this scene yet: this is the plain image ({w}x{h} px, shown "
                     f"at {image.width}x{image.height}). Ask a question to see where the model looks."
                 )
             else:
-                image, box = overlay_view(scene.source, last, asked.question, LOOK_MAX_SIDE)
+                question, res = last
+                image, box = overlay_view(scene.source, res, question, LOOK_MAX_SIDE)
                 text = (
-                    f"Where the model looked for the last question ({_quote(asked.question)} -> "
-                    f"{_quote(asked.answer)}): warm heatmap = relevance, boxes = kept visual tokens per scale, "
+                    f"Where the model looked for the last question ({_quote(question)} -> "
+                    f"{_quote(res.answer)}): warm heatmap = relevance, boxes = kept visual tokens per scale, "
                     f"dashed outlines = merged groups. The scene ({w}x{h} px) fills the box "
                     f"[{box[0]}, {box[1]}, {box[2]}, {box[3]}] of this {image.width}x{image.height} picture "
                     f"(1 picture px = {w / max(1, box[2] - box[0]):.2f} scene px); legend and caption below it."
