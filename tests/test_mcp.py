@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,15 @@ def test_http_smoke(tmp_path: Path) -> None:
                 assert (await c.call_tool("close_scene", {"scene_id": sid})).structured_content["closed"]
 
         anyio.run(scenario)
+        # Loopback: the SDK refuses another Host (DNS rebinding), before any tool runs.
+        req = urllib.request.Request(
+            url,
+            data=b"{}",
+            headers={"Host": "attacker.example", "Content-Type": "application/json", "Accept": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 421
     finally:
         proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
         try:
