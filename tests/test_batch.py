@@ -204,12 +204,10 @@ def test_geojson_and_parquet_outputs(local_run):
     out, rows, got, _, _ = local_run
     ok = [r.id for r in rows[:3]]
     files = sorted(p.name for p in (out / "geo").iterdir())
-    assert files == sorted(f"{i}.geojson" for i in ok)
-    fc = json.loads((out / "geo" / f"{ok[0]}.geojson").read_text())
-    assert (
-        fc["type"] == "FeatureCollection" and fc["coordinate_space"] == "pixel" and fc["answer"] == got[ok[0]]["answer"]
-    )
-    assert len(fc["features"]) == got[ok[0]]["num_visual_tokens"] - fc["tokens_in_padding_dropped"]
+    assert files == sorted(f"{i}.pixels.json" for i in ok)  # PNG rows: the pixel-space file, never .geojson
+    fc = json.loads((out / "geo" / f"{ok[0]}.pixels.json").read_text())
+    assert fc["format"] == "uhrbat.pixel-boxes/1" and "type" not in fc and fc["answer"] == got[ok[0]]["answer"]
+    assert len(fc["tokens"]) == got[ok[0]]["num_visual_tokens"] - fc["tokens_in_padding_dropped"]
     table = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [t["id"] for t in table] == [r.id for r in rows]
     assert [t["answer"] for t in table] == [got[r.id]["answer"] for r in rows]

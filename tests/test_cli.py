@@ -67,11 +67,16 @@ def test_ask_several_questions_prepares_the_scene_once(tiny_checkpoint) -> None:
 
 
 def test_ask_writes_geojson_and_overlay_per_question(tiny_checkpoint, tmp_path) -> None:
+    bad = run("ask", AERIAL, "Trees?", "--model", str(tiny_checkpoint), "--geojson", str(tmp_path / "k.geojson"))
+    from uhrbat.errors import NotGeoreferencedError  # (`uhrbat` maps it to one line, exit code 2)
+
+    assert isinstance(bad.exception, NotGeoreferencedError) and "--json" in str(bad.exception)
+    assert "model loaded" not in bad.output and not (tmp_path / "k.geojson").exists()  # before the model ran
     old = os.umask(0o022)
     try:
         r = run(
             "ask",
-            AERIAL,
+            str(ASSETS / "aerial" / "neon_osbs_400.tif"),
             "Trees?",
             "Roads?",
             "--model",

@@ -82,9 +82,9 @@ class RowRunner:
     def _answered(self, row: BatchRow, source: Any, res: Any, seconds: float, first: bool = True) -> Answered:
         gj = None
         if self.geojson:
-            from uhrbat.io.geo import tokens_geojson
+            from uhrbat.io.geo import kept_tokens_document
 
-            gj = tokens_geojson(
+            gj, _ = kept_tokens_document(  # GeoJSON when georeferenced, else the pixel-space file
                 res.tokens,
                 source,
                 properties={"id": row.id, "image": row.image, "question": row.question, "answer": res.answer},

@@ -100,11 +100,13 @@ def output_row(
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-def geojson_name(row_id: str) -> str:
-    """File name of a row's GeoJSON: the id itself when it is a safe file name, else its hash."""
+def geojson_name(row_id: str, suffix: str = ".geojson") -> str:
+    """File name of a row's kept-token file: the id itself when it is a safe file name, else its
+    hash; `suffix` ".geojson", or ".pixels.json" for the pixel-space file of an image without
+    georeference (`uhrbat.io.geo.kept_tokens_document`)."""
     if _SAFE.match(row_id):
-        return f"{row_id}.geojson"
-    return f"id-{hashlib.sha256(row_id.encode('utf-8')).hexdigest()[:24]}.geojson"
+        return f"{row_id}{suffix}"
+    return f"id-{hashlib.sha256(row_id.encode('utf-8')).hexdigest()[:24]}{suffix}"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -195,7 +197,8 @@ class PredictionStore:
             return False
         if self.geojson_dir is not None and answered.geojson is not None:
             _atomic_write(
-                self.geojson_dir / geojson_name(rid), json.dumps(answered.geojson, separators=(",", ":")) + "\n"
+                self.geojson_dir / geojson_name(rid, ".geojson" if "type" in answered.geojson else ".pixels.json"),
+                json.dumps(answered.geojson, separators=(",", ":")) + "\n",
             )
         self._appender.write(row)
         self._remember(row)

@@ -17,7 +17,7 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import PromptError
-from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 
 def _err(msg: str) -> None:
@@ -135,6 +135,10 @@ def ask(
         for i in range(n if path is not None and n > 1 else 0):
             opt.check_writable(numbered(path, i, n))
     source = open_source(image, opt.read_kwargs(bands, stretch, max_pixels))
+    if geojson is not None:  # GeoJSON is lon/lat: refuse a non-georeferenced image before the model runs
+        from uhrbat.io.geo import map_ready
+
+        map_ready(source)
     mask = load_masks(masks)
     pipe, t_load = load_pipeline(model, load, selection)
     _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, selection)}")

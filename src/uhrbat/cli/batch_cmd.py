@@ -9,7 +9,7 @@ import typer
 
 from uhrbat.cli import options as o
 from uhrbat.errors import ConfigError
-from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 
 def batch(

@@ -19,8 +19,7 @@ import typer
 from uhrbat.cli import options as opt
 from uhrbat.cli.ask import describe_selection, format_timings, load_masks, load_pipeline, open_source
 from uhrbat.errors import ConfigError, ContextOverflowError, UhrBatError
-from uhrbat.modeling.loading import DEFAULT_MODEL
-from uhrbat.processing.prompt import validate_question
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 HELP = """\
 Type a question and press Enter. Commands:
@@ -178,6 +177,8 @@ class ChatSession:
         return "\n".join(lines)
 
     def _ask(self, question: str) -> None:
+        from uhrbat.processing.prompt import validate_question
+
         try:  # the CLI's own wording ("remove '<image>' from the question"), not the API's message-part advice
             question = validate_question(question)
         except UhrBatError as e:

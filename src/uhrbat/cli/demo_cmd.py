@@ -11,7 +11,7 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import UhrBatError
-from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 
 def demo(

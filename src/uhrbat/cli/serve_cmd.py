@@ -9,7 +9,7 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import UhrBatError
-from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

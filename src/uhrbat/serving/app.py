@@ -383,9 +383,15 @@ def create_app(engine: Engine, options: ServeOptions | None = None, *, metrics: 
 
             ext["tokens"] = tokens_with_boxes(res.tokens, source)
             if getattr(source, "georef", None) is not None:
-                gj = tokens_geojson(res.tokens, source, properties={"answer": done.text})
-                gj["image"]["path"] = filename  # the client's file name, never a server path
-                ext["geojson"] = gj
+                from uhrbat.errors import GeoError
+
+                try:
+                    gj = tokens_geojson(res.tokens, source, properties={"answer": done.text})
+                except GeoError as e:  # e.g. a CRS without a WGS84 transform: say so, keep the answer
+                    ext["geojson_error"] = str(e)
+                else:
+                    gj["image"]["path"] = filename  # the client's file name, never a server path
+                    ext["geojson"] = gj
         return ext
 
     async def stream(request: Request, req: ChatCompletionRequest, job: Job) -> Any:

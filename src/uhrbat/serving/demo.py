@@ -114,7 +114,7 @@ PAGE = """<!doctype html>
  <div id="error"></div>
  <div id="answer"></div>
  <div id="meta"></div>
- <a id="geojson" href="#" style="display:none" download="kept.geojson">Download kept regions (GeoJSON)</a>
+ <a id="geojson" href="#" style="display:none" download="kept.geojson">Download kept regions</a>
  <p><img id="overlay" alt="relevance heatmap and kept tokens"></p>
 </section>
 </main>
@@ -136,7 +136,9 @@ form.addEventListener('submit', async (ev) => {
     const t = Object.entries(data.timings || {}).map(([k, v]) => k + ' ' + v.toFixed(2) + 's').join(' \\u00b7 ');
     $('meta').textContent = data.num_visual_tokens + ' visual tokens (' + data.kept + ' kept, ' + data.merged +
       ' merged) \\u00b7 image ' + data.image_size.join('\\u00d7') + (t ? ' \\u00b7 ' + t : '');
-    $('geojson').href = data.geojson_url; $('geojson').style.display = 'inline';
+    $('geojson').href = data.geojson_url; $('geojson').download = data.geojson_url.split('/').pop();
+    $('geojson').textContent = 'Download kept regions (' + (data.georeferenced ? 'GeoJSON' : 'pixel boxes, JSON') + ')';
+    $('geojson').style.display = 'inline';
     const img = $('overlay');
     img.onload = () => { document.body.dataset.state = 'done'; };
     img.onerror = () => { document.body.dataset.state = 'error'; $('error').textContent = 'overlay failed to load'; };
@@ -175,7 +177,7 @@ def create_app(
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    from uhrbat.io.geo import tokens_geojson
+    from uhrbat.io.geo import kept_tokens_document
     from uhrbat.io.overlay import render_overlay
     from uhrbat.processing.processing_uhrbat import parse_budgets
     from uhrbat.serving.app import ServeOptions, model_scales
@@ -255,14 +257,17 @@ def create_app(
                     source, res.tokens, res.relevance, question, done.text, None, max_side=overlay_max_side
                 )
             ov.image.save(buf, format="PNG", compress_level=3)
-            geo = tokens_geojson(res.tokens, source, properties={"question": question, "answer": done.text})
+            # GeoJSON for a georeferenced upload, else the pixel-space file (never pixels as lon/lat)
+            geo, suffix = kept_tokens_document(
+                res.tokens, source, properties={"question": question, "answer": done.text}
+            )
             geo["image"]["path"] = filename  # the uploaded file's name, never a server path
-            return buf.getvalue(), ov, geo
+            return buf.getvalue(), ov, (geo, suffix)
 
         t1 = time.perf_counter()
-        png, ov, geo = await run_in_threadpool(overlay_and_geojson)
+        png, ov, (geo, suffix) = await run_in_threadpool(overlay_and_geojson)
         t_overlay = time.perf_counter() - t1
-        key = store.put({"png": png, "geojson": geo})
+        key = store.put({"png": png, "geojson": geo, "suffix": suffix})
         timings = {k: float(v) for k, v in (res.timings or {}).items()}
         timings["overlay"] = t_overlay
         log.info("answered (+%.2fs overlay): %r", t_overlay, done.text)
@@ -279,7 +284,7 @@ def create_app(
                 "timings": timings,
                 "overlay_url": f"api/result/{key}/overlay.png",
                 "overlay_size": list(ov.size),
-                "geojson_url": f"api/result/{key}/kept.geojson",
+                "geojson_url": f"api/result/{key}/kept{suffix}",
             }
         )
 
@@ -293,9 +298,16 @@ def create_app(
     @app.get("/api/result/{key}/kept.geojson")
     def kept_geojson(key: str) -> JSONResponse:
         item = store.get(key)
-        if item is None:
+        if item is None or item["suffix"] != ".geojson":
             raise APIError(404, "unknown or expired result", code="not_found")
         return JSONResponse(item["geojson"], media_type="application/geo+json")
+
+    @app.get("/api/result/{key}/kept.pixels.json")
+    def kept_pixels(key: str) -> JSONResponse:
+        item = store.get(key)
+        if item is None or item["suffix"] != ".pixels.json":
+            raise APIError(404, "unknown or expired result", code="not_found")
+        return JSONResponse(item["geojson"])
 
     return app
 
