@@ -135,9 +135,10 @@ def test_stdio_open_ask_twice_look_errors_and_keeps_answering(tmp_path: Path) ->
                 assert not px.is_error, _text(px)
                 ev = px.structured_content["evidence"]
                 assert px.structured_content["coordinate_space"] == ev["coordinate_space"] == "pixel"
-                assert "NOT longitude/latitude" in ev["coordinate_note"]
-                for f in ev["features"]:
-                    x0, y0, x1, y1 = f["properties"]["box_px"]
+                assert "NOT longitude/latitude" in ev["coordinate_note"] and "type" not in ev  # never GeoJSON
+                assert ev["format"] == "uhrbat.pixel-boxes/1" and len(ev["tokens"]) > 0
+                for t in ev["tokens"]:
+                    x0, y0, x1, y1 = t["box_px"]
                     assert 0 <= x0 < x1 <= 1249 and 0 <= y0 < y1 <= 1035
 
                 seen = await c.call_tool("look", {"scene_id": tid})

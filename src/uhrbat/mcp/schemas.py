@@ -85,12 +85,14 @@ class AskOutput(BaseModel):
     question: str
     answer: str
     coordinate_space: Literal["wgs84", "pixel"] = Field(
-        description="wgs84: evidence coordinates are longitude/latitude (georeferenced scene); pixel: they are "
-        "scene pixels (x right, y down from the top-left corner), NOT map coordinates."
+        description="wgs84: evidence is GeoJSON in longitude/latitude (georeferenced scene); pixel: evidence is a "
+        "pixel-space document (format uhrbat.pixel-boxes/1, not GeoJSON) in scene pixels, x right, y down from "
+        "the top-left corner, and its coordinate_note says why there are no map coordinates."
     )
     evidence: dict[str, Any] = Field(
-        description="GeoJSON FeatureCollection of the kept tokens, most relevant first (features' properties: "
-        "score, scale, status kept|merged, box_px, box_crs when georeferenced)."
+        description="The kept tokens, most relevant first: a GeoJSON FeatureCollection (wgs84; each feature's "
+        "properties hold score, scale, status kept|merged, box_px, box_crs) or the pixel-space document (pixel; "
+        "its `tokens` list holds the same properties and rects_px)."
     )
     regions_total: int = Field(description="Visual tokens the model kept (and merged) for this answer.")
     regions_returned: int = Field(description="Features in evidence (the max_regions most relevant).")

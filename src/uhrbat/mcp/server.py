@@ -47,7 +47,7 @@ INSTRUCTIONS = """\
 UHR-BAT answers questions about ultra-high-resolution remote-sensing images (aerial and satellite
 scenes of thousands to tens of thousands of pixels a side) under a visual-token budget.
 Workflow: open_scene(path) -> an id; ask(id, question) -> the answer and where the model found
-its evidence (GeoJSON: longitude/latitude for georeferenced scenes, else pixels); look(id) -> a
+its evidence (GeoJSON in longitude/latitude for georeferenced scenes, else scene-pixel boxes); look(id) -> a
 picture of where the model looked for the last question; describe_scene(id); close_scene(id)
 when done. The first question on a scene prepares it (slow); follow-up questions are much faster.
 """
@@ -130,9 +130,9 @@ def build_server(service: SceneService) -> MCPServer:
 
     @server.tool(
         description="Ask a question about an open scene. Returns the answer and its evidence: the visual tokens "
-        "the model kept, as GeoJSON in structured content (WGS84 longitude/latitude for georeferenced scenes, "
-        "pixel coordinates otherwise, marked by coordinate_space). The first question prepares the scene; "
-        "follow-ups reuse it.",
+        "the model kept, in structured content: GeoJSON in WGS84 longitude/latitude for georeferenced scenes, "
+        "else boxes in scene pixels (a pixel-space document, not GeoJSON), as coordinate_space says. The first "
+        "question prepares the scene; follow-ups reuse it.",
         annotations=ToolAnnotations(title="Ask about a scene", read_only_hint=True, open_world_hint=False),
     )
     async def ask(
@@ -144,7 +144,7 @@ def build_server(service: SceneService) -> MCPServer:
         selector: Selector = None,
         max_regions: Annotated[
             int,
-            Field(ge=0, description="Most evidence features returned, the most relevant first (0 = all)."),
+            Field(ge=0, description="Most evidence items returned, the most relevant first (0 = all)."),
         ] = DEFAULT_MAX_REGIONS,
     ) -> Annotated[CallToolResult, AskOutput]:
         out, summary = await _run(service.ask, scene_id, question, region, region_crs, budgets, selector, max_regions)

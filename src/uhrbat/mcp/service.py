@@ -148,7 +148,8 @@ class SceneService:
             SceneTable.record(scene, Question(question, res.answer, res.cache, seconds))
             scene.last = (question, res)
             number = len(scene.questions)
-        evidence = evidence_geojson(res.tokens, scene.source, max_regions, {"question": question, "answer": res.answer})
+        about = {"question": question, "answer": res.answer}
+        evidence = evidence_document(res.tokens, scene.source, max_regions, about)
         out = AskOutput(
             scene_id=scene.id,
             question=question,
@@ -156,7 +157,7 @@ class SceneService:
             coordinate_space=evidence["coordinate_space"],
             evidence=evidence,
             regions_total=len(res.tokens),
-            regions_returned=len(evidence["features"]),
+            regions_returned=len(evidence_items(evidence)),
             question_number=number,
             cache=res.cache,
             timings={k: float(v) for k, v in res.timings.items()},
@@ -246,49 +247,57 @@ def scene_facts(source: Any) -> dict[str, Any]:
     }
 
 
-def evidence_geojson(
+def evidence_document(
     tokens: Sequence[Any], source: Any, max_regions: int, properties: dict[str, Any]
 ) -> dict[str, Any]:
-    """The `max_regions` most relevant kept tokens (0 = all) as a GeoJSON FeatureCollection
-    (`uhrbat.io.geo.tokens_geojson`: WGS84 for georeferenced scenes, else marked pixel space);
-    feature ids and `index` stay the tokens' positions in the full list."""
-    from uhrbat.io.geo import tokens_geojson
+    """The `max_regions` most relevant kept tokens (0 = all), as `uhrbat.io.geo.kept_tokens_document`
+    writes them: GeoJSON in WGS84 when the scene is georeferenced, else the pixel-space document
+    (`uhrbat.pixel-boxes/1`, never GeoJSON: a GIS would place pixels on the globe). Each item's
+    `index` (and a feature's `id`) stays the token's position in the full list."""
+    from uhrbat.io.geo import kept_tokens_document
 
     order = sorted(range(len(tokens)), key=lambda i: -float(tokens[i].score))
     if max_regions:
         order = order[:max_regions]
-    fc = tokens_geojson([tokens[i] for i in order], source, properties=properties)
-    for feature in fc["features"]:
-        original = order[feature["properties"]["index"]]
-        feature["id"] = feature["properties"]["index"] = original
-    fc["tokens_total"] = len(tokens)
-    fc["features_limit"] = max_regions
-    fc["features_limited"] = bool(max_regions) and len(tokens) > max_regions
-    fc["features_order"] = "score, highest first"
-    return fc
+    doc, _ = kept_tokens_document([tokens[i] for i in order], source, properties=properties)
+    for item in doc.get("features", doc.get("tokens", [])):
+        props = item.get("properties", item)
+        props["index"] = order[props["index"]]
+        if "id" in item:
+            item["id"] = props["index"]
+    doc["tokens_total"] = len(tokens)
+    doc["items_limit"] = max_regions
+    doc["items_limited"] = bool(max_regions) and len(tokens) > max_regions
+    doc["items_order"] = "score, highest first"
+    return doc
+
+
+def evidence_items(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-token properties (box_px, score, scale, ...) of an evidence document, in order."""
+    if "features" in doc:
+        return [f["properties"] for f in doc["features"]]
+    return list(doc["tokens"])
 
 
 def ask_summary(out: AskOutput) -> str:
     """A few lines an agent reads: the answer, where the evidence is, what the question cost."""
     where = (
-        "longitude/latitude (WGS84)"
+        "GeoJSON, longitude/latitude (WGS84)"
         if out.coordinate_space == "wgs84"
-        else "scene pixels (x right, y down; the scene is not georeferenced)"
+        else f"scene pixels, x right, y down, not GeoJSON: {out.evidence['coordinate_note'].split(': ', 1)[-1]}"
     )
     top = []
-    for f in out.evidence["features"][:3]:
-        p = f["properties"]
+    for p in evidence_items(out.evidence)[:3]:
         box = ", ".join(f"{v:g}" for v in p["box_px"])
         top.append(f"[{box}] px (score {p['score']:.3g}, {p['scale']}-px scale)")
     ev = out.evidence
-    held = f"the {out.regions_returned} most relevant" if ev["features_limited"] else f"{out.regions_returned}"
+    held = f"the {out.regions_returned} most relevant" if ev["items_limited"] else f"{out.regions_returned}"
     padding = ev.get("tokens_in_padding_dropped", 0)
     lines = [
         out.answer,
         "",
         f"Evidence: {out.regions_total} visual tokens kept; {held} are in the structured result's `evidence` "
-        f"(GeoJSON, coordinates in {where})"
-        + (f"; {padding} more lie in the square padding, outside the image." if padding else "."),
+        f"({where})" + (f"; {padding} more lie in the square padding, outside the image." if padding else "."),
     ]
     if top:
         lines.append("Most relevant: " + "; ".join(top) + ".")
