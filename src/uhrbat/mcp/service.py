@@ -259,7 +259,7 @@ def evidence_document(
     order = sorted(range(len(tokens)), key=lambda i: -float(tokens[i].score))
     if max_regions:
         order = order[:max_regions]
-    doc, _ = kept_tokens_document([tokens[i] for i in order], source, properties=properties)
+    doc, _ = kept_tokens_document([tokens[i] for i in order], source, properties=properties, untransformable="pixels")
     for item in doc.get("features", doc.get("tokens", [])):
         props = item.get("properties", item)
         props["index"] = order[props["index"]]
