@@ -75,11 +75,11 @@ def test_load_and_ask_stop_before_loading(no_cuda, capsys: pytest.CaptureFixture
 
 
 def test_eval_device_is_resolved(no_cuda) -> None:
-    from uhrbat.evaluation.runner import _resolve_device
+    from uhrbat.factory import pick_device
 
-    assert _resolve_device("auto", 0) == "cpu"
+    assert pick_device("auto", 0) == "cpu"
     with pytest.raises(ConfigError, match="--device cuda: CUDA is not available"):
-        _resolve_device("cuda", 0)
+        pick_device("cuda", 0)
 
 
 @pytest.fixture

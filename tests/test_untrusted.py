@@ -387,7 +387,7 @@ def test_prepare_sft_non_utf8_byte_is_one_bad_row_and_no_tmp_is_left(tmp_path) -
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rep = prepare_sft([tmp_path / "d.jsonl"], tmp_path / "out.jsonl", bad_rows=tmp_path / "bad.jsonl")
     assert rep.written == 2 and len(rep.bad) == 1 and "UTF-8" in rep.bad[0].reason
-    assert json.loads((tmp_path / "bad.jsonl").read_text())["row"] == "d.jsonl:1"
+    assert json.loads((tmp_path / "bad.jsonl").read_text())["row"] == "d.jsonl:2"  # the 2nd line, 1-based
     arr = b"[" + b",".join(lines) + b"]"
     (tmp_path / "d.json").write_bytes(arr)
     rep = prepare_sft([tmp_path / "d.json"], tmp_path / "out2.jsonl")

@@ -44,6 +44,11 @@ class RunLockedError(UhrBatError):
     """An output directory is in use by another run (an advisory lock is held on it)."""
 
 
+class RunFileError(UhrBatError):
+    """A file of an `eval` / `batch` run folder is corrupt or in the way (the message names the
+    file, the line and the fix; such files are never rewritten or skipped silently)."""
+
+
 class BatchInputError(UhrBatError, ValueError):
     """A `uhrbat batch` input list is malformed (unreadable file, missing column, duplicate ids, ...)."""
 

@@ -52,6 +52,7 @@ _COMMAND_MODULES = [
     "uhrbat.cli.demo_cmd",
     "uhrbat.cli.serve_cmd",
     "uhrbat.cli.batch_cmd",
+    "uhrbat.cli.mcp_cmd",
 ]
 
 

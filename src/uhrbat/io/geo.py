@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -685,15 +685,27 @@ def write_pixel_json(
 
 
 def kept_tokens_document(
-    tokens: Sequence[Any], source: Any, *, properties: dict[str, Any] | None = None
+    tokens: Sequence[Any],
+    source: Any,
+    *,
+    properties: dict[str, Any] | None = None,
+    untransformable: Literal["raise", "pixels"] = "raise",
 ) -> tuple[dict[str, Any], str]:
     """`(document, suffix)` for an output folder of many images (batch, demo downloads):
-    GeoJSON in WGS84 and ".geojson" when `map_ready(source)` holds, else the pixel file and
-    `PIXEL_JSON_SUFFIX`, whose `coordinate_note` says why. The suffix names the format, so a
-    pixel file is never saved where a GIS expects GeoJSON."""
+    GeoJSON in WGS84 and ".geojson" when `map_ready(source)` holds; the pixel file and
+    `PIXEL_JSON_SUFFIX` (its `coordinate_note` says why) for an image without georeference. The
+    suffix names the format, so a pixel file is never saved where a GIS expects GeoJSON.
+
+    A georeferenced image whose CRS cannot be transformed to WGS84 raises `GeoTransformError`
+    (batch: that row's GeoJSON error), or with `untransformable="pixels"` gets the pixel file too
+    (the demo's download, whose note names the problem)."""
     try:
         map_ready(source)
-    except GeoError:
+    except NotGeoreferencedError:
+        return tokens_pixel_json(tokens, source, properties=properties), PIXEL_JSON_SUFFIX
+    except GeoTransformError:
+        if untransformable == "raise":
+            raise
         return tokens_pixel_json(tokens, source, properties=properties), PIXEL_JSON_SUFFIX
     return tokens_geojson(tokens, source, properties=properties), ".geojson"
 

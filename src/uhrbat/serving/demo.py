@@ -259,7 +259,7 @@ def create_app(
             ov.image.save(buf, format="PNG", compress_level=3)
             # GeoJSON for a georeferenced upload, else the pixel-space file (never pixels as lon/lat)
             geo, suffix = kept_tokens_document(
-                res.tokens, source, properties={"question": question, "answer": done.text}
+                res.tokens, source, properties={"question": question, "answer": done.text}, untransformable="pixels"
             )
             geo["image"]["path"] = filename  # the uploaded file's name, never a server path
             return buf.getvalue(), ov, (geo, suffix)

@@ -327,7 +327,7 @@ def read_parquet_rows(path: Path) -> Iterator[RawRow]:
     for i, row in enumerate(table.to_pylist()):
         conv = row.get("conversations")
         yield RawRow(
-            where=f"{path.name}:{i}",
+            where=f"{path.name} row {i + 1}",  # 1-based (a table has no lines)
             id=str(row.get("id") if row.get("id") is not None else i),
             image=row.get(img_col),
             messages=None if _is_missing(conv) else conv,
@@ -362,8 +362,10 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         numbered: Iterable[tuple[int, Any]] = enumerate(items)
         bad_lines: list[tuple[int, str]] = []
+        where = "{name} item {n}"  # a JSON list: the item's 1-based position
     else:
         items, bad_lines = [], []
+        where = "{name}:{n}"  # JSONL: file:line, the line 1-based as editors count
         for ln, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
@@ -374,7 +376,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
         numbered = items  # type: ignore[assignment]
     for ln, err in bad_lines:
         yield RawRow(
-            where=f"{path.name}:{ln}",
+            where=where.format(name=path.name, n=ln + 1),
             id=str(ln),
             image=None,
             messages=None,
@@ -383,7 +385,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
     for i, obj in numbered:
         if not isinstance(obj, dict):
             yield RawRow(
-                where=f"{path.name}:{i}",
+                where=where.format(name=path.name, n=i + 1),
                 id=str(i),
                 image=None,
                 messages=None,
@@ -392,7 +394,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             continue
         if _non_utf8(obj):
             yield RawRow(
-                where=f"{path.name}:{i}",
+                where=where.format(name=path.name, n=i + 1),
                 id=str(i),
                 image=None,
                 messages=None,
@@ -401,7 +403,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             continue
         img = obj.get("image", obj.get("image_paths", obj.get("file_name")))
         yield RawRow(
-            where=f"{path.name}:{i}",
+            where=where.format(name=path.name, n=i + 1),
             id=str(obj.get("id", i)),
             image=img,
             messages=obj.get("conversations", obj.get("messages")),
