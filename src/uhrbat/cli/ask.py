@@ -68,7 +68,9 @@ def load_pipeline(model: str, load: dict[str, Any], selection: dict[str, Any]):
 def describe_selection(pipe: Any, selection: dict[str, Any]) -> str:
     """The settings that will run, checkpoint defaults filled in (the help can only say
     "the checkpoint's")."""
-    o = pipe.resolve(**selection)
+    from uhrbat.options import SelectionOptions
+
+    o = SelectionOptions.of(**selection).resolve(pipe.model.config)
     text = f"budgets {','.join(map(str, o.budgets))}, selector {o.selector}"
     if o.selector == "kmeans":
         k = "the scale's budget" if not o.kmeans_clusters else f"{o.kmeans_clusters}"
