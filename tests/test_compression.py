@@ -6,7 +6,6 @@ Golden data: ../shared/parity/case_{a,b} (see its README, step 8 and "Recommende
 from __future__ import annotations
 
 import json
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import uhrbat.compression.kmeans  # noqa: F401  (the package re-exports a function of that name)
 from uhrbat.compression import (
     KMeansResult,
     Selection,
@@ -28,9 +26,12 @@ from uhrbat.compression import (
     select_segments,
     select_topk,
 )
+from uhrbat.compression.kmeans.cached import CachedDistances
+from uhrbat.compression.kmeans.device import kmeans_device
+from uhrbat.compression.kmeans.exact import kmeans_exact
+from uhrbat.compression.kmeans.fast import kmeans_fast
+from uhrbat.compression.kmeans.means import mean_emulation_lanes, torch_like_sums
 from uhrbat.errors import BudgetError, MaskError
-
-km = sys.modules["uhrbat.compression.kmeans"]
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "parity"
@@ -168,23 +169,21 @@ def test_kmeans_matches_fixture(case: str, scale: int, mode: str) -> None:
         assert res.distance_evaluations == res.iterations * TOKENS[scale] * res.num_clusters
 
 
-def test_fast_kmeans_float64_centre_fallback_matches_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_kmeans_float64_centre_fallback_matches_fixture() -> None:
     """Without the mean(0) emulation (other ISA / GPU), float64 centres still give the
     fixture labels at the small scales."""
-    monkeypatch.setattr(km, "_mean_emulation_lanes", lambda *a: None)
     f, _ = fixture("case_a")
     feats = clustering_features(selection_embeds("case_a", 1344), 16)
-    res = kmeans(feats, 600, 100, init_indices=f["kmeans.1344.init_idx"])
+    res = kmeans_fast(feats, f["kmeans.1344.init_idx"], 100, emulate_mean_order=False)
     assert not res.exact_means
     assert torch.equal(res.labels, f["kmeans.1344.labels"].long())
 
 
-def test_bounded_engine_matches_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bounded_engine_matches_exact() -> None:
     """The bound-based engine (used when the N×K cache is too big) gives the same labels."""
-    monkeypatch.setattr(km, "_CACHE_BYTES", 0)
     f, _ = fixture("case_b")
     feats = clustering_features(selection_embeds("case_b", 1344), 16)
-    res = kmeans(feats, 200, 20, init_indices=f["kmeans.1344.init_idx"])
+    res = kmeans_fast(feats, f["kmeans.1344.init_idx"], 20, cache_bytes=0)
     assert torch.equal(res.labels, f["kmeans.1344.labels"].long())
     assert res.distance_evaluations < res.iterations * 9216 * 200
 
@@ -217,7 +216,7 @@ def test_device_kmeans_loop_matches_fixture(case: str) -> None:
     c = meta["case"]
     for scale in (672, 1344):
         feats = clustering_features(selection_embeds(case, scale), TOKENS[scale] // 576)
-        res = km._kmeans_device(feats, f[f"kmeans.{scale}.init_idx"], c["kmeans_max_iters"], check_every=8)
+        res = kmeans_device(feats, f[f"kmeans.{scale}.init_idx"], c["kmeans_max_iters"], check_every=8)
         assert torch.equal(res.labels_iter1, f[f"kmeans.{scale}.labels_iter1"].long())
         torch.testing.assert_close(res.centers_iter1, f[f"kmeans.{scale}.centers_iter1"], atol=1e-6, rtol=0)
         assert torch.equal(res.labels, f[f"kmeans.{scale}.labels"].long()), scale
@@ -231,8 +230,8 @@ def test_device_kmeans_loop_stops_like_the_reference(check_every: int) -> None:
     x = _blobs(3000, 40, 12, 0, 1.0)
     init = torch.randperm(3000, generator=torch.Generator().manual_seed(1))[:40]
     for iters in (1, 4, 50):
-        exact = km._kmeans_exact(x, init, iters)
-        dev = km._kmeans_device(x, init, iters, check_every=check_every)
+        exact = kmeans_exact(x, init, iters)
+        dev = kmeans_device(x, init, iters, check_every=check_every)
         assert torch.equal(dev.labels, exact.labels) and torch.equal(dev.labels_iter1, exact.labels_iter1)
         assert (dev.iterations, dev.converged) == (exact.iterations, exact.converged)
         torch.testing.assert_close(dev.centers, exact.centers, atol=1e-6, rtol=1e-6)  # float64 means: <= 1 ulp
@@ -270,7 +269,7 @@ def test_kmeans_edge_cases() -> None:
 
 
 def test_mean_emulation_is_bitwise_torch_mean() -> None:
-    lanes = km._mean_emulation_lanes(66, torch.float32, torch.device("cpu"))
+    lanes = mean_emulation_lanes(66, torch.float32, torch.device("cpu"))
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert lanes is not None  # the x86 builds the fixtures come from
     if lanes is None:  # elsewhere the fast mode must say that its centres are float64 means
@@ -282,7 +281,7 @@ def test_mean_emulation_is_bitwise_torch_mean() -> None:
     vals = torch.randn(int(sizes.sum()), 66, generator=gen)
     seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     rank = torch.arange(vals.shape[0]) - (torch.cumsum(sizes, 0) - sizes)[seg]
-    got = km._torch_like_sums(vals, torch.arange(vals.shape[0]), seg, rank, sizes, lanes) / sizes.float()[:, None]
+    got = torch_like_sums(vals, torch.arange(vals.shape[0]), seg, rank, sizes, lanes) / sizes.float()[:, None]
     want = torch.stack([p.mean(0) for p in vals.split(sizes.tolist())])
     assert torch.equal(got, want)
 
@@ -291,7 +290,7 @@ def test_distance_cache_is_bitwise_cdist() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 66, generator=gen)
     c = torch.randn(300, 66, generator=gen)
-    cache = km._CachedDistances(x, 300)
+    cache = CachedDistances(x, 300)
     labels = cache.first(c)
     full = torch.cdist(x, c)
     assert torch.equal(cache.dist_t.T, full) and torch.equal(labels, full.argmin(1))
