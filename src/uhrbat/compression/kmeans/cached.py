@@ -23,6 +23,8 @@ __all__ = ["CachedDistances"]
 # Chunk of a column refresh: small enough that the clamp/sqrt/min passes after each GEMM block
 # run on cache-resident data (the GEMM rows, hence the values, are unchanged).
 STEP_CHUNK_BYTES = 32 * 1024 * 1024
+# Row block of a full refresh ([rows, K] distances): about the size of a core's L2 cache.
+FULL_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 class CachedDistances:
@@ -69,38 +71,31 @@ class CachedDistances:
         if previous is None and self.n * self.k * self.dist_t.element_size() <= 2 * CHUNK_BYTES:
             # The first refresh is `torch.cdist`'s own GEMM, same shapes, one call: bitwise
             # torch.cdist at any feature width, so labels_iter1 is exact.
-            block = torch.matmul(self.xa, ya.mT).clamp_min_(1e-30).sqrt_()
-            own, labels = block.min(dim=1)  # first index of the minimum, like argmin
-            at = labels[:, None]
-            block.scatter_(1, at, math.inf)
-            self.second.copy_(block.amin(dim=1))
-            block.scatter_(1, at, own[:, None])
-            self.dist_t.copy_(block.T)
-            return labels
-        # Otherwise the transposed product straight into the [K, N] cache (bitwise
-        # torch.cdist for feature widths up to ~1000, see the module docstring).
-        torch.matmul(ya, self.xa.mT, out=self.dist_t)
-        d = self.dist_t.clamp_min_(1e-30).sqrt_()
-        if previous is None:
-            own, labels = d.min(dim=0)  # first index of the minimum, like argmin
-            at = labels[None, :]
-            d.scatter_(0, at, math.inf)
-            self.second.copy_(d.amin(dim=0))
-            d.scatter_(0, at, own[None, :])
-            return labels
-        # A min with indices along dim 0 is slow and most points keep their label: one pass
-        # of values over the other entries shows where the previous label is still the
-        # unique minimum; only the other points get an indexed min.
-        at = previous[None, :]
-        own = d.gather(0, at).squeeze(0)
-        d.scatter_(0, at, math.inf)
-        rest = d.amin(dim=0)
-        d.scatter_(0, at, own[None, :])
-        labels = previous.clone()
-        self.second.copy_(rest)
-        redo = (own >= rest).nonzero().squeeze(1)
-        if redo.numel():
-            self._rescan(redo, labels)
+            return self._rows(self.xa, ya, 0)
+        # Otherwise by row blocks small enough that the clamp/sqrt/min passes run on
+        # cache-resident data (bitwise torch.cdist for feature widths up to ~1000, see the
+        # module docstring); the argmin runs along the rows' contiguous dim.
+        labels = torch.empty(self.n, dtype=torch.int64, device=self.xa.device)
+        step = max(MIN_GEMM_ROWS, FULL_CHUNK_BYTES // (self.k * self.dist_t.element_size()))
+        for start in range(0, self.n, step):
+            xs = self.xa[start : start + step]
+            r = xs.shape[0]
+            if r < min(self.n, MIN_GEMM_ROWS):  # a short last block: pad with earlier rows
+                xs = self.xa[self.n - min(self.n, MIN_GEMM_ROWS) :]
+            labels[start : start + r] = self._rows(xs, ya, start + r - xs.shape[0])[-r:]
+        return labels
+
+    def _rows(self, xs: Tensor, ya: Tensor, start: int) -> Tensor:
+        """Distances of the points `xs` (`xa[start : start + len(xs)]`) to every centre: written
+        to the cache with their `second`; returns their first-index argmin labels."""
+        block = torch.matmul(xs, ya.mT).clamp_min_(1e-30).sqrt_()
+        own, labels = block.min(dim=1)  # first index of the minimum, like argmin
+        at = labels[:, None]
+        block.scatter_(1, at, math.inf)
+        stop = start + xs.shape[0]
+        torch.amin(block, dim=1, out=self.second[start:stop])
+        block.scatter_(1, at, own[:, None])
+        self.dist_t[:, start:stop].copy_(block.T)
         return labels
 
     def _rescan(self, rows: Tensor, labels: Tensor) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from uhrbat.compression.kmeans.common import CHUNK_BYTES
@@ -98,67 +99,44 @@ def segment_ids(counts: Tensor, total: int) -> Tensor:
     return torch.cumsum(marks, 0)
 
 
-def _run_sums(
-    src: Tensor,
-    rows: Tensor | None,
-    seg: Tensor,
-    rank: Tensor,
-    counts: Tensor,
-    group: int,
-    seq_sum: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _run_sums(src: Tensor, rows: Tensor | None, counts: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
     """One accumulator level of torch's cascade sum.
 
-    Item t is `src[rows[t]]` (or `src[t]` when `rows` is None). Each segment's items (ordered
-    by `rank`) are cut into runs of `group`; every run is summed sequentially starting from 0.
-    Returns `(full, full_seg, full_rank, full_counts, residue)`: the sums of the complete runs
-    (they are pushed to the next level, in order), their segment, rank and count per segment,
-    and each segment's incomplete last run `[nseg, C]`.
+    Item t is `src[rows[t]]` (or `src[t]` when `rows` is None); the items of segment s are the
+    next `counts[s]` ones, in order. Each segment's items are cut into runs of `group`, and every
+    run is summed sequentially starting from 0 - which is what `embedding_bag(mode="sum")` does
+    per bag, in one pass over the items (no padded copy). Returns `(full, full_counts, residue)`:
+    the sums of the complete runs (pushed to the next level, segment after segment, in order),
+    their number per segment, and each segment's incomplete last run `[nseg, C]` (0 if empty).
     """
     dev = src.device
     nfull = counts // group
     slots = nfull + 1  # the complete runs, then the (possibly empty) residue
-    base = torch.cumsum(slots, 0) - slots
     total = int(slots.sum())
-    dest = (base[seg] + rank // group) * group + rank % group
-    # Gather straight into the padded [slot, position] layout; unused positions read row 0
-    # and are zeroed (x + 0 == x, so zero padding leaves every sequential sum unchanged).
-    source = torch.zeros(total * group, dtype=torch.int64, device=dev)
-    source[dest] = torch.arange(rank.numel(), device=dev) if rows is None else rows
-    padded = src.index_select(0, source)
-    unused = torch.ones(total * group, dtype=torch.bool, device=dev)
-    unused[dest] = False
-    padded.index_fill_(0, unused.nonzero().squeeze(1), 0.0)
-    padded = padded.view(total, group, src.shape[1])
-    if seq_sum and group == 16:
-        # torch's outer sum of exactly 16 rows (column blocks of 4 lanes) is the sequential
-        # sum from 0 (one cascade level); checked by the emulation self-test.
-        acc = padded.sum(dim=1)
-    else:
-        acc = src.new_zeros(total, src.shape[1])
-        for p in range(group):
-            acc += padded[:, p]
+    base = torch.cumsum(slots, 0) - slots
     slot_seg = segment_ids(slots, total)
     slot_rank = torch.arange(total, device=dev) - base[slot_seg]
+    # Bag b spans items [offsets[b], offsets[b + 1]): a full run is `group` items, a residue
+    # runs to the start of the next segment (an empty bag sums to 0).
+    offsets = (torch.cumsum(counts, 0) - counts)[slot_seg] + group * slot_rank
+    items = torch.arange(int(counts.sum()), device=dev) if rows is None else rows
+    acc = F.embedding_bag(items, src, offsets, mode="sum")
     is_full = slot_rank < nfull[slot_seg]
-    return acc[is_full], slot_seg[is_full], slot_rank[is_full], nfull, acc[base + nfull]
+    return acc[is_full], nfull, acc[base + nfull]
 
 
-def _cascade_sums(
-    src: Tensor, rows: Tensor | None, seg: Tensor, rank: Tensor, counts: Tensor, seq_sum: bool = False
-) -> Tensor:
+def _cascade_sums(src: Tensor, rows: Tensor | None, counts: Tensor) -> Tensor:
     """Per-segment sums in the order of ATen's `multi_row_sum` (4 levels of 16, <= 2**19 rows):
     rows go into acc0; every 16 rows acc0 is pushed into acc1, every 256 acc1 into acc2, every
-    4096 acc2 into acc3; the result is ((acc0 + acc1) + acc2) + acc3."""
+    4096 acc2 into acc3; the result is ((acc0 + acc1) + acc2) + acc3. Items as in `_run_sums`."""
     out = None
     for _level in range(3):
-        src, seg, rank, counts, residue = _run_sums(src, rows, seg, rank, counts, 16, seq_sum)
+        src, counts, residue = _run_sums(src, rows, counts, 16)
         rows = None
         out = residue if out is None else out + residue
         if src.shape[0] == 0:  # nothing pushed up: the higher accumulators stay 0
             return out
-    longest = int(counts.max())
-    return out + _run_sums(src, None, seg, rank, counts, longest + 1)[4]
+    return out + _run_sums(src, None, counts, int(counts.max()) + 1)[2]
 
 
 def torch_like_sums(src: Tensor, rows: Tensor, seg: Tensor, rank: Tensor, counts: Tensor, lanes: int) -> Tensor:
@@ -174,7 +152,9 @@ def torch_like_sums(src: Tensor, rows: Tensor, seg: Tensor, rank: Tensor, counts
     wide = (c // (4 * lanes)) * (4 * lanes)
     out = src.new_empty(nseg, c)
     if wide:
-        out[:, :wide] = _cascade_sums(src[:, :wide], rows, seg, rank, counts, seq_sum=True)
+        # All columns go through the cascade (embedding_bag reads whole rows; a column slice
+        # would be copied first); the last `c - wide` are replaced below.
+        out[:, :wide] = _cascade_sums(src, rows, counts)[:, :wide]
     if wide < c:
         rest = src[rows, wide:]
         quads = counts // 4
@@ -183,7 +163,7 @@ def torch_like_sums(src: Tensor, rows: Tensor, seg: Tensor, rank: Tensor, counts
         scounts = quads[:, None].expand(nseg, 4).reshape(-1)
         if bool(inside.any()):
             order = torch.sort(sseg, stable=True).indices  # streams contiguous, rows in order
-            parts = _cascade_sums(rest[inside][order], None, sseg[order], (rank[inside] // 4)[order], scounts)
+            parts = _cascade_sums(rest[inside][order], None, scounts)
         else:
             parts = rest.new_zeros(nseg * 4, c - wide)
         parts = parts.view(nseg, 4, c - wide)
