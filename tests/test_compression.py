@@ -26,6 +26,7 @@ from uhrbat.compression import (
     select_segments,
     select_topk,
 )
+from uhrbat.compression.kmeans import cached
 from uhrbat.compression.kmeans.cached import CachedDistances
 from uhrbat.compression.kmeans.device import kmeans_device
 from uhrbat.compression.kmeans.exact import kmeans_exact
@@ -308,6 +309,54 @@ def test_distance_cache_is_bitwise_cdist() -> None:
     labels3 = cache.step(c3, c2, moved, labels2)
     full3 = torch.cdist(x, c3)
     assert torch.equal(cache.dist_t.T, full3) and torch.equal(labels3, full3.argmin(1))
+
+
+def _second_smallest(d: torch.Tensor) -> torch.Tensor:
+    """`[N]` smallest entry of each row of `d` `[N, K]` other than its first-index argmin."""
+    d = d.clone()
+    d.scatter_(1, d.argmin(1, keepdim=True), float("inf"))
+    return d.amin(1)
+
+
+def test_distance_cache_full_refresh_by_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full refreshes by L2-sized row blocks (the first one too, when the N×K matrix is large),
+    including a short last block padded with earlier rows: bitwise cdist, its first-index
+    argmin and the exact second-smallest distance of every point."""
+    monkeypatch.setattr(cached, "CHUNK_BYTES", 1024)  # the first refresh takes the blocked path
+    monkeypatch.setattr(cached, "FULL_CHUNK_BYTES", 300 * 100 * 4)  # 100-row blocks
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1030, 130, generator=gen)  # 10 blocks and a 30-row last one
+    c = torch.randn(300, 130, generator=gen)
+    c[7] = c[3]  # exactly tied columns: the first index wins
+    cache = CachedDistances(x, 300)
+    labels = cache.first(c)
+    full = torch.cdist(x, c)
+    assert torch.equal(cache.dist_t.T, full) and torch.equal(labels, full.argmin(1))
+    assert not bool((labels == 7).any()) and torch.equal(cache.second, _second_smallest(full))
+    # >= 90 % of the centres moved: a full refresh that starts from the previous labels.
+    c2 = c + 0.05 * torch.randn(300, 130, generator=gen)
+    c2[-10:] = c[-10:]
+    labels2 = cache.step(c2, c, torch.arange(290), labels)
+    full2 = torch.cdist(x, c2)
+    assert torch.equal(cache.dist_t.T, full2) and torch.equal(labels2, full2.argmin(1))
+    assert torch.equal(cache.second, _second_smallest(full2))
+
+
+def test_mean_order_self_check_runs_once_per_key() -> None:
+    """The lane count is a cached pure function of (width, dtype, threads, ISA): no module-level
+    dict; concurrent first calls from several threads all get the same answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from uhrbat.compression.kmeans import means
+
+    width = 37  # a width no other test uses
+    with ThreadPoolExecutor(4) as pool:
+        got = set(pool.map(lambda _: mean_emulation_lanes(width, torch.float32, torch.device("cpu")), range(8)))
+    assert len(got) == 1
+    hits = means._lanes_on_cpu.cache_info().hits
+    assert mean_emulation_lanes(width, torch.float32, torch.device("cpu")) in got
+    assert means._lanes_on_cpu.cache_info().hits == hits + 1
+    assert mean_emulation_lanes(width, torch.bfloat16, torch.device("cpu")) is None  # float32/64 only
 
 
 # ------------------------------------------------------------------------------ selection vs fixture
