@@ -3,9 +3,10 @@
 Why this is exact: `torch.cdist` (its matmul path, which it takes for these sizes) computes
 `clamp_min(x_ @ y_.mT, 1e-30).sqrt()` with `x_ = cat([-2x, |x|², 1])` and `y_ = cat([c, 1, |c|²])`.
 An entry depends only on its point and its centre, so an unmoved centre's column is still
-exactly what a fresh `cdist` would give. On x86/MKL every entry of a sub-product with at least
-16 point rows and 2 centre columns is bitwise the entry of the full product (for feature widths
-up to ~1000: checked for 66, 130, 514/516); subsets are padded to `MIN_GEMM_ROWS` /
+exactly what a fresh `cdist` would give. On x86/MKL every entry of a sub-product `A @ B.mT`
+whose `A` has at least 16 rows and `B` at least 2 is bitwise the entry of the full product,
+whichever operand holds the points (for feature widths up to ~1000: checked for 66, 130 and
+514/516 wide features, the benchmark's); subsets are padded to `MIN_GEMM_ROWS` /
 `MIN_GEMM_COLS` to stay well inside that.
 """
 
@@ -32,9 +33,11 @@ class CachedDistances:
 
     `torch.cdist` (matmul path) computes `clamp_min(x_ @ y_.mT, 1e-30).sqrt()` with
     `x_ = cat([-2 x, |x|², 1])` and `y_ = cat([c, 1, |c|²])`. `x_` does not depend on the
-    centres, so it is built once. A full refresh is that very GEMM (same shapes, so bitwise
-    `torch.cdist`); a column refresh is the same formula on a column subset. The cache is stored
-    transposed, `[K, N]`, so that refreshing a few columns writes a few contiguous rows.
+    centres, so it is built once. The first refresh is that very GEMM (same shapes, one call, so
+    bitwise `torch.cdist` at any width) when the matrix is small enough; other full refreshes run
+    by L2-sized row blocks, and a column refresh is the same formula on a column subset. The
+    cache is stored transposed, `[K, N]`, so that refreshing a few columns writes a few
+    contiguous rows.
 
     Labels are kept equal to the cache's first-index argmin without rescanning rows: with the
     invariant "every non-own entry is > the own one, or equal with a larger index", only moved

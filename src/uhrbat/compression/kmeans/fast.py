@@ -7,6 +7,17 @@ with far less work and no Python loop over clusters or tokens.
   certifies labels with float-error-safe triangle-inequality bounds instead.
 * Centres: `means.ClusterMeans` recomputes only the clusters whose membership changed, in torch's
   own `mean(0)` summation order (bitwise), or float64 sums where that order is not reproduced.
+
+Why every skipped computation leaves the result unchanged:
+
+1. Unmoved centre, column not recomputed: a `cdist` entry is a function of its point and its
+   centre only (the GEMM row times the GEMM column; on x86/MKL the entry of a sub-product is
+   bitwise the full product's, see `cached`), so the kept value is the value `cdist` returns.
+2. Labels updated without an argmin over every row: see the invariant in `CachedDistances`.
+3. Unchanged membership, mean not recomputed: `x[labels == j].mean(0)` depends on the member
+   rows in ascending order only, which did not change.
+4. `allclose` evaluated on the moved centres only: an unmoved centre has `|new - old| = 0 <=
+   atol + rtol·|old|`, so it cannot make `torch.allclose(new, centers)` false.
 """
 
 from __future__ import annotations
