@@ -26,7 +26,7 @@ from uhrbat.compression import (
     select_segments,
     select_topk,
 )
-from uhrbat.compression.kmeans import cached
+from uhrbat.compression.kmeans import cached, means
 from uhrbat.compression.kmeans.cached import CachedDistances
 from uhrbat.compression.kmeans.device import kmeans_device
 from uhrbat.compression.kmeans.exact import kmeans_exact
@@ -170,14 +170,17 @@ def test_kmeans_matches_fixture(case: str, scale: int, mode: str) -> None:
         assert res.distance_evaluations == res.iterations * TOKENS[scale] * res.num_clusters
 
 
-def test_fast_kmeans_float64_centre_fallback_matches_fixture() -> None:
+def test_fast_kmeans_float64_centre_fallback_matches_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the mean(0) emulation (other ISA / GPU), float64 centres still give the
-    fixture labels at the small scales."""
+    fixture labels at the small scales, whether the gathered rows fit one batch or many."""
     f, _ = fixture("case_a")
     feats = clustering_features(selection_embeds("case_a", 1344), 16)
     res = kmeans_fast(feats, f["kmeans.1344.init_idx"], 100, emulate_mean_order=False)
     assert not res.exact_means
     assert torch.equal(res.labels, f["kmeans.1344.labels"].long())
+    monkeypatch.setattr(means, "CHUNK_BYTES", 2 * 66 * 8 * 50)  # batches of clusters starting in 50 rows
+    small = kmeans_fast(feats, f["kmeans.1344.init_idx"], 100, emulate_mean_order=False)
+    assert torch.equal(small.labels, res.labels) and torch.equal(small.centers, res.centers)
 
 
 def test_bounded_engine_matches_exact() -> None:
@@ -346,8 +349,6 @@ def test_mean_order_self_check_runs_once_per_key() -> None:
     """The lane count is a cached pure function of (width, dtype, threads, ISA): no module-level
     dict; concurrent first calls from several threads all get the same answer."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from uhrbat.compression.kmeans import means
 
     width = 37  # a width no other test uses
     with ThreadPoolExecutor(4) as pool:

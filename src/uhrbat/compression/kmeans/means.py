@@ -30,8 +30,8 @@ CASCADE_MAX_ROWS = 1 << 19
 class ClusterMeans:
     """Per-cluster means, recomputed only for the clusters whose membership changed.
 
-    Members are gathered in ascending position order (as `x[labels == j]` does) and summed in
-    one vectorised pass that follows torch's CPU cascade-sum order, so each mean is bitwise
+    Members are taken in ascending position order (as `x[labels == j]` does) and summed, for
+    all changed clusters at once, in torch's CPU cascade-sum order, so each mean is bitwise
     `x[labels == j].mean(0)`. Falls back to float64 sums when the emulation self-check fails.
     """
 
@@ -59,31 +59,26 @@ class ClusterMeans:
         rows, lab = rows[order], lab[order]
         ids, counts = torch.unique_consecutive(lab, return_counts=True)
         self.counts[ids] = counts
-        # Batches of whole clusters keep the gathered rows within the chunk budget.
-        budget = max(1, CHUNK_BYTES // (4 * self.x.shape[1] * self.x.element_size()))
-        bounds = torch.cumsum(counts, 0).tolist()
-        first, row0 = 0, 0
-        while first < ids.numel():
-            last = first
-            while last + 1 < ids.numel() and bounds[last + 1] - row0 <= budget:
-                last += 1
-            row1 = bounds[last]
-            self._batch(rows[row0:row1], ids[first : last + 1], counts[first : last + 1])
-            first, row0 = last + 1, row1
-
-    def _batch(self, rows: Tensor, ids: Tensor, counts: Tensor) -> None:
-        nseg = ids.numel()
         seg = segment_ids(counts, rows.numel())
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(rows.numel(), device=rows.device) - starts[seg]
         if self.lanes is not None and int(counts.max()) <= CASCADE_MAX_ROWS:
+            # One embedding_bag pass per cascade level: no gathered copy of the member rows.
+            rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[seg]
             sums = torch_like_sums(self.x, rows, seg, rank, counts, self.lanes)
             self.means[ids] = sums / counts.to(self.x.dtype)[:, None]
-        else:
-            self.exact = False
+            return
+        self.exact = False
+        # float64 sums of the gathered rows, by batches of whole clusters (a batch holds the
+        # clusters that start in one window of `budget` rows) to bound the gathered copy.
+        budget = max(1, CHUNK_BYTES // (2 * self.x.shape[1] * 8))
+        _, per_batch = torch.unique_consecutive((torch.cumsum(counts, 0) - counts) // budget, return_counts=True)
+        row0 = seg0 = 0
+        for nseg in per_batch.tolist():
+            row1 = row0 + int(counts[seg0 : seg0 + nseg].sum())
             sums = torch.zeros(nseg, self.x.shape[1], dtype=torch.float64, device=rows.device)
-            sums.index_add_(0, seg, self.x[rows].double())
-            self.means[ids] = (sums / counts.double()[:, None]).to(self.x.dtype)
+            sums.index_add_(0, seg[row0:row1] - seg0, self.x[rows[row0:row1]].double())
+            cnt = counts[seg0 : seg0 + nseg].double()[:, None]
+            self.means[ids[seg0 : seg0 + nseg]] = (sums / cnt).to(self.x.dtype)
+            row0, seg0 = row1, seg0 + nseg
 
     def centers(self, old: Tensor) -> Tensor:
         """`[K, F]` new centres: member means, or the old centre for an empty cluster."""
