@@ -40,6 +40,7 @@ def select_kmeans(embeds, scores, budget, *, mode="fast", **grouping):
     res = cluster_tokens(embeds, budget, mode=mode, **grouping)
     return preserve_and_merge(embeds, scores, res.labels, budget, exact=mode == "exact"), res
 
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "parity"
 CASES = ["case_a", "case_b"]
