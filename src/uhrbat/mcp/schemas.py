@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from uhrbat.cli.options import SELECTORS
+from uhrbat.selectors import selector_names
 
 #: Selectors a tool call may name: `segments` needs a mask file per image, which MCP has no way to pass.
-MCP_SELECTORS = tuple(s for s in SELECTORS if s != "segments")
+MCP_SELECTORS = tuple(s for s in selector_names() if s != "segments")
 
 # ----------------------------------------------------------------------------- arguments
 SceneId = Annotated[str, Field(description="The id open_scene returned.")]
