@@ -12,8 +12,7 @@ pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install fasta
 pytest.importorskip("multipart", reason="the demo needs python-multipart")
 from fastapi.testclient import TestClient
 
-from uhrbat.serving.demo import create_app
-from uhrbat.serving.fake import FakePipeline
+from serving_fake import FakePipeline, demo_app
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
@@ -27,7 +26,7 @@ def _png(w: int = 300, h: int = 200) -> bytes:
 @pytest.fixture()
 def client_and_fake():
     fake = FakePipeline()
-    app = create_app(fake, model_name="fake-model", overlay_max_side=400)
+    app = demo_app(fake, model_name="fake-model", overlay_max_side=400)
     with TestClient(app) as client:
         yield client, fake
 
@@ -66,9 +65,10 @@ def test_uploads_are_decoded_untrusted_inside_the_decode_section(client_and_fake
     import contextlib
 
     import uhrbat.io
+    import uhrbat.io.sources
 
     entered = []
-    real_section, real_open = uhrbat.io.decode_section, uhrbat.io.open_image_bytes
+    real_section, real_open = uhrbat.io.decode_section, uhrbat.io.sources.open_image
 
     @contextlib.contextmanager
     def counting_section(*a, **k):
@@ -77,17 +77,17 @@ def test_uploads_are_decoded_untrusted_inside_the_decode_section(client_and_fake
             yield
             entered.append("out")
 
-    def checked_open(data, **kw):
+    def checked_open(path, **kw):
         assert entered and entered[-1] == "in", "decoded outside uhrbat.io.decode_section()"
-        entered.append(kw.get("filename"))
-        return real_open(data, **kw)
+        entered.append(kw.get("trust"))
+        return real_open(path, **kw)
 
     monkeypatch.setattr(uhrbat.io, "decode_section", counting_section)
-    monkeypatch.setattr(uhrbat.io, "open_image_bytes", checked_open)
+    monkeypatch.setattr(uhrbat.io.sources, "open_image", checked_open)
     client, _ = client_and_fake
     r = client.post("/api/ask", files={"image": ("field.png", _png(), "image/png")}, data={"question": "q"})
     assert r.status_code == 200, r.text
-    assert entered[:3] == ["in", "field.png", "out"]
+    assert entered[:3] == ["in", "untrusted", "out"]
 
 
 def test_page_and_openai_api_share_one_app(client_and_fake) -> None:
@@ -163,7 +163,7 @@ def test_pipeline_crash_is_reported_as_json(client_and_fake) -> None:
 
 
 def test_unknown_result_and_health() -> None:
-    app = create_app(FakePipeline())
+    app = demo_app(FakePipeline())
     with TestClient(app) as c:
         assert c.get("/api/result/nope/overlay.png").status_code == 404
         health = c.get("/health").json()
@@ -177,7 +177,7 @@ def test_lazy_pipeline_factory() -> None:
         made.append(1)
         return FakePipeline(scales=(672, 1344), budgets=(3, 4))
 
-    app = create_app(pipeline_factory=factory)
+    app = demo_app(pipeline_factory=factory)
     with TestClient(app) as c:
         assert not made and c.get("/health").json()["model_loaded"] is False
         r = c.post("/api/ask", files={"image": ("a.png", _png(40, 40), "image/png")}, data={"question": "q"})

@@ -169,13 +169,13 @@ def _ask_in_page(cdp: CDP, base_url: str, image: Path, question: str, budgets: s
 
 def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
     pytest.importorskip("fastapi")
+    from serving_fake import FakePipeline, demo_app
     from uhrbat.io.overlay import render_overlay
     from uhrbat.io.sources import open_image
-    from uhrbat.serving.demo import create_app, serve_in_thread
-    from uhrbat.serving.fake import FakePipeline
+    from uhrbat.serving import serve_in_thread
 
     fake = FakePipeline()
-    app = create_app(fake, model_name="fake", overlay_max_side=500)
+    app = demo_app(fake, model_name="fake", overlay_max_side=500)
     img_path = tmp_path / "scene.png"
     Image.new("RGB", (640, 400), (40, 120, 70)).save(img_path)
     question = "How many buildings are next to the river?"
@@ -201,9 +201,10 @@ def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
 def test_demo_page_with_tiny_model_in_chromium(browser, tiny_pipeline) -> None:
     """The same flow with the real (random, tiny) model: whatever it answers is shown."""
     pytest.importorskip("rasterio")
-    from uhrbat.serving.demo import create_app, serve_in_thread
+    from serving_fake import demo_app
+    from uhrbat.serving import serve_in_thread
 
-    app = create_app(tiny_pipeline, model_name="tiny", overlay_max_side=400, max_new_tokens=4)
+    app = demo_app(tiny_pipeline, model_name="tiny", overlay_max_side=400, max_new_tokens=4)
     with serve_in_thread(app) as url:
         state, out = _ask_in_page(
             browser, url, ASSETS / "aerial" / "neon_osbs_400.tif", "How many trees?", budgets="8,16"

@@ -10,9 +10,9 @@ pytest.importorskip("fastapi")
 
 def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
     import uhrbat.pipeline
-    import uhrbat.serving.app as serving_app
+    import uhrbat.serving.server as serving_server
+    from serving_fake import FakePipeline, route_paths
     from uhrbat.cli.main import app
-    from uhrbat.serving.fake import FakePipeline
 
     loaded, served = {}, {}
 
@@ -20,8 +20,11 @@ def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
         loaded.update(model=model, **{k: v for k, v in kw.items() if v is not None})
         return FakePipeline()
 
+    def fake_serve(app, options, host, port):
+        served.update(app=app, options=options, host=host, port=port)
+
     monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
-    monkeypatch.setattr(serving_app, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
+    monkeypatch.setattr(serving_server, "serve", fake_serve)
     monkeypatch.setenv("UHRBAT_API_KEY", "from-env")
     r = CliRunner().invoke(
         app,
@@ -50,12 +53,11 @@ def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert loaded["model"] == "some/ckpt" and loaded["budgets"] == [1, 2, 3, 4] and loaded["kmeans_iters"] == 3
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
-    state = served["app"].state
-    assert state.options.api_key == "from-env" and state.options.model_name == "geo"
-    assert state.options.max_request_bytes == 1024 * 1024 and state.options.allowed_local_media_path == str(tmp_path)
-    assert state.engine.max_batch == 2 and state.engine.max_queue == 5
-    state.engine.close()
-    routes = {getattr(rt, "path", None) for rt in served["app"].routes}
+    options = served["options"]
+    assert options.api_keys == ("from-env",) and options.model_name == "geo"
+    assert options.max_request_bytes == 1024 * 1024 and options.allowed_local_media_path == str(tmp_path)
+    assert options.max_batch == 2 and options.max_queue == 5
+    routes = route_paths(served["app"])
     assert {"/v1/models", "/v1/chat/completions", "/health", "/metrics"} <= routes
 
 

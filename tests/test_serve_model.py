@@ -16,8 +16,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from uhrbat.serving.app import ServeOptions, create_app, serve_in_thread
-from uhrbat.serving.engine import Engine
+from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
 
 MODEL = "tiny"
 GEN = {"max_tokens": 6}
@@ -40,14 +39,10 @@ def turn(question: str, data: bytes | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def server(pipe, **engine_kw):
-    engine = Engine(pipe, **{"batch_wait_s": 0.05, **engine_kw})
-    app = create_app(engine, ServeOptions(model_name=MODEL))
-    try:
-        with serve_in_thread(app) as url:
-            yield openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
-    finally:
-        engine.close()
+def server(pipe, **options):
+    opts = ServeOptions(model_name=MODEL, **{"batch_wait_s": 0.05, **options})
+    with serve_in_thread(create_app(ChatService(pipe, opts)), opts) as url:
+        yield openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
 
 
 def direct(pipe, data: bytes, messages: list[dict], max_new_tokens: int = GEN["max_tokens"], **kw) -> str:

@@ -87,7 +87,8 @@ def _field_path(loc: Any) -> list[str]:
 # ----------------------------------------------------------------------------- request
 class _Strict(BaseModel):
     # strict: a wrong JSON type is a 400, never coerced ("yes" -> True, true -> 1, "7" -> 7)
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: `1e999` parses to inf; no option of ours means anything at infinity
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ImageURL(_Strict):
