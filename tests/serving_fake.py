@@ -66,7 +66,9 @@ class FakePipeline:
         self.stage_delay = stage_delay
         self.answer_fn = answer_fn or self.answer_for
         self.model = SimpleNamespace(
-            config=UhrBatConfig(scales=list(scales), budgets=list(budgets)), dtype=torch.float32
+            config=UhrBatConfig(scales=list(scales), budgets=list(budgets)),
+            generation_config=SimpleNamespace(eos_token_id=EOS, pad_token_id=EOS),
+            dtype=torch.float32,
         )
         self.device = torch.device("cpu")
         self.selection = dict(selection)

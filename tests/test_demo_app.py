@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,73 @@ def test_lazy_pipeline_factory() -> None:
         assert not made and c.get("/health").json()["model_loaded"] is False
         r = c.post("/api/ask", files={"image": ("a.png", _png(40, 40), "image/png")}, data={"question": "q"})
         assert r.status_code == 200 and made == [1] and r.json()["kept"] == 2 + 3
+
+
+def _encoded(fmt: str, w: int = 60, h: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 140, 60)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_the_page_lists_exactly_the_formats_the_untrusted_reader_accepts(client_and_fake) -> None:
+    """One source of truth: the page used to claim COG and JPEG2000 while a .jp2 was refused."""
+    import re
+
+    from uhrbat.io.formats import UNTRUSTED_FORMATS
+    from uhrbat.io.sources import _ACCEPTED
+    from uhrbat.serving.uploads import FORMAT_NAMES, accepted_formats
+
+    client, fake = client_and_fake
+    page = client.get("/").text
+    label = re.search(r'<label for="image">Image \((.*?)\)</label>', page).group(1)
+    assert label == accepted_formats() == _ACCEPTED  # the reader's own wording of its allow-list
+    assert [n for n in FORMAT_NAMES if n in UNTRUSTED_FORMATS] == list(UNTRUSTED_FORMATS)
+    assert 'accept=".png,.jpg,.jpeg,.tif,.tiff"' in page and "JPEG2000" not in page
+    for name, fmt in (("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.tif", "TIFF")):
+        r = client.post("/api/ask", files={"image": (name, _encoded(fmt), "image/x")}, data={"question": "q"})
+        assert r.status_code == 200 and r.json()["image_size"] == [60, 40], (name, r.text)
+    r = client.post("/api/ask", files={"image": ("a.jp2", _encoded("JPEG2000"), "image/jp2")}, data={"question": "q"})
+    assert r.status_code == 400 and "JPEG 2000, which is not accepted" in r.json()["error"]["message"]
+    assert f"send a {label} file" in r.json()["error"]["message"]
+    assert len(fake.calls) == 3
+
+
+def _sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_the_page_api_streams_the_stages_then_the_result(client_and_fake) -> None:
+    client, _ = client_and_fake
+    sse = {"Accept": "text/event-stream"}
+    r = client.post("/api/ask", files={"image": ("a.png", _png(), "image/png")}, data={"question": "q"}, headers=sse)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    stages = [d["stage"] for e, d in events if e == "stage"]
+    assert stages == [
+        "reading",
+        "waiting",
+        "model",
+        "load",
+        "tiles",
+        "encode",
+        "score",
+        "select",
+        "prefill",
+        "decode",
+        "answering",
+        "overlay",
+    ]
+    assert events[-1][0] == "result" and events[-1][1]["answer"] == FakePipeline.answer_for("q")
+    # an image that fails to decode (after the request was accepted) is an error event ...
+    bad = {"image": ("notes.png", b"not an image", "image/png")}
+    events = _sse(client.post("/api/ask", files=bad, data={"question": "q"}, headers=sse).text)
+    assert events[-1][0] == "error" and "'notes.png'" in events[-1][1]["error"]["message"]
+    # ... and a bad option, found before, a plain 400
+    r = client.post(
+        "/api/ask", files={"image": ("a.png", _png(), "image/png")}, data={"question": "q", "budgets": "1"}, headers=sse
+    )
+    assert r.status_code == 400 and "4 scales" in r.json()["error"]["message"]

@@ -212,3 +212,54 @@ def test_demo_page_with_tiny_model_in_chromium(browser, tiny_pipeline) -> None:
     assert state == "done", out
     assert out["complete"] and out["w"] >= 400 and out["h"] > 400
     assert "visual tokens" in out["meta"] and "400×400" in out["meta"]
+
+
+def test_demo_page_shows_stage_and_elapsed_time_and_wraps_a_long_answer(browser, tmp_path) -> None:
+    """While the model runs the page says which stage it is at and for how long (issue 23: it
+    used to say only "Running the model..."); a long answer without spaces wraps inside the page;
+    the formats it lists are the ones the server accepts, and a .jp2 is refused with one line."""
+    pytest.importorskip("fastapi")
+    import re
+
+    from serving_fake import FakePipeline, demo_app
+    from uhrbat.serving import serve_in_thread
+    from uhrbat.serving.uploads import accepted_formats
+
+    long = "Y" * 3000
+    fake = FakePipeline(stage_delay=0.25, step_delay=0.0003, answer_fn=lambda q: long)
+    app = demo_app(fake, model_name="fake", overlay_max_side=300, max_new_tokens=4000)
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (320, 200), (40, 120, 70)).save(img)
+    with serve_in_thread(app) as url:
+        cdp = browser
+        cdp.call("Page.navigate", url=url)
+        cdp.wait_for("document.readyState === 'complete' && !!document.getElementById('ask')", timeout=30)
+        label = cdp.js("document.querySelector('label[for=image]').textContent")
+        assert label == f"Image ({accepted_formats()})" and "2000" not in label
+        _set_file(cdp, "#image", img)
+        cdp.js("document.getElementById('question').value = 'How many fields?'")
+        _click(cdp, "#ask")
+        seen, statuses = set(), []
+        deadline = time.time() + 60
+        while cdp.js("document.body.dataset.state") == "running" and time.time() < deadline:
+            seen.add(cdp.js("document.body.dataset.stage"))
+            statuses.append(cdp.js("document.getElementById('status').textContent"))
+            time.sleep(0.05)
+        assert cdp.wait_for("document.body.dataset.state === 'done'", timeout=60)
+        shown = [re.fullmatch(r"(.+)\u2026 (\d+\.\d) s", s) for s in statuses if s]
+        assert shown and all(shown), statuses
+        assert {"Selecting visual tokens", "Encoding tiles"} <= {m.group(1) for m in shown}, statuses
+        seconds = [float(m.group(2)) for m in shown]
+        assert seconds == sorted(seconds) and seconds[-1] - seconds[0] > 1.0  # the clock runs
+        assert {"select", "encode"} <= seen
+        assert cdp.js("document.getElementById('answer').textContent") == long
+        fits = cdp.js(
+            "(() => { const a = document.getElementById('answer');"
+            " return [a.scrollWidth <= a.clientWidth + 1,"
+            " document.documentElement.scrollWidth <= window.innerWidth]; })()"
+        )
+        assert fits == [True, True]
+        jp2 = tmp_path / "scene.jp2"
+        Image.new("RGB", (32, 20)).save(jp2, format="JPEG2000")
+        state, out = _ask_in_page(cdp, url, jp2, "q")
+        assert state == "error" and "JPEG 2000, which is not accepted" in out["error"], out

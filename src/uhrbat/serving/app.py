@@ -36,7 +36,7 @@ from uhrbat.serving.service import ChatService, api_error_of
 
 log = logging.getLogger("uhrbat.serve")
 
-_FEED_BYTES = 1 << 20  # body pieces are handed to the parser thread in ~1 MiB batches
+_FEED_BYTES = 256 * 1024  # body pieces are handed to the parser thread in ~256 KiB batches
 
 
 class ApiKeys:

@@ -148,11 +148,15 @@ class BatchProgress:
 
 
 class RowControl(StoppingCriteria):
-    """Per-row stop: own `max_new_tokens`, stop strings, a cancelled client or a passed deadline."""
+    """Per-row stop: own `max_new_tokens`, stop strings, a cancelled client or a passed deadline.
+    A row that has ended (its end-of-sequence token, `eos_ids`) is left alone: it only waits for
+    the batch, and its answer is delivered with it even if the deadline passes meanwhile."""
 
-    def __init__(self, jobs: Sequence[Job], tokenizer: Any) -> None:
+    def __init__(self, jobs: Sequence[Job], tokenizer: Any, eos_ids: Any = None) -> None:
         self.jobs = list(jobs)
         self.tokenizer = tokenizer
+        self.eos = torch.tensor(sorted(_id_set(eos_ids)), dtype=torch.long)
+        self.ended = [False] * len(self.jobs)
         self.steps = 0
         self.prompt_len: int | None = None
 
@@ -163,14 +167,25 @@ class RowControl(StoppingCriteria):
             for job in self.jobs:
                 if not job.future.done():
                     job.set_stage("answering")
+        last = torch.isin(input_ids[:, -1].cpu(), self.eos).tolist()
         done = []
         for i, job in enumerate(self.jobs):
-            stop = job.cancel.is_set() or not job.alive() or self.steps >= job.max_new_tokens
+            self.ended[i] = self.ended[i] or last[i]
+            if self.ended[i]:
+                done.append(True)
+                continue
+            stop = not job.alive() or self.steps >= job.max_new_tokens
             if not stop and job.stops:
                 text = self.tokenizer.decode(input_ids[i, self.prompt_len :].tolist(), skip_special_tokens=True)
                 stop = any(s in text for s in job.stops)
             done.append(stop)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _id_set(ids: Any) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(i) for i in ids} if isinstance(ids, (list, tuple, set)) else {int(ids)}
 
 
 class RowStreamer(BaseStreamer):
@@ -435,7 +450,7 @@ class Engine:
         tokenizer = pipe.processor.tokenizer
         first = batch[0]
         streamer = RowStreamer(batch, tokenizer) if any(j.on_text for j in batch) else None
-        control = RowControl(batch, tokenizer)
+        control = RowControl(batch, tokenizer, pipe.model.generation_config.eos_token_id)
         started = time.perf_counter()
         if first.generation.get("do_sample") and first.seed is not None:
             torch.manual_seed(first.seed)  # sampled jobs run alone, so this seeds exactly this request

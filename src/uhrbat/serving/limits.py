@@ -132,8 +132,9 @@ class ServablePipeline(Protocol):
     """What the server needs of a pipeline (`uhrbat.UhrBatPipeline` provides it).
 
     `model.config` (a `UhrBatConfig`: scales, default budgets and K-Means settings, token counts),
-    `processor.tokenizer` (decodes streamed token ids), `selection` (the pipeline's own default
-    selection options) and `chat_batch(images, conversations, **options)`."""
+    `model.generation_config.eos_token_id` (when a row has ended), `processor.tokenizer` (decodes
+    streamed token ids), `selection` (the pipeline's own default selection options) and
+    `chat_batch(images, conversations, **options)`."""
 
     model: Any
     processor: Any

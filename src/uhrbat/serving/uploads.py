@@ -249,7 +249,7 @@ class AllowedFile(ImageHandle):
         self.where = where
 
     def read(self) -> Any:
-        from uhrbat.io import open_image
+        from uhrbat.io.sources import open_image
         from uhrbat.serving.media import inside
 
         real = inside(self.root, self.path)
