@@ -387,3 +387,15 @@ def test_disconnect_while_waiting_for_a_plain_answer_stops_generation() -> None:
         assert (
             client.chat.completions.create(model=MODEL, messages=[user("q")], max_tokens=3).choices[0].message.content
         )
+
+
+def test_no_test_double_ships_in_the_package() -> None:
+    """The fake pipeline lives in tests/ and product code never asks whether it talks to one."""
+    import uhrbat
+
+    src = Path(uhrbat.__file__).parent
+    assert not (src / "serving" / "fake.py").exists()
+    offenders = [
+        p.name for p in src.rglob("*.py") if "FakePipeline" in p.read_text() or "serving.fake" in p.read_text()
+    ]
+    assert offenders == []

@@ -138,3 +138,24 @@ def test_sampling_with_a_seed_is_reproducible_and_runs_alone(tiny_pipeline) -> N
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.model_extra["uhrbat"]["batch_size"] == b.model_extra["uhrbat"]["batch_size"] == 1
     assert len(others | {a.choices[0].message.content}) > 1  # it really samples
+
+
+def test_chat_service_answers_python_callers_like_the_pipeline(tiny_pipeline, tmp_path) -> None:
+    """The service behind the routes also serves trusted Python callers (batch's local engine):
+    a local image, checked options, the same answer as the pipeline's own `chat`."""
+    from uhrbat.serving import ChatInput, ImageRef, RawOptions
+
+    path = tmp_path / "scene.png"
+    path.write_bytes(scene_png(4))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where are the trees?"}]}]
+    service = ChatService(tiny_pipeline, ServeOptions()).start()
+    try:
+        done = service.answer(
+            ChatInput(messages, ImageRef(local=str(path)), RawOptions(max_new_tokens=6, budgets=[4, 6]))
+        )
+        with pytest.raises(Exception, match="exceeds this server's limit of 512"):
+            service.answer(ChatInput(messages, ImageRef(local=str(path)), RawOptions(max_new_tokens=513)))
+    finally:
+        service.close()
+    assert done.text == tiny_pipeline.chat(str(path), messages, max_new_tokens=6, budgets=[4, 6]).answer
+    assert done.result.image_size == (160, 120) and done.result.num_visual_tokens <= 4 + 6

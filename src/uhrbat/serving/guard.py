@@ -3,7 +3,8 @@
 - **413** for a body over `max_bytes`: from `Content-Length` before reading, else while reading;
 - **503 + Retry-After** when the body would take request bytes in flight (all requests being
   received or answered together, `InFlight`) past their cap: a declared body reserves its size
-  before one byte is read, a chunked one reserves as it arrives;
+  before it is read (a refused one is read and dropped, never stored, so the client — which sends
+  the whole body before it reads — gets the 503), a chunked one reserves as it arrives;
 - **408** when a body stalls: no bytes for `read_timeout_s` (nginx's `client_body_timeout`); the
   request head has its own deadline in the HTTP protocol (`serving.server`);
 - a client that goes away mid-upload is logged as **one line** (bytes received of bytes
@@ -81,6 +82,17 @@ class RequestGuard:
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": json.dumps(err.body()).encode()})
 
+    async def _drain(self, receive: Any) -> None:
+        """Read and drop a refused body (at most `max_bytes`, declared), so that the client, which
+        sends it before reading any answer, gets to read the 503 instead of a reset connection."""
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -93,6 +105,7 @@ class RequestGuard:
         reserved = 0
         if declared:
             if not self.inflight.try_reserve(declared):
+                await self._drain(receive)
                 await self._reject(send, self._busy())
                 return
             reserved = declared
