@@ -115,6 +115,7 @@ def test_extra_body_reaches_the_pipeline_and_tokens_come_back() -> None:
                 "selector": "topk",
                 "kmeans_clusters": 3,
                 "kmeans_iters": 2,
+                "kmeans_mode": "exact",
                 "repetition_penalty": 1.2,
                 "return_tokens": True,
             },
@@ -122,6 +123,7 @@ def test_extra_body_reaches_the_pipeline_and_tokens_come_back() -> None:
     call = fake.calls[-1]
     assert call["budgets"] == [2, 3, 4, 5] and call["selector"] == "topk" and call["kmeans_clusters"] == 3
     assert call["kmeans_iters"] == 2 and call["seed"] == 7 and call["repetition_penalty"] == 1.2
+    assert call["kmeans_mode"] == "exact"
     assert call["max_new_tokens"] == 100
     tokens = r.model_extra["uhrbat"]["tokens"]
     assert len(tokens) == 1 + 2 + 3 + 4 + 4  # fake: budget-1 kept + 1 merged per scale

@@ -253,3 +253,19 @@ def test_a_slow_image_decode_never_holds_the_model(tmp_path, monkeypatch) -> Non
     finally:
         release.set()
         set_decode_concurrency(1)
+
+
+def test_the_server_pixel_limit_is_far_below_the_library_default() -> None:
+    """A few hundred bytes claiming 20,000 x 20,000 pixels (under the library's 1.5 GP) are refused
+    from the header by the server's 256 MP default, before any pixel is decoded."""
+    from untrusted_corpus import png_bytes as lying_png
+
+    with server() as (client, fake, _):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(
+                model=MODEL, messages=[user("q", data_url(lying_png(20_000, 20_000, rows=1)))]
+            )
+        msg = e.value.body["message"]
+        assert "has 20000x20000 = 400,000,000 pixels, above the limit of 256,000,000" in msg, msg
+        assert "--max-pixels" in msg
+        assert fake.calls == []

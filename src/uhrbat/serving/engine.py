@@ -370,7 +370,10 @@ class Engine:
                 if not job.alive():
                     return
                 self._cond.wait(0.1)
-            if self._stop or not job.alive():
+            if self._stop:
+                _fail(job, RequestCancelled("the server is shutting down"))
+                return
+            if not job.alive():
                 return
             self._opened += 1
         job.future.add_done_callback(lambda _f: self._close_slot())
@@ -384,6 +387,9 @@ class Engine:
             return
         job.set_stage("waiting")
         with self._cond:
+            if self._stop:
+                _fail(job, RequestCancelled("the server is shutting down"))
+                return
             self._ready.append(job)
             self._cond.notify_all()
 

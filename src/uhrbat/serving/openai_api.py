@@ -6,7 +6,7 @@ Only what UHR-BAT can honour is accepted: unknown request fields are a 400 (a ty
 (`n > 1`, `logprobs`, `tools`, penalties other than 0) are a 400 naming the field.
 UHR-BAT's own options arrive through the OpenAI client's `extra_body`, which the client merges
 into the top level of the JSON body: `budgets`, `selector`, `kmeans_clusters`, `kmeans_iters`,
-`repetition_penalty`, `return_tokens` (and `seed`, which is also a standard field).
+`kmeans_mode`, `repetition_penalty`, `return_tokens` (and `seed`, which is also a standard field).
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ class ChatCompletionRequest(_Strict):
     selector: Literal["kmeans", "segments", "topk"] | None = None
     kmeans_clusters: int | None = Field(None, ge=0)
     kmeans_iters: int | None = Field(None, ge=0)
+    kmeans_mode: Literal["fast", "exact"] | None = None
     repetition_penalty: float | None = Field(None, gt=0)
     return_tokens: bool = False
 

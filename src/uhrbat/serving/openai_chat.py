@@ -71,6 +71,7 @@ class OpenAIServingChat:
             selector=req.selector,
             kmeans_clusters=req.kmeans_clusters,
             kmeans_iters=req.kmeans_iters,
+            kmeans_mode=req.kmeans_mode,
             seed=req.seed,
             temperature=req.temperature,
             top_p=req.top_p,

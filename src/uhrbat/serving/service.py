@@ -221,8 +221,8 @@ class ChatService:
             return  # the server's own defaults: allowed by construction
         try:
             work = self.facts.kmeans_work(selection)
-        except UhrBatError as e:
-            raise bad_request(str(e)) from None
+        except UhrBatError as e:  # e.g. kmeans_iters 0: the model's own option check
+            raise bad_request(str(e), code=type(e).__name__) from None
         limit = self.max_kmeans_work()
         if work > limit:
             which = "kmeans_clusters" if "kmeans_clusters" in selection else "budgets"
@@ -309,6 +309,7 @@ class ChatService:
             if await disconnected():
                 job.cancel.set()
                 raise RequestCancelled("client disconnected")
+            job.alive()  # past its deadline while still queued: fails it now (the future says why)
 
     async def events(
         self, chat: ChatInput, ctx: RequestContext, disconnected: Callable[[], Awaitable[bool]]
@@ -332,6 +333,7 @@ class ChatService:
                 except TimeoutError:
                     if await disconnected():
                         raise RequestCancelled("client disconnected") from None
+                    job.alive()  # past its deadline while still queued: fails it now
                     continue
                 if kind == "end":
                     yield "done", value.result()
