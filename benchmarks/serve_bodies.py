@@ -1,7 +1,7 @@
 """Server memory under N concurrent maximum-size request bodies (issue 18, item 4).
 
     python benchmarks/serve_bodies.py                          # 6 clients x ~127 MiB bodies, caps 512 MiB and none
-    python benchmarks/serve_bodies.py --clients 8 --caps 256,2048 --baseline-src /work/main/src
+    python benchmarks/serve_bodies.py --clients 1,6,12 --caps 512 --baseline-src /work/main/src
 
 Starts `uhrbat serve` (tiny random 2-scale model, CPU) as a subprocess on 127.0.0.1 for each
 in-flight cap in `--caps` (MiB; `none` = large enough for every body), with its own TMPDIR, and
@@ -10,8 +10,10 @@ random-noise PNG (incompressible, so the body really is that big). Samples the s
 RSS and the bytes in its TMPDIR (the spooled uploads) every 20 ms, and prints one JSON line per
 run: answers (200), refusals (503 + Retry-After), idle and peak RSS, peak spool bytes.
 
-`--baseline-src DIR` adds a run of another checkout's server (e.g. main before this change: it
-buffers and parses bodies in memory and has no in-flight cap) with the same clients.
+`--clients` and `--caps` take comma-separated lists (every combination runs). `--baseline-src DIR`
+adds runs of another checkout's server (e.g. main before this change: it buffers and parses bodies
+in memory and has no in-flight cap) with the same client counts. What a decode costs (one 33 MP
+image: ~400 MiB over idle) is in every run; the bodies are what differs.
 """
 
 from __future__ import annotations
@@ -103,12 +105,12 @@ def post(port: int, body: bytes) -> tuple[int, str | None, float]:
         conn.close()
 
 
-def run(args, model: Path, body: bytes, cap_mib: float | None, src: str, label: str) -> dict:
+def run(args, clients: int, model: Path, body: bytes, cap_mib: float | None, src: str, label: str) -> dict:
     port = free_port()
     spool = Path(tempfile.mkdtemp(prefix="uhrbat-bench-spool-"))
     cmd = [sys.executable, "-m", "uhrbat.cli.main", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--served-model-name", "bench", "--budgets", "8,16", "--max-new-tokens", "4"]
-    cmd += ["--max-request-mb", "128", "--max-batch", "1"] if label != "baseline" else ["--max-request-mb", "256"]
+    cmd += ["--max-batch", "1", "--max-request-mb", "128" if label != "baseline" else "256"]
     if cap_mib is not None:
         cmd += ["--max-inflight-mb", str(cap_mib)]
     env = dict(os.environ, PYTHONPATH=src, TMPDIR=str(spool), OMP_NUM_THREADS="1")
@@ -129,13 +131,13 @@ def run(args, model: Path, body: bytes, cap_mib: float | None, src: str, label: 
         time.sleep(1)
         idle = psutil.Process(proc.pid).memory_info().rss
         sampler = Sampler(proc.pid, spool)
-        results: list[tuple[int, str | None, float]] = [None] * args.clients  # type: ignore[list-item]
+        results: list[tuple[int, str | None, float]] = [None] * clients  # type: ignore[list-item]
 
         def client(i: int) -> None:
             results[i] = post(port, body)
 
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -152,7 +154,7 @@ def run(args, model: Path, body: bytes, cap_mib: float | None, src: str, label: 
     statuses = [r[0] for r in results]
     return {
         "server": label,
-        "clients": args.clients,
+        "clients": clients,
         "body_mib": round(len(body) / MiB, 1),
         "inflight_cap_mib": cap_mib,
         "answered_200": statuses.count(200),
@@ -168,7 +170,7 @@ def run(args, model: Path, body: bytes, cap_mib: float | None, src: str, label: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--clients", default="6", help="concurrent clients, e.g. 1,6,12")
     ap.add_argument("--body-mb", type=float, default=127, help="body size in MiB (the default limit is 128)")
     ap.add_argument("--caps", default="512,none", help="in-flight caps to run, MiB ('none': unlimited)")
     ap.add_argument("--baseline-src", default=None, help="also run this checkout's src (no in-flight cap)")
@@ -182,12 +184,12 @@ def main() -> None:
     )
     body, side = body_of(args.body_mb)
     print(json.dumps({"image": f"{side}x{side} random PNG", "body_bytes": len(body), "cpus": psutil.cpu_count()}))
-    for cap in args.caps.split(","):
-        cap_mib = None if cap == "none" else float(cap)
-        unlimited = args.clients * len(body) / MiB + 64
-        print(json.dumps(run(args, model, body, cap_mib if cap_mib is not None else unlimited, src, "this tree")))
-    if args.baseline_src:
-        print(json.dumps(run(args, model, body, None, args.baseline_src, "baseline")), flush=True)
+    for clients in map(int, args.clients.split(",")):
+        for cap in args.caps.split(","):
+            cap_mib = float(cap) if cap != "none" else clients * len(body) / MiB + 64
+            print(json.dumps(run(args, clients, model, body, cap_mib, src, "this tree")), flush=True)
+        if args.baseline_src:
+            print(json.dumps(run(args, clients, model, body, None, args.baseline_src, "baseline")), flush=True)
 
 
 if __name__ == "__main__":
