@@ -98,11 +98,23 @@ def uvicorn_config(app: Any, options: ServeOptions, host: str, port: int, log_le
     )
 
 
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging setup plus the `uhrbat` loggers on the same stderr handler and format
+    (`INFO:     client ... went away during the upload ...`)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["uhrbat"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 def serve(app: Any, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the app with uvicorn (blocking)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, options, host, port, log_level)).run()
+    uvicorn.Server(uvicorn_config(app, options, host, port, log_level, log_config=log_config())).run()
 
 
 class serve_in_thread:
