@@ -26,7 +26,7 @@ from uhrbat.serving.openai_api import (
     TextPart,
     bad_request,
 )
-from uhrbat.serving.uploads import AllowedFile, ImageHandle, Spool, SpooledImage
+from uhrbat.serving.uploads import AllowedFile, ImageHandle, Spool, SpooledImage, inside
 
 if TYPE_CHECKING:
     from uhrbat.serving.body import SpooledURL
@@ -171,12 +171,6 @@ def _nonempty(spool: Spool, read_opts: dict[str, Any], param: str) -> ImageHandl
     return SpooledImage(spool, read_opts, where=param)
 
 
-def inside(root: str | os.PathLike, path: str) -> str | None:
-    """The real path of `path` (symlinks resolved) when it lies inside real `root`, else None."""
-    real_root, real = os.path.realpath(root), os.path.realpath(path)
-    return real if os.path.commonpath([real_root, real]) == real_root else None
-
-
 def _read_file_url(url: str, allowed: str | os.PathLike | None, read_opts: dict[str, Any], param: str) -> ImageHandle:
     if allowed is None:
         raise bad_request(
@@ -212,4 +206,4 @@ def _read_file_url(url: str, allowed: str | os.PathLike | None, read_opts: dict[
     return AllowedFile(real, str(allowed), read_opts, where=param)
 
 
-__all__ = ["conversation", "image_handle", "inside"]
+__all__ = ["conversation", "image_handle"]

@@ -239,6 +239,12 @@ class SpooledImage(ImageHandle):
         self.spool.discard()
 
 
+def inside(root: str | os.PathLike, path: str) -> str | None:
+    """The real path of `path` (symlinks resolved) when it lies inside real `root`, else None."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return real if os.path.commonpath([real_root, real]) == real_root else None
+
+
 class AllowedFile(ImageHandle):
     """A `file://` image: its real path, re-checked to lie inside the allowed root when read."""
 
@@ -250,7 +256,6 @@ class AllowedFile(ImageHandle):
 
     def read(self) -> Any:
         from uhrbat.io.sources import open_image
-        from uhrbat.serving.media import inside
 
         real = inside(self.root, self.path)
         if real is None:  # the file was swapped for a link out of the root since the request
@@ -284,4 +289,5 @@ __all__ = [
     "SpooledImage",
     "accepted_formats",
     "accepted_suffixes",
+    "inside",
 ]
