@@ -339,7 +339,7 @@ class DemoPage:
             yield event("result", await self._result(value, question))
         except Exception as e:  # noqa: BLE001  (the response has started: the error is an event)
             err = api_error_of(e, self.service.options.retry_after_s)
-            if err.status == 500:
+            if err.status == 500 and not isinstance(e, APIError):  # a model crash was logged already
                 log.error("request failed: %s", err.message, exc_info=e)
             yield event("error", err.body())
         finally:

@@ -305,7 +305,7 @@ class ChatService:
         while True:
             done, _ = await asyncio.wait({fut}, timeout=0.25)
             if done:
-                return fut.result()
+                return _outcome(job)
             if await disconnected():
                 job.cancel.set()
                 raise RequestCancelled("client disconnected")
@@ -336,12 +336,27 @@ class ChatService:
                     job.alive()  # past its deadline while still queued: fails it now
                     continue
                 if kind == "end":
-                    yield "done", value.result()
+                    yield "done", _outcome(job)
                     return
                 yield kind, value
         finally:
             if not job.future.done():
                 job.cancel.set()  # the consumer went away: stop this row
+
+
+def _outcome(job: Job) -> Completion:
+    """A finished job's completion, or its error: a request's own failure (bad input, deadline,
+    client gone) as it is; a crash inside the model logged here, once, and turned into a 500 for
+    this request only (the server goes on)."""
+    from uhrbat.serving.limits import RequestTimeout
+
+    try:
+        return job.future.result()
+    except (APIError, UhrBatError, RequestCancelled, RequestTimeout):
+        raise
+    except Exception as e:
+        log.error("request failed", exc_info=e)
+        raise api_error_of(e) from e
 
 
 def api_error_of(exc: BaseException, retry_after_s: int = 2) -> APIError:
