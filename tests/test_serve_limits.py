@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -160,7 +161,7 @@ def test_an_aborted_upload_is_one_log_line_not_a_traceback() -> None:
     lines = [r.getMessage() for r in records if r.levelno >= logging.INFO]
     assert [m for m in lines if "went away" in m] == [m for m in lines if "upload" in m]
     assert len([m for m in lines if "went away" in m]) == 1, lines
-    assert "100011 of 500000 bytes" in next(m for m in lines if "went away" in m)
+    assert re.search(r"\(\d+ of 500000 bytes received\): POST /v1/chat/completions", next(m for m in lines if "went away" in m))
     assert not any(r.exc_info for r in records), [r.getMessage() for r in records if r.exc_info]
     assert fake.calls[-1]["question"] == "q"
 
@@ -180,7 +181,7 @@ def test_a_request_past_its_deadline_fails_with_504_naming_the_stage() -> None:
 
 def test_a_deadline_stops_generation_and_the_rest_of_the_batch_goes_on() -> None:
     slow = FakePipeline(step_delay=0.01, answer_fn=lambda q: "z" * 3000 if q == "long" else "short answer")
-    with server(slow, request_timeout_s=1.5, max_new_tokens=3000, batch_wait_s=0.3) as (client, fake, _):
+    with server(slow, request_timeout_s=4.0, max_new_tokens=3000, batch_wait_s=0.3) as (client, fake, _):
         with ThreadPoolExecutor(2) as pool:
             long = pool.submit(client.chat.completions.create, model=MODEL, messages=[user("long")], max_tokens=3000)
             short = pool.submit(client.chat.completions.create, model=MODEL, messages=[user("other")])
@@ -189,7 +190,7 @@ def test_a_deadline_stops_generation_and_the_rest_of_the_batch_goes_on() -> None
                 long.result()
         assert e.value.status_code == 504 and "'answering'" in e.value.body["message"]
         assert max(fake.batches) == 2  # they ran in one batch
-        assert fake.last.completion_tokens < 1000  # stopped long before 3000 steps (30 s)
+        assert fake.last.completion_tokens < 1500  # stopped long before 3000 steps (30 s)
 
 
 def _kmeans_work(scales, ks, iters):
