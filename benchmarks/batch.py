@@ -98,8 +98,9 @@ def one(args: argparse.Namespace) -> dict:
     original = PredictionStore.write
 
     def timed_write(self, answered):  # record when each row lands (steady-state rate)
-        original(self, answered)
+        wrote = original(self, answered)
         written_at.append(time.perf_counter())
+        return wrote
 
     PredictionStore.write = timed_write  # type: ignore[method-assign]
     stop, peak = threading.Event(), []

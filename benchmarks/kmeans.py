@@ -64,7 +64,8 @@ def reference_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[to
     labels = None
     it = 0
     converged = False
-    for _ in range(1, max(1, iters) + 1):
+    for _ in range(max(1, iters)):
+        it += 1
         labels = torch.cdist(x, centers, p=2).argmin(dim=1)
         new = centers.clone()
         for j in range(centers.shape[0]):

@@ -5,7 +5,10 @@
     python benchmarks/pipeline.py --device cuda --dtype bf16 --clip-width 1024 --clip-layers 24 ...
 
 Times are also given in "yardstick units": 1 unit = one fp32 1024x1024 @ 1024x1024 torch.mm on
-the same threads, measured in this process, so figures from different machines compare.
+the same threads, measured in this process before every timed question, so figures from
+different machines (and a shared machine under changing load) compare. Every question is cold
+(no scene cache); `--repeat N` (default 3) times N of them after a warm-up and reports each
+run, the per-stage median and the range of the totals.
 Stages: tiles (pad/resize/normalise), encode (CLIP + projector), score (LLM pass to the last
 layer + Q.K), group (K-Means), select (preserve-and-merge + token MLP), prefill, decode.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -25,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = ROOT.parent / "shared" / "assets" / "aerial" / "neon_yell_2299x2472.png"
+STAGES = ("load", "tiles", "encode", "score", "group", "select", "prefill", "decode")
 
 
 class PeakRSS:
@@ -49,7 +54,8 @@ class PeakRSS:
         return p / 2**20
 
 
-def yardstick(device: str) -> float:
+def yardstick(device: str, clock=time.perf_counter) -> float:
+    """Best of 7 fp32 1024^3 matmuls on `clock` (wall time, or `time.process_time` for CPU time)."""
     a = torch.randn(1024, 1024, device=device)
     b = torch.randn(1024, 1024, device=device)
     for _ in range(3):
@@ -58,11 +64,11 @@ def yardstick(device: str) -> float:
     for _ in range(7):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t = clock()
         a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best
 
 
@@ -101,6 +107,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--model", default=None, help="use this checkpoint instead of a random one")
+    ap.add_argument("--repeat", type=int, default=3, help="timed questions (median and range reported)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.reference_settings:
@@ -121,24 +128,28 @@ def main() -> None:
             kmeans_clusters=args.clusters,
             kmeans_iters=args.iters,
             kmeans_mode=args.kmeans,
+            scene_cache=False,  # every timed question is cold: tiles, encode and K-Means run
         )
         pipe.model.config.max_context = 100_000
         pipe.processor.max_context = 100_000
-        unit = yardstick(args.device)
         mem.take()
         pipe.ask(args.image, args.question, max_new_tokens=2)  # warm-up (allocator, kernels)
         mem.take()
-        t = time.perf_counter()
-        res = pipe.ask(
-            args.image, args.question, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens
-        )
-        total = time.perf_counter() - t
-        peak = mem.take()
-    stages = {k: v for k, v in res.timings.items()}
-    # K-Means ("group") is part of "select"; report it separately.
-    stages["group"] = res.timings_detail.get("group", 0.0)
-    stages["select"] = stages["select"] - stages["group"]
-    stages = {k: stages[k] for k in ("load", "tiles", "encode", "score", "group", "select", "prefill", "decode")}
+        runs = []
+        for _ in range(args.repeat):
+            # The unit is re-measured before every run: on a shared machine the load changes.
+            unit = yardstick(args.device)
+            cpu_unit = yardstick(args.device, time.process_time) if args.device == "cpu" else None
+            t, c = time.perf_counter(), time.process_time()
+            res = pipe.ask(
+                args.image, args.question, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens
+            )
+            total, cpu = time.perf_counter() - t, time.process_time() - c
+            runs.append(_run_record(res, total, unit, mem.take()))
+            if cpu_unit is not None:
+                runs[-1].update(cpu_seconds=cpu, cpu_yardstick_seconds=cpu_unit, cpu_units=cpu / cpu_unit)
+    med = {k: statistics.median(r["stages_units"][k] for r in runs) for k in STAGES}
+    totals = [r["total_units"] for r in runs]
     out = {
         "settings": {
             k: getattr(args, k)
@@ -149,6 +160,43 @@ def main() -> None:
             for k in ("clip_width", "clip_layers", "llm_width", "llm_layers", "llm_heads", "llm_kv_heads")
         },
         "image": args.image,
+        "runs": runs,
+        "median_stages_units": med,
+        "median_total_units": statistics.median(totals),
+        "total_units_range": [min(totals), max(totals)],
+        "median_cpu_units": statistics.median(r["cpu_units"] for r in runs) if "cpu_units" in runs[0] else None,
+        "visual_tokens": runs[-1]["visual_tokens"],
+    }
+    if args.device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    units = [r["yardstick_seconds"] * 1000 for r in runs]
+    print(
+        f"yardstick: {min(units):.1f}-{max(units):.1f} ms per 1024^3 fp32 mm ({args.threads} thread(s), "
+        f"{args.device}); {len(runs)} run(s); units = seconds / that run's yardstick"
+    )
+    print(f"{'stage':<10}" + "".join(f"{'run ' + str(i + 1):>10}" for i in range(len(runs))) + f"{'median':>10}")
+    for k in STAGES:
+        print(f"{k:<10}" + "".join(f"{r['stages_units'][k]:>10.1f}" for r in runs) + f"{med[k]:>10.1f}")
+    print(f"{'total':<10}" + "".join(f"{v:>10.1f}" for v in totals) + f"{statistics.median(totals):>10.1f}")
+    if "cpu_units" in runs[0]:
+        # Process CPU time over CPU-time units: what the question costs this process, less
+        # sensitive than wall time to other jobs on the machine (not to their cache pressure).
+        cpu = [r["cpu_units"] for r in runs]
+        print(f"{'cpu time':<10}" + "".join(f"{v:>10.1f}" for v in cpu) + f"{statistics.median(cpu):>10.1f}")
+    peak = max(r["peak_rss_mb"] for r in runs)
+    print(f"peak RSS during the queries: {peak:.0f} MB; visual tokens: {out['visual_tokens']}")
+
+
+def _run_record(res, total: float, unit: float, peak: float) -> dict:
+    """Stage seconds and units of one timed question (K-Means, "group", split out of "select")."""
+    stages = dict(res.timings)
+    stages["group"] = res.timings_detail.get("group", 0.0)
+    stages["select"] = stages["select"] - stages["group"]
+    stages = {k: stages[k] for k in STAGES}
+    return {
         "yardstick_seconds": unit,
         "stages_seconds": stages,
         "stages_units": {k: v / unit for k, v in stages.items()},
@@ -157,17 +205,6 @@ def main() -> None:
         "peak_rss_mb": peak,
         "visual_tokens": res.num_visual_tokens,
     }
-    if args.device.startswith("cuda"):
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return
-    print(f"yardstick: {unit * 1000:.1f} ms per 1024^3 fp32 mm ({args.threads} thread(s), {args.device})")
-    print(f"{'stage':<10}{'seconds':>10}{'units':>10}")
-    for k, v in stages.items():
-        print(f"{k:<10}{v:>10.3f}{v / unit:>10.1f}")
-    print(f"{'total':<10}{total:>10.3f}{total / unit:>10.1f}")
-    print(f"peak RSS during the query: {peak:.0f} MB; visual tokens: {res.num_visual_tokens}")
 
 
 if __name__ == "__main__":

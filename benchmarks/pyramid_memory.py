@@ -73,16 +73,17 @@ def build_geotiff(path: Path, size: int, overviews: bool, block: int = 512, comp
     return time.perf_counter() - t0
 
 
+def rss_mb() -> float:
+    """This process's resident set size now (MB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(path: str, sides: list[int]) -> dict:
     """Child process: open + squares, report peak RSS (ru_maxrss) and timings."""
-
-    def rss_mb() -> float:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
     from uhrbat.io.sources import open_image
 
     base = rss_mb()

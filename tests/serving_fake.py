@@ -2,14 +2,14 @@
 code knows it exists).
 
 It offers what the server needs of a pipeline (`uhrbat.serving.limits.ServablePipeline`): a real
-`UhrBatConfig` as `model.config` (scales, default budgets, K-Means settings: the server's limits
-are computed from it exactly as for the real model), `selection`, `processor.tokenizer` and
+`UhrBatConfig` as `model.config` and `resolve(**options)` through the real `uhrbat.options` (the
+server's limits are computed exactly as for the real model), `processor.tokenizer` and
 `chat_batch`. `chat_batch` returns `AskResult`s whose answer, kept / merged tokens and relevance
 depend only on the image size, the last question and the budgets. Generation is simulated token
 by token (one token per character, `step_delay` seconds each) through the same transformers hooks
 the real model uses: the streamer gets the prompt first and then each step's tokens, and the
 stopping criteria end rows early (per-row bool tensor). `progress=` is called at every stage
-boundary (`stage_delay` seconds each), the way the pipeline's stage callback (issue 19) is.
+boundary (`uhrbat.progress.STAGES`, `stage_delay` seconds each), as the real pipeline calls it.
 """
 
 from __future__ import annotations
@@ -72,12 +72,19 @@ class FakePipeline:
         )
         self.device = torch.device("cpu")
         self.selection = dict(selection)
+        self.resolve(**self.selection)  # validate, as the real pipeline does
         self.processor = SimpleNamespace(tokenizer=CharTokenizer())
         self.calls: list[dict[str, Any]] = []
         self.batches: list[int] = []  # batch size of every chat_batch call
         self.last: AskResult | None = None
         self._scenes: set[Any] = set()
         self._lock = threading.Lock()
+
+    def resolve(self, **options: Any) -> Any:
+        from uhrbat.options import SelectionOptions
+
+        given = {k: v for k, v in {**self.selection, **options}.items() if v is not None}
+        return SelectionOptions.of(**given).resolve(self.model.config)
 
     @staticmethod
     def answer_for(question: str) -> str:
@@ -136,20 +143,20 @@ class FakePipeline:
         return_relevance: bool = False,
         streamer: Any = None,
         stopping_criteria: Any = None,
-        progress: Callable[[str], None] | None = None,
+        progress: Callable[[str, dict], None] | None = None,
         **kwargs: Any,
     ) -> list[AskResult]:
         import torch
 
         def stage(name: str) -> None:
             if progress is not None:
-                progress(name)
+                progress(name, {})
             if self.stage_delay:
                 time.sleep(self.stage_delay)
 
         stage("load")
         sources = [open_image(im) for im in images]
-        for name in ("tiles", "encode", "score", "select", "prefill"):
+        for name in ("tiles", "encode", "score", "group", "select", "prefill"):
             stage(name)
         budgets = list(budgets) if budgets is not None else list(self.default_budgets)
         tok = self.processor.tokenizer
@@ -227,6 +234,7 @@ class FakePipeline:
             res.prompt_tokens = prompts[i] + sum(budgets)
             res.completion_tokens = len(gen)
             results.append(res)
+        stage("done")
         self.last = results[-1]
         return results
 

@@ -204,12 +204,10 @@ def test_geojson_and_parquet_outputs(local_run):
     out, rows, got, _, _ = local_run
     ok = [r.id for r in rows[:3]]
     files = sorted(p.name for p in (out / "geo").iterdir())
-    assert files == sorted(f"{i}.geojson" for i in ok)
-    fc = json.loads((out / "geo" / f"{ok[0]}.geojson").read_text())
-    assert (
-        fc["type"] == "FeatureCollection" and fc["coordinate_space"] == "pixel" and fc["answer"] == got[ok[0]]["answer"]
-    )
-    assert len(fc["features"]) == got[ok[0]]["num_visual_tokens"] - fc["tokens_in_padding_dropped"]
+    assert files == sorted(f"{i}.pixels.json" for i in ok)  # PNG rows: the pixel-space file, never .geojson
+    fc = json.loads((out / "geo" / f"{ok[0]}.pixels.json").read_text())
+    assert fc["format"] == "uhrbat.pixel-boxes/1" and "type" not in fc and fc["answer"] == got[ok[0]]["answer"]
+    assert len(fc["tokens"]) == got[ok[0]]["num_visual_tokens"] - fc["tokens_in_padding_dropped"]
     table = pq.read_table(out / "predictions.parquet").to_pylist()
     assert [t["id"] for t in table] == [r.id for r in rows]
     assert [t["answer"] for t in table] == [got[r.id]["answer"] for r in rows]
@@ -367,3 +365,49 @@ def test_ray_gives_the_same_answers_as_local_and_resumes(archive, tiny_checkpoin
     for g in got:
         assert g["answer"] == local[g["id"]]["answer"], g["id"]
         assert (g["error"] is None) == (local[g["id"]]["error"] is None)
+
+
+# ------------------------------------------------------------------------------------ retry, outputs
+def test_cli_retry_errors_and_the_last_line_names_every_file(tmp_path, capsys, monkeypatch):
+    """Issue 23.2/23.7: `--retry-errors` answers error rows again (one row per id after it), and
+    the last line names every file the run wrote, the Parquet file and the GeoJSON included."""
+    pytest.importorskip("pyarrow")
+    from uhrbat.cli.main import main
+
+    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
+    _png(tmp_path / "a.png", 0, size=(40, 30))
+    lst = _write_list(
+        tmp_path / "l.jsonl",
+        [{"id": "a", "image": "a.png", "question": "q?"}, {"id": "b", "image": "b.png", "question": "q?"}],
+    )
+    out = tmp_path / "out"
+    argv = ["batch", "--input", str(lst), "--out", str(out), "--model", "m", "--no-progress"]
+
+    def run(*more: str) -> list[str]:
+        capsys.readouterr()
+        try:
+            main([*argv, *more])
+        except SystemExit as e:
+            assert e.code in (0, None)
+        return capsys.readouterr().err.strip().splitlines()
+
+    err = run("--parquet", "--geojson-dir", str(out / "geo"))
+    assert err[-2].startswith("2 rows (0 already done, 2 written now), 1 errors")
+    assert err[-1] == (
+        f"wrote {out / 'predictions.jsonl'}, {out / 'run.json'}, {out / 'predictions.parquet'}, "
+        f"{out / 'summary.json'} and 1 kept-token files (.geojson or .pixels.json) in {out / 'geo'}"
+    )
+    assert any(line.startswith("b: ") and "b.png" in line for line in err)  # the error row, logged
+    assert run("--parquet", "--geojson-dir", str(out / "geo"))[-2].startswith("2 rows (2 already done, 0 written")
+    _png(tmp_path / "b.png", 1, size=(40, 30))  # fixed: retry the error row
+    err = run("--parquet", "--geojson-dir", str(out / "geo"), "--retry-errors")
+    assert err[-2].startswith("2 rows (1 already done, 1 written now, 1 error rows retried), 0 errors")
+    rows, bad = read_jsonl(out / "predictions.jsonl")
+    assert bad == 0 and [r["id"] for r in rows] == ["a", "b"] and rows[1]["error"] is None  # compacted
+    import pyarrow.parquet as pq
+
+    assert [r["error"] for r in pq.read_table(out / "predictions.parquet").to_pylist()] == [None, None]
+    assert sorted(p.name for p in (out / "geo").iterdir()) == [
+        "a.pixels.json",
+        "b.pixels.json",
+    ]  # PNGs: no georeference

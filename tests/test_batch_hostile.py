@@ -47,3 +47,80 @@ def test_cells_that_are_not_text_become_error_rows(tmp_path, trust):
     assert got["list-img"].error == "l.jsonl row 4: image must be a file path (text), got list"
     assert "embedded image bytes are not supported" in got["bytes-img"].error
     assert got["fine"].error is None and got["fine"].question == "q"
+
+
+# ------------------------------------------------------------------------------------ bad rows among good ones
+def _georeferenced_tiff(path, crs_wkt: str | None, dtype: str = "uint8", fill: float | None = None):
+    import numpy as np
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(len(str(path)))
+    data = rng.integers(0, 255, (3, 64, 64)).astype(dtype) if fill is None else np.full((1, 64, 64), fill, dtype)
+    kw = {"crs": CRS.from_wkt(crs_wkt), "transform": from_origin(1000, 2000, 1, 1)} if crs_wkt else {}
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=data.shape[0], dtype=dtype, **kw) as dst:
+        dst.write(data)
+    return path
+
+
+# A CRS that PROJ cannot transform to WGS84 (an engineering CRS): building lon/lat GeoJSON fails.
+LOCAL_CRS = 'LOCAL_CS["arbitrary",UNIT["metre",1,AUTHORITY["EPSG","9001"]],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+
+
+@pytest.mark.parametrize("trust", ["local", "untrusted"])
+def test_bad_rows_among_good_ones_each_become_one_error_row(tmp_path, tiny_checkpoint, trust, capsys):
+    """Issue 18 (done-when): a GeoTIFF whose CRS cannot be transformed, a NUL byte in a path and a
+    1e20-constant float raster, among good rows: exit 0 and one error row each, the good rows
+    answered. The bad ones come *first*, so the abort rule must hold them back, not stop the run."""
+    pytest.importorskip("rasterio")
+    from PIL import Image
+
+    from uhrbat.cli.main import main
+    from uhrbat.runfiles import read_jsonl
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    _georeferenced_tiff(root / "badcrs.tif", LOCAL_CRS)
+    with pytest.warns(Warning):  # rasterio: a raster without a geotransform
+        _georeferenced_tiff(root / "big.tif", None, dtype="float32", fill=1e20)
+    for name, colour in (("good1.png", (200, 30, 30)), ("good2.png", (30, 200, 30))):
+        Image.new("RGB", (64, 48), colour).save(root / name)
+    rows = [
+        {"id": "badcrs", "image": "badcrs.tif", "question": "Is there a road?"},
+        {"id": "nul", "image": "good1\x00.png", "question": "Is there a road?"},
+        {"id": "big", "image": "big.tif", "question": "Is there a road?"},
+        {"id": "good1", "image": "good1.png", "question": "Is there a road?"},
+        {"id": "good2", "image": "good2.png", "question": "Is there a road?"},
+    ]
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["batch", "--input", str(tmp_path / "l.jsonl"), "--image-root", str(root), "--out", str(out)]
+    argv += ["--model", str(tiny_checkpoint), "--budgets", "8,16", "--clusters", "8", "--iters", "3"]
+    argv += ["--max-new-tokens", "3", "--geojson-dir", str(tmp_path / "geo"), "--no-progress"]
+    argv += ["--untrusted"] if trust == "untrusted" else []
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    got = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")[0]}
+    assert sorted(got) == sorted(r["id"] for r in rows)  # one row per id
+    assert got["good1"]["error"] is None and got["good2"]["error"] is None
+    assert "NUL byte" in got["nul"]["error"] and got["nul"]["answer"] is None
+    # the bad-CRS image: the model answers and only its GeoJSON fails (a georeferenced image whose CRS
+    # cannot reach WGS84 gets no pixel file in its place): one error row that keeps its answer
+    bad = got["badcrs"]["error"]
+    assert bad.startswith("GeoJSON: ") and "cannot be written as GeoJSON" in bad
+    assert got["badcrs"]["answer"] is not None
+    # the 1e20 constant raster decodes to a flat image (io: a constant band maps to mid-grey) and is answered
+    assert got["big"]["error"] is None and got["big"]["answer"] is not None
+    # PNGs and the raster without a geotransform have no georeference: pixel-space files, never .geojson
+    assert sorted(p.name for p in (tmp_path / "geo").iterdir()) == [
+        "big.pixels.json",
+        "good1.pixels.json",
+        "good2.pixels.json",
+    ]
+    err = capsys.readouterr().err
+    for rid in ("badcrs", "nul", "big"):
+        if got[rid]["error"]:
+            assert f"{rid}: {got[rid]['error']}" in err  # each error row logged as it is written

@@ -6,7 +6,6 @@ Golden data: ../shared/parity/case_{a,b} (see its README, step 8 and "Recommende
 from __future__ import annotations
 
 import json
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import uhrbat.compression.kmeans  # noqa: F401  (the package re-exports a function of that name)
 from uhrbat.compression import (
     KMeansResult,
     Selection,
@@ -24,13 +22,24 @@ from uhrbat.compression import (
     max_selectable,
     preserve_and_merge,
     segment_ids_for_scale,
-    select_kmeans,
     select_segments,
     select_topk,
 )
+from uhrbat.compression.kmeans import cached, means
+from uhrbat.compression.kmeans.cached import CachedDistances
+from uhrbat.compression.kmeans.device import kmeans_device
+from uhrbat.compression.kmeans.exact import kmeans_exact
+from uhrbat.compression.kmeans.fast import kmeans_fast
+from uhrbat.compression.kmeans.means import mean_emulation_lanes, torch_like_sums
+from uhrbat.compression.selection import cluster_tokens
 from uhrbat.errors import BudgetError, MaskError
 
-km = sys.modules["uhrbat.compression.kmeans"]
+
+def select_kmeans(embeds, scores, budget, *, mode="fast", **grouping):
+    """What the `kmeans` selector does on one scale: K-Means grouping, then preserve-and-merge."""
+    res = cluster_tokens(embeds, budget, mode=mode, **grouping)
+    return preserve_and_merge(embeds, scores, res.labels, budget, exact=mode == "exact"), res
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "parity"
@@ -170,21 +179,22 @@ def test_kmeans_matches_fixture(case: str, scale: int, mode: str) -> None:
 
 def test_fast_kmeans_float64_centre_fallback_matches_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the mean(0) emulation (other ISA / GPU), float64 centres still give the
-    fixture labels at the small scales."""
-    monkeypatch.setattr(km, "_mean_emulation_lanes", lambda *a: None)
+    fixture labels at the small scales, whether the gathered rows fit one batch or many."""
     f, _ = fixture("case_a")
     feats = clustering_features(selection_embeds("case_a", 1344), 16)
-    res = kmeans(feats, 600, 100, init_indices=f["kmeans.1344.init_idx"])
+    res = kmeans_fast(feats, f["kmeans.1344.init_idx"], 100, emulate_mean_order=False)
     assert not res.exact_means
     assert torch.equal(res.labels, f["kmeans.1344.labels"].long())
+    monkeypatch.setattr(means, "CHUNK_BYTES", 2 * 66 * 8 * 50)  # batches of clusters starting in 50 rows
+    small = kmeans_fast(feats, f["kmeans.1344.init_idx"], 100, emulate_mean_order=False)
+    assert torch.equal(small.labels, res.labels) and torch.equal(small.centers, res.centers)
 
 
-def test_bounded_engine_matches_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bounded_engine_matches_exact() -> None:
     """The bound-based engine (used when the N×K cache is too big) gives the same labels."""
-    monkeypatch.setattr(km, "_CACHE_BYTES", 0)
     f, _ = fixture("case_b")
     feats = clustering_features(selection_embeds("case_b", 1344), 16)
-    res = kmeans(feats, 200, 20, init_indices=f["kmeans.1344.init_idx"])
+    res = kmeans_fast(feats, f["kmeans.1344.init_idx"], 20, cache_bytes=0)
     assert torch.equal(res.labels, f["kmeans.1344.labels"].long())
     assert res.distance_evaluations < res.iterations * 9216 * 200
 
@@ -217,7 +227,7 @@ def test_device_kmeans_loop_matches_fixture(case: str) -> None:
     c = meta["case"]
     for scale in (672, 1344):
         feats = clustering_features(selection_embeds(case, scale), TOKENS[scale] // 576)
-        res = km._kmeans_device(feats, f[f"kmeans.{scale}.init_idx"], c["kmeans_max_iters"], check_every=8)
+        res = kmeans_device(feats, f[f"kmeans.{scale}.init_idx"], c["kmeans_max_iters"], check_every=8)
         assert torch.equal(res.labels_iter1, f[f"kmeans.{scale}.labels_iter1"].long())
         torch.testing.assert_close(res.centers_iter1, f[f"kmeans.{scale}.centers_iter1"], atol=1e-6, rtol=0)
         assert torch.equal(res.labels, f[f"kmeans.{scale}.labels"].long()), scale
@@ -231,8 +241,8 @@ def test_device_kmeans_loop_stops_like_the_reference(check_every: int) -> None:
     x = _blobs(3000, 40, 12, 0, 1.0)
     init = torch.randperm(3000, generator=torch.Generator().manual_seed(1))[:40]
     for iters in (1, 4, 50):
-        exact = km._kmeans_exact(x, init, iters)
-        dev = km._kmeans_device(x, init, iters, check_every=check_every)
+        exact = kmeans_exact(x, init, iters)
+        dev = kmeans_device(x, init, iters, check_every=check_every)
         assert torch.equal(dev.labels, exact.labels) and torch.equal(dev.labels_iter1, exact.labels_iter1)
         assert (dev.iterations, dev.converged) == (exact.iterations, exact.converged)
         torch.testing.assert_close(dev.centers, exact.centers, atol=1e-6, rtol=1e-6)  # float64 means: <= 1 ulp
@@ -270,7 +280,7 @@ def test_kmeans_edge_cases() -> None:
 
 
 def test_mean_emulation_is_bitwise_torch_mean() -> None:
-    lanes = km._mean_emulation_lanes(66, torch.float32, torch.device("cpu"))
+    lanes = mean_emulation_lanes(66, torch.float32, torch.device("cpu"))
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         assert lanes is not None  # the x86 builds the fixtures come from
     if lanes is None:  # elsewhere the fast mode must say that its centres are float64 means
@@ -282,7 +292,7 @@ def test_mean_emulation_is_bitwise_torch_mean() -> None:
     vals = torch.randn(int(sizes.sum()), 66, generator=gen)
     seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     rank = torch.arange(vals.shape[0]) - (torch.cumsum(sizes, 0) - sizes)[seg]
-    got = km._torch_like_sums(vals, torch.arange(vals.shape[0]), seg, rank, sizes, lanes) / sizes.float()[:, None]
+    got = torch_like_sums(vals, torch.arange(vals.shape[0]), seg, rank, sizes, lanes) / sizes.float()[:, None]
     want = torch.stack([p.mean(0) for p in vals.split(sizes.tolist())])
     assert torch.equal(got, want)
 
@@ -291,7 +301,7 @@ def test_distance_cache_is_bitwise_cdist() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 66, generator=gen)
     c = torch.randn(300, 66, generator=gen)
-    cache = km._CachedDistances(x, 300)
+    cache = CachedDistances(x, 300)
     labels = cache.first(c)
     full = torch.cdist(x, c)
     assert torch.equal(cache.dist_t.T, full) and torch.equal(labels, full.argmin(1))
@@ -309,6 +319,52 @@ def test_distance_cache_is_bitwise_cdist() -> None:
     labels3 = cache.step(c3, c2, moved, labels2)
     full3 = torch.cdist(x, c3)
     assert torch.equal(cache.dist_t.T, full3) and torch.equal(labels3, full3.argmin(1))
+
+
+def _second_smallest(d: torch.Tensor) -> torch.Tensor:
+    """`[N]` smallest entry of each row of `d` `[N, K]` other than its first-index argmin."""
+    d = d.clone()
+    d.scatter_(1, d.argmin(1, keepdim=True), float("inf"))
+    return d.amin(1)
+
+
+def test_distance_cache_full_refresh_by_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full refreshes by L2-sized row blocks (the first one too, when the N×K matrix is large),
+    including a short last block padded with earlier rows: bitwise cdist, its first-index
+    argmin and the exact second-smallest distance of every point."""
+    monkeypatch.setattr(cached, "CHUNK_BYTES", 1024)  # the first refresh takes the blocked path
+    monkeypatch.setattr(cached, "FULL_CHUNK_BYTES", 300 * 100 * 4)  # 100-row blocks
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1030, 130, generator=gen)  # 10 blocks and a 30-row last one
+    c = torch.randn(300, 130, generator=gen)
+    c[7] = c[3]  # exactly tied columns: the first index wins
+    cache = CachedDistances(x, 300)
+    labels = cache.first(c)
+    full = torch.cdist(x, c)
+    assert torch.equal(cache.dist_t.T, full) and torch.equal(labels, full.argmin(1))
+    assert not bool((labels == 7).any()) and torch.equal(cache.second, _second_smallest(full))
+    # >= 90 % of the centres moved: a full refresh that starts from the previous labels.
+    c2 = c + 0.05 * torch.randn(300, 130, generator=gen)
+    c2[-10:] = c[-10:]
+    labels2 = cache.step(c2, c, torch.arange(290), labels)
+    full2 = torch.cdist(x, c2)
+    assert torch.equal(cache.dist_t.T, full2) and torch.equal(labels2, full2.argmin(1))
+    assert torch.equal(cache.second, _second_smallest(full2))
+
+
+def test_mean_order_self_check_runs_once_per_key() -> None:
+    """The lane count is a cached pure function of (width, dtype, threads, ISA): no module-level
+    dict; concurrent first calls from several threads all get the same answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    width = 37  # a width no other test uses
+    with ThreadPoolExecutor(4) as pool:
+        got = set(pool.map(lambda _: mean_emulation_lanes(width, torch.float32, torch.device("cpu")), range(8)))
+    assert len(got) == 1
+    hits = means._lanes_on_cpu.cache_info().hits
+    assert mean_emulation_lanes(width, torch.float32, torch.device("cpu")) in got
+    assert means._lanes_on_cpu.cache_info().hits == hits + 1
+    assert mean_emulation_lanes(width, torch.bfloat16, torch.device("cpu")) is None  # float32/64 only
 
 
 # ------------------------------------------------------------------------------ selection vs fixture
@@ -508,7 +564,7 @@ def test_selection_ignores_autocast(mode: str) -> None:
     """Under bf16 autocast (mixed-precision training) K-Means, merging and the relevance
     arithmetic give bitwise the results of a run without autocast (they used to run their
     GEMMs in bf16 and crash on mixed dtypes)."""
-    from uhrbat.compression.scoring import last_query_attention, upsample_relevance
+    from uhrbat.compression.relevance import last_query_attention, upsample_relevance
 
     gen = torch.Generator().manual_seed(11)
     embeds = torch.randn(4 * 576, 16, generator=gen)

@@ -57,9 +57,11 @@ def test_ask_returns_answer_overlay_and_geojson(client_and_fake) -> None:
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(png.content)) as im:
         assert list(im.size) == data["overlay_size"] and im.size[0] >= 400
+    assert data["geojson_url"].endswith("/kept.pixels.json")  # not georeferenced: never pixels as lon/lat
     gj = client.get("/" + data["geojson_url"]).json()
-    assert gj["type"] == "FeatureCollection" and gj["coordinate_space"] == "pixel" and gj["answer"] == data["answer"]
+    assert gj["format"] == "uhrbat.pixel-boxes/1" and "type" not in gj and gj["answer"] == data["answer"]
     assert gj["image"]["path"] == "field.png"  # the uploaded file's name, not a server temp file
+    assert client.get("/" + data["geojson_url"].replace(".pixels.json", ".geojson")).status_code == 404
 
 
 def test_uploads_are_decoded_untrusted_inside_the_decode_section(client_and_fake, monkeypatch) -> None:
@@ -237,6 +239,7 @@ def test_the_page_api_streams_the_stages_then_the_result(client_and_fake) -> Non
         "tiles",
         "encode",
         "score",
+        "group",
         "select",
         "prefill",
         "decode",

@@ -224,6 +224,7 @@ STAGE_LABELS = {
     "tiles": "Cutting the pyramid into tiles",
     "encode": "Encoding tiles",
     "score": "Scoring relevance",
+    "group": "Grouping tokens",
     "select": "Selecting visual tokens",
     "prefill": "Reading the question",
     "answering": "Writing the answer",

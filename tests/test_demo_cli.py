@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 
 def test_demo_command_wiring(monkeypatch) -> None:
     import uhrbat.pipeline
-    import uhrbat.serving.server as serving_server
+    import uhrbat.serving.http_server as serving_server
     from serving_fake import FakePipeline, route_paths
     from uhrbat.cli.main import app
 

@@ -31,7 +31,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_eval_end_to_end_with_tiny_model(tmp_path, tiny_checkpoint, monkeypatch, capsys):
-    monkeypatch.delenv("UHRBAT_EVAL_PIPELINE", raising=False)
+    monkeypatch.delenv("UHRBAT_PIPELINE_CLASS", raising=False)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     data = make_hrbench(tmp_path)

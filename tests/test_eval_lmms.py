@@ -21,7 +21,7 @@ def _image():
 
 
 def _plugin(monkeypatch, **kw):
-    monkeypatch.setenv("UHRBAT_EVAL_PIPELINE", "test_eval_support:FakePipeline")
+    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     m = lmms_plugin.UhrBatLmms(pretrained="tiny", device="cpu", batch_size=2, budgets="8:16", **kw)
@@ -64,7 +64,7 @@ def test_real_lmms_eval_registry_with_tiny_model(tmp_path, monkeypatch):
 
     from uhrbat.testing import make_tiny_checkpoint
 
-    monkeypatch.delenv("UHRBAT_EVAL_PIPELINE", raising=False)
+    monkeypatch.delenv("UHRBAT_PIPELINE_CLASS", raising=False)
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", scales=[672, 1344], budgets=[8, 16])
     reg = ModelRegistryV2()
     reg.register_manifest(lmms_plugin.manifest())

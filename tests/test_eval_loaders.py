@@ -19,7 +19,8 @@ from test_eval_support import (
 )
 from uhrbat.errors import BenchmarkDataError, ImageLoadError
 from uhrbat.evaluation import prompts
-from uhrbat.evaluation.loaders import load_benchmark, parse_options
+from uhrbat.evaluation.benchmarks import get_spec, load_benchmark
+from uhrbat.evaluation.loaders import parse_options
 
 
 def test_xlrs_parquet(tmp_path):
@@ -177,7 +178,7 @@ def test_llava_conversation_rows(tmp_path):
     (s,) = load_benchmark("xlrs", p)
     assert s.ok and s.source_format == "llava" and s.answer == "B"
     assert s.question.startswith("How many?") and s.options == {"A": "1", "B": "2"}
-    assert prompts.build_prompt("xlrs", s, "official") == s.question
+    assert prompts.build_prompt(get_spec("xlrs"), s, "official") == s.question
 
 
 def test_bad_rows_become_error_rows(tmp_path):
@@ -289,38 +290,40 @@ def test_parse_options_forms():
 
 def test_official_prompts_exact(tmp_path):
     x = load_benchmark("xlrs", make_xlrs(tmp_path))
-    assert prompts.build_prompt("xlrs", x[0]) == (
+    assert prompts.build_prompt(get_spec("xlrs"), x[0]) == (
         "How many ships? [[B]]The choices are listed below:\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n\nSelect the best answer for "
         "the multiple-choice question based on the image. Only respond with the letter corresponding to the correct "
         "answer (A, B, C, D).\nThe answer is:"
     )
-    assert "There may be more than one correct option" in prompts.build_prompt("xlrs", x[2])  # Overall land use
+    assert "There may be more than one correct option" in prompts.build_prompt(
+        get_spec("xlrs"), x[2]
+    )  # Overall land use
     data, root = make_mme(tmp_path)
     m = load_benchmark("mme-realworld-rs", data, root)[0]
-    assert prompts.build_prompt("mme-realworld-rs", m) == (
+    assert prompts.build_prompt(get_spec("mme-realworld-rs"), m) == (
         "What is it? [[A]] The choices are listed below: \n(A) red\n(B) blue\n(C) 3\n(D) 4\n"
         "(E) The image does not feature the object\nSelect the best answer to the above multiple-choice question based "
         "on the image. Respond with only the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:"
     )
-    assert prompts.build_prompt("mme-realworld-rs", m, "reference") == (
+    assert prompts.build_prompt(get_spec("mme-realworld-rs"), m, "reference") == (
         "What is it? [[A]]\nOptions:\nA. red\nB. blue\nC. 3\nD. 4\nE. The image does not feature the object\n"
         "Please reply with the letter of the correct option (e.g., A/B/C/D/E)."
     )
     h = load_benchmark("hrbench-4k", make_hrbench(tmp_path))[0]
-    assert prompts.build_prompt("hrbench-4k", h) == (
+    assert prompts.build_prompt(get_spec("hrbench-4k"), h) == (
         "What colour? [[B]]\nA. red\nB. green\nC. blue\nD. white\nAnswer the option letter directly."
     )
     data, root = make_lrs(tmp_path)
     lq = load_benchmark("lrs-vqa", data, root)[0]
-    assert prompts.build_prompt("lrs-vqa", lq) == lq.question
+    assert prompts.build_prompt(get_spec("lrs-vqa"), lq) == lq.question
 
 
 def test_reference_prompt_leaks_answer_cardinality_only_when_asked(tmp_path):
     r = load_benchmark("rshr", make_rshr(tmp_path))[1]  # answer "BD"
-    official = prompts.build_prompt("rshr", r, "official")
-    reference = prompts.build_prompt("rshr", r, "reference")
+    official = prompts.build_prompt(get_spec("rshr"), r, "official")
+    reference = prompts.build_prompt(get_spec("rshr"), r, "reference")
     assert official.endswith("Select the best answer based on the image. Answer with the option letter only.")
     assert "You should choose multiple answers." not in official
     assert "Select the best answer based on the image. You should choose multiple answers. Answer with" in reference
     with pytest.raises(BenchmarkDataError):
-        prompts.build_prompt("rshr", r, "fancy")
+        prompts.build_prompt(get_spec("rshr"), r, "fancy")

@@ -14,7 +14,7 @@ import pytest
 from test_eval_support import write_png
 from uhrbat.errors import BenchmarkDataError
 from uhrbat.evaluation import BENCHMARK_NAMES, benchmarks, prompts
-from uhrbat.evaluation.loaders import load_benchmark
+from uhrbat.evaluation.benchmarks import get_spec, load_benchmark
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -69,9 +69,34 @@ def test_readme_add_a_benchmark_example_works(tmp_path):
         (d / "data.json").write_text(json.dumps(rows))
         samples = load_benchmark("my-bench", d / "data.json")
         assert [s.id for s in samples] == ["1", "2"] and all(s.ok for s in samples)
-        assert prompts.build_prompt("my-bench", samples[0]) == "Which?\nx\ny"  # option lines as distributed
+        assert prompts.build_prompt(get_spec("my-bench"), samples[0]) == "Which?\nx\ny"  # option lines as distributed
         rep = benchmarks.score("my-bench", samples, {"1": "b", "2": "B"})
         assert rep.per_sample == {"1": True, "2": False} and rep.headline["accuracy"] == 50.0
     finally:
         benchmarks._REGISTRY.pop("my-bench", None)
         sys.modules.pop(mod.__name__, None)
+
+
+def test_modules_below_the_registry_never_import_it():
+    """Issue 19: no `benchmarks <-> loaders <-> spec` circle, not even through imports deferred into
+    functions or the registry's discovery (benchmark modules import the modules below it)."""
+    from test_structure import import_graph
+
+    graph = import_graph(top_level=False)
+    below = [
+        "uhrbat.evaluation.records",
+        "uhrbat.evaluation.spec",
+        "uhrbat.evaluation.loaders",
+        "uhrbat.evaluation.prompts",
+        "uhrbat.evaluation.scoring",
+        "uhrbat.evaluation.report",
+    ]
+    seen, todo = set(), list(below)
+    while todo:  # everything the lower modules reach, transitively
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph.get(m, ())
+    assert "uhrbat.evaluation.benchmarks" not in seen
+    assert not any(m.startswith("uhrbat.evaluation.benchmarks.") for m in seen)
+    assert "uhrbat.evaluation.runner" not in seen

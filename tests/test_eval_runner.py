@@ -13,22 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from test_eval_support import FakePipeline, make_hrbench, make_lrs, make_mme, make_rshr, make_xlrs, write_png
+from test_eval_support import (
+    HOOK,
+    FakePipeline,
+    fake_pipeline,  # noqa: F401 - the fixture, used by pytestmark
+    make_hrbench,
+    make_lrs,
+    make_mme,
+    make_rshr,
+    make_xlrs,
+    write_png,
+)
 from uhrbat.errors import ConfigError
 from uhrbat.evaluation.runner import EvalConfig, dist_info, run_eval
 from uhrbat.runfiles import read_jsonl
 
 TESTS_DIR = Path(__file__).resolve().parent
-HOOK = "test_eval_support:FakePipeline"
 
 
-@pytest.fixture(autouse=True)
-def fake_pipeline(monkeypatch):
-    monkeypatch.setenv("UHRBAT_EVAL_PIPELINE", HOOK)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    FakePipeline.instances.clear()
-    yield
+pytestmark = pytest.mark.usefixtures("fake_pipeline")
 
 
 def _ids(path: Path) -> list[str]:
@@ -67,13 +70,11 @@ def test_run_writes_records_and_reports(tmp_path):
             out=out,
             model="fake-model",
             batch_size=2,
-            budgets=[8, 16],
-            selector="topk",
-            seed=3,
+            selection={"budgets": [8, 16], "selector": "topk", "seed": 3},
             progress=False,
         )
     )
-    assert rep is not None and rep.headline["micro"] == 100.0 and rep.n == 4
+    assert rep is not None and rep.headline["weighted_avg"] == 100.0 and rep.n == 4
     (pipe,) = FakePipeline.instances
     assert pipe.kwargs == {"device": "cpu", "dtype": None, "budgets": [8, 16], "selector": "topk", "seed": 3}
     assert ("ask_batch", 2) in pipe.calls  # batches of two reach ask_batch
@@ -89,7 +90,11 @@ def test_run_writes_records_and_reports(tmp_path):
     assert set(report) >= {"benchmark", "n", "n_errors", "headline", "metrics", "per_category", "per_sample"}
     assert report["meta"]["prompt_style"] == "official" and "xlrs_doc_to_text" in report["meta"]["prompt_template"]
     assert report["meta"]["max_new_tokens"] == 64
-    assert "| micro | macro |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| weighted_avg | subtask_mean |" in md
+    assert "- **weighted_avg**: accuracy over all questions" in md and "UHR-BAT publishes" in md
+    assert "- **subtask_mean**: unweighted mean of the 13" in md and "DualComp" in md
+    assert set(report["meta"]["headline"]) == {"weighted_avg", "subtask_mean"}
 
 
 @pytest.mark.parametrize(
@@ -150,7 +155,29 @@ def test_error_rows_do_not_stop_the_run(tmp_path):
     assert "escapes the image root" in rows_out["d"]["error"]
 
 
-def test_systematic_model_failure_aborts_without_writing_rows(tmp_path):
+def test_systematic_model_failure_aborts_without_writing_rows(tmp_path, capsys):
+    """The abort rule: unexpected model failures with no answer yet are held back; when the model
+    never answers (a broken setup) the run stops with the first exception and writes none of them."""
+    d = tmp_path / "ds"
+    write_png(d / "ok.png")
+    rows = [
+        {"id": k, "images": ["ok.png"], "question": "[[RAISE]]", "options": ["x", "y"], "answer": "A"}
+        for k in ("a", "b", "c")
+    ]
+    (d / "dataset.json").write_text(json.dumps(rows))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="fake model failure"):
+        run_eval(EvalConfig(benchmark="rshr", data=d, out=out, model="m", progress=False))
+    assert _ids(out / "predictions.rank0-of-1.jsonl") == []  # nothing recorded as a wrong answer
+    assert not (out / "report.json").exists()
+    assert "stopping: the model failed on the first 3 question(s) it was asked and answered none" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_bad_first_row_does_not_stop_the_run(tmp_path):
+    """An unexpected failure on the first question only is the row's, not the setup's: once another
+    question is answered it is written as that row's error (issue 18: no bad row stops a run)."""
     d = tmp_path / "ds"
     write_png(d / "ok.png")
     rows = [
@@ -159,10 +186,11 @@ def test_systematic_model_failure_aborts_without_writing_rows(tmp_path):
     ]
     (d / "dataset.json").write_text(json.dumps(rows))
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="fake model failure"):
-        run_eval(EvalConfig(benchmark="rshr", data=d, out=out, model="m", progress=False))
-    assert _ids(out / "predictions.rank0-of-1.jsonl") == []  # nothing recorded as a wrong answer
-    assert not (out / "report.json").exists()
+    rep = run_eval(EvalConfig(benchmark="rshr", data=d, out=out, model="m", progress=False))
+    assert rep.per_sample == {"a": False, "b": True}
+    got = {r["id"]: r for r in read_jsonl(out / "predictions.jsonl")[0]}
+    assert got["a"]["error"] == "RuntimeError: fake model failure" and got["a"]["error_kind"] == "model"
+    assert [r["id"] for r in read_jsonl(out / "predictions.rank0-of-1.jsonl")[0]] == ["a", "b"]  # benchmark order
 
 
 def test_settings_change_is_refused(tmp_path):
@@ -218,7 +246,7 @@ def test_dist_info():
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
-    env["UHRBAT_EVAL_PIPELINE"] = HOOK
+    env["UHRBAT_PIPELINE_CLASS"] = HOOK
     env.update(extra)
     return env
 
@@ -427,3 +455,22 @@ def test_cli_bad_budgets_are_a_usage_error(tmp_path, capsys):
     )
     assert "Invalid value for '--budgets'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_row_the_prompt_template_cannot_format_is_that_rows_error(tmp_path, monkeypatch):
+    from uhrbat.evaluation import prompts
+
+    real = prompts.build_prompt
+
+    def build(spec, sample, style="official"):
+        if sample.id == "q001":
+            raise KeyError("options")
+        return real(spec, sample, style)
+
+    monkeypatch.setattr(prompts, "build_prompt", build)
+    rep = run_eval(
+        EvalConfig(benchmark="rshr", data=make_many(tmp_path, 3), out=tmp_path / "run", model="m", progress=False)
+    )
+    assert rep.n == 3 and rep.n_errors == 1
+    row = {r["id"]: r for r in read_jsonl(tmp_path / "run" / "predictions.jsonl")[0]}["q001"]
+    assert row["error"] == "prompt: KeyError: 'options'" and row["error_kind"] == "data"

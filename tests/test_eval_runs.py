@@ -12,20 +12,18 @@ from pathlib import Path
 import pytest
 
 from test_eval_runner import _main, make_many
-from test_eval_support import FakePipeline, make_xlrs, write_png
-from uhrbat.errors import ConfigError, RunLockedError
-from uhrbat.evaluation.loaders import load_benchmark
+from test_eval_support import (
+    FakePipeline,
+    fake_pipeline,  # noqa: F401 - the fixture, used by pytestmark
+    make_xlrs,
+    write_png,
+)
+from uhrbat.errors import ConfigError, RunFileError, RunLockedError
+from uhrbat.evaluation.benchmarks import load_benchmark
 from uhrbat.evaluation.runner import EvalConfig, run_eval, shard_of
 from uhrbat.runfiles import JsonlAppender, RunLock, read_jsonl
 
-
-@pytest.fixture(autouse=True)
-def fake_pipeline(monkeypatch):
-    monkeypatch.setenv("UHRBAT_EVAL_PIPELINE", "test_eval_support:FakePipeline")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    FakePipeline.instances.clear()
-    yield
+pytestmark = pytest.mark.usefixtures("fake_pipeline")
 
 
 def _cfg(data, out, **kw) -> EvalConfig:
@@ -164,7 +162,7 @@ def test_corrupt_run_json_is_refused_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text('{"benchmark": "rshr", "mod')
-    with pytest.raises(ConfigError, match="run.json is unreadable or corrupt .*move it away"):
+    with pytest.raises(RunFileError, match="run.json is unreadable or corrupt .*never rewritten.*move it away"):
         run_eval(_cfg(data, out))
     assert (out / "run.json").read_text() == '{"benchmark": "rshr", "mod'
 
@@ -233,7 +231,7 @@ def test_eval_refuses_lrs_without_wordnet_before_loading_the_model(tmp_path, mon
             out=tmp_path / "r",
             model="m",
             progress=False,
-            lrs_synonyms="none",
+            score_options={"lrs_synonyms": "none"},
         )
     )
     assert "exact match only" in rep.meta["wordnet"]
@@ -280,3 +278,55 @@ def test_eval_with_the_wrong_benchmark_fails_loudly_after_writing_its_report(tmp
     assert err.startswith("error: all 2 questions of hrbench-4k are errors") and str(out) in err
     assert json.loads((out / "report.json").read_text())["n_errors"] == 2
     assert FakePipeline.instances == []  # no model was loaded for rows that cannot run
+
+
+# ---------------------------------------------------------------------------------- day-one friction (issue 23.6)
+def test_an_error_row_keeps_its_category_and_options_in_eval_and_score(tmp_path, capsys):
+    """A question whose image is missing counts in its own category in `eval` and in `score` alike
+    (it was "(no category)" in eval and "color" in score), and is logged on stderr when written."""
+    from test_eval_support import make_mme
+
+    data, root = make_mme(tmp_path)
+    (root / "remote_sensing" / "0.png").unlink()  # the "color" question's image
+    samples = {s.id: s for s in load_benchmark("mme-realworld-rs", data, root)}
+    bad = samples["perception/remote_sensing/color/0000"]
+    assert bad.error_kind == "image" and bad.category == "color" and set(bad.options) == set("ABCDE")
+    out = tmp_path / "run"
+    rep = run_eval(EvalConfig(benchmark="mme-realworld-rs", data=data, images=root, out=out, model="m", progress=False))
+    err = capsys.readouterr().err
+    assert "perception/remote_sensing/color/0000: row 0: image not found" in err
+    assert rep.per_category["Perception/color"] == {"n": 1, "correct": 0, "accuracy": 0.0}
+    assert "Perception/unknown" not in rep.per_category
+    assert (
+        _main(
+            [
+                "score",
+                "--benchmark",
+                "mme-realworld-rs",
+                "--data",
+                str(data),
+                "--images",
+                str(root),
+                "--predictions",
+                str(out / "predictions.jsonl"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["per_category"] == rep.per_category and scored["headline"] == rep.headline
+
+
+def test_the_report_table_is_not_wrapped_when_stdout_is_not_a_terminal(tmp_path, capsys):
+    data = make_xlrs(tmp_path)
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("".join(json.dumps({"id": str(100 + i), "output": "B"}) + "\n" for i in range(4)))
+    assert _main(["score", "--benchmark", "xlrs", "--data", str(data), "--predictions", str(pred)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # the long category names sit on one line each (a wrapped table would split them)
+    assert any("Land use classification/Overall Land use classification" in ln for ln in lines)
+    header = next(ln for ln in lines if "weighted_avg" in ln)
+    assert "subtask_mean" in header  # both headline columns on one line
+    assert any(ln.startswith("weighted_avg: accuracy over all questions") and "UHR-BAT" in ln for ln in lines)
+    assert all(len(ln) < 400 for ln in lines)  # and no padding to a huge width

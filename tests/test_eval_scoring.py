@@ -68,10 +68,15 @@ def test_xlrs_micro_macro_by_hand():
     samples = [_s(answer="B", category=c, sid=str(i)) for i, c in enumerate(cats)]
     preds = {"0": "B", "1": "B", "2": "C", "3": "(B)"}
     rep = xlrs.score(samples, preds)
-    # micro = 3/4 = 75 %.
-    assert rep.headline["micro"] == pytest.approx(75.0)
-    # macro (lmms-eval): 13 pre-filled L3 tasks, the 11 absent count 0: (66.67 + 100) / 13.
-    assert rep.headline["macro"] == pytest.approx((200 / 3 + 100) / 13)
+    # weighted average (UHR-BAT) = micro = 3/4 = 75 %: the sub-task accuracies weighted by their questions.
+    assert rep.headline["weighted_avg"] == pytest.approx(75.0) == rep.metrics["micro"]
+    assert rep.headline["weighted_avg"] == pytest.approx((3 * 200 / 3 + 1 * 100) / 4)
+    # 13-sub-task mean (GeoLLaVA-8K, DualComp) = macro (lmms-eval): the 11 absent tasks count 0.
+    assert rep.headline["subtask_mean"] == pytest.approx((200 / 3 + 100) / 13) == rep.metrics["macro"]
+    assert list(rep.headline) == ["weighted_avg", "subtask_mean"]
+    notes = rep.headline_notes()
+    assert "UHR-BAT" in notes["weighted_avg"] and "GeoLLaVA-8K" in notes["subtask_mean"]
+    assert "DualComp" in notes["subtask_mean"] and "13" in notes["subtask_mean"]
     # VLMEvalKit-style mean over the present tasks: (66.67 + 100) / 2.
     assert rep.metrics["macro_present"] == pytest.approx((200 / 3 + 100) / 2)
     assert rep.per_sample == {"0": True, "1": True, "2": False, "3": True}
@@ -353,7 +358,7 @@ def test_report_schema_and_error_rows():
     assert d["n"] == 3
     assert d["n_errors"] == 2  # the malformed row and the id with no prediction
     assert d["per_sample"] == {"1": True, "9": False, "2": False}
-    assert d["headline"]["micro"] == pytest.approx(100 / 3)  # errors count in the denominator
+    assert d["headline"]["weighted_avg"] == pytest.approx(100 / 3)  # errors count in the denominator
     assert d["meta"]["n_unmatched_predictions"] == 1 and d["meta"]["n_missing_predictions"] == 1
 
 
@@ -395,6 +400,6 @@ def test_robust_and_logit_views_reported_beside_official():
         "2": Prediction(id="2", output="B", logit_choice="C"),
     }
     rep = benchmarks.score("xlrs", [s1, s2], preds)
-    assert rep.headline["micro"] == 50.0  # official: "B. Building" -> {B, D}
-    assert rep.metrics["robust/micro"] == 100.0
-    assert rep.metrics["logits/micro"] == 50.0
+    assert rep.headline["weighted_avg"] == 50.0  # official: "B. Building" -> {B, D}
+    assert rep.metrics["robust/weighted_avg"] == 100.0
+    assert rep.metrics["logits/weighted_avg"] == 50.0

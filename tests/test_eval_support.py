@@ -3,7 +3,7 @@ tiny synthetic benchmark in each official format (images generated with Pillow).
 
 The fake answers with whatever the question carries between `[[` and `]]` ("A" otherwise),
 so a test decides each answer in the data it writes. It is selected in subprocesses through
-the `UHRBAT_EVAL_PIPELINE=test_eval_support:FakePipeline` hook (with `tests/` on PYTHONPATH).
+the `UHRBAT_PIPELINE_CLASS=test_eval_support:FakePipeline` hook (with `tests/` on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -17,11 +17,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from uhrbat.results import AskResult
 
 _ANS = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
+
+
+HOOK = "test_eval_support:FakePipeline"
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+    """Every pipeline the factory loads (in this process and in subprocesses) is a `FakePipeline`;
+    no rank environment leaks in. Import it into a test module and mark it autouse there."""
+    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", HOOK)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    FakePipeline.instances.clear()
 
 
 class FakePipeline:

@@ -18,6 +18,7 @@ from uhrbat.io.geo import (
     token_pixel_boxes,
     token_regions,
     tokens_geojson,
+    tokens_pixel_json,
     tokens_with_boxes,
     write_geojson,
 )
@@ -34,6 +35,14 @@ def tok(
 ) -> KeptToken:
     flat = tile * 576 + row * 24 + col
     return KeptToken(scale, tile, row, col, score, merged, group, list(members) if members else [flat])
+
+
+class PixelCRS:
+    """A source whose CRS units are its pixels (identity transform): CRS rings == pixel boxes."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+        self.georef = GeoRef("EPSG:32633", (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
 
 
 def expected_box(scale: int, tile: int, row: int, col: int, W: int, H: int):
@@ -98,12 +107,14 @@ def test_merged_tokens_keep_member_cells() -> None:
     assert reg.box == pytest.approx((3 * 14, 5 * 14, (24 + 21) * 14, (24 + 21) * 14))
     assert reg.rects == [(42.0, 70.0, 84.0, 84.0), (616.0, 616.0, 630.0, 630.0)]  # row run joined
     assert join_rects(np.array([[0, 0, 1, 1], [1, 0, 2, 1], [3, 0, 4, 1]], float)) == [(0, 0, 2, 1), (3, 0, 4, 1)]
-    fc = tokens_geojson([t], (672, 672))
+    fc = tokens_geojson([t], PixelCRS((672, 672)), coordinates="crs")
     geom = fc["features"][0]["geometry"]
     assert geom["type"] == "MultiPolygon" and len(geom["coordinates"]) == 2
     assert fc["features"][0]["properties"]["status"] == "merged"
-    bbox = tokens_geojson([t], (672, 672), merged_geometry="bbox")["features"][0]["geometry"]
-    assert bbox["type"] == "Polygon"
+    bbox = tokens_geojson([t], PixelCRS((672, 672)), coordinates="crs", merged_geometry="bbox")
+    assert bbox["features"][0]["geometry"]["type"] == "Polygon"
+    doc = tokens_pixel_json([t], (672, 672))
+    assert doc["tokens"][0]["rects_px"] == [list(r) for r in reg.rects]
 
 
 def test_tokens_with_boxes_for_json() -> None:
@@ -154,8 +165,8 @@ def test_boxes_follow_a_non_default_token_geometry(tile_px, patch) -> None:
     assert pixel_boxes([bare], (W, H))[0] == pytest.approx(
         expected_box_geometry(tile_px * 2, 3, n - 1, 0, W, H, tile_px, patch), abs=1e-3
     )
-    # GeoJSON (pixel space) rings are the same boxes.
-    fc = tokens_geojson(toks, (W, H))
+    # GeoJSON rings (in a CRS whose units are pixels) are the same boxes.
+    fc = tokens_geojson(toks, PixelCRS((W, H)), coordinates="crs")
     for feat in fc["features"]:
         t = toks[feat["properties"]["index"]]
         x0, y0, x1, y1 = expected_box_geometry(t.scale, t.tile, t.row, t.col, W, H, tile_px, patch)
@@ -188,12 +199,12 @@ def test_pipeline_tokens_carry_the_config_geometry(tmp_path) -> None:
     assert len(res.tokens) == 18
     assert all((t.tile_size, t.patch_size) == (224, 14) and t.row < 16 and t.col < 16 for t in res.tokens)
     assert all(t.members == [t.tile * 256 + t.row * 16 + t.col] for t in res.tokens)
-    fc = tokens_geojson(res.tokens, res.image_size)
-    for feat in fc["features"]:
-        t = res.tokens[feat["properties"]["index"]]
+    doc = tokens_pixel_json(res.tokens, res.image_size)
+    for entry in doc["tokens"]:
+        t = res.tokens[entry["index"]]
         exp = expected_box_geometry(t.scale, t.tile, t.row, t.col, 500, 300, 224, 14)
-        assert feat["properties"]["box_px"] == pytest.approx(list(exp), abs=1e-3)
-    assert len(fc["features"]) + fc["tokens_in_padding_dropped"] == 18
+        assert entry["box_px"] == pytest.approx(list(exp), abs=1e-3)
+    assert len(doc["tokens"]) + doc["tokens_in_padding_dropped"] == 18
 
 
 # ----------------------------------------------------------------------------- georeference
@@ -256,16 +267,50 @@ def test_geojson_on_utm_raster_matches_pyproj() -> None:
     assert crs_fc["coordinate_space"] == "crs" and "EPSG:32617" in crs_fc["coordinate_note"]
 
 
-def test_pixel_coordinates_without_georeference(tmp_path) -> None:
+def test_images_without_georeference_never_get_a_geojson_file(tmp_path) -> None:
+    """Issue 23: pixel coordinates in a .geojson are read as lon/lat by GIS tools. Refused with a
+    pointer to --json; the pixel file is a different, clearly named format."""
+    from uhrbat.errors import NotGeoreferencedError
+    from uhrbat.io.geo import PIXEL_JSON_SUFFIX, kept_tokens_document, map_ready, write_pixel_json
+
     Image.new("RGB", (300, 200), (1, 2, 3)).save(tmp_path / "a.png")
     src = open_image(tmp_path / "a.png")
-    fc = write_geojson(tmp_path / "k.geojson", [tok(672, 2, 0, 0)], src)
-    assert fc["coordinate_space"] == "pixel" and "NOT longitude/latitude" in fc["coordinate_note"]
-    ring = fc["features"][0]["geometry"]["coordinates"][0]
-    x0, y0, x1, y1 = expected_box(672, 2, 0, 0, 300, 200)
-    assert ring[0] == pytest.approx([x0, y0], abs=1e-3) and ring[2] == pytest.approx([x1, y1], abs=1e-3)
-    with pytest.raises(ValueError, match="georeferenced"):
-        tokens_geojson([tok(672, 0, 0, 0)], src, coordinates="wgs84")
+    for call in (
+        lambda: map_ready(src),
+        lambda: write_geojson(tmp_path / "k.geojson", [tok(672, 2, 0, 0)], src),
+        lambda: tokens_geojson([tok(672, 0, 0, 0)], src, coordinates="wgs84"),
+        lambda: tokens_geojson([tok(672, 0, 0, 0)], src, coordinates="crs"),
+    ):
+        with pytest.raises(NotGeoreferencedError, match="no georeference.*--json") as e:
+            call()
+        assert "\n" not in str(e.value) and str(tmp_path / "a.png") in str(e.value)
+    assert not (tmp_path / "k.geojson").exists()
+    with pytest.raises(ValueError, match="pixel coordinates are written by tokens_pixel_json"):
+        tokens_geojson([tok(672, 0, 0, 0)], src, coordinates="pixel")
+    out = tmp_path / ("k" + PIXEL_JSON_SUFFIX)
+    doc = write_pixel_json(out, [tok(672, 2, 0, 0)], src, properties={"question": "q?"})
+    assert json.loads(out.read_text()) == doc
+    assert doc["format"] == "uhrbat.pixel-boxes/1" and "type" not in doc and "features" not in doc
+    assert doc["coordinate_space"] == "pixel" and "NOT longitude/latitude" in doc["coordinate_note"]
+    assert doc["question"] == "q?" and doc["image"]["size"] == [300, 200]
+    assert doc["tokens"][0]["box_px"] == pytest.approx(list(expected_box(672, 2, 0, 0, 300, 200)), abs=1e-3)
+    got, suffix = kept_tokens_document([tok(672, 2, 0, 0)], src)
+    assert suffix == PIXEL_JSON_SUFFIX and got["format"] == doc["format"]
+    gj, suffix = kept_tokens_document([tok(672, 2, 0, 0)], open_image(NEON))
+    assert suffix == ".geojson" and gj["type"] == "FeatureCollection" and gj["coordinate_space"] == "wgs84"
+
+
+def test_crs_geojson_names_its_crs_and_box_crs_keeps_full_precision(tmp_path) -> None:
+    pytest.importorskip("rasterio")
+    src = open_image(NEON)
+    t = tok(2688, 9, 4, 17)
+    fc = write_geojson(tmp_path / "crs.geojson", [t], src, coordinates="crs")
+    assert fc["crs"] == {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32617"}}
+    box = fc["features"][0]["properties"]["box_crs"]
+    T = src.georef.coefficients
+    x0, y0, x1, y1 = expected_box(2688, 9, 4, 17, 400, 400)
+    assert box == [T[2] + T[0] * x0, T[5] + T[4] * y1, T[2] + T[0] * x1, T[5] + T[4] * y0]  # not rounded
+    assert any(round(v, 4) != v for v in box)
 
 
 def test_rotated_transform_polygon() -> None:

@@ -6,8 +6,6 @@ skip with a reason when selected on a machine without CUDA.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -17,12 +15,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-def _km():
-    import uhrbat.compression  # noqa: F401
-
-    return sys.modules["uhrbat.compression.kmeans"]
 
 
 def _features(n: int, f: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -35,10 +27,11 @@ def _features(n: int, f: int, k: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_fast_kmeans_loop_has_no_host_syncs() -> None:
-    km = _km()
+    from uhrbat.compression.kmeans import device
+
     x = _features(20_000, 258, 300)
     init = torch.randperm(x.shape[0])[:300].cuda()
-    state = km._DeviceState(
+    state = device.DeviceState(
         centers=x[init].clone(),
         labels=torch.zeros(x.shape[0], dtype=torch.int64, device="cuda"),
         active=torch.ones((), dtype=torch.bool, device="cuda"),
@@ -48,7 +41,7 @@ def test_fast_kmeans_loop_has_no_host_syncs() -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        km._device_lloyd_steps(x, state, 5)
+        device.lloyd_steps(x, state, 5)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(state.iterations) >= 1

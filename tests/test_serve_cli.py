@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 
 def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
     import uhrbat.pipeline
-    import uhrbat.serving.server as serving_server
+    import uhrbat.serving.http_server as serving_server
     from serving_fake import FakePipeline, route_paths
     from uhrbat.cli.main import app
 
@@ -72,7 +72,7 @@ def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
 
 def test_serve_refuses_a_kmeans_work_limit_below_its_own_defaults(monkeypatch, capsys) -> None:
     import uhrbat.pipeline
-    import uhrbat.serving.server as serving_server
+    import uhrbat.serving.http_server as serving_server
     from serving_fake import FakePipeline
     from uhrbat.cli.main import main
 

@@ -126,16 +126,17 @@ def test_prepare_sft_parquet_and_json_with_bad_rows(sft_tree: Path, capsys) -> N
     reasons = [json.loads(line) for line in bad.read_text().splitlines()]
     assert len(reasons) == 10
     by_row = {r["row"]: r["reason"] for r in reasons}
-    assert "image not found" in by_row["metadata.parquet:2"]
-    assert "no <image>" in by_row["metadata.parquet:3"]
-    assert "empty answer" in by_row["metadata.parquet:4"]
-    assert "mask" in by_row["metadata.parquet:5"]
-    assert "unreadable image" in by_row["metadata.parquet:6"]
-    assert "2 images" in by_row["metadata.parquet:7"]
-    assert "2 <image> markers" in by_row["llava.json:1"]
-    assert "not found" in by_row["llava.json:2"]
-    assert "no assistant answer" in by_row["llava.json:3"]
-    assert "invalid JSON" in by_row["extra.jsonl:1"]
+    assert "image not found" in by_row["metadata.parquet row 3"]
+    assert "no <image>" in by_row["metadata.parquet row 4"]
+    assert "empty answer" in by_row["metadata.parquet row 5"]
+    assert "mask" in by_row["metadata.parquet row 6"]
+    assert "unreadable image" in by_row["metadata.parquet row 7"]
+    assert "2 images" in by_row["metadata.parquet row 8"]
+    assert "2 <image> markers" in by_row["llava.json item 2"]
+    assert "not found" in by_row["llava.json item 3"]
+    assert "no assistant answer" in by_row["llava.json item 4"]
+    assert "invalid JSON" in by_row["extra.jsonl:2"]  # the file's 2nd line, 1-based (issue 23.9)
+    assert "skipped extra.jsonl:2: invalid JSON line" in err
     r0, r1 = samples[0], samples[1]
     assert Path(r0.image).name == "a.png" and r0.masks and r0.masks.endswith("a.png.safetensors")
     assert Path(r1.image).parts[-2:] == ("sub", "b.jpg") and r1.masks is None

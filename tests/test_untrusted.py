@@ -299,15 +299,19 @@ def test_huge_png_without_rasterio_says_the_geo_extra_is_needed(tmp_path, monkey
 
 def test_geotiff_without_rasterio_says_the_geo_extra_is_needed(monkeypatch) -> None:
     from uhrbat.io import sources
-    from uhrbat.io.geo import tokens_geojson
+    from uhrbat.io.geo import map_ready, tokens_pixel_json
 
     tif = Path(__file__).resolve().parents[2] / "shared" / "assets" / "aerial" / "neon_osbs_400.tif"
     monkeypatch.setattr(sources, "rasterio_available", lambda: False)
     with pytest.warns(UserWarning, match=r"GeoTIFF, but rasterio is not installed.*uhrbat\[geo\]"):
         src = open_image(tif)
     assert src.georef is None and "uhrbat[geo]" in src.georef_note
-    gj = tokens_geojson([], src)
-    assert "uhrbat[geo]" in gj["coordinate_note"] and "has no georeference" not in gj["coordinate_note"]
+    doc = tokens_pixel_json([], src)
+    assert "uhrbat[geo]" in doc["coordinate_note"] and "has no georeference" not in doc["coordinate_note"]
+    from uhrbat.errors import NotGeoreferencedError
+
+    with pytest.raises(NotGeoreferencedError, match=r"uhrbat\[geo\]"):  # the reason, not a guess
+        map_ready(src)
 
 
 def test_untrusted_progressive_jpeg_above_the_limit_is_refused(tmp_path) -> None:
@@ -383,7 +387,7 @@ def test_prepare_sft_non_utf8_byte_is_one_bad_row_and_no_tmp_is_left(tmp_path) -
     (tmp_path / "d.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     rep = prepare_sft([tmp_path / "d.jsonl"], tmp_path / "out.jsonl", bad_rows=tmp_path / "bad.jsonl")
     assert rep.written == 2 and len(rep.bad) == 1 and "UTF-8" in rep.bad[0].reason
-    assert json.loads((tmp_path / "bad.jsonl").read_text())["row"] == "d.jsonl:1"
+    assert json.loads((tmp_path / "bad.jsonl").read_text())["row"] == "d.jsonl:2"  # the 2nd line, 1-based
     arr = b"[" + b",".join(lines) + b"]"
     (tmp_path / "d.json").write_bytes(arr)
     rep = prepare_sft([tmp_path / "d.json"], tmp_path / "out2.jsonl")

@@ -91,3 +91,47 @@ def test_hostile_files_work_or_fail_cleanly(tmp_path, loopback_server) -> None:
         f"\nfuzz: {dict(by)}; max peak {max(r['peak_mb'] for r in results):.0f} MB; "
         f"max time {max(r['seconds'] for r in results):.2f} s"
     )
+
+
+# ----------------------------------------------------------------------------- structured fuzz (issue 18)
+FUZZ_SEED = 18
+FUZZ_CASES = 1200
+
+
+def _check_fuzz(results: list[dict], cases: list) -> None:
+    from collections import Counter
+
+    bad = [r for r in results if r["status"] not in ("ok", "error")]
+    assert not bad, (
+        f"generic exceptions / crashes / hangs: {[(r['path'], r['status'], r['message'][:200]) for r in bad[:5]]}"
+    )
+    multi = [r for r in results if r["status"] == "error" and ("\n" in r["message"] or not r["message"].strip())]
+    assert not multi, multi[:3]
+    heavy = [r for r in results if r["peak_mb"] > PEAK_MB_BOUND]
+    assert not heavy, [(r["path"], round(r["peak_mb"])) for r in heavy]
+    by = Counter((family, r["status"]) for (_, family), r in zip(cases, results))
+    for family in {f for _, f in cases}:  # each family both opens and fails: the generator is not trivial
+        assert by[(family, "ok")] > 0 and by[(family, "error")] > 0, dict(by)
+    print(f"\nfuzz {len(results)}: {dict(by)}; max peak {max(r['peak_mb'] for r in results):.0f} MB")
+
+
+def test_structured_fuzz_sample(tmp_path) -> None:
+    """A deterministic sample (every 6th of the 1,200 cases) in the default run: each file opens
+    (square + georeference outputs as strict JSON) or raises a typed one-line error."""
+    from untrusted_corpus import make_fuzz_cases
+
+    cases = make_fuzz_cases(tmp_path / "fuzz", seed=FUZZ_SEED, n=FUZZ_CASES)[::6]
+    results = run_worker([(p, "untrusted") for p, _ in cases], timeout=TIMEOUT_S)
+    assert len(results) == len(cases) == 200
+    _check_fuzz(results, cases)
+
+
+@pytest.mark.slow
+def test_structured_fuzz_full(tmp_path) -> None:
+    """All 1,200 generated cases (benchmarks/untrusted_fuzz.py prints the same run as a table)."""
+    from untrusted_corpus import make_fuzz_cases
+
+    cases = make_fuzz_cases(tmp_path / "fuzz", seed=FUZZ_SEED, n=FUZZ_CASES)
+    results = run_worker([(p, "untrusted") for p, _ in cases], timeout=TIMEOUT_S)
+    assert len(results) == len(cases) == FUZZ_CASES
+    _check_fuzz(results, cases)

@@ -124,6 +124,17 @@ def vrt_source(target: str, w: int = 64, h: int = 64) -> bytes:
     ).encode()
 
 
+def small_geotiff(path: Path, rng: np.random.Generator, dtype: str, *, overviews=(), **profile) -> Path:
+    """A 48 x 40 3-band random GeoTIFF (`profile`: crs, transform, tiling, compression ...)."""
+    import rasterio
+
+    with rasterio.open(path, "w", driver="GTiff", width=48, height=40, count=3, dtype=dtype, **profile) as ds:
+        ds.write(rng.integers(0, 255, (3, 40, 48)).astype(dtype))
+        if overviews:
+            ds.build_overviews(list(overviews))
+    return path
+
+
 # ----------------------------------------------------------------------------- corpus
 def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 18) -> list[tuple[Path, tuple]]:
     """~300 hostile files under `root`. `url`: a loopback URL that must never be fetched;
@@ -151,7 +162,6 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
         "cmyk.tif": _save(Image.new("CMYK", (30, 20), (0, 200, 230, 20)), "TIFF"),
     }
     try:
-        import rasterio
         from rasterio.transform import from_origin
 
         for name, kw in (
@@ -160,19 +170,9 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
             ("f32.tif", {}),
         ):
             dtype = "float32" if name == "f32.tif" else "uint8"
-            with rasterio.open(
-                root / name,
-                "w",
-                driver="GTiff",
-                width=48,
-                height=40,
-                count=3,
-                dtype=dtype,
-                crs="EPSG:32633",
-                transform=from_origin(500000, 6000000, 10, 10),
-                **kw,
-            ) as ds:
-                ds.write(rng.integers(0, 255, (3, 40, 48)).astype(dtype))
+            small_geotiff(
+                root / name, rng, dtype, crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10), **kw
+            )
             bases[name] = (root / name).read_bytes()
     except ImportError:
         pass
@@ -258,6 +258,242 @@ def make_corpus(root: Path, seed: int, url: str, secret: Path, n_mutants: int = 
     return items
 
 
+# ----------------------------------------------------------------------------- structured fuzz
+_TIFF_TYPES = {1: "B", 2: "B", 3: "H", 4: "I", 5: "II", 7: "B", 11: "f", 12: "d", 16: "Q"}
+
+
+def tiff_bytes(entries: list[tuple[int, int, list]], data: bytes = b"", *, big: bool = False) -> bytes:
+    """A little-endian TIFF (or BigTIFF) with one IFD of `entries` `(tag, type, values)`, values
+    stored inline or after the IFD, then `data` (strip / tile offsets are the caller's: often
+    deliberately wrong)."""
+    n = len(entries)
+    head, entry, cnt_fmt, off_fmt, inline = (16, 20, "Q", "Q", 8) if big else (8, 12, "I", "I", 4)
+    ifd_size = (8 if big else 2) + n * entry + (8 if big else 4)
+    extra = bytearray()
+    body = bytearray()
+    out_of_line_base = head + ifd_size
+    packed = []
+    for tag, typ, values in sorted(entries, key=lambda e: e[0]):
+        fmt = _TIFF_TYPES.get(typ, "B")
+        vals = [v if isinstance(v, tuple) else (v, 1) if fmt == "II" else (v,) for v in values]
+        raw = b"".join(struct.pack("<" + fmt, *v) for v in vals)
+        packed.append((tag, typ, len(values), raw))
+    for tag, typ, count, raw in packed:
+        if len(raw) <= inline:
+            val = raw.ljust(inline, b"\x00")
+        else:
+            val = struct.pack("<" + off_fmt, out_of_line_base + len(extra))
+            extra += raw + (b"\x00" if len(raw) & 1 else b"")
+        body += struct.pack("<HH" + cnt_fmt, tag, typ, count) + val
+    magic = b"II+\x00" + struct.pack("<HHQ", 8, 0, head) if big else b"II*\x00" + struct.pack("<I", head)
+    ifd = struct.pack("<" + ("Q" if big else "H"), n) + bytes(body) + struct.pack("<" + off_fmt, 0)
+    return magic + ifd + bytes(extra) + data
+
+
+def _fuzz_tiff(rng: np.random.Generator) -> bytes:
+    """A small TIFF whose every structural tag may be valid, odd or hostile (incl. GeoTIFF tags)."""
+
+    def pick(options: list, p_random: float = 0.15, hi: int = 1 << 32) -> int:
+        return int(rng.integers(0, hi)) if rng.random() < p_random else options[int(rng.integers(len(options)))]
+
+    w = pick([1, 2, 7, 64, 100, 257, 40000, 1 << 20], hi=1 << 31)
+    h = pick([1, 3, 64, 100, 1_000_000, 1 << 24], hi=1 << 31)
+    spp = pick([1, 1, 3, 3, 4, 2, 5, 0, 65535], hi=1 << 16)
+    bps = pick([8, 8, 16, 1, 4, 32, 64, 12, 0], hi=1 << 16)
+    comp = pick([1, 1, 5, 8, 32773, 7, 6, 34887, 50000, 0])
+    photo = pick([1, 2, 0, 3, 5, 6, 4, 32844])
+    planar = pick([1, 1, 2, 3])
+    fmt = pick([1, 1, 2, 3, 4])
+    data = bytes(rng.integers(0, 256, int(rng.integers(0, 2048)), dtype=np.uint8))
+    tiled = rng.random() < 0.3
+    n_blocks = pick([1, 1, 2, 4, 0, 100], p_random=0.05, hi=5000)
+    offs = [pick([-1, 0, 8, 3, 1 << 30], p_random=0.3, hi=4096) for _ in range(n_blocks)]
+    base = 400  # roughly after the IFD; -1 -> "at the data"
+    offs = [base if o == -1 else o for o in offs]
+    counts = [pick([len(data), 0, 64, w * h, 1 << 31], p_random=0.3) for _ in range(n_blocks)]
+    entries = [
+        (256, 4, [w & 0xFFFFFFFF]),
+        (257, 4, [h & 0xFFFFFFFF]),
+        (258, 3, [bps & 0xFFFF] * max(1, min(spp, 8))),
+        (259, 3, [comp & 0xFFFF]),
+        (262, 3, [photo & 0xFFFF]),
+        (277, 3, [spp & 0xFFFF]),
+        (284, 3, [planar & 0xFFFF]),
+        (339, 3, [fmt & 0xFFFF] * max(1, min(spp, 8))),
+    ]
+    if tiled:
+        tw = pick([16, 256, 512, 0, 17, 1 << 16], hi=1 << 20)
+        entries += [(322, 4, [tw]), (323, 4, [pick([16, 256, 0, 1 << 16], hi=1 << 20)])]
+        entries += [(324, 4, [o & 0xFFFFFFFF for o in offs]), (325, 4, [c & 0xFFFFFFFF for c in counts])]
+    else:
+        entries += [(278, 4, [pick([1, h, 16, 0, 1 << 31], hi=1 << 32) & 0xFFFFFFFF])]
+        entries += [(273, 4, [o & 0xFFFFFFFF for o in offs]), (279, 4, [c & 0xFFFFFFFF for c in counts])]
+    if photo == 3 or rng.random() < 0.1:  # a colour map, maybe of the wrong length
+        entries.append((320, 3, [int(v) for v in rng.integers(0, 65536, pick([768, 3, 0, 48], hi=2000))] or [0]))
+    if rng.random() < 0.5:  # GeoTIFF: scale / tiepoint / matrix / keys, some non-finite
+        special = [float("nan"), float("inf"), -float("inf"), 0.0, 1e308, -1e-308]
+
+        def dbl() -> float:
+            return special[int(rng.integers(len(special)))] if rng.random() < 0.4 else float(rng.normal(0, 1e5))
+
+        entries.append((33550, 12, [dbl(), dbl(), 0.0]))
+        entries.append((33922, 12, [0.0, 0.0, 0.0, dbl(), dbl(), 0.0]))
+        if rng.random() < 0.3:
+            entries.append((34264, 12, [dbl() for _ in range(16)]))
+        crs = pick([32617, 4326, 3857, 32767, 0, 65535, 2000, 9999])
+        keys = [1, 1, 0, 3, 1024, 0, 1, pick([1, 2, 3, 32767]), 3072, 0, 1, crs, 2048, 0, 1, crs]
+        entries.append((34735, 3, [k & 0xFFFF for k in keys]))
+    if rng.random() < 0.15:  # duplicate or unknown tags
+        entries.append((int(rng.integers(256, 65535)), int(rng.choice([1, 3, 4, 5, 11, 12, 16, 99])), [1]))
+    big = rng.random() < 0.15
+    if rng.random() < 0.5:  # consistent layout: one strip holding exactly its bytes, so decoders run
+        w, h, spp = int(rng.integers(1, 65)), int(rng.integers(1, 65)), int(rng.choice([1, 3, 4]))
+        bps = int(rng.choice([8, 8, 16, 32, 1, 4]))
+        comp = int(rng.choice([1, 1, 8, 5, 32773]))
+        raw = bytes(rng.integers(0, 256, (w * spp * bps + 7) // 8 * h, dtype=np.uint8))
+        data = zlib.compress(raw) if comp == 8 else raw if comp == 1 else raw[: int(rng.integers(1, len(raw) + 1))]
+        keep = {256: [w], 257: [h], 258: [bps] * spp, 259: [comp], 277: [spp], 278: [h], 284: [1]}
+        entries = [e for e in entries if e[0] not in keep and e[0] not in (273, 279, 322, 323, 324, 325)]
+        entries += [(t, 4 if t in (256, 257, 278) else 3, v) for t, v in keep.items()]
+        entries += [(273, 4, [0]), (279, 4, [len(data)])]
+        entries = [(t, ty if ty in _TIFF_TYPES else 1, v) for t, ty, v in entries]
+        head = tiff_bytes(entries, b"", big=big)
+        entries = [(t, ty, [len(head)] if t == 273 else v) for t, ty, v in entries]
+        return tiff_bytes(entries, data, big=big)
+    rng.shuffle(entries)
+    return tiff_bytes([(t, ty if ty in _TIFF_TYPES else 1, v) for t, ty, v in entries], data, big=big)
+
+
+def _fuzz_png(rng: np.random.Generator) -> bytes:
+    """A PNG with a random IHDR (depth / colour type combinations, sizes, interlace), optional
+    PLTE / tRNS / eXIf chunks, zlib or raw IDAT, and broken CRCs or lengths now and then."""
+    consistent = rng.random() < 0.5  # a valid header and exact rows: the decoders run to the end
+    if consistent:
+        color, depth = [(0, 1), (0, 8), (0, 16), (2, 8), (2, 16), (3, 8), (3, 4), (4, 8), (4, 16), (6, 8), (6, 16)][
+            int(rng.integers(11))
+        ]
+        w, h, interlace = int(rng.integers(1, 200)), int(rng.integers(1, 200)), 0
+    else:
+        w = int(rng.choice([1, 2, 3, 17, 64, 255, 1 << 16, 1 << 31, 0]))
+        h = int(rng.choice([1, 2, 5, 64, 300, 100_000, 1 << 31, 0]))
+        depth = int(rng.choice([1, 2, 4, 8, 8, 16, 3, 0]))
+        color = int(rng.choice([0, 2, 3, 4, 6, 6, 1, 5]))
+        interlace = int(rng.choice([0, 0, 1, 2]))
+    ihdr = struct.pack(
+        ">IIBBBBB", w & 0xFFFFFFFF, h & 0xFFFFFFFF, depth, color, 0, int(rng.choice([0, 0, 1])), interlace
+    )
+    chunks = [_chunk(b"IHDR", ihdr)]
+    if color == 3 or rng.random() < 0.1:
+        chunks.append(
+            _chunk(b"PLTE", bytes(rng.integers(0, 256, 3 * int(rng.choice([1, 16, 256, 300])), dtype=np.uint8)))
+        )
+    if rng.random() < 0.2:
+        chunks.append(_chunk(b"tRNS", bytes(rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8))))
+    if rng.random() < 0.2:
+        chunks.append(
+            _chunk(b"eXIf", b"II*\x00" + bytes(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8)))
+        )
+    if consistent:
+        ch = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color]
+        rows, row_len = h, (w * ch * depth + 7) // 8 + 1
+        raw = bytearray(rng.integers(0, 256, rows * row_len, dtype=np.uint8).tobytes())
+        raw[::row_len] = bytes(rng.integers(0, 5, rows, dtype=np.uint8))  # valid filter types
+        raw = bytes(raw)
+    else:
+        rows = min(max(h, 1), 64)
+        row_len = min(max(1, (min(max(w, 1), 4096) * max(depth, 1) * 4 + 7) // 8) + 1, 1 << 14)
+        raw = (
+            bytes(rng.integers(0, 256, rows * row_len, dtype=np.uint8)) if rng.random() < 0.5 else bytes(rows * row_len)
+        )
+    payload = zlib.compress(raw) if consistent or rng.random() < 0.8 else raw
+    if not consistent and rng.random() < 0.2:
+        payload = payload[: int(rng.integers(0, max(1, len(payload))))]
+    chunks.append(_chunk(b"IDAT", payload))
+    if consistent or rng.random() < 0.85:
+        chunks.append(_chunk(b"IEND", b""))
+    out = bytearray(b"\x89PNG\r\n\x1a\n" + b"".join(chunks))
+    for _ in range(0 if consistent else int(rng.choice([0, 0, 1, 3]))):  # break a CRC or a length
+        pos = int(rng.integers(8, len(out)))
+        out[pos] ^= 1 << int(rng.integers(0, 8))
+    return bytes(out)
+
+
+def _fuzz_jpeg(rng: np.random.Generator, base: bytes, progressive: bytes) -> bytes:
+    """A JPEG with a lying frame size, damaged tables / scan data, or a truncated scan."""
+    data = bytearray(progressive if rng.random() < 0.3 else base)
+    if rng.random() < 0.5:
+        data = bytearray(
+            jpeg_with_size(
+                bytes(data), int(rng.choice([1, 7, 65535, 30000, 0])), int(rng.choice([1, 9, 65535, 20000, 0]))
+            )
+        )
+    kind = rng.random()
+    if kind < 0.4:  # damage inside the first 600 bytes (quantisation / Huffman tables, frame header)
+        for _ in range(int(rng.integers(1, 6))):
+            pos = int(rng.integers(2, min(len(data), 600)))
+            data[pos] = int(rng.integers(0, 256))
+    elif kind < 0.7:
+        data = data[: int(rng.integers(2, len(data)))]
+    else:
+        pos = int(rng.integers(2, len(data)))
+        data[pos:pos] = (
+            b"\xff"
+            + bytes([int(rng.choice([0xC0, 0xC2, 0xC4, 0xDB, 0xDA, 0xD9, 0xE1, 0xDD]))])
+            + bytes(rng.integers(0, 256, int(rng.integers(0, 40)), dtype=np.uint8))
+        )
+    return bytes(data)
+
+
+def make_fuzz_cases(root: Path, seed: int, n: int = 1200) -> list[tuple[Path, str]]:
+    """`n` generated hostile files under `root` (deterministic for a `seed`), as `(path, family)`:
+    structured TIFF / GeoTIFF tag fuzz, PNG header / chunk fuzz, JPEG marker / size fuzz, and
+    byte-level mutants of real GeoTIFFs (tiled, striped, float, with overviews). Every one must
+    open or raise a typed error through the untrusted reader (tests/test_untrusted_fuzz.py,
+    benchmarks/untrusted_fuzz.py)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    base_jpg = _save(_noise(96, 64, rng), "JPEG", quality=85)
+    prog_jpg = _save(_noise(96, 64, rng), "JPEG", quality=85, progressive=True)
+    geo_bases: list[bytes] = []
+    try:
+        from rasterio.transform import from_origin
+
+        for i, (dtype, kw) in enumerate(
+            (
+                ("uint8", {"tiled": True, "blockxsize": 16, "blockysize": 16, "compress": "deflate"}),
+                ("uint16", {"compress": "lzw"}),
+                ("float32", {"tiled": True, "blockxsize": 32, "blockysize": 32}),
+                ("uint8", {"nodata": 0}),
+            )
+        ):
+            p = root / f"_base{i}.tif"
+            tr = from_origin(404000, 3290000, 0.5, 0.5)
+            small_geotiff(p, rng, dtype, crs="EPSG:32617", transform=tr, overviews=(2, 4) if i == 0 else (), **kw)
+            geo_bases.append(p.read_bytes())
+            p.unlink()
+    except ImportError:
+        pass
+    cases = []
+    for i in range(n):
+        family = ["tiff", "png", "jpeg", "geotiff"][i % 4] if geo_bases else ["tiff", "png", "jpeg"][i % 3]
+        if family == "tiff":
+            data, ext = _fuzz_tiff(rng), ".tif"
+        elif family == "png":
+            data, ext = _fuzz_png(rng), ".png"
+        elif family == "jpeg":
+            data, ext = _fuzz_jpeg(rng, base_jpg, prog_jpg), ".jpg"
+        else:
+            b = bytearray(geo_bases[i // 4 % len(geo_bases)])
+            for _ in range(int(rng.integers(1, 10))):  # the header / IFDs / GeoTIFF tags: the first ~1 KB
+                pos = int(rng.integers(0, min(len(b), 1200)))
+                b[pos] = int(rng.integers(0, 256)) if rng.random() < 0.5 else b[pos] ^ (1 << int(rng.integers(0, 8)))
+            data, ext = bytes(b), ".tif"
+        p = root / f"f{i:05d}_{family}{ext}"
+        p.write_bytes(data)
+        cases.append((p, family))
+    return cases
+
+
 # ----------------------------------------------------------------------------- worker
 _WORKER = r"""
 import importlib.util, json, os, signal, sys, time, types
@@ -265,8 +501,14 @@ import importlib.util, json, os, signal, sys, time, types
 _pkg = types.ModuleType("uhrbat")
 _pkg.__path__ = list(importlib.util.find_spec("uhrbat").submodule_search_locations)
 sys.modules["uhrbat"] = _pkg
-from uhrbat.errors import ImageLoadError
+from uhrbat.errors import UhrBatError
 from uhrbat.io import open_image
+from uhrbat.io.geo import kept_tokens_document, tokens_with_boxes
+
+class _Tok:  # a kept token at the square's centre tile, for the georeference outputs
+    scale, tile, row, col, group, score, merged, members = 672, 0, 23, 23, 0, 0.5, False, []
+    def to_dict(self):
+        return {"scale": 672}
 try:  # load GDAL, register its drivers and import the raster reader once, before forking
     import rasterio
     import uhrbat.io.raster
@@ -296,8 +538,11 @@ for line in sys.stdin:
             src = open_image(path, trust=trust)
             for side in sides:
                 src.square(side)
+            # Georeference outputs (issue 18 items 1 and 6): typed errors or strict JSON only.
+            doc, _ = kept_tokens_document([_Tok()], src)
+            json.dumps([doc, tokens_with_boxes([_Tok()], src)], allow_nan=False)
             res = {"status": "ok", "message": ""}
-        except ImageLoadError as e:
+        except UhrBatError as e:
             res = {"status": "error", "message": str(e)}
         except BaseException as e:
             res = {"status": "crash", "message": f"{type(e).__name__}: {e}"}

@@ -4,23 +4,31 @@
 (instead of a later, unrelated failure such as "pin_memory=True requires a CUDA ... backend"),
 and the same for a CUDA index that does not exist, Apple `mps` and Intel `xpu`. Every entry that
 puts a model on a device (`uhrbat.modeling.loading.load`, training, evaluation) goes through it.
+
+Importing this module is cheap (torch is imported by the functions that need it): `import
+uhrbat` installs `quiet_deepspeed_cpu_notice` before anything can import DeepSpeed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from uhrbat.errors import ConfigError
 
-__all__ = ["cuda_unavailable_reason", "resolve_device"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["cuda_unavailable_reason", "quiet_deepspeed_cpu_notice", "resolve_device"]
 
 _KNOWN = ("cpu", "cuda", "mps", "xpu")
 
 
 def cuda_unavailable_reason() -> str | None:
     """Why CUDA cannot be used here (a short phrase), or None when it can."""
+    import torch
+
     if torch.cuda.is_available():
         return None
     if torch.version.cuda is None:
@@ -40,6 +48,8 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
     Raises:
         ConfigError: the name is not a device, or the device is not available on this machine.
     """
+    import torch
+
     if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(name).strip()
@@ -66,3 +76,27 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
         if dev.index is not None and dev.index >= xpu.device_count():
             raise ConfigError(f"--device {text}: this machine has {xpu.device_count()} XPU device(s)")
     return dev
+
+
+# DeepSpeed's logger (created when `deepspeed` is first imported; a filter set before then stays).
+_DEEPSPEED_LOGGER = "DeepSpeed"
+_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+class _DeepSpeedCpuNotice(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU. If you have GPU ..." warning when this
+    machine really has no CUDA device (then it is noise on every CPU run: DeepSpeed is imported
+    by accelerate's `save_pretrained` path and the Trainer whenever it is installed). With a
+    CUDA device visible the warning means DeepSpeed missed it, and it passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(_CPU_NOTICE):
+            return True
+        return cuda_unavailable_reason() is None
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Install the filter on DeepSpeed's logger (idempotent; does not import DeepSpeed)."""
+    logger = logging.getLogger(_DEEPSPEED_LOGGER)
+    if not any(isinstance(f, _DeepSpeedCpuNotice) for f in logger.filters):
+        logger.addFilter(_DeepSpeedCpuNotice())

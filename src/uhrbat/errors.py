@@ -44,6 +44,11 @@ class RunLockedError(UhrBatError):
     """An output directory is in use by another run (an advisory lock is held on it)."""
 
 
+class RunFileError(UhrBatError):
+    """A file of an `eval` / `batch` run folder is corrupt or in the way (the message names the
+    file, the line and the fix; such files are never rewritten or skipped silently)."""
+
+
 class BatchInputError(UhrBatError, ValueError):
     """A `uhrbat batch` input list is malformed (unreadable file, missing column, duplicate ids, ...)."""
 
@@ -58,3 +63,20 @@ class ServerBusyError(UhrBatError):
 
 class DecodeBusyError(UhrBatError):
     """Every `uhrbat.io.decode_section()` slot stayed busy past the caller's timeout."""
+
+
+class GeoError(UhrBatError, ValueError):
+    """Map coordinates cannot be produced for an image: no (usable) georeference, or a CRS that
+    cannot be transformed. Raised by `uhrbat.io.geo`; callers turn it into one error row / 400."""
+
+
+class NotGeoreferencedError(GeoError):
+    """Map output (GeoJSON, GeoTIFF, world file) asked for an image without a georeference."""
+
+
+class GeoTransformError(GeoError):
+    """The image's CRS cannot be transformed to the one asked for (e.g. WGS84)."""
+
+
+class RegionError(UhrBatError, ValueError):
+    """A region (pixels, map coordinates or GeoJSON) is malformed or does not fit the image."""

@@ -48,7 +48,11 @@ class AskResult:
     load/tiles/encode are 0 when the scene was reused). `image_size` is the original
     (width, height); `relevance` (optional) maps scale -> `[tiles, 24, 24]` float tensor.
     `cache` says where the scene's features came from: "off" (no scene cache), "miss"
-    (computed now), "hit" (memory, or prepared earlier in the same call), "disk".
+    (computed now), "hit" (memory, or prepared earlier in the same call), "disk"; `reuse` says it
+    per stage: `{"features": ..., "groups": ...}` (groups only for selectors with a grouping
+    step, e.g. K-Means: "miss" when it ran for this question although the features were reused).
+    `tiles` maps scale -> `{"encoded": tiles encoded for this question, "held": tiles the scene
+    holds now, "total": tiles of the scale}` (with `encode="gated"` "held" can be below "total").
     `prompt_tokens` counts the prompt the LLM read (visual tokens included),
     `completion_tokens` the generated tokens (end-of-sequence included when emitted).
     """
@@ -63,6 +67,8 @@ class AskResult:
     relevance: dict[int, Any] | None = None
     timings_detail: dict[str, float] = field(default_factory=dict)  # sub-stages, e.g. "group" (K-Means) within "select"
     cache: str = "off"
+    reuse: dict[str, str] = field(default_factory=dict)
+    tiles: dict[int, dict[str, int]] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -74,6 +80,8 @@ class AskResult:
             "scales": list(self.scales),
             "timings": dict(self.timings),
             "cache": self.cache,
+            "reuse": dict(self.reuse),
+            "tiles": {str(s): dict(v) for s, v in self.tiles.items()},
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }

@@ -1,30 +1,58 @@
-"""Run-directory files shared by `uhrbat eval` and `uhrbat batch`.
+"""Run-directory files shared by `uhrbat eval` and `uhrbat batch`, and their one corruption policy.
 
 * `RunLock(out_dir, what)` — an advisory `fcntl.flock` on `out_dir/.lock`, so two runs never
   write into the same directory at once. The lock file records who holds it (pid, command,
   start time) so the second run can say so. The kernel drops the lock when the holder dies,
   so a killed run never leaves a stale lock behind.
 * `JsonlAppender(path)` — append-only JSONL: one `os.write` of a whole line per row on an
-  `O_APPEND` descriptor, then fsync, so concurrent readers never see half a row except a torn
-  last line after a kill.
-* `read_jsonl(path) -> (rows, n_torn)` — every well-formed object row; a torn last line (no
-  trailing newline, or not valid JSON) is dropped and counted, never fatal.
+  `O_APPEND` descriptor, then fsync, so a kill can only leave a torn *last* line.
+* `RowFile(path)` — reads such a file back under the corruption policy below.
+* `check_run_settings(out, settings)` — `run.json`: the settings the rows were made with.
+* `atomic_write(path, data)` — the one atomic file write (temporary file, fsync, rename).
+* `RowProgress` — the progress bar of a run over rows (true average rate and ETA).
+* `read_jsonl(path)` — a *tolerant* reader for files we did not write (`uhrbat score`).
+
+**Corruption policy** (eval and batch alike): a run file is refused, never rewritten and never
+silently skipped. The error names the file, the line and the fix. The only damage a run itself
+can cause is a torn last line (a write cut by a kill): it is cut off with a printed note and its
+question runs again. Anything else (a line that is not a JSON object with an `id`, an id that
+repeats a row that was not an error, a garbage `run.json`, a directory where a file belongs) can
+only come from a hand edit, another program or a disk fault, so uhrbat stops and says which line
+to delete (or which file to move away). A repeated id is normal only when it retries an error row
+(`--retry-errors`): the later row wins.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
+import shlex
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from uhrbat.errors import RunLockedError
+from uhrbat.errors import ConfigError, RunFileError, RunLockedError
 
-__all__ = ["RunLock", "JsonlAppender", "read_jsonl", "progress_bar", "LOCK_NAME"]
+__all__ = [
+    "LOCK_NAME",
+    "RUN_JSON",
+    "JsonlAppender",
+    "RowFile",
+    "RowProgress",
+    "RunLock",
+    "atomic_write",
+    "check_run_settings",
+    "read_jsonl",
+    "refuse_directories",
+]
 
 LOCK_NAME = ".lock"
+RUN_JSON = "run.json"
 
 try:  # POSIX only; on Windows the lock is a no-op with the same interface
     import fcntl
@@ -32,6 +60,7 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 
+# ---------------------------------------------------------------------------------------- lock
 class RunLock:
     """Advisory exclusive lock on a run directory (context manager).
 
@@ -47,7 +76,12 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise RunFileError(
+                f"--out {self.out_dir} is a file, not a folder; give a folder (new or from this kind of run)"
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        refuse_directories(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
             try:
@@ -94,19 +128,187 @@ def _holder(fd: int) -> str:
         return "another process (holder unknown)"
 
 
+# ---------------------------------------------------------------------------------------- atomic write
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (threads may be running)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(old)
+    return old
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[str], Any], *, encoding: str = "utf-8") -> Path:
+    """Write `path` so that readers see the old file or the whole new one, never half of it.
+
+    data: text, bytes, or a function that writes the file at the temporary path it is given
+    (e.g. `lambda tmp: pq.write_table(table, tmp)` or safetensors' `save_file`). The data goes
+    to a temporary file beside `path`, is flushed to disk (fsync) and renamed over `path`; the
+    folder is fsynced so the rename survives a power cut. The file gets the usual permissions of
+    a new file (0666 minus the umask), not the private 0600 of the temporary file. A failure
+    leaves `path` as it was and no temporary file behind.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file; move it away", str(p))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        if callable(data):
+            os.close(fd)
+            fd = -1
+            data(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+        else:
+            raw = data.encode(encoding) if isinstance(data, str) else bytes(data)
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+        os.replace(tmp, p)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(p.parent)
+    return p
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. a platform without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def refuse_directories(*paths: str | os.PathLike) -> None:
+    """`RunFileError` when a path where the run writes a file is a directory (checked up front,
+    so the run does not fail after hours of work when it writes its report)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise RunFileError(
+                f"{p} is a directory, but the run writes a file there; move it away (or use another --out)"
+            )
+
+
+# ---------------------------------------------------------------------------------------- rows
+def _delete_hint(path: Path, line: int) -> str:
+    return f"sed -i '{line}d' {shlex.quote(str(path))}"
+
+
+class RowFile:
+    """An append-only JSONL run file of rows keyed by `id`, read under the corruption policy.
+
+    `rows()` yields `(line number, row)` for every whole line, in file order, and raises
+    `RunFileError` naming the file, the line and the fix for a line that is not a JSON object
+    with an id, or for an id that repeats a row that was not an error. After iterating:
+    `torn_bytes` is the size of a torn last line (0 if none; it is not yielded), `superseded`
+    counts rows replaced by a later row of the same id (retried errors).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.torn_bytes = 0
+        self.superseded = 0
+
+    def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        path = self.path
+        refuse_directories(path)
+        self.torn_bytes = self.superseded = 0
+        seen: dict[str, tuple[int, bool]] = {}  # id -> (line, was an error row)
+        try:
+            f = path.open("rb")
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise RunFileError(
+                f"{path}: cannot read it ({e.strerror or e}); fix its permissions or use another --out"
+            ) from None
+        with f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith(b"\n"):  # the last line of a write cut by a kill
+                    self.torn_bytes = len(line)
+                    return
+                if not line.strip():
+                    continue
+                row = self._parse(line, n)
+                rid = str(row["id"])
+                is_error = bool(row.get("error"))
+                if rid in seen:
+                    first, was_error = seen[rid]
+                    if not was_error:
+                        raise RunFileError(
+                            f"{path}:{n}: id {rid!r} again, already answered on line {first}; uhrbat repeats an id "
+                            "only to retry an error row, so one of the two lines comes from a hand edit or another "
+                            f"program: delete the one you do not want (e.g. {_delete_hint(path, n)}) and rerun"
+                        )
+                    self.superseded += 1
+                seen[rid] = (n, is_error)
+                yield n, row
+
+    def _parse(self, line: bytes, n: int) -> dict[str, Any]:
+        problem = None
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            problem = f"not valid JSON ({e})"
+        else:
+            if not isinstance(row, dict):
+                problem = f"a JSON {type(row).__name__}, not a row object"
+            elif not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool):
+                problem = "a row without an id"
+        if problem is None:
+            return row
+        raise RunFileError(
+            f"{self.path}:{n}: {problem}; uhrbat only appends whole rows, so this line comes from a hand edit, "
+            f"another program or a disk fault: delete it (e.g. {_delete_hint(self.path, n)}) and rerun, which "
+            "answers its question again"
+        )
+
+    def torn_note(self) -> str | None:
+        """The line to print when a torn last line was found (it is cut before the next append)."""
+        if not self.torn_bytes:
+            return None
+        return (
+            f"{self.path}: cut a torn last line ({self.torn_bytes} bytes, no newline) left by an interrupted "
+            "write; its question runs again"
+        )
+
+
 class JsonlAppender:
     """Append JSON rows to a file, one durable line per row.
 
     Each row is serialised first and written with a single `write` on an `O_APPEND`
     descriptor, then flushed to disk (`fsync`), so a crash loses at most the row being
-    written and readers using `read_jsonl` drop it as torn.
-    A torn last line already in the file (from a killed writer) is cut before the first append,
-    so new rows never glue onto it.
+    written and readers drop it as torn. A torn last line already in the file (from a killed
+    writer; see `RowFile.torn_note`) is cut before the first append, so new rows never glue onto it.
     """
 
     def __init__(self, path: str | os.PathLike, *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        refuse_directories(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         self._cut_torn_tail()
@@ -155,12 +357,12 @@ class JsonlAppender:
 
 
 def read_jsonl(path: str | os.PathLike, problems: list[str] | None = None) -> tuple[list[dict[str, Any]], int]:
-    """(rows, n_torn): the JSON objects of a JSONL file, in file order.
+    """(rows, n_skipped): the JSON objects of a JSONL file *we did not write*, in file order.
 
-    A missing file gives `([], 0)`. A last line without its newline is torn (a write cut by a
-    kill) and is dropped; so is any line that is not a JSON object (counted in `n_torn`) —
-    appenders only ever write whole lines, so such a line can only come from a crash or a
-    hand edit. `problems`, when given, receives one "line N: ..." note per dropped line.
+    Tolerant, for user files such as `uhrbat score --predictions` (run files go through
+    `RowFile`): a missing file gives `([], 0)`; a torn last line and any line that is not a JSON
+    object are skipped and counted; `problems`, when given, receives one "line N: ..." note per
+    skipped line.
     """
     p = Path(path)
     try:
@@ -190,34 +392,153 @@ def read_jsonl(path: str | os.PathLike, problems: list[str] | None = None) -> tu
     return rows, len(found)
 
 
-def progress_bar(enabled: bool, unit: str = "rows"):
-    """A rich progress bar on stderr for a run over many rows: done/total, rate, elapsed time and ETA."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+# ---------------------------------------------------------------------------------------- run.json
+def check_run_settings(
+    out: str | os.PathLike,
+    settings: dict[str, Any],
+    *,
+    what: str,
+    write: bool = True,
+    normalise: Mapping[str, Callable[[Any], Any]] | None = None,
+) -> None:
+    """Compare `settings` with `out/run.json` (the settings its rows were made with), or write it.
 
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:  # type: ignore[override]
-            return Text(f"?  {unit}/s" if not task.speed else f"{task.speed:.2f} {unit}/s")
+    A rerun with other settings is refused (`ConfigError` naming the first difference); a
+    `run.json` that cannot be read is refused (`RunFileError`), never rewritten — rewriting it
+    would let rows made with other settings pass as this run's. `normalise` maps a key to a
+    function applied to both values before comparing (e.g. a model folder given two ways).
+    `write=False`: compare only (ranks other than 0 of a sharded eval).
+    """
+    out = Path(out)
+    path = out / RUN_JSON
+    refuse_directories(path)
+    settings = json.loads(json.dumps(settings, default=str))
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as e:
+            raise RunFileError(
+                f"{path} is unreadable or corrupt ({e}); it records the settings the rows in {out} were made with, "
+                "so it is never rewritten: restore it, or move it away to start afresh in that folder (its rows "
+                "are then taken as made with the new settings), or use another --out"
+            ) from None
+        norm = dict(normalise or {})
+        for k in [*settings, *(k for k in old if k not in settings)]:
+            a, b = old.get(k), settings.get(k)
+            if k in norm and a is not None and b is not None:
+                a, b = norm[k](a), norm[k](b)
+            if a != b:
+                raise ConfigError(
+                    f"{out} holds a {what} run with different settings ({k}: {old.get(k)!r} != {settings.get(k)!r}); "
+                    "rerun with the same options or use another --out"
+                )
+        return
+    if write:
+        atomic_write(path, json.dumps(settings, indent=2) + "\n")
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TextColumn("elapsed"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
+
+# ---------------------------------------------------------------------------------------- progress
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class RowProgress:
+    """The progress bar of a run over rows, on stderr (a context manager).
+
+    Shows done/total, the **average** rate of this run (rows written by this run divided by the
+    seconds since the work started: `start_clock()` is called once the model is loaded) and the
+    ETA from that rate. Rich's own speed column averages over a short window and swings wildly
+    when rows come in bursts (a batch of questions, a scene's questions at once). Rows done by an
+    earlier run (`done`) count toward done/total, not toward the rate.
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        description: str,
+        total: int,
+        *,
+        done: int = 0,
+        unit: str = "rows",
+        get_time: Callable[[], float] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.description = description
+        self.total = total
+        self.done_before = done
+        self.unit = unit
+        self._get_time = get_time or time.monotonic
+        self._progress: Any = None
+        self._task: Any = None
+        self.clock_start = self._get_time()
+        self.completed = done
+
+    def rate(self, now: float | None = None) -> float:
+        """Rows per second written by this run since `start_clock` (0.0 before any)."""
+        now = self._get_time() if now is None else now
+        span = now - self.clock_start
+        new = self.completed - self.done_before
+        return new / span if span > 0 and new > 0 else 0.0
+
+    def eta(self, now: float | None = None) -> float | None:
+        left = max(0, self.total - self.completed)
+        if left == 0:
+            return 0.0
+        r = self.rate(now)
+        return left / r if r > 0 else None
+
+    def status(self) -> str:
+        """'12/40 rows, 0.21 rows/s, ETA 0:02:13' (what the bar's rate and ETA columns show)."""
+        return f"{self.completed}/{self.total} {self.unit}, {self.rate():.2f} {self.unit}/s, ETA {_clock(self.eta())}"
+
+    def start_clock(self) -> None:
+        """The work starts now (e.g. the model has loaded): the rate counts from here."""
+        self.clock_start = self._get_time()
+        self.done_before = self.completed
+
+    def advance(self, n: int = 1) -> None:
+        self.completed += n
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def __enter__(self) -> RowProgress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        bar = self
+
+        class _Rate(ProgressColumn):
+            def render(self, task) -> Text:  # type: ignore[override]
+                return Text(f"{bar.rate():.2f} {bar.unit}/s")
+
+        class _Eta(ProgressColumn):
+            def render(self, task) -> Text:  # type: ignore[override]
+                return Text(f"ETA {_clock(bar.eta())}")
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            _Eta(),
+            console=Console(stderr=True),
+            disable=not self.enabled,
+            transient=False,
+            get_time=self._get_time,
+        )
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self.description, total=self.total, completed=self.completed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None

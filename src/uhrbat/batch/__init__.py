@@ -2,7 +2,8 @@
 
 * `inputs` — JSONL/CSV/Parquet lists or `--images DIR_OR_GLOB` -> validated `BatchRow`s (stable ids,
   duplicate ids refused, relative paths, trust level).
-* `engines` — `answer_rows` (the reusable row runner), `run_local`, `run_ray`.
+* `engines` — `answer_rows` (batch rows through the one row runner, `uhrbat.rowrunner`),
+  `run_local`, `run_ray`.
 * `output` — the resumable run directory (`predictions.jsonl`, GeoJSON, Parquet, summary).
 * `runner` — `run_batch(rows, BatchConfig)` ties them together.
 """

@@ -1,186 +1,83 @@
-"""Run the model over many rows: the row runner (`answer_rows`) and the two engines.
+"""Run the model over many batch rows: `answer_rows` (batch's face of the one row runner,
+`uhrbat.rowrunner`) and the two engines.
 
-* `answer_rows(pipe, rows, ...)` — the one code path for "run the model over many rows", used by
-  the local engine, by every Ray actor and reusable by `uhrbat eval`. Rows are grouped by image
-  (first-appearance order) so each scene is opened once and its questions go to
-  `pipe.ask_many` (the scene cache prepares the scene once); one-question scenes are answered
-  `batch_size` at a time with `pipe.ask_batch`.
-* `run_local(...)` — in-process: load the pipeline, yield answered rows.
+* `answer_rows(pipe, rows, ...)` — `BatchRow`s -> `Answered` rows through `RowRunner` with
+  `whole_scenes=True`: rows are grouped by image (first-appearance order), each scene is opened
+  once (`open_row`: the shared reader, or the untrusted one) and its questions go to the model in
+  one call (the scene cache prepares it once); one-question scenes are answered `batch_size` at a
+  time. Used by the local engine and by every Ray actor.
+* `run_local(...)` — in-process: load the pipeline (`uhrbat.factory`), yield answered rows.
 * `run_ray(...)` — Ray Data: one dataset row per scene (so all rows of a scene reach the same
   actor), `map_batches` with an actor class that holds the model (`num_gpus` per actor, a pool
   of `actors`), answered rows streamed back to the driver, which writes them.
 
-Failure policy (per row, never a silent drop): an image that is missing, corrupt, oversized or
-refused becomes an error row for each of its questions; a model error on one question becomes
-that row's error. An unexpected (non-`UhrBatError`) exception before the model has answered
-anything aborts the run instead, unwritten, so a broken install or checkpoint is not recorded
-as thousands of error rows and the rerun retries them.
+Failure policy: the row runner's (per-row isolation; an image that is missing, corrupt, oversized
+or refused, a model error, a GeoJSON that cannot be built: that row's error). The abort rule
+(`uhrbat.rowrunner.hold_back_unexpected`) is applied by the writer (`run_batch`), on the driver.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uhrbat.batch.inputs import BatchRow, Trust
 from uhrbat.batch.output import Answered, output_row
 from uhrbat.errors import BatchEngineError, ConfigError, UhrBatError
+from uhrbat.factory import load_pipeline
+from uhrbat.rowrunner import Job, Outcome, RowRunner, error_message, group_by_scene
 
-__all__ = ["RowRunner", "answer_rows", "group_by_image", "load_pipeline", "run_local", "run_ray"]
+__all__ = ["answer_rows", "open_row", "run_local", "run_ray"]
 
 MAX_RAY_BLOCKS = 4096
 
 
-def group_by_image(rows: Iterable[BatchRow]) -> list[list[BatchRow]]:
-    """Rows grouped by resolved image path, in order of first appearance (error rows: one group each)."""
-    groups: dict[Any, list[BatchRow]] = {}
-    for i, r in enumerate(rows):
-        key = r.path if r.error is None else ("error", i)
-        groups.setdefault(key, []).append(r)
-    return list(groups.values())
+def open_row(row: BatchRow, read_opts: dict[str, Any], trust: Trust) -> Any:
+    """The opened image of a row: `uhrbat.io.open_image` with the reading options; `trust="untrusted"`
+    decodes with the untrusted reader, inside `decode_section` (bounded concurrent decodes, as the
+    server does)."""
+    from uhrbat.io import open_image
+
+    opts = {k: v for k, v in read_opts.items() if v is not None or k == "max_pixels"}
+    if trust == "untrusted":
+        from uhrbat.io.decoding import decode_section
+
+        with decode_section():
+            return open_image(row.path, trust="untrusted", **opts)
+    return open_image(row.path, **opts)
 
 
-def _message(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _row_step(out: Outcome, source: Any) -> None:
+    out.extra["row"] = output_row(out.job.item, result=out.result, seconds=out.seconds)
 
 
-@dataclass
-class RowRunner:
-    """Answers `BatchRow`s with a pipeline (see `answer_rows`, which wraps it).
+def _geojson_step(out: Outcome, source: Any) -> None:
+    from uhrbat.io.geo import kept_tokens_document
 
-    read_opts: `open_image` keyword arguments (bands, stretch, max_pixels); trust: "untrusted"
-    decodes with the untrusted reader (lists we do not control); geojson: also build each row's
-    kept-token FeatureCollection; ask_kwargs: selection and generation options for the pipeline.
-    """
+    row: BatchRow = out.job.item
+    # GeoJSON when the image is georeferenced, else the pixel-space file (never pixels as lon/lat)
+    out.extra["geojson"], _ = kept_tokens_document(
+        out.result.tokens,
+        source,
+        properties={"id": row.id, "image": row.image, "question": row.question, "answer": out.result.answer},
+    )
 
-    pipe: Any
-    max_new_tokens: int = 512
-    read_opts: dict[str, Any] = field(default_factory=dict)
-    trust: Trust = "local"
-    geojson: bool = False
-    batch_size: int = 1
-    ask_kwargs: dict[str, Any] = field(default_factory=dict)
-    successes: int = 0
 
-    def open(self, row: BatchRow) -> Any:
-        from uhrbat.io import open_image
-
-        opts = {k: v for k, v in self.read_opts.items() if v is not None or k == "max_pixels"}
-        if self.trust == "untrusted":
-            from uhrbat.io.decoding import decode_section
-
-            with decode_section():  # bounds concurrent untrusted decodes (memory), as the server does
-                return open_image(row.path, trust="untrusted", **opts)
-        return open_image(row.path, **opts)
-
-    def _answered(self, row: BatchRow, source: Any, res: Any, seconds: float, first: bool = True) -> Answered:
-        gj = None
-        if self.geojson:
-            from uhrbat.io.geo import tokens_geojson
-
-            gj = tokens_geojson(
-                res.tokens,
-                source,
-                properties={"id": row.id, "image": row.image, "question": row.question, "answer": res.answer},
-            )
-        # "miss": prepared and cached; "off" (no cache): prepared once per call, for its first row.
-        cache = getattr(res, "cache", "off")
-        prepared = cache == "miss" or (cache == "off" and first)
-        return Answered(output_row(row, result=res, seconds=seconds), gj, prepared=prepared)
-
-    def _failed(self, row: BatchRow, e: BaseException) -> Answered:
-        if self.successes == 0 and not isinstance(e, UhrBatError):
-            raise e  # nothing has worked yet: a broken setup, not a bad row
-        return Answered(output_row(row, error=_message(e)))
-
-    def _one_by_one(self, rows: Sequence[BatchRow], source: Any) -> Iterator[Answered]:
-        for row in rows:
-            t = time.perf_counter()
-            try:
-                res = self.pipe.ask(source, row.question, max_new_tokens=self.max_new_tokens, **self.ask_kwargs)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # noqa: BLE001 - per-row isolation
-                yield self._failed(row, e)
-                continue
-            self.successes += 1
-            yield self._answered(row, source, res, time.perf_counter() - t)
-
-    def _scene(self, rows: Sequence[BatchRow], source: Any) -> Iterator[Answered]:
-        """All questions about one opened scene: `ask_many`; on failure, isolate the bad question."""
-        t = time.perf_counter()
-        try:
-            results = self.pipe.ask_many(
-                source, [r.question for r in rows], max_new_tokens=self.max_new_tokens, **self.ask_kwargs
-            )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception:  # noqa: BLE001 - per-row isolation
-            yield from self._one_by_one(rows, source)
-            return
-        share = (time.perf_counter() - t) / len(rows)
-        self.successes += 1
-        for i, (row, res) in enumerate(zip(rows, results, strict=True)):
-            yield self._answered(row, source, res, share, first=i == 0)
-
-    def _singles(self, items: Sequence[tuple[BatchRow, Any]]) -> Iterator[Answered]:
-        """One question per scene, several scenes: one `ask_batch` call (left-padded generation)."""
-        if len(items) == 1:
-            yield from self._one_by_one([items[0][0]], items[0][1])
-            return
-        t = time.perf_counter()
-        try:
-            results = self.pipe.ask_batch(
-                [s for _, s in items],
-                [r.question for r, _ in items],
-                max_new_tokens=self.max_new_tokens,
-                **self.ask_kwargs,
-            )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception:  # noqa: BLE001 - per-row isolation
-            for row, source in items:
-                yield from self._one_by_one([row], source)
-            return
-        share = (time.perf_counter() - t) / len(items)
-        self.successes += 1
-        for (row, source), res in zip(items, results, strict=True):
-            yield self._answered(row, source, res, share)
-
-    def run(self, rows: Iterable[BatchRow]) -> Iterator[Answered]:
-        pending: list[tuple[BatchRow, Any]] = []
-        for group in group_by_image(rows):
-            first = group[0]
-            if first.error is not None:
-                yield Answered(output_row(first, error=first.error))
-                continue
-            try:
-                source = self.open(first)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # noqa: BLE001 - missing / corrupt / oversized / refused: an error row per question
-                msg = _message(e)
-                for row in group:
-                    yield Answered(output_row(row, error=msg))
-                continue
-            if len(group) == 1 and self.batch_size > 1:
-                pending.append((first, source))
-                if len(pending) >= self.batch_size:
-                    yield from self._singles(pending)
-                    pending = []
-                continue
-            if len(group) == 1:
-                yield from self._one_by_one(group, source)
-            else:
-                yield from self._scene(group, source)
-        if pending:
-            yield from self._singles(pending)
+def answered(out: Outcome) -> Answered:
+    """The `predictions.jsonl` row (and GeoJSON) of an outcome. A row whose GeoJSON failed keeps its
+    answer and carries the error; it has no GeoJSON file."""
+    row = out.extra.get("row") or output_row(out.job.item, seconds=out.seconds)
+    if out.error:
+        row = {**row, "error": out.error}
+    # "miss": prepared and cached; "off" (no cache): prepared once per call, for its first row.
+    cache = getattr(out.result, "cache", "off") if out.answered else None
+    prepared = out.answered and (cache == "miss" or (cache == "off" and out.first))
+    return Answered(
+        row, None if out.error else out.extra.get("geojson"), prepared=bool(prepared), unexpected=out.unexpected
+    )
 
 
 def answer_rows(
@@ -192,11 +89,15 @@ def answer_rows(
     trust: Trust = "local",
     geojson: bool = False,
     batch_size: int = 1,
+    load: Callable[[], Any] | None = None,
+    on_loaded: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
     **ask_kwargs: Any,
 ) -> Iterator[Answered]:
     """Answer `rows` with `pipe`, yielding one `Answered` per row (errors included), scene by scene.
 
-    pipe: a `UhrBatPipeline` (anything with `ask`, `ask_many`, `ask_batch` returning `AskResult`s).
+    pipe: a `UhrBatPipeline` (anything with `ask`, `ask_batch` returning `AskResult`s), or None
+    with `load` (called at the first model call; `on_loaded` after it).
     rows: `BatchRow`s; rows with `error` set come back as error rows untouched.
     read_opts: `uhrbat.io.open_image` options (bands, stretch, max_pixels).
     trust: "untrusted" reads every image with the untrusted reader.
@@ -205,25 +106,27 @@ def answer_rows(
     ask_kwargs: selection (budgets, selector, kmeans_clusters, ...) and generation options.
     Each `Answered.row` is the `predictions.jsonl` row: id, image, question, answer, error,
     num_visual_tokens, image_size, cache, timings (per stage, seconds), seconds (this row's share).
+    Apply `uhrbat.rowrunner.hold_back_unexpected` to the stream for the abort rule.
     """
+    opts = dict(read_opts or {})
+    steps: list[tuple[str | None, Callable[[Outcome, Any], None]]] = [(None, _row_step)]
+    if geojson:
+        steps.append(("GeoJSON", _geojson_step))
     runner = RowRunner(
         pipe,
+        open_scene=lambda job: open_row(job.item, opts, trust),
         max_new_tokens=max_new_tokens,
-        read_opts=dict(read_opts or {}),
-        trust=trust,
-        geojson=geojson,
-        batch_size=max(1, int(batch_size)),
         ask_kwargs=ask_kwargs,
+        batch_size=max(1, int(batch_size)),
+        whole_scenes=True,
+        finish=steps,
+        load=load,
+        on_loaded=on_loaded,
+        log=log,
     )
-    return runner.run(rows)
-
-
-def load_pipeline(model: str, *, load: dict[str, Any], selection: dict[str, Any], scene_cache: Any = True) -> Any:
-    """`UhrBatPipeline.from_pretrained` with the CLI's load and selection keyword arguments."""
-    from uhrbat.pipeline import UhrBatPipeline
-
-    kw = {k: v for k, v in load.items() if v is not None}
-    return UhrBatPipeline.from_pretrained(model, scene_cache=scene_cache, **kw, **selection)
+    jobs = (Job(id=r.id, question=r.question, scene=r.path, error=r.error, item=r) for r in rows)
+    for out in runner.run(jobs):
+        yield answered(out)
 
 
 def run_local(
@@ -235,18 +138,18 @@ def run_local(
     run: dict[str, Any],
     pipe: Any = None,
     on_loaded: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Iterator[Answered]:
     """In-process engine. `run` holds `answer_rows` keyword arguments (max_new_tokens, read_opts,
     trust, geojson, batch_size, generation kwargs). The model is loaded only if a row needs it."""
-    runnable = [r for r in rows if r.error is None]
-    if not runnable:
-        yield from answer_rows(None, rows, **run)
-        return
-    if pipe is None:
-        pipe = load_pipeline(model, load=load, selection=selection)
-    if on_loaded is not None:
-        on_loaded()
-    yield from answer_rows(pipe, rows, **run)
+    yield from answer_rows(
+        pipe,
+        rows,
+        load=lambda: load_pipeline(model, **load, **selection),
+        on_loaded=on_loaded,
+        log=log,
+        **run,
+    )
 
 
 # ---------------------------------------------------------------------------------------- Ray
@@ -260,10 +163,7 @@ class _SceneActor:
 
         if threads:
             torch.set_num_threads(threads)
-        load = dict(load)
-        if load.get("device", "cpu") == "auto":
-            load["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(model, load=load, selection=selection)
+        self.pipe = load_pipeline(model, **load, **selection)  # device "auto": this actor's GPU if it has one
         self.run = run
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
@@ -288,7 +188,7 @@ def _ray_init(address: str | None, local_cpus: int | None) -> bool:
             ray.init(num_cpus=local_cpus, **kw)
     except Exception as e:  # noqa: BLE001 - any Ray start-up failure: one line
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise BatchEngineError(f"could not start or join {where}: {_message(e)}") from None
+        raise BatchEngineError(f"could not start or join {where}: {error_message(e)}") from None
     return True
 
 
@@ -326,7 +226,10 @@ def run_ray(
     for r in rows:
         if r.error is not None:
             yield Answered(output_row(r, error=r.error))
-    scenes = [g for g in group_by_image(r for r in rows if r.error is None)]
+    scenes = [
+        [j.item for j in g]
+        for g in group_by_scene(Job(r.id, r.question, r.path, item=r) for r in rows if r.error is None)
+    ]
     if not scenes:
         return
     if actors < 1:
@@ -368,7 +271,7 @@ def run_ray(
         raise
     except Exception as e:  # noqa: BLE001 - a Ray task/actor failure: one line, resumable
         raise BatchEngineError(
-            f"the Ray job failed: {_message(e)}; rows written so far are kept, rerun to resume"
+            f"the Ray job failed: {error_message(e)}; rows written so far are kept, rerun to resume"
         ) from None
     finally:
         if owned:

@@ -9,7 +9,8 @@ Sources: a JSONL / JSON / CSV / TSV / Parquet file with `image` and `question` c
 * paths: relative image paths resolve against `image_root`, else the input file's folder.
 * trust: with `trust="untrusted"` (lists we do not control) a path must stay inside the image
   root (no absolute paths, no `..` or symlink escapes) and the image is later decoded with the
-  untrusted reader; a row that breaks this becomes an error row, never a crash.
+  untrusted reader; a row that breaks this (or names a path no file can have, e.g. with a NUL
+  byte) becomes an error row, never a crash.
 
 A row whose image or question is missing is kept as an error row (`BatchRow.error`), so it
 appears in the output; only a malformed *file* (unparseable line, missing column) is refused.
@@ -90,6 +91,8 @@ def _resolve(image: str, root: Path, trust: Trust) -> tuple[str | None, str | No
     """(absolute path, error) for an image string relative to `root`."""
     if "://" in image:
         return None, f"image {image!r} is a URL; only local files are read (download the archive first)"
+    if "\x00" in image:  # no file system accepts it (os.path raises ValueError); one error row, not a dead run
+        return None, f"image {image!r} contains a NUL byte, which no file name can hold; fix the path in the list"
     if trust == "untrusted":
         if os.path.isabs(image):
             return (

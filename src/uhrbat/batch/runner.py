@@ -6,29 +6,36 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uhrbat.batch.engines import run_local, run_ray
 from uhrbat.batch.inputs import BatchRow, Trust
-from uhrbat.batch.output import PARQUET, Answered, PredictionStore, Summary, write_parquet
+from uhrbat.batch.output import PARQUET, PREDICTIONS, SUMMARY, Answered, PredictionStore, Summary, write_parquet
 from uhrbat.errors import BatchEngineError, ConfigError
-from uhrbat.runfiles import progress_bar
+from uhrbat.factory import model_identity
+from uhrbat.rowrunner import hold_back_unexpected
+from uhrbat.runfiles import RowProgress, atomic_write, refuse_directories
 
 __all__ = ["BatchConfig", "run_batch"]
 
 ENGINES = ("local", "ray")
 
 
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 @dataclass
 class BatchConfig:
     """Everything `uhrbat batch` needs besides the rows.
 
-    load: `from_pretrained` kwargs (device, dtype, attn_implementation, vision_tower, compat, cache_dir);
-    selection: budgets, selector, kmeans_*, seed; generate: extra generation kwargs;
-    read_opts: `open_image` kwargs (bands, stretch, max_pixels).
+    load: `uhrbat.factory.load_pipeline` load options (device, dtype, attn_implementation,
+    vision_tower, compat, cache_dir); selection: budgets, selector, kmeans_*, seed; generate: extra
+    generation kwargs; read_opts: `open_image` kwargs (bands, stretch, max_pixels);
+    retry_errors: answer again the ids whose row is an error.
     """
 
     out: str | os.PathLike
@@ -44,6 +51,8 @@ class BatchConfig:
     geojson_dir: str | os.PathLike | None = None
     parquet: bool = False
     progress: bool = True
+    retry_errors: bool = False
+    log: Callable[[str], None] = _stderr
     # Ray
     ray_address: str | None = None
     actors: int = 1
@@ -56,7 +65,7 @@ class BatchConfig:
         load = {k: self.load.get(k) for k in ("dtype", "attn_implementation", "vision_tower", "compat")}
         read = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.read_opts.items())}
         return {
-            "model": self.model,
+            "model": model_identity(self.model),
             "selection": self.selection,
             "max_new_tokens": self.max_new_tokens,
             "generate": self.generate,
@@ -76,15 +85,13 @@ class BatchConfig:
         }
 
 
-def _engine(cfg: BatchConfig, todo: Sequence[BatchRow]) -> Iterator[Answered]:
+def _engine(cfg: BatchConfig, todo: Sequence[BatchRow], on_loaded: Callable[[], None]) -> Iterator[Answered]:
+    model = {"model": cfg.model, "load": cfg.load, "selection": cfg.selection, "run": cfg.run_kwargs()}
     if cfg.engine == "local":
-        return run_local(todo, model=cfg.model, load=cfg.load, selection=cfg.selection, run=cfg.run_kwargs())
+        return run_local(todo, **model, on_loaded=on_loaded, log=cfg.log)
     return run_ray(
         todo,
-        model=cfg.model,
-        load=cfg.load,
-        selection=cfg.selection,
-        run=cfg.run_kwargs(),
+        **model,
         address=cfg.ray_address,
         actors=cfg.actors,
         gpus_per_actor=cfg.gpus_per_actor,
@@ -94,38 +101,55 @@ def _engine(cfg: BatchConfig, todo: Sequence[BatchRow]) -> Iterator[Answered]:
 
 
 def run_batch(rows: Sequence[BatchRow], cfg: BatchConfig) -> Summary:
-    """Answer every row not yet in `cfg.out/predictions.jsonl`; returns the run's summary.
+    """Answer every row not yet in `cfg.out/predictions.jsonl` (and, with `retry_errors`, every
+    row whose answer is an error); returns the run's summary (`Summary.outputs`: the files written).
 
-    Resumable: rows already written are skipped, each new row is appended as it finishes."""
+    Resumable: rows already written are skipped, each new row is appended as it finishes. Error
+    rows are logged (`cfg.log`) as they are written; the abort rule is `uhrbat.rowrunner`'s."""
     if cfg.engine not in ENGINES:
         raise ConfigError(f"unknown --engine {cfg.engine!r}; choose local or ray")
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     t0 = time.perf_counter()
+    out = Path(cfg.out).expanduser()
     summary = Summary(rows=len(rows), engine=cfg.engine)
     ids = [r.id for r in rows]
-    with PredictionStore(cfg.out, cfg.fingerprint(), cfg.geojson_dir) as store:
-        if store.n_torn:
-            print(f"{store.path}: dropped {store.n_torn} torn line(s) left by an interrupted run", file=sys.stderr)
-        done = store.done
-        todo = [r for r in rows if r.id not in done]
+    refuse_directories(out / PREDICTIONS, out / SUMMARY, *([out / PARQUET] if cfg.parquet else []))
+    with PredictionStore(out, cfg.fingerprint(), cfg.geojson_dir, log=cfg.log) as store:
+        todo = store.pending(rows, cfg.retry_errors)
         summary.already_done = len(rows) - len(todo)
-        with progress_bar(cfg.progress) as progress:
-            task = progress.add_task(f"batch ({cfg.engine})", total=len(todo))
-            for answered in _engine(cfg, todo):
+        if cfg.retry_errors:
+            summary.extra["retried"] = len(store.retrying)
+        with RowProgress(cfg.progress, f"batch ({cfg.engine})", len(todo)) as progress:
+            stream = hold_back_unexpected(
+                _engine(cfg, todo, progress.start_clock),
+                unexpected=lambda a: a.unexpected,
+                answered=lambda a: a.row.get("answer") is not None,
+                log=cfg.log,
+            )
+            for answered in stream:
                 if store.write(answered):
                     summary.written += 1
                     summary.scenes_prepared += int(answered.prepared)
-                progress.advance(task)
+                    if answered.row.get("error"):
+                        cfg.log(f"{answered.row['id']}: {answered.row['error']}")
+                progress.advance()
         missing = [i for i in ids if i not in store.done]
         if missing:  # an engine that silently lost rows must not look complete
             raise BatchEngineError(
                 f"{len(missing)} rows have no answer in {store.path} (e.g. {missing[:3]}); "
                 "rerun the same command to finish them"
             )
+        store.compact()
         summary.errors = sum(1 for i in ids if i in store.error_ids)
+        written = [store.path, *store.created]
         if cfg.parquet:
-            write_parquet(Path(cfg.out) / PARQUET, store.read_rows(ids))
+            written.append(write_parquet(out / PARQUET, store.read_rows(ids)))
         summary.wall_s = time.perf_counter() - t0
-        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+        written.append(atomic_write(out / SUMMARY, json.dumps(summary.to_dict(), indent=2) + "\n"))
+        summary.outputs = [str(p) for p in written]
+        if store.geojson_written:
+            summary.outputs.append(
+                f"{store.geojson_written} kept-token files (.geojson or .pixels.json) in {store.geojson_dir}"
+            )
     return summary

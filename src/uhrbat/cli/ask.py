@@ -2,14 +2,16 @@
 
 Everything that can be checked without the model is checked first (questions, option values,
 output paths, the device, the image file, the mask file), so a bad input never costs a model
-load or a minute of compute.
+load or a minute of compute. On a terminal, `ask` shows each stage as it runs (stderr).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,7 +19,6 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import PromptError
-from uhrbat.modeling.loading import DEFAULT_MODEL
 
 
 def _err(msg: str) -> None:
@@ -60,20 +61,22 @@ def load_pipeline(model: str, load: dict[str, Any], selection: dict[str, Any]):
     t = time.perf_counter()
     _err(f"loading {model} on {load['device']} ...")
     pipe = UhrBatPipeline.from_pretrained(model, **load, **selection)
-    # The number of budgets is checked against the model's scales here (SelectionOptions).
+    # The number of budgets is checked against the model's scales here (SelectionOptions.resolve).
     return pipe, time.perf_counter() - t
 
 
 def describe_selection(pipe: Any, selection: dict[str, Any]) -> str:
     """The settings that will run, checkpoint defaults filled in (the help can only say
     "the checkpoint's")."""
-    from uhrbat.modeling.modeling_uhrbat import SelectionOptions
+    from uhrbat.options import SelectionOptions
 
-    o = SelectionOptions.resolve(pipe.model.config, **selection)
+    o = SelectionOptions.of(**selection).resolve(pipe.model.config)
     text = f"budgets {','.join(map(str, o.budgets))}, selector {o.selector}"
     if o.selector == "kmeans":
         k = "the scale's budget" if not o.kmeans_clusters else f"{o.kmeans_clusters}"
         text += f" (clusters {k}, <= {o.kmeans_iters} iterations, seed {o.seed}, {o.kmeans_mode})"
+    if o.encode == "gated":
+        text += f", gated encoding (margin {o.gate_margin:g})"
     return text
 
 
@@ -85,10 +88,67 @@ def numbered(path: Optional[Path], i: int, n: int) -> Optional[Path]:
 
 
 def format_timings(res: Any) -> str:
+    """Stage timings, then what the scene cache reused per stage (features vs groupings: never
+    "hit" while K-Means re-runs) and, when a scale is partly encoded, its tiles."""
     stages = "  ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())
-    return f"{stages}  (scene cache: {res.cache})"
+    reuse = getattr(res, "reuse", None) or {"features": res.cache}
+    cache = reuse["features"] if reuse["features"] == "off" else f"{reuse['features']} for features"
+    if "groups" in reuse and reuse["features"] != "off":
+        cache += f", {reuse['groups']} for groups"
+    tiles = getattr(res, "tiles", None) or {}
+    partial = {s: t for s, t in tiles.items() if t["held"] < t["total"]}
+    held = "  tiles " + " ".join(f"{s}:{t['held']}/{t['total']}" for s, t in tiles.items()) if partial else ""
+    return f"{stages}  (scene cache: {cache}){held}"
 
 
+_STAGE_TEXT = {
+    "load": "reading the image",
+    "tiles": "building the pyramid",
+    "encode": "encoding {tiles} tiles (CLIP + projector)",
+    "score": "scoring relevance",
+    "group": "grouping tokens ({selector})",
+    "select": "selecting tokens ({selector})",
+    "prefill": "reading the prompt ({prompt_tokens} tokens)",
+    "decode": "writing the answer",
+}
+
+
+def stage_text(stage: str, info: dict[str, Any]) -> str:
+    """One status line for a progress event (`uhrbat.progress`)."""
+    info = dict(info)
+    if isinstance(info.get("tiles"), dict):
+        info["tiles"] = sum(info["tiles"].values())
+    try:
+        return _STAGE_TEXT.get(stage, stage).format(**info)
+    except (KeyError, IndexError):
+        return _STAGE_TEXT.get(stage, stage).split(" (")[0]
+
+
+@contextmanager
+def live_status(enabled: bool) -> Iterator[Any]:
+    """A progress callback that shows the running stage on stderr (rich), or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("starting ...") as status:
+        t0 = time.perf_counter()
+
+        def progress(stage: str, info: dict[str, Any]) -> None:
+            status.update(f"{stage_text(stage, info)} ... [dim]{time.perf_counter() - t0:.0f}s[/dim]")
+
+        yield progress
+
+
+def show_progress(as_json: bool) -> bool:
+    """Stage display only for a person watching: stderr is a terminal, and `--json` is not being
+    piped somewhere (a script reading the output gets nothing extra)."""
+    return sys.stderr.isatty() and not (as_json and not sys.stdout.isatty())
+
+
+@opt.shared("selection", "masks", "model", "cache", "generation", "reading")
 def ask(
     image: Annotated[
         Path, typer.Argument(metavar="IMAGE", help="Image file (PNG/JPEG/TIFF/GeoTIFF/COG/JPEG2000 ...).")
@@ -99,27 +159,11 @@ def ask(
             metavar="QUESTION", help="One or more questions; the scene is prepared once and reused for each."
         ),
     ],
-    model: opt.Model = DEFAULT_MODEL,
-    budgets: opt.Budgets = None,
-    selector: opt.Selector = None,
-    clusters: opt.Clusters = None,
-    iters: opt.Iters = None,
-    seed: opt.Seed = None,
-    kmeans: opt.KMeans = None,
-    masks: opt.Masks = None,
-    compat: opt.Compat = None,
-    device: opt.Device = "cpu",
-    dtype: opt.Dtype = None,
-    attn: opt.Attn = None,
-    vision_tower: opt.VisionTower = None,
-    cache_dir: opt.CacheDir = None,
-    max_new_tokens: opt.MaxNewTokens = 512,
     as_json: opt.Json = False,
     geojson: opt.GeoJson = None,
     explain: opt.Explain = None,
-    bands: opt.Bands = None,
-    stretch: opt.Stretch = opt.DEFAULT_STRETCH,
-    max_pixels: opt.MaxPixels = opt.DEFAULT_MAX_PIXELS,
+    *,
+    opts: opt.Shared,
 ) -> None:
     """Ask questions about a (huge) image; answers go to stdout, stage timings to stderr.
 
@@ -129,18 +173,27 @@ def ask(
     """
     questions = check_questions(questions)
     n = len(questions)
-    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
-    load = opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir)
+    load = opts.load
     for path in (geojson, explain):  # numbered files land next to the checked path
         for i in range(n if path is not None and n > 1 else 0):
             opt.check_writable(numbered(path, i, n))
-    source = open_source(image, opt.read_kwargs(bands, stretch, max_pixels))
-    mask = load_masks(masks)
-    pipe, t_load = load_pipeline(model, load, selection)
-    _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, selection)}")
-    results = pipe.ask_many(
-        source, questions, max_new_tokens=max_new_tokens, masks=mask, return_relevance=explain is not None
-    )
+    source = open_source(image, opts.read)
+    if geojson is not None:  # GeoJSON is lon/lat: refuse a non-georeferenced image before the model runs
+        from uhrbat.io.geo import map_ready
+
+        map_ready(source)
+    mask = load_masks(opts.masks)
+    pipe, t_load = load_pipeline(opts.model, load, opts.selection)
+    _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, opts.selection)}")
+    with live_status(show_progress(as_json)) as progress:
+        results = pipe.ask_many(
+            source,
+            questions,
+            max_new_tokens=opts.max_new_tokens,
+            masks=mask,
+            return_relevance=explain is not None,
+            progress=progress,
+        )
     for i, (q, res) in enumerate(zip(questions, results)):
         _err((f"[{i + 1}/{n}] " if n > 1 else "") + format_timings(res))
         write_outputs(res, source, q, numbered(geojson, i, n), numbered(explain, i, n))
@@ -178,6 +231,7 @@ def _out_safetensors(value: Path) -> Path:
     return opt.check_writable(value)
 
 
+@opt.shared("selection", "model", "generation", attn="eager", max_new_tokens=8)
 def trace(
     image: Annotated[Path, typer.Option("--image", metavar="FILE", help="Image file.")],
     question: Annotated[str, typer.Option("--question", help="The question.")],
@@ -190,19 +244,8 @@ def trace(
             help="Output .safetensors file (checked writable before the model runs).",
         ),
     ],
-    model: opt.Model = DEFAULT_MODEL,
-    budgets: opt.Budgets = None,
-    selector: opt.Selector = None,
-    clusters: opt.Clusters = None,
-    iters: opt.Iters = None,
-    seed: opt.Seed = None,
-    kmeans: opt.KMeans = None,
-    compat: opt.Compat = None,
-    device: opt.Device = "cpu",
-    dtype: opt.Dtype = None,
-    attn: opt.Attn = "eager",
-    vision_tower: opt.VisionTower = None,
-    max_new_tokens: opt.MaxNewTokens = 8,
+    *,
+    opts: opt.Shared,
 ) -> None:
     """Write the intermediates of one query (parity-fixture tensor names) to a safetensors file.
 
@@ -212,11 +255,10 @@ def trace(
     from uhrbat.tracing import trace_query
 
     check_questions([question])
-    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
-    load = opt.load_kwargs(device, dtype, attn, vision_tower, compat)
+    load = opts.load
     open_source(image, opt.read_kwargs())  # a missing / corrupt image fails before the model loads
-    pipe, _ = load_pipeline(model, load, selection)
-    tensors = trace_query(pipe, str(image), question, max_new_tokens=max_new_tokens)
+    pipe, _ = load_pipeline(opts.model, load, opts.selection)
+    tensors = trace_query(pipe, str(image), question, max_new_tokens=opts.max_new_tokens)
     # safetensors' save_file creates the file 0600; an ordinary open() follows the user's umask.
     out.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
     ids = tensors["gen.new_token_ids"].tolist()

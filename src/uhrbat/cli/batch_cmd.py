@@ -9,7 +9,7 @@ import typer
 
 from uhrbat.cli import options as o
 from uhrbat.errors import ConfigError
-from uhrbat.modeling.loading import DEFAULT_MODEL
+from uhrbat.modeling.hub import DEFAULT_MODEL
 
 
 def batch(
@@ -99,6 +99,13 @@ def batch(
         int | None,
         typer.Option("--ray-cpus", min=1, help="CPUs of a local Ray started by this command.  [default: all]"),
     ] = None,
+    retry_errors: Annotated[
+        bool,
+        typer.Option(
+            "--retry-errors",
+            help="On resume, answer again every id whose row is an error (its new row replaces the old one).",
+        ),
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")] = False,
     model: o.Model = DEFAULT_MODEL,
     device: o.Device = "cpu",
@@ -155,6 +162,7 @@ def batch(
         geojson_dir=geojson_dir,
         parquet=parquet,
         progress=not no_progress,
+        retry_errors=retry_errors,
         ray_address=ray_address,
         actors=actors,
         gpus_per_actor=gpus_per_actor,
@@ -163,7 +171,7 @@ def batch(
     )
     summary = run_batch(rows, cfg)
     typer.echo(summary.line(), err=True)
-    typer.echo(f"wrote {Path(out) / 'predictions.jsonl'}", err=True)
+    typer.echo(summary.wrote_line(), err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -19,23 +19,10 @@ from uhrbat.cli.serve_cmd import (
     startup_banner,
 )
 from uhrbat.errors import UhrBatError
-from uhrbat.modeling.loading import DEFAULT_MODEL
 
 
+@opt.shared("selection", "model", "cache")
 def demo(
-    model: opt.Model = DEFAULT_MODEL,
-    budgets: opt.Budgets = None,
-    selector: opt.Selector = None,
-    clusters: opt.Clusters = None,
-    iters: opt.Iters = None,
-    seed: opt.Seed = None,
-    kmeans: opt.KMeans = None,
-    compat: opt.Compat = None,
-    device: opt.Device = "cpu",
-    dtype: opt.Dtype = None,
-    attn: opt.Attn = None,
-    vision_tower: opt.VisionTower = None,
-    cache_dir: opt.CacheDir = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 7860,
     max_new_tokens: opt.MaxNewTokens = 64,
@@ -47,17 +34,20 @@ def demo(
     overlay_side: Annotated[
         int, typer.Option("--overlay-side", min=64, help="Long side of the overlay's image view (px).")
     ] = 1200,
+    *,
+    opts: opt.Shared,
 ) -> None:
     """Serve a local web page to upload an image, ask a question and see the answer with the overlay."""
     try:
         from uhrbat.serving import ChatService
         from uhrbat.serving.demo import create_app, demo_options
-        from uhrbat.serving.server import serve
+        from uhrbat.serving.http_server import serve
     except ImportError as e:  # fastapi / uvicorn / python-multipart / prometheus_client missing
         raise UhrBatError(f"the demo needs the serve extra ({e}); pip install 'uhrbat[serve]'") from e
     from uhrbat.cli.ask import load_pipeline
     from uhrbat.io import set_decode_concurrency
 
+    model = opts.model
     options = demo_options(
         model,
         max_upload_mb=max_upload_mb,
@@ -66,16 +56,17 @@ def demo(
         request_timeout_s=request_timeout or None,
         decode_workers=decode_workers,
     )
-    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
-    pipe, seconds = load_pipeline(
-        model, opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir), selection
-    )
+    selection = opts.selection
+    pipe, seconds = load_pipeline(model, opts.load, selection)
     set_decode_concurrency(decode_workers)  # this process is the server: its decodes run side by side
     service = ChatService(pipe, options)
     for line in startup_banner(service, model, seconds, selection):
         typer.echo(line, err=True)
     app = create_app(
-        service, default_budgets=budgets, default_max_new_tokens=max_new_tokens, overlay_max_side=overlay_side
+        service,
+        default_budgets=selection.get("budgets"),
+        default_max_new_tokens=max_new_tokens,
+        overlay_max_side=overlay_side,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(

@@ -12,7 +12,8 @@ import typer
 from uhrbat.cli import options as opt
 from uhrbat.errors import BenchmarkDataError
 
-_BENCH_HELP = "Benchmark: xlrs, mme-realworld-rs, rshr, hrbench-4k, hrbench-8k, lrs-vqa."
+# The names come from the registry (uhrbat.evaluation.benchmarks) only: an unknown name is refused with the list.
+_BENCH_HELP = "Benchmark name or alias, as registered in uhrbat.evaluation.benchmarks (an unknown name lists them)."
 _LRS_HELP = (
     "LRS-VQA only: wordnet (default, the official synonym rule; needs nltk + WordNet 3.0) or none "
     "(exact match only, a lower bound)."
@@ -77,6 +78,7 @@ def eval_command(
     from uhrbat.evaluation.scoring import check_not_all_errors
 
     # Option values were parsed and checked by uhrbat.cli.options (the same rules as `ask`).
+    load = opt.load_kwargs(device=device, dtype=dtype, attn=attn, vision_tower=vision_tower, compat=compat)
     cfg = EvalConfig(
         benchmark=benchmark,
         data=data,
@@ -87,22 +89,13 @@ def eval_command(
         batch_size=batch_size,
         prompt=prompt,
         choice_by_logits=choice_by_logits,
-        budgets=budgets,
-        selector=selector,
-        clusters=clusters,
-        iters=iters,
-        seed=seed,
-        kmeans_mode=kmeans,
-        compat=compat,
-        attn=attn,
-        vision_tower=vision_tower,
-        device=device,
-        dtype=dtype,
+        load={k: v for k, v in load.items() if v is not None},
+        selection=opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans),
         max_new_tokens=max_new_tokens,
         retry_errors=retry_errors,
         progress=not no_progress,
         allow_outside_images=allow_outside_images,
-        lrs_synonyms=lrs_synonyms,
+        score_options={"lrs_synonyms": lrs_synonyms},
     )
     report = run_eval(cfg)
     if report is None:
@@ -135,13 +128,12 @@ def score_command(
     Unusable prediction lines are skipped and listed; missing and unmatched ids are listed; the
     command fails (one line, exit 2) only when every question ends up an error."""
     from uhrbat.evaluation import benchmarks
-    from uhrbat.evaluation.loaders import load_benchmark
     from uhrbat.evaluation.runner import load_predictions
     from uhrbat.evaluation.scoring import check_not_all_errors
 
     spec = benchmarks.get_spec(benchmark)
     benchmarks.check_score_options(spec.name, lrs_synonyms=lrs_synonyms)
-    samples = load_benchmark(
+    samples = benchmarks.load_benchmark(
         spec.name, data, images, check_images=images is not None, allow_outside_images=allow_outside_images
     )
     preds, notes = load_predictions(predictions)
@@ -156,18 +148,30 @@ def score_command(
     _print_summary(report, None)
 
 
-def _print_summary(report, out: Path | None) -> None:
+def _console():
+    """A console for the report: on a terminal, its width; otherwise (a file, a pipe) wide enough that
+    no table row is wrapped or cut."""
     from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=1_000_000)
+
+
+def _print_summary(report, out: Path | None) -> None:
     from rich.table import Table
 
     from uhrbat.evaluation.scoring import problem_lines
 
-    console = Console()
-    t = Table(title=f"{report.benchmark}: {report.n} questions, {report.n_errors} errors (scored wrong)")
+    console = _console()
+    # a plain line, not a table title: rich wraps a title to the table's width
+    console.print(f"{report.benchmark}: {report.n} questions, {report.n_errors} errors (scored wrong)", markup=False)
+    t = Table()
     for k in report.headline:
         t.add_column(k, justify="right")
     t.add_row(*("–" if v is None else f"{v:.2f}" for v in report.headline.values()))
     console.print(t)
+    for k, text in report.headline_notes().items():
+        console.print(f"{k}: {text}", markup=False, highlight=False)
     if report.per_category:
         ct = Table(title="per category")
         ct.add_column("category")
@@ -179,7 +183,8 @@ def _print_summary(report, out: Path | None) -> None:
     for line in problem_lines(report):
         console.print(line, markup=False, highlight=False)
     if out is not None:
-        console.print(f"report: {Path(out) / 'report.json'} and {Path(out) / 'report.md'}")
+        files = ", ".join(str(Path(out) / n) for n in ("predictions.jsonl", "report.json", "report.md"))
+        console.print(f"wrote {files}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

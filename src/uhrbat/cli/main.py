@@ -9,6 +9,12 @@ failures look:
 - a `UhrBatError` (bad input found while running) is one line `error: ...`, exit code 2;
 - anything else is a bug: one line `error: internal error: ...` asking for `--debug`, exit 1;
 - `--debug` prints the traceback of the project's own frames (click/typer frames dropped).
+
+Start-up: `uhrbat --help`, `uhrbat --version` and usage errors must answer in well under a
+second, so nothing here or in the command modules imports torch, transformers or the package's
+model code at import time (Typer only needs the commands' signatures); commands import what they
+run inside their functions. `tests/test_cli_startup.py` checks this, `benchmarks/cli_startup.py`
+times it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import typer
 
+from uhrbat import __version__
 from uhrbat.errors import UhrBatError
 
 app = typer.Typer(
@@ -45,6 +52,7 @@ _COMMAND_MODULES = [
     "uhrbat.cli.demo_cmd",
     "uhrbat.cli.serve_cmd",
     "uhrbat.cli.batch_cmd",
+    "uhrbat.cli.mcp_cmd",
 ]
 
 
@@ -62,9 +70,18 @@ def _package_dirs(*names: str) -> tuple[str, ...]:
 _FRAMEWORK_DIRS = _package_dirs("typer", "click")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"uhrbat {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="On errors, print the traceback (project frames only)."),
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+    ),
 ) -> None:
     _STATE["debug"] = debug
 

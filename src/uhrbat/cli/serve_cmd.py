@@ -9,7 +9,6 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import UhrBatError
-from uhrbat.modeling.loading import DEFAULT_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVER_MAX_PIXELS = 16_000 * 16_000  # == uhrbat.serving.limits.SERVER_MAX_PIXELS (checked in tests)
@@ -50,8 +49,8 @@ MaxKMeansWork = Annotated[
 ]
 
 
+@opt.shared("selection", "model", "cache")
 def serve(
-    model: opt.Model = DEFAULT_MODEL,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
     api_key: Annotated[
@@ -66,18 +65,6 @@ def serve(
     served_model_name: Annotated[
         str | None, typer.Option("--served-model-name", help="The model id clients send.  [default: --model as given]")
     ] = None,
-    budgets: opt.Budgets = None,
-    selector: opt.Selector = None,
-    clusters: opt.Clusters = None,
-    iters: opt.Iters = None,
-    seed: opt.Seed = None,
-    kmeans: opt.KMeans = None,
-    compat: opt.Compat = None,
-    device: opt.Device = "cpu",
-    dtype: opt.Dtype = None,
-    attn: opt.Attn = None,
-    vision_tower: opt.VisionTower = None,
-    cache_dir: opt.CacheDir = None,
     max_new_tokens: opt.MaxNewTokens = 512,
     max_pixels: MaxPixels = SERVER_MAX_PIXELS,
     max_batch: Annotated[
@@ -144,12 +131,14 @@ def serve(
             help="Allow image_url file:// URLs of files inside DIR (symlinks resolved).  [default: file:// refused]",
         ),
     ] = None,
+    *,
+    opts: opt.Shared,
 ) -> None:
     """Serve the model over the OpenAI chat-completions API (GET /v1/models, POST /v1/chat/completions,
     GET /health, GET /metrics)."""
     try:
         from uhrbat.serving import ChatService, ServeOptions, create_app
-        from uhrbat.serving.server import serve as run
+        from uhrbat.serving.http_server import serve as run
     except ImportError as e:  # fastapi / uvicorn / prometheus_client missing
         raise UhrBatError(f"uhrbat serve needs the serve extra ({e}); pip install 'uhrbat[serve]'") from e
     from uhrbat.cli.ask import load_pipeline
@@ -159,6 +148,7 @@ def serve(
         typer.echo(
             f"warning: listening on {host} without --api-key: anyone who can reach it can run the model", err=True
         )
+    model = opts.model
     options = ServeOptions(
         model_name=served_model_name or str(model),
         api_keys=(api_key,) if api_key else (),
@@ -180,9 +170,8 @@ def serve(
         read_timeout_s=read_timeout,
         keep_alive_s=keep_alive,
     )
-    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
-    load = opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir)
-    pipe, seconds = load_pipeline(model, load, selection)
+    selection = opts.selection
+    pipe, seconds = load_pipeline(model, opts.load, selection)
     set_decode_concurrency(decode_workers)  # this process is the server: its decodes run side by side
     service = ChatService(pipe, options)
     for line in startup_banner(service, model, seconds, selection):

@@ -1,10 +1,13 @@
 """Benchmark evaluation: official data formats in, official scoring rules out.
 
-* `benchmarks` — the registry: one module per benchmark (rows, prompts, scoring rule, spec)
-* `loaders.load_benchmark(name, data, images)` -> validated `Sample`s (bad rows become error samples)
-* `prompts.build_prompt(name, sample, style)` -> the official (or reference) question text
-* `benchmarks.score(name, samples, predictions)` -> `Report`
-* `runner.run_eval(config)` -> the resumable, shardable `uhrbat eval` loop
+* `benchmarks` — the registry: one module per benchmark (rows, prompts, scoring rule, spec);
+  `benchmarks.load_benchmark(name, data, images)` -> validated `Sample`s (bad rows become error
+  samples), `benchmarks.score(name, samples, predictions)` -> `Report`
+* below the registry, taking a `BenchmarkSpec` (never a name, so nothing imports back up):
+  `records` (Sample, ImageRef, row errors), `spec`, `loaders.load_samples(spec, ...)`,
+  `prompts.build_prompt(spec, sample, style)`, `scoring`, `report`
+* `runner.run_eval(config)` -> the resumable, shardable `uhrbat eval` loop on the one row runner
+  (`uhrbat.rowrunner`)
 """
 
 from __future__ import annotations

@@ -117,29 +117,22 @@ class UhrBatLmms(_LmmsBase):  # type: ignore[misc, valid-type]
     ) -> None:
         if _LmmsBase is not object:
             super().__init__()
-        from uhrbat.evaluation.runner import (
-            EvalConfig,
-            _resolve_device,
-            dist_info,
-            make_pipeline,
-        )
+        from uhrbat.evaluation.runner import dist_info
+        from uhrbat.factory import load_pipeline, pick_device
 
         self._rank, self._world_size, local = dist_info()
         self.batch_size_per_gpu = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)
-        cfg = EvalConfig(
-            benchmark="xlrs",
-            data="",
-            out="",
-            model=str(pretrained),
+        self.pipe = load_pipeline(
+            str(pretrained),
+            device=pick_device(device, local),
             dtype=dtype,
             budgets=_ints(budgets),
             selector=selector,
-            clusters=int(clusters) if clusters not in (None, "") else None,
-            iters=int(iters) if iters not in (None, "") else None,
+            kmeans_clusters=int(clusters) if clusters not in (None, "") else None,
+            kmeans_iters=int(iters) if iters not in (None, "") else None,
             seed=int(seed) if seed not in (None, "") else None,
         )
-        self.pipe = make_pipeline(cfg, _resolve_device(device, local))
         self.task_dict: dict = getattr(self, "task_dict", {})
 
     # lmms-eval reads these

@@ -7,14 +7,18 @@
 * the generic LLaVA / LongVA conversation format (`id`, `image`|`images`, `conversations`),
   accepted by every benchmark (the reference evaluator's `*_relative.json` files use it).
 
-Each benchmark's own row format lives in its module in `uhrbat.evaluation.benchmarks`.
+Each benchmark's own row format lives in its module in `uhrbat.evaluation.benchmarks`; this
+module knows benchmarks only through the `BenchmarkSpec` it is given (the registry,
+`uhrbat.evaluation.benchmarks.load_benchmark`, looks a name up and calls `load_samples`).
 
 Images: relative paths resolve in the image root; every path, after symlinks are resolved,
 must stay inside that root (an absolute path elsewhere, a `..` escape or a symlink pointing
 out is an error row) unless `allow_outside_images`; embedded bytes / base64 are decoded. A
 malformed row never stops loading: it becomes a `Sample` with `error` set (its row index and
-the reason) and `error_kind` "data" or "image". Problems with the file as a whole (missing,
-unreadable, empty, unknown format) raise `BenchmarkDataError`.
+the reason) and `error_kind` "data" or "image"; a row whose only problem is its image keeps its
+other fields (category, options, answer), so the per-category report counts it where it
+belongs. Problems with the file as a whole (missing, unreadable, empty, unknown format) raise
+`BenchmarkDataError`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import hashlib
+import dataclasses
 import json
 import math
 import os
@@ -30,18 +34,25 @@ import re
 import string
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from uhrbat.errors import BenchmarkDataError
-from uhrbat.evaluation.records import ImageRef, Sample, decode_base64_image, is_within
+from uhrbat.evaluation.records import (
+    ImageRef,
+    ImageRowError,
+    LoadContext,
+    RowError,
+    Sample,
+    decode_base64_image,
+    is_within,
+)
 from uhrbat.evaluation.spec import BenchmarkSpec
 
 __all__ = [
-    "load_benchmark",
+    "load_samples",
     "iter_rows",
     "parse_options",
     "LoadContext",
@@ -61,30 +72,6 @@ DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".tsv", ".csv")
 OPTION_RE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])[.):：])\s*(.*)$", re.DOTALL)
 _LEADING_IMAGE_RE = re.compile(r"^(?:\s*<image>\s*)+", re.IGNORECASE)
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
-
-
-class RowError(ValueError):
-    """A row is malformed; becomes an error Sample."""
-
-
-class ImageRowError(RowError):
-    """A row's image is missing, outside the image root, or unusable; an error Sample of kind "image"."""
-
-
-@dataclass
-class LoadContext:
-    benchmark: str
-    source: Path
-    root: Path
-    notes: list[str] = field(default_factory=list)
-    check_images: bool = True
-    allow_outside: bool = False
-    _blobs: dict[bytes, bytes] = field(default_factory=dict)
-
-    def blob(self, data: bytes) -> bytes:
-        """Share identical embedded images (HR-Bench repeats each image in every option cycle)."""
-        key = hashlib.blake2b(data, digest_size=16).digest()
-        return self._blobs.setdefault(key, data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,22 +427,19 @@ def _llava(row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any]:
     )
 
 
-def load_benchmark(
-    name: str,
+def load_samples(
+    spec: BenchmarkSpec,
     data: str | os.PathLike,
     images: str | os.PathLike | None = None,
     check_images: bool = True,
     allow_outside_images: bool = False,
 ) -> list[Sample]:
-    """Load and validate a benchmark; malformed rows come back as error samples.
+    """Load and validate a benchmark's rows; malformed rows come back as error samples.
 
     Image paths must resolve (symlinks followed) inside `images` (default: the data file's
     folder) unless `allow_outside_images`. `check_images=False` (scoring saved outputs)
     ignores missing or unresolvable images.
     """
-    from uhrbat.evaluation.benchmarks import get_spec
-
-    spec = get_spec(name)
     bench = spec.name
     data_path = Path(data).expanduser()
     files = _resolve_data_path(data_path, spec)
@@ -486,7 +470,7 @@ def load_benchmark(
                     raise row
                 if spec.keep_row is not None and not spec.keep_row(row):
                     continue
-                fields = _llava(row, gidx, ctx) if "conversations" in row else spec.normalise(row, gidx, ctx)
+                fields = _normalise(spec, row, gidx, ctx)
                 if fields is None:
                     continue
                 sid = _id_of(row, spec.id_keys, gidx)
@@ -499,13 +483,15 @@ def load_benchmark(
                 reason = _reason(e)
                 if sid is None and isinstance(row, dict):
                     sid = _id_of(row, spec.id_keys, gidx)
+                is_image = isinstance(e, ImageRowError)
                 sample = Sample(
                     id=sid or f"row-{gidx}",
                     row=gidx,
                     error=f"row {gidx}: {reason}",
-                    error_kind="image" if isinstance(e, ImageRowError) else "data",
+                    error_kind="image" if is_image else "data",
                     source_format=bench,
                     question=_safe_question(row),
+                    **(_kept_fields(spec, row, gidx, ctx) if is_image else {}),
                 )
             if sample.id in seen:
                 seen[sample.id] += 1
@@ -528,6 +514,23 @@ def load_benchmark(
             raise BenchmarkDataError(f"{spec.no_rows_hint} in {data_path}")
         raise BenchmarkDataError(f"no usable rows in benchmark data {data_path}")
     return samples
+
+
+def _normalise(spec: BenchmarkSpec, row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any] | None:
+    return _llava(row, idx, ctx) if "conversations" in row else spec.normalise(row, idx, ctx)
+
+
+_KEPT = ("category", "subcategory", "options", "option_lines", "answer", "extra")
+
+
+def _kept_fields(spec: BenchmarkSpec, row: Any, idx: int, ctx: LoadContext) -> dict[str, Any]:
+    """A row whose image is unusable keeps its category, options and answer (so the report counts
+    it in its category): the row normalised again with image problems ignored."""
+    try:
+        fields = _normalise(spec, row, idx, dataclasses.replace(ctx, check_images=False))
+    except (RowError, ValueError):
+        return {}
+    return {k: fields[k] for k in _KEPT if fields and fields.get(k) is not None}
 
 
 def _first_index(samples: list[Sample], sid: str) -> int:

@@ -2,7 +2,8 @@
 prompts under the name "reference".
 
 Each benchmark module defines its own templates (`BenchmarkSpec.prompts`); this module holds
-the dispatch and the one template several benchmarks share (the UHR-BAT reference evaluator's
+the dispatch (given a spec; it never looks benchmarks up by name, so benchmark modules can
+import it) and the one template several benchmarks share (the UHR-BAT reference evaluator's
 XHRBench prompt). The text returned is the *user text only*; the pipeline adds the ChatML
 wrapper and the `<image>` marker. Each template is described in words (`describe()`), which
 goes into the report so a reader knows exactly what the model was asked.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from uhrbat.errors import BenchmarkDataError
 from uhrbat.evaluation.records import Sample
-from uhrbat.evaluation.spec import Prompt
+from uhrbat.evaluation.spec import BenchmarkSpec, Prompt
 
 __all__ = ["PROMPT_STYLES", "build_prompt", "describe", "reference_xhr", "REFERENCE_XHR_DESCRIPTION", "REF_XHR_SUFFIX"]
 
@@ -54,22 +55,20 @@ def reference_xhr(sample: Sample) -> str:
     return q
 
 
-def _template(benchmark: str, style: str) -> Prompt:
-    from uhrbat.evaluation.benchmarks import get_spec
-
+def _template(spec: BenchmarkSpec, style: str) -> Prompt:
     if style not in PROMPT_STYLES:
         raise BenchmarkDataError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
-    spec = get_spec(benchmark)
     if style not in spec.prompts:
         raise BenchmarkDataError(f"no {style} prompt for benchmark {spec.name!r}")
     return spec.prompts[style]
 
 
-def build_prompt(benchmark: str, sample: Sample, style: str = "official") -> str:
-    """The user text for `sample` under the chosen prompt style."""
-    fn, _ = _template(benchmark, style)
+def build_prompt(spec: BenchmarkSpec, sample: Sample, style: str = "official") -> str:
+    """The user text for `sample` under the chosen prompt style of benchmark `spec`."""
+    fn, _ = _template(spec, style)
     return fn(sample)
 
 
-def describe(benchmark: str, style: str = "official") -> str:
-    return _template(benchmark, style)[1]
+def describe(spec: BenchmarkSpec, style: str = "official") -> str:
+    """The prompt template of `spec` under `style`, in words (it goes into the report)."""
+    return _template(spec, style)[1]

@@ -1,8 +1,11 @@
-"""Validated records shared by the loaders, the scorers and the runner.
+"""Validated records shared by the loaders, the benchmark modules, the scorers and the runner.
 
 A `Sample` is one benchmark question in a format-independent shape. Loaders never raise on
 a bad row: they return a `Sample` whose `error` says what is wrong (with the row index), and
-the runner/scorers count it as an error that is never correct.
+the runner/scorers count it as an error that is never correct. A benchmark's row normaliser
+gets a `LoadContext` and raises `RowError` / `ImageRowError` for a bad row.
+
+This is the bottom layer of `uhrbat.evaluation`: it imports no other module of the package.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from uhrbat.errors import ImageLoadError
 
-__all__ = ["ImageRef", "Sample", "Prediction", "decode_base64_image", "open_images", "pixel_limit"]
+__all__ = [
+    "ImageRef",
+    "ImageRowError",
+    "LoadContext",
+    "Prediction",
+    "RowError",
+    "Sample",
+    "decode_base64_image",
+    "open_images",
+    "pixel_limit",
+]
 
 # Remote-sensing images routinely exceed Pillow's 178-MP decompression-bomb guard; every
 # official harness lifts it (lmms-eval tasks/xlrs/mcq_utils.py sets 1e9, LRS-VQA
@@ -34,6 +48,35 @@ def pixel_limit(limit: int | None = EVAL_MAX_IMAGE_PIXELS) -> contextlib.Abstrac
     from uhrbat.io.images import pil_pixel_limit
 
     return pil_pixel_limit(limit)
+
+
+class RowError(ValueError):
+    """A row is malformed; becomes an error Sample."""
+
+
+class ImageRowError(RowError):
+    """A row's image is missing, outside the image root, or unusable; an error Sample of kind "image"."""
+
+
+@dataclass
+class LoadContext:
+    """What a row normaliser may need: the benchmark, the data file, the image root and options.
+
+    check_images: False when only scoring saved outputs (image problems are ignored);
+    allow_outside: image paths may resolve outside `root`; notes: remarks for the report."""
+
+    benchmark: str
+    source: Path
+    root: Path
+    notes: list[str] = field(default_factory=list)
+    check_images: bool = True
+    allow_outside: bool = False
+    _blobs: dict[bytes, bytes] = field(default_factory=dict)
+
+    def blob(self, data: bytes) -> bytes:
+        """Share identical embedded images (HR-Bench repeats each image in every option cycle)."""
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        return self._blobs.setdefault(key, data)
 
 
 @dataclass(frozen=True)

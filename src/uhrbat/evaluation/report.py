@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report", "pct", "category_table", "write_report", "atomic_write_text"]
+from uhrbat.runfiles import atomic_write
+
+__all__ = ["Report", "pct", "category_table", "write_report"]
 
 
 def pct(correct: float, total: float) -> float:
@@ -64,6 +65,13 @@ class Report:
             "meta": dict(self.meta),
         }
 
+    def headline_notes(self) -> dict[str, str]:
+        """What each headline number is, when the benchmark says (`meta["headline"]`: {key: text})."""
+        notes = self.meta.get("headline")
+        if not isinstance(notes, dict):
+            return {}
+        return {k: str(notes[k]) for k in self.headline if k in notes}
+
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
@@ -77,6 +85,10 @@ class Report:
             lines.append("|" + "|".join("---:" for _ in keys) + "|")
             lines.append("| " + " | ".join(_fmt(self.headline[k]) for k in keys) + " |")
             lines.append("")
+            for k, text in self.headline_notes().items():
+                lines.append(f"- **{k}**: {text}")
+            if self.headline_notes():
+                lines.append("")
         if self.per_category:
             lines += ["## Per category", "", "| category | n | correct | accuracy (%) |", "|---|---:|---:|---:|"]
             for k, v in self.per_category.items():
@@ -93,6 +105,8 @@ class Report:
         if self.meta:
             lines += ["## How these numbers were made", ""]
             for k, v in self.meta.items():
+                if k == "headline" and self.headline_notes():
+                    continue  # shown under the headline table
                 if isinstance(v, list):
                     lines.append(f"- **{k}**:")
                     lines += [f"  - {x}" for x in v]
@@ -118,47 +132,9 @@ def _md_escape(s: str) -> str:
     return str(s).replace("|", "\\|")
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (threads may be running)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
-    os.umask(old)
-    return old
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file + rename, so readers never see a half-written file.
-
-    The file gets the usual permissions of a new file (0666 minus the umask, e.g. 0644), not
-    the private 0600 of the temporary file it is written through.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_report(report: Report, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     out = Path(out_dir)
     j, m = out / "report.json", out / "report.md"
-    atomic_write_text(j, report.to_json() + "\n")
-    atomic_write_text(m, report.to_markdown())
+    atomic_write(j, report.to_json() + "\n")
+    atomic_write(m, report.to_markdown())
     return j, m

@@ -1,6 +1,13 @@
 """The `uhrbat eval` loop: resumable, batched, sharded across ranks, merged at the end.
 
-Files in the run directory:
+The questions go through the one row runner (`uhrbat.rowrunner.RowRunner`, shared with
+`uhrbat batch`) with eval's plug-ins: its own image opener (embedded images, several images
+pasted side by side), the benchmark's prompt, and a per-answer step that judges the answer with
+the official rule and, with `--choice-by-logits`, adds the option log-probabilities. Every
+`batch_size` consecutive questions make one model call (`whole_scenes=False`), so the default
+`--batch-size 1` asks one question per `generate`, as the official harnesses do.
+
+Files in the run directory (the run-file rules are `uhrbat.runfiles`'s, shared with batch):
 
 * `run.json` — the settings that define the run; a rerun with different ones is refused, and a
   corrupt one is refused with the fix (it is never silently overwritten).
@@ -10,8 +17,9 @@ Files in the run directory:
   (`uhrbat.runfiles.JsonlAppender`: one write + fsync per row). Every row carries
   `seq = [generation, n]`: a run's generation is one more than any generation already in the
   directory, so when rank files of several runs (even with other world sizes) hold the same id,
-  the row written last wins the merge by construction. A rerun drops a torn last line and skips
-  the ids already answered.
+  the row written last wins the merge by construction. A rerun cuts a torn last line (with a
+  note), refuses any other damage naming the file, line and fix (`uhrbat.runfiles.RowFile`), and
+  skips the ids already answered.
 * `.rank{r}-of-{w}.done` — written when a rank has finished its shard.
 * `predictions.jsonl`, `report.json`, `report.md` — written by rank 0 once every rank file is
   complete (merged by id, in benchmark order).
@@ -27,22 +35,32 @@ the same command; no process group is needed.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from uhrbat.errors import BenchmarkDataError, ConfigError, UhrBatError
 from uhrbat.evaluation import benchmarks, prompts
-from uhrbat.evaluation.loaders import load_benchmark
 from uhrbat.evaluation.records import ImageRef, Prediction, Sample, open_images
-from uhrbat.evaluation.report import Report, atomic_write_text, write_report
-from uhrbat.runfiles import JsonlAppender, RunLock, progress_bar, read_jsonl
+from uhrbat.evaluation.report import Report, write_report
+from uhrbat.evaluation.spec import BenchmarkSpec
+from uhrbat.factory import load_pipeline, model_identity, pick_device
+from uhrbat.rowrunner import Job, Outcome, RowRunner, error_message, hold_back_unexpected
+from uhrbat.runfiles import (
+    JsonlAppender,
+    RowFile,
+    RowProgress,
+    RunLock,
+    atomic_write,
+    check_run_settings,
+    read_jsonl,
+    refuse_directories,
+)
 
 __all__ = [
     "EvalConfig",
@@ -52,10 +70,8 @@ __all__ = [
     "load_predictions",
     "shard_of",
     "image_groups",
-    "PIPELINE_HOOK_ENV",
 ]
 
-PIPELINE_HOOK_ENV = "UHRBAT_EVAL_PIPELINE"  # "module:attr" -> a class with from_pretrained (tests, plugins)
 MERGE_TIMEOUT_ENV = "UHRBAT_EVAL_MERGE_TIMEOUT"
 PREDICTIONS = "predictions.jsonl"
 
@@ -66,6 +82,15 @@ class EvalIncomplete(UhrBatError):
 
 @dataclass
 class EvalConfig:
+    """Everything `uhrbat eval` needs (the same shape as `uhrbat.batch.BatchConfig`).
+
+    load: `uhrbat.factory.load_pipeline` load options (device — default "auto", cuda:LOCAL_RANK
+    when available —, dtype, attn_implementation, vision_tower, compat); selection: budgets,
+    selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed (unset: the checkpoint's);
+    score_options: the benchmark's own scoring options, passed by name to its spec (e.g. LRS-VQA's
+    `lrs_synonyms`); generate_kwargs: extra generation options.
+    """
+
     benchmark: str
     data: str | os.PathLike
     out: str | os.PathLike
@@ -75,37 +100,18 @@ class EvalConfig:
     batch_size: int = 1
     prompt: str = "official"
     choice_by_logits: bool = False
-    budgets: list[int] | None = None
-    selector: str | None = None
-    clusters: int | None = None
-    iters: int | None = None
-    seed: int | None = None
-    kmeans_mode: str | None = None  # fast | exact (uhrbat.cli.options --kmeans)
-    compat: str | None = None  # none | reference
-    attn: str | None = None  # LLM attention implementation
-    vision_tower: str | None = None  # CLIP folder for reference checkpoints without one
-    device: str | None = None
-    dtype: str | None = None
+    load: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int | None = None
     retry_errors: bool = False
     progress: bool = True
     allow_outside_images: bool = False
-    lrs_synonyms: str | None = None  # LRS-VQA only: "wordnet" (default, official) or "none" (exact match)
+    score_options: dict[str, Any] = field(default_factory=dict)
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def selection(self) -> dict[str, Any]:
-        sel = {
-            "budgets": self.budgets,
-            "selector": self.selector,
-            "kmeans_clusters": self.clusters,
-            "kmeans_iters": self.iters,
-            "seed": self.seed,
-            "kmeans_mode": self.kmeans_mode,
-        }
-        return {k: v for k, v in sel.items() if v is not None}
-
-    def score_options(self) -> dict[str, Any]:
-        return {"lrs_synonyms": self.lrs_synonyms}
+    def selection_options(self) -> dict[str, Any]:
+        """The selection options given (None values dropped)."""
+        return {k: v for k, v in self.selection.items() if v is not None}
 
 
 def dist_info(env: dict[str, str] | None = None) -> tuple[int, int, int]:
@@ -164,21 +170,24 @@ def _rank_files(out: Path) -> list[Path]:
     return sorted(out.glob("predictions.rank*-of-*.jsonl"))
 
 
-def _collect(out: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """Latest row per id over every rank file (any world size), and the highest generation seen."""
+def _collect(out: Path) -> tuple[dict[str, dict[str, Any]], int, list[str]]:
+    """Latest row per id over every rank file (any world size), the highest generation seen, and
+    the notes to print (torn last lines). Each file is read under the run files' corruption
+    policy (`RowFile`: damage is refused, naming the file, line and fix)."""
     best: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
     top = 0
+    notes: list[str] = []
     for f in _rank_files(out):
-        rows, _ = read_jsonl(f)
-        for line, r in enumerate(rows):
-            if "id" not in r:
-                continue
+        rows = RowFile(f)
+        for line, r in rows.rows():
             key = _row_order(r, line)
             top = max(top, key[0])
             sid = str(r["id"])
             if sid not in best or key >= best[sid][0]:
                 best[sid] = (key, r)
-    return {sid: r for sid, (_, r) in best.items()}, top
+        if rows.torn_note():
+            notes.append(rows.torn_note())
+    return {sid: r for sid, (_, r) in best.items()}, top, notes
 
 
 def load_predictions(path: str | os.PathLike) -> tuple[dict[str, Prediction], list[str]]:
@@ -217,56 +226,8 @@ def load_predictions(path: str | os.PathLike) -> tuple[dict[str, Prediction], li
 
 
 # ----------------------------------------------------------------------------------------------
-# pipeline
+# eval's plug-ins of the row runner
 # ----------------------------------------------------------------------------------------------
-
-
-def _resolve_device(device: str | None, local_rank: int) -> str:
-    if device and device != "auto":
-        from uhrbat.devices import resolve_device
-
-        return str(resolve_device(device))  # one clear line when e.g. CUDA is not available here
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{local_rank}"
-    except Exception:  # pragma: no cover
-        pass
-    return "cpu"
-
-
-def make_pipeline(cfg: EvalConfig, device: str):
-    hook = os.environ.get(PIPELINE_HOOK_ENV)
-    if hook:
-        mod_name, _, attr = hook.partition(":")
-        cls = getattr(importlib.import_module(mod_name), attr or "Pipeline")
-    else:
-        from uhrbat.pipeline import UhrBatPipeline as cls  # the real model
-    kwargs: dict[str, Any] = {"device": device}
-    if cfg.dtype:
-        kwargs["dtype"] = cfg.dtype
-    for key, value in (("compat", cfg.compat), ("attn_implementation", cfg.attn), ("vision_tower", cfg.vision_tower)):
-        if value:
-            kwargs[key] = value
-    kwargs.update(cfg.selection())
-    return cls.from_pretrained(cfg.model, **kwargs)
-
-
-class _ImageMemo:
-    """The opened image of the current image group, so a group's questions share one object
-    (the pipeline's scene cache then recognises it without decoding it again)."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: Any = None
-
-    def get(self, s: Sample) -> Any:
-        key = _image_key(s)
-        if key != self.key:
-            self.key, self.value = None, None  # drop the previous scene's pixels first
-            self.value, self.key = _image_input(s.images), key
-        return self.value
 
 
 def _image_input(refs: list[ImageRef]):
@@ -275,6 +236,16 @@ def _image_input(refs: list[ImageRef]):
         refs[0].check()
         return refs[0].path
     return open_images(refs)
+
+
+def _job(spec: BenchmarkSpec, s: Sample, style: str) -> Job:
+    if not s.ok:
+        return Job(id=s.id, question=s.question, error=s.error, error_kind=s.error_kind or "data", item=s)
+    try:
+        question = prompts.build_prompt(spec, s, style)
+    except Exception as e:  # noqa: BLE001 - per-row isolation: a row the template cannot format is that row's error
+        return Job(id=s.id, question=s.question, error=f"prompt: {error_message(e)}", error_kind="data", item=s)
+    return Job(id=s.id, question=question, scene=_image_key(s), item=s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,40 +258,15 @@ def _fingerprint(cfg: EvalConfig, max_new_tokens: int) -> dict[str, Any]:
         "benchmark": benchmarks.get_spec(cfg.benchmark).name,
         "data": str(Path(cfg.data).expanduser().absolute()),
         "images": str(Path(cfg.images).expanduser().absolute()) if cfg.images else None,
-        "model": cfg.model,
+        "model": model_identity(cfg.model),
         "prompt": cfg.prompt,
-        "selection": cfg.selection(),
-        "dtype": cfg.dtype,
-        **({"compat": cfg.compat} if cfg.compat else {}),
+        "selection": cfg.selection_options(),
+        "dtype": cfg.load.get("dtype"),
+        **({"compat": cfg.load["compat"]} if cfg.load.get("compat") else {}),
         "max_new_tokens": max_new_tokens,
         "choice_by_logits": cfg.choice_by_logits,
         "decoding": "greedy",
     }
-
-
-def _check_run_json(out: Path, fp: dict[str, Any], rank: int) -> None:
-    path = out / "run.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConfigError(
-                f"{path} is unreadable or corrupt ({e}); it says which settings the rows in {out} were "
-                "made with, so it is not overwritten: move it away to start afresh there, or use "
-                "another --out"
-            ) from None
-        diff = [k for k in [*fp, *(k for k in old if k not in fp)] if old.get(k) != fp.get(k)]
-        if diff:
-            k = diff[0]
-            raise ConfigError(
-                f"{out} holds a run with different settings ({k}: {old.get(k)!r} != {fp.get(k)!r}); "
-                "use a new --out directory"
-            )
-        return
-    if rank == 0:
-        atomic_write_text(path, json.dumps(fp, indent=2) + "\n")
 
 
 def _log(rank: int, msg: str) -> None:
@@ -351,113 +297,54 @@ def _judge(module, s: Sample, output: str) -> tuple[Any, bool]:
     return parsed, bool(module.correct(parsed, s))
 
 
-@dataclass
-class _State:
-    rank: int = 0
-    successes: int = 0
-    memo: _ImageMemo = field(default_factory=_ImageMemo)
+class _Answering:
+    """Eval's per-answer step (judge with the official rule; `--choice-by-logits`) and row format."""
 
+    def __init__(self, cfg: EvalConfig, spec: BenchmarkSpec, runner: RowRunner, rank: int) -> None:
+        self.cfg, self.spec, self.runner, self.rank = cfg, spec, runner, rank
 
-def _process_batch(
-    pipe,
-    batch: list[Sample],
-    cfg: EvalConfig,
-    module,
-    max_new_tokens: int,
-    rank: int,
-    write: Callable[[dict[str, Any]], None],
-    state: _State | None = None,
-) -> None:
-    """Answer one batch and write one row per sample (stage timings and latency per sample).
+    def judge(self, out: Outcome, image: Any) -> None:
+        s: Sample = out.job.item
+        res = out.result
+        answer = res.answer if res.answer is not None else ""
+        x = out.extra
+        x["output"] = answer
+        x["timings"] = dict(getattr(res, "timings", {}) or {})
+        x["num_visual_tokens"] = getattr(res, "num_visual_tokens", None)
+        x["cache"] = getattr(res, "cache", None)
+        group_s = (getattr(res, "timings_detail", None) or {}).get("group")
+        if isinstance(group_s, (int, float)):
+            x["group_s"] = float(group_s)
+        x["parsed"], x["correct"] = _judge(self.spec.scorer, s, answer)
+        if self.cfg.choice_by_logits and s.options:
+            try:
+                lp = self.runner.pipe.choice_logprobs(image, out.job.question, list(s.options))
+                x["logprobs"] = {k: float(v) for k, v in lp.items()}
+                x["logit_choice"] = max(lp, key=lambda k: lp[k]) if lp else None
+            except UhrBatError as e:  # the generated answer stays valid
+                x["logit_choice"] = None
+                x["logit_error"] = f"{type(e).__name__}: {e}"
 
-    Per-sample failures (bad image, prompt too long, any error once the model has answered at
-    least once) become error rows and a log line. A failed batch call is logged and its samples
-    are answered one by one, so the failing sample is isolated. An unexpected exception before
-    the model has ever answered (a broken install, a bad checkpoint) aborts the run instead,
-    without writing a row, so a systematic failure is not recorded as thousands of wrong
-    answers and the rerun retries it.
-    """
-    state = state if state is not None else _State(rank=rank)
-    ready: list[tuple[Sample, str, Any, dict[str, Any]]] = []
-    for s in batch:
-        prompt = prompts.build_prompt(cfg.benchmark, s, cfg.prompt) if s.ok else s.question
-        row = _base_row(s, prompt, rank)
-        if not s.ok:
-            row["error"], row["error_kind"] = s.error, s.error_kind or "data"
-            write(row)
-            continue
-        try:
-            image = state.memo.get(s)
-        except UhrBatError as e:
-            row["error"], row["error_kind"] = f"{type(e).__name__}: {e}", "image"
-            _log(rank, f"{s.id}: {row['error']}")
-            write(row)
-            continue
-        ready.append((s, prompt, image, row))
-    if not ready:
-        return
-
-    results: list[Any] | None = None
-    t0 = time.perf_counter()
-    if len(ready) > 1:
-        try:
-            results = list(
-                pipe.ask_batch(
-                    [r[2] for r in ready], [r[1] for r in ready], max_new_tokens=max_new_tokens, **cfg.generate_kwargs
-                )
-            )
-            if len(results) != len(ready):
-                _log(
-                    rank,
-                    f"ask_batch returned {len(results)} answers for {len(ready)} questions; answering them one by one",
-                )
-                results = None
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # isolate the failing sample below
-            _log(rank, f"a batch of {len(ready)} questions failed ({type(e).__name__}: {e}); answering them one by one")
-            results = None
-    # one batched call answers every question at once: each gets an equal share of its wall time
-    batch_latency = (time.perf_counter() - t0) / len(ready) if results is not None else None
-
-    for i, (s, prompt, image, row) in enumerate(ready):
-        try:
-            if results is not None:
-                res, latency = results[i], batch_latency
-            else:
-                t1 = time.perf_counter()
-                res = pipe.ask(image, prompt, max_new_tokens=max_new_tokens, **cfg.generate_kwargs)
-                latency = time.perf_counter() - t1
-            answer = res.answer if res.answer is not None else ""
-            row.update(
-                output=answer,
-                timings=dict(getattr(res, "timings", {}) or {}),
-                num_visual_tokens=getattr(res, "num_visual_tokens", None),
-                latency_s=latency,
-                cache=getattr(res, "cache", None),
-            )
-            group_s = (getattr(res, "timings_detail", None) or {}).get("group")
-            if isinstance(group_s, (int, float)):
-                row["group_s"] = float(group_s)
-            row["parsed"], row["correct"] = _judge(module, s, answer)
-            if cfg.choice_by_logits and s.options:
-                try:
-                    lp = pipe.choice_logprobs(image, prompt, list(s.options))
-                    row["logprobs"] = {k: float(v) for k, v in lp.items()}
-                    row["logit_choice"] = max(lp, key=lambda k: lp[k]) if lp else None
-                except UhrBatError as e:  # the generated answer stays valid
-                    row["logit_choice"] = None
-                    row["logit_error"] = f"{type(e).__name__}: {e}"
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            if state.successes == 0 and not isinstance(e, UhrBatError):
-                raise
-            row.update(output=None, parsed=None, correct=False, error=f"{type(e).__name__}: {e}", error_kind="model")
-            _log(rank, f"{s.id}: {row['error']}")
-        else:
-            state.successes += 1
-        write(row)
+    def row(self, out: Outcome) -> dict[str, Any]:
+        s: Sample = out.job.item
+        row = _base_row(s, out.job.question, self.rank)
+        if out.error is not None:
+            row.update(error=out.error, error_kind=out.error_kind)
+            return row
+        x = out.extra
+        row.update(
+            output=x["output"],
+            timings=x["timings"],
+            num_visual_tokens=x["num_visual_tokens"],
+            latency_s=out.seconds,
+            cache=x["cache"],
+            parsed=x["parsed"],
+            correct=x["correct"],
+        )
+        for k in ("group_s", "logprobs", "logit_choice", "logit_error"):
+            if k in x:
+                row[k] = x[k]
+        return row
 
 
 def _marker(out: Path, rank: int, world: int) -> Path:
@@ -479,24 +366,26 @@ def run_eval(cfg: EvalConfig, env: dict[str, str] | None = None) -> Report | Non
     cfg.benchmark = spec.name
     if cfg.prompt not in prompts.PROMPT_STYLES:
         raise ConfigError(f"unknown prompt style {cfg.prompt!r}; choose one of {', '.join(prompts.PROMPT_STYLES)}")
+    prompts.describe(spec, cfg.prompt)  # a benchmark without this prompt style: refused before anything runs
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {cfg.limit}")
     if cfg.choice_by_logits and not spec.multiple_choice:
         raise ConfigError(f"--choice-by-logits needs a multiple-choice benchmark; {spec.name} is open-ended")
-    benchmarks.check_score_options(spec.name, **cfg.score_options())  # before any model runs
+    benchmarks.check_score_options(spec.name, **cfg.score_options)  # before any model runs
     max_new_tokens = cfg.max_new_tokens or spec.max_new_tokens
     rank, world, local_rank = dist_info(env)
 
-    samples = load_benchmark(spec.name, cfg.data, cfg.images, allow_outside_images=cfg.allow_outside_images)
+    samples = benchmarks.load_benchmark(spec.name, cfg.data, cfg.images, allow_outside_images=cfg.allow_outside_images)
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
     out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "uhrbat eval", name=_lock_name(rank)):
+        if rank == 0:
+            refuse_directories(*(out / n for n in (PREDICTIONS, "report.json", "report.md")))
         fp = _fingerprint(cfg, max_new_tokens)
-        _check_run_json(out, fp, rank)
+        check_run_settings(out, fp, what="eval", write=rank == 0, normalise={"model": model_identity})
         _run_shard(cfg, spec, samples, out, rank, world, local_rank, max_new_tokens)
         if rank != 0:
             return None
@@ -505,47 +394,67 @@ def run_eval(cfg: EvalConfig, env: dict[str, str] | None = None) -> Report | Non
 
 
 def _run_shard(
-    cfg: EvalConfig, spec, samples: list[Sample], out: Path, rank: int, world: int, local_rank: int, max_new_tokens: int
+    cfg: EvalConfig,
+    spec: BenchmarkSpec,
+    samples: list[Sample],
+    out: Path,
+    rank: int,
+    world: int,
+    local_rank: int,
+    max_new_tokens: int,
 ) -> None:
     my_shard = shard_of(samples, rank, world)
     marker = _marker(out, rank, world)
     if marker.exists():
         marker.unlink()
     rank_path = _rank_file(out, rank, world)
-    _, n_torn = read_jsonl(rank_path)
-    if n_torn:
-        _log(
-            rank,
-            f"{rank_path.name}: {n_torn} torn or invalid lines ignored (a killed write); their questions run again",
-        )
-    done_rows, top_generation = _collect(out)
+    done_rows, top_generation, notes = _collect(out)
+    for note in notes:
+        _log(rank, note)
     generation = top_generation + 1  # newer than every row already here: the latest row wins the merge
     # --retry-errors runs every error row again, whatever its kind: a data error is re-read from
     # the data file (cheap), an image or model error is answered again.
     done = {sid for sid, r in done_rows.items() if not (cfg.retry_errors and r.get("error"))}
     todo = [s for s in my_shard if s.id not in done]
 
-    pipe = None
-    state = _State(rank=rank)
-    counter = 0
-    with JsonlAppender(rank_path) as appender, progress_bar(cfg.progress) as progress:
-        task = progress.add_task(
-            f"{spec.name} rank {rank}/{world}", total=len(my_shard), completed=len(my_shard) - len(todo)
-        )
+    def load() -> Any:
+        device = pick_device(cfg.load.get("device", "auto"), local_rank)
+        return load_pipeline(cfg.model, **{**cfg.load, "device": device}, **cfg.selection)
 
-        def write(row: dict[str, Any]) -> None:
-            nonlocal counter
+    counter = 0
+    with (
+        JsonlAppender(rank_path) as appender,
+        RowProgress(
+            cfg.progress, f"{spec.name} rank {rank}/{world}", len(my_shard), done=len(my_shard) - len(todo)
+        ) as progress,
+    ):
+        runner = RowRunner(
+            open_scene=lambda job: _image_input(job.item.images),
+            max_new_tokens=max_new_tokens,
+            ask_kwargs=dict(cfg.generate_kwargs),
+            batch_size=cfg.batch_size,
+            whole_scenes=False,
+            load=load,
+            on_loaded=progress.start_clock,
+            log=lambda m: _log(rank, m),
+        )
+        answering = _Answering(cfg, spec, runner, rank)
+        runner.finish = [(None, answering.judge)]
+        outcomes = hold_back_unexpected(
+            runner.run(_job(spec, s, cfg.prompt) for s in todo),
+            unexpected=lambda o: o.unexpected,
+            answered=lambda o: o.answered,
+            log=lambda m: _log(rank, m),
+        )
+        for outcome in outcomes:
+            row = answering.row(outcome)
+            if row["error"]:
+                _log(rank, f"{row['id']}: {row['error']}")
             row["seq"] = [generation, counter]
             counter += 1
             appender.write(row)
-            progress.advance(task)
-
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            if pipe is None and any(s.ok for s in batch):
-                pipe = make_pipeline(cfg, _resolve_device(cfg.device, local_rank))
-            _process_batch(pipe, batch, cfg, spec.scorer, max_new_tokens, rank, write, state)
-    atomic_write_text(
+            progress.advance()
+    atomic_write(
         marker, json.dumps({"rank": rank, "world": world, "n": len(my_shard), "ids_sha": _ids_sha(my_shard)}) + "\n"
     )
 
@@ -628,7 +537,7 @@ def _runtime_metrics(report: Report, ordered: list[dict[str, Any]]) -> None:
 def _merge_and_report(
     cfg: EvalConfig, out: Path, samples: list[Sample], spec, fp: dict[str, Any], world: int
 ) -> Report:
-    rows, _ = _collect(out)
+    rows, _, _ = _collect(out)
     missing = [s.id for s in samples if s.id not in rows]
     if missing:
         raise EvalIncomplete(
@@ -636,20 +545,18 @@ def _merge_and_report(
         )
     ordered = [rows[s.id] for s in samples]
     preds = {str(r["id"]): Prediction.from_row(r) for r in ordered}
-    report = benchmarks.score(spec.name, samples, preds, **cfg.score_options())
+    report = benchmarks.score(spec.name, samples, preds, **cfg.score_options)
     for r in ordered:  # the report's verdict is the one truth (e.g. LRS-VQA under --lrs-synonyms none)
         r["correct"] = bool(report.per_sample.get(str(r["id"]), False))
-    atomic_write_text(
-        out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in ordered)
-    )
+    atomic_write(out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in ordered))
     _runtime_metrics(report, ordered)
     n_multi = sum(1 for s in samples if s.ok and len(s.images) > 1)
     report.meta.update(
         {
             "prompt_style": cfg.prompt,
-            "prompt_template": prompts.describe(spec.name, cfg.prompt),
+            "prompt_template": prompts.describe(spec, cfg.prompt),
             "model": cfg.model,
-            "selection": cfg.selection() or "pipeline defaults",
+            "selection": cfg.selection_options() or "pipeline defaults",
             "decoding": "greedy",
             "max_new_tokens": fp["max_new_tokens"],
             "max_new_tokens_source": spec.max_new_tokens_source if cfg.max_new_tokens is None else "--max-new-tokens",

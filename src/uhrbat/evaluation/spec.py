@@ -14,8 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from uhrbat.evaluation.loaders import LoadContext
-    from uhrbat.evaluation.records import Sample
+    from uhrbat.evaluation.records import LoadContext, Sample
     from uhrbat.evaluation.report import Report
 
 __all__ = ["BenchmarkSpec", "Prompt"]
@@ -30,12 +29,14 @@ class BenchmarkSpec:
 
     name: canonical CLI name; aliases: other accepted spellings (lower case).
     normalise(row, idx, ctx) -> Sample fields (or None to skip the row); raise
-        `loaders.RowError` for a malformed row (it becomes an error sample).
+        `records.RowError` (`ImageRowError` for its image) for a malformed row (it becomes an
+        error sample).
     id_keys: row fields holding the question id, first present wins.
     prompts: {"official": Prompt, "reference": Prompt}.
     scorer: the module with `extract`, `correct`, `aggregate`, `META` (see `scoring`).
     score(samples, predictions, **options) -> Report.
-    score_options: names of the keyword options `score` accepts (e.g. "lrs_synonyms").
+    score_options: names of the keyword options `score` accepts (e.g. "lrs_synonyms"); the
+        benchmark module owns them (the runner passes them through by name).
     check_options(**options): validates scoring options before any model runs (optional).
     keep_row(row) -> False drops a row before normalising (subset filters), also for
         LLaVA-conversation rows; no_rows_hint: the message when nothing is left.

@@ -39,12 +39,14 @@ _MAX_PNG_CHUNKS = 100_000
 def check_file(path: str | os.PathLike, what: str = "image") -> Path:
     """The path as `Path`, after checking it names an existing, readable, regular file."""
     p = Path(path)
+    if "\x00" in os.fspath(p):
+        raise ImageLoadError(f"{what} path contains a NUL byte, which no file name can: {os.fspath(p)!r}")
     try:
         st = os.stat(p)
     except FileNotFoundError:
         raise ImageLoadError(f"{what} not found: {p}") from None
-    except OSError as e:
-        raise ImageLoadError(f"cannot access {what} {p}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a path the OS cannot take (too long, ...)
+        raise ImageLoadError(f"cannot access {what} {p}: {getattr(e, 'strerror', None) or e}") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageLoadError(f"{what} path is a directory, not a file: {p}")
     if not stat.S_ISREG(st.st_mode):

@@ -27,28 +27,68 @@ its own single cell.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from uhrbat.configuration.geometry import CLIP_336_14, TokenGeometry
+from uhrbat.errors import GeoError, GeoTransformError, NotGeoreferencedError
+
+#: Suffix of the pixel-space kept-token file written for images without a georeference.
+PIXEL_JSON_SUFFIX = ".pixels.json"
 
 
 # ----------------------------------------------------------------------------- georeference
+def transform_problem(coefficients: Sequence[float]) -> str | None:
+    """Why an affine pixel->CRS transform `(a, b, c, d, e, f)` is unusable, or None.
+
+    Non-finite coefficients (a NaN / inf pixel scale or origin) and singular transforms (zero
+    pixel size: no inverse, every pixel on one point) cannot place pixels on a map."""
+    try:
+        a, b, c, d, e, f = (float(v) for v in coefficients)
+    except (TypeError, ValueError):
+        return f"the pixel-to-map transform is not six numbers: {coefficients!r}"
+    if not all(math.isfinite(v) for v in (a, b, c, d, e, f)):
+        return f"its pixel-to-map transform has non-finite values ({a}, {b}, {c}, {d}, {e}, {f})"
+    det = a * e - b * d
+    if not math.isfinite(det) or det == 0:
+        return f"its pixel-to-map transform is singular (pixel size {a} x {e}, rotation {b}, {d})"
+    return None
+
+
+def short_gdal_message(e: BaseException) -> str:
+    """One short line from a GDAL / PROJ error (their text can embed a whole PROJJSON CRS)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    cut = msg.find(" from '{")
+    if cut > 0:
+        msg = msg[:cut]
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
 @dataclass(frozen=True)
 class GeoRef:
     """CRS + affine pixel->CRS transform of a raster (pixel-edge coordinates, GDAL convention).
 
     `crs` is a `rasterio.crs.CRS` (or anything `rasterio`/`pyproj` accept: "EPSG:32617", WKT);
     `transform` an `affine.Affine` or a 6-tuple `(a, b, c, d, e, f)`:
-    `X = a*x + b*y + c`, `Y = d*x + e*y + f`.
+    `X = a*x + b*y + c`, `Y = d*x + e*y + f`. A non-finite or singular transform is refused
+    (`GeoError`): readers treat such a file as not georeferenced, with a note (issue 18).
+    `wgs84_error`: set by `checked_wgs84` when the CRS cannot be transformed to WGS84; every
+    WGS84 conversion then raises `GeoTransformError` with it, while CRS coordinates still work.
     """
 
     crs: Any
     transform: Any
+    wgs84_error: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        problem = transform_problem(tuple(self.transform)[:6])
+        if problem:
+            raise GeoError(f"unusable georeference: {problem}")
 
     @property
     def coefficients(self) -> tuple[float, float, float, float, float, float]:
@@ -72,10 +112,36 @@ class GeoRef:
         y = np.asarray(y, dtype=np.float64)
         return a * x + b * y + c, d * x + e * y + f
 
+    def crs_to_pixel(self, X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Image-CRS coordinates -> (fractional) pixel-edge coordinates: the inverse transform."""
+        a, b, c, d, e, f = self.coefficients
+        det = a * e - b * d
+        X = np.asarray(X, dtype=np.float64) - c
+        Y = np.asarray(Y, dtype=np.float64) - f
+        return (e * X - b * Y) / det, (a * Y - d * X) / det
+
+    def shifted(self, x0: float, y0: float, sx: float = 1.0, sy: float = 1.0) -> GeoRef:
+        """The georeference of a window whose pixel (0, 0) is this raster's `(x0, y0)` and whose
+        pixels are `sx x sy` of this raster's (the window transform)."""
+        a, b, c, d, e, f = self.coefficients
+        t = (a * sx, b * sy, a * x0 + b * y0 + c, d * sx, e * sy, d * x0 + e * y0 + f)
+        try:
+            from affine import Affine
+
+            t = Affine(*t)
+        except ImportError:  # pragma: no cover - affine comes with rasterio
+            pass
+        return GeoRef(self.crs, t, self.wgs84_error)
+
     def crs_to_wgs84(self, X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Image-CRS coordinates -> (longitude, latitude) in WGS84 degrees."""
+        """Image-CRS coordinates -> (longitude, latitude) in WGS84 degrees.
+
+        Raises `NotGeoreferencedError` without a CRS and `GeoTransformError` when the CRS cannot
+        be transformed (never a raw GDAL / PROJ exception) or a point has no WGS84 position."""
         if self.crs is None:
-            raise ValueError("this image has an affine transform but no CRS; WGS84 is unknown")
+            raise NotGeoreferencedError("this image has an affine transform but no CRS; WGS84 is unknown")
+        if self.wgs84_error:
+            raise GeoTransformError(self.wgs84_error)
         X = np.asarray(X, dtype=np.float64)
         Y = np.asarray(Y, dtype=np.float64)
         try:
@@ -86,15 +152,72 @@ class GeoRef:
             from pyproj import Transformer
 
             crs = self.crs.to_wkt() if hasattr(self.crs, "to_wkt") else self.crs
-            tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-            lon, lat = tr.transform(X.ravel(), Y.ravel())
-        return np.asarray(lon).reshape(X.shape), np.asarray(lat).reshape(X.shape)
+            try:
+                tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+                lon, lat = tr.transform(X.ravel(), Y.ravel())
+            except Exception as e:  # pyproj.exceptions.CRSError / ProjError
+                raise GeoTransformError(self._wgs84_message(e)) from None
+        except Exception as e:  # rasterio's CPLE_* errors (CPLE_NotSupportedError, ...)
+            raise GeoTransformError(self._wgs84_message(e)) from None
+        lon = np.asarray(lon, dtype=np.float64).reshape(X.shape)
+        lat = np.asarray(lat, dtype=np.float64).reshape(X.shape)
+        if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
+            raise GeoTransformError(
+                f"some points have no WGS84 position in CRS {self.crs_name} (outside the area where it is "
+                f"defined); use CRS or pixel coordinates"
+            )
+        return lon, lat
+
+    def _wgs84_message(self, e: BaseException) -> str:
+        return (
+            f"the image CRS {self.crs_name} cannot be transformed to WGS84 longitude/latitude "
+            f"({short_gdal_message(e)}); use CRS coordinates (box_crs, coordinates='crs') or pixel boxes (--json)"
+        )
+
+    def checked_wgs84(self, size: tuple[int, int]) -> GeoRef:
+        """This georeference, with `wgs84_error` set when the corners and centre of a `size`
+        raster cannot be transformed to WGS84 (found at open time, said once, never a crash later)."""
+        if self.crs is None or self.wgs84_error:
+            return self
+        W, H = size
+        try:
+            self.pixel_to_wgs84([0, W, W, 0, W / 2], [0, 0, H, H, H / 2])
+        except GeoTransformError as e:
+            return GeoRef(self.crs, self.transform, str(e))
+        return self
 
     def pixel_to_wgs84(self, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         return self.crs_to_wgs84(*self.pixel_to_crs(x, y))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"crs": self.crs_name, "transform": list(self.coefficients)}
+        d: dict[str, Any] = {"crs": self.crs_name, "transform": list(self.coefficients)}
+        if self.wgs84_error:
+            d["wgs84_error"] = self.wgs84_error
+        return d
+
+
+def map_ready(source: Any) -> GeoRef:
+    """The georeference of `source` when map output in WGS84 (GeoJSON) is possible; otherwise
+    `NotGeoreferencedError` / `GeoTransformError` with one line saying why and what to use
+    instead. Call it before the model runs (e.g. for `--geojson`) to fail early."""
+    georef = _georef_of(source)
+    if georef is None or georef.crs is None:
+        why = getattr(source, "georef_note", None) or (
+            "it has an affine transform but no CRS" if georef is not None else "it has no georeference"
+        )
+        raise NotGeoreferencedError(
+            f"{_label(source)} cannot be written as GeoJSON: {why}. GeoJSON coordinates are WGS84 "
+            f"longitude/latitude (RFC 7946), and pixel coordinates there would be misplaced by GIS tools; "
+            f"use --json (pixel boxes) or write_pixel_json (a {PIXEL_JSON_SUFFIX} file)"
+        )
+    if georef.wgs84_error:
+        raise GeoTransformError(f"{_label(source)} cannot be written as GeoJSON: {georef.wgs84_error}")
+    return georef
+
+
+def _label(source: Any) -> str:
+    label = getattr(source, "label", None) or getattr(source, "path", None)
+    return f"image {label}" if label else "this image"
 
 
 # ----------------------------------------------------------------------------- token -> boxes
@@ -226,26 +349,65 @@ def token_regions(tokens: Sequence[Any], source: Any) -> list[TokenRegion]:
     return out
 
 
+def scene_mapping(source: Any) -> tuple[float, float, float, float]:
+    """`(x0, y0, sx, sy)`: source pixel `(x, y)` is scene pixel `(x0 + sx * x, y0 + sy * y)`.
+
+    A source opened with a region (`uhrbat.io.regions`) is a window of a larger scene; every
+    pixel output (`box_px`, pixel files) is in the scene's pixels, so it can be laid over the
+    full image. `(0, 0, 1, 1)` for a whole image."""
+    region = None if isinstance(source, (tuple, list)) else getattr(source, "region", None)
+    if region is None:
+        return 0.0, 0.0, 1.0, 1.0
+    return region.scene_mapping
+
+
+def _scene_box(box: Sequence[float], m: tuple[float, float, float, float]) -> list[float]:
+    x0, y0, sx, sy = m
+    return [
+        round(x0 + sx * box[0], 3),
+        round(y0 + sy * box[1], 3),
+        round(x0 + sx * box[2], 3),
+        round(y0 + sy * box[3], 3),
+    ]
+
+
+def _scene_size(source: Any) -> tuple[int, int]:
+    region = None if isinstance(source, (tuple, list)) else getattr(source, "region", None)
+    return tuple(region.scene_size) if region is not None else _size_of(source)  # type: ignore[return-value]
+
+
+def _crs_box(georef: GeoRef, box: Sequence[float]) -> list[float]:
+    """The bounding box, in the image CRS, of a pixel box's corners (full precision)."""
+    X, Y = georef.pixel_to_crs([box[0], box[2], box[2], box[0]], [box[1], box[1], box[3], box[3]])
+    return [float(X.min()), float(Y.min()), float(X.max()), float(Y.max())]
+
+
 def pixel_boxes(tokens: Sequence[Any], source: Any) -> list[list[float] | None]:
-    """Per token (same order): `[x0, y0, x1, y1]` in original-image pixels, or None when the
-    token lies entirely in the padding. Merged tokens: the union box of their members."""
+    """Per token (same order): `[x0, y0, x1, y1]` in the scene's pixels (the original image's;
+    a region's offset added, see `scene_mapping`), or None when the token lies entirely in the
+    padding. Merged tokens: the union box of their members."""
     boxes: list[list[float] | None] = [None] * len(tokens)
+    m = scene_mapping(source)
     for r in token_regions(tokens, source):
-        boxes[r.index] = [round(v, 3) for v in r.box]
+        boxes[r.index] = _scene_box(r.box, m)
     return boxes
 
 
 def tokens_with_boxes(tokens: Sequence[Any], source: Any) -> list[dict[str, Any]]:
     """`token.to_dict()` plus `box_px` (see `pixel_boxes`) and, for georeferenced sources,
-    `box_crs` (the pixel box's corners' bounding box in the image CRS) — for `ask --json`."""
+    `box_crs` (the pixel box's corners' bounding box in the image CRS, full precision) — for
+    `ask --json`."""
     georef = _georef_of(source)
+    m = scene_mapping(source)
+    boxes: list[tuple[float, float, float, float] | None] = [None] * len(tokens)
+    for r in token_regions(tokens, source):
+        boxes[r.index] = r.box
     out = []
-    for tok, box in zip(tokens, pixel_boxes(tokens, source)):
+    for tok, box in zip(tokens, boxes):
         d = tok.to_dict() if hasattr(tok, "to_dict") else dict(vars(tok))
-        d["box_px"] = box
+        d["box_px"] = None if box is None else _scene_box(box, m)
         if georef is not None and box is not None:
-            X, Y = georef.pixel_to_crs([box[0], box[2], box[2], box[0]], [box[1], box[1], box[3], box[3]])
-            d["box_crs"] = [float(X.min()), float(Y.min()), float(X.max()), float(Y.max())]
+            d["box_crs"] = _crs_box(georef, box)
         out.append(d)
     return out
 
@@ -312,7 +474,55 @@ def region_geometry(
 
 
 # ----------------------------------------------------------------------------- GeoJSON
-_DIGITS = {"wgs84": 9, "crs": 4, "pixel": 3}
+_DIGITS = {"wgs84": 9, "crs": 4}
+
+
+def _token_properties(reg: TokenRegion, georef: GeoRef | None, m: tuple[float, float, float, float]) -> dict:
+    tok = reg.token
+    props: dict[str, Any] = {
+        "index": reg.index,
+        "scale": int(tok.scale),
+        "score": float(tok.score),
+        "status": "merged" if reg.merged else "kept",
+        "merged": reg.merged,
+        "kept": not reg.merged,
+        "group": int(tok.group),
+        "tile": int(tok.tile),
+        "row": int(tok.row),
+        "col": int(tok.col),
+        "n_members": reg.n_members,
+        "members_in_padding": reg.n_in_padding,
+        "box_px": _scene_box(reg.box, m),
+    }
+    if georef is not None:
+        props["box_crs"] = _crs_box(georef, reg.box)
+    return props
+
+
+def _image_info(source: Any) -> dict[str, Any]:
+    """The scene a document describes: size, CRS / transform (the scene's, also for a region),
+    path, and the region (window) when there is one."""
+    region = None if isinstance(source, (tuple, list)) else getattr(source, "region", None)
+    georef = region.scene_georef if region is not None else _georef_of(source)
+    info: dict[str, Any] = {"size": list(_scene_size(source)), **({} if georef is None else georef.to_dict())}
+    path = getattr(source, "path", None)
+    if path is not None:
+        info["path"] = str(path)
+    if region is not None:
+        info["region"] = region.to_dict()
+    return info
+
+
+def legacy_crs_member(georef: GeoRef) -> dict[str, Any]:
+    """The GeoJSON 2008 `crs` member naming the image CRS: GDAL, QGIS and most GIS read it, so
+    a `coordinates="crs"` file lands where it should (RFC 7946 dropped the member)."""
+    epsg = georef.crs_name if (georef.crs_name or "").startswith("EPSG:") else None
+    if epsg:
+        name = f"urn:ogc:def:crs:EPSG::{epsg.split(':', 1)[1]}"
+    else:
+        to_wkt = getattr(georef.crs, "to_wkt", None)
+        name = to_wkt() if callable(to_wkt) else str(georef.crs)
+    return {"type": "name", "properties": {"name": name}}
 
 
 def tokens_geojson(
@@ -324,70 +534,56 @@ def tokens_geojson(
     densify: int = 0,
     properties: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The FeatureCollection `write_geojson` writes (see there)."""
+    """The FeatureCollection `write_geojson` writes (see there).
+
+    Only map coordinates: an image without a georeference raises `NotGeoreferencedError`
+    (GeoJSON is read as WGS84 longitude/latitude by every GIS; pixel coordinates would be placed
+    off the globe, issue 23): use `tokens_pixel_json` for a pixel-space file, or `kept_tokens_document`
+    to get whichever fits the image."""
     if merged_geometry not in ("cells", "bbox"):
         raise ValueError(f"merged_geometry must be 'cells' or 'bbox', got {merged_geometry!r}")
-    size = _size_of(source)
-    georef = _georef_of(source)
-    if coordinates == "auto":
-        coordinates = "wgs84" if georef is not None and georef.crs is not None else "pixel"
-    if coordinates == "wgs84" and (georef is None or georef.crs is None):
-        raise ValueError(
-            "WGS84 output needs a georeferenced image with a CRS; use coordinates='pixel'"
-            + (f" ({source.georef_note})" if getattr(source, "georef_note", None) else "")
+    if coordinates not in ("auto", "wgs84", "crs"):
+        raise GeoError(
+            f"GeoJSON coordinates must be 'auto', 'wgs84' or 'crs', got {coordinates!r}; pixel coordinates are "
+            f"written by tokens_pixel_json / write_pixel_json (a {PIXEL_JSON_SUFFIX} file), never as GeoJSON"
         )
-    ndigits = _DIGITS[coordinates] if coordinates in _DIGITS else None
+    georef = _georef_of(source)
+    if coordinates == "crs":
+        if georef is None or georef.crs is None:
+            map_ready(source)  # raises NotGeoreferencedError with the reason
+    else:
+        georef = map_ready(source)
+        coordinates = "wgs84"
+    assert georef is not None
+    ndigits = _DIGITS[coordinates]
+    m = scene_mapping(source)
     regions = token_regions(tokens, source)
     features = []
     for reg in regions:
-        tok = reg.token
-        props: dict[str, Any] = {
-            "index": reg.index,
-            "scale": int(tok.scale),
-            "score": float(tok.score),
-            "status": "merged" if reg.merged else "kept",
-            "merged": reg.merged,
-            "kept": not reg.merged,
-            "group": int(tok.group),
-            "tile": int(tok.tile),
-            "row": int(tok.row),
-            "col": int(tok.col),
-            "n_members": reg.n_members,
-            "members_in_padding": reg.n_in_padding,
-            "box_px": [round(v, 3) for v in reg.box],
-        }
-        if georef is not None:
-            X, Y = georef.pixel_to_crs(
-                [reg.box[0], reg.box[2], reg.box[2], reg.box[0]], [reg.box[1], reg.box[1], reg.box[3], reg.box[3]]
-            )
-            props["box_crs"] = [round(float(v), 4) for v in (X.min(), Y.min(), X.max(), Y.max())]
         geom = region_geometry(
             reg, coordinates, georef, merged_geometry=merged_geometry, densify=densify, ndigits=ndigits
         )
-        features.append({"type": "Feature", "id": reg.index, "geometry": geom, "properties": props})
+        features.append(
+            {"type": "Feature", "id": reg.index, "geometry": geom, "properties": _token_properties(reg, georef, m)}
+        )
     fc: dict[str, Any] = {"type": "FeatureCollection"}
+    if coordinates == "crs":
+        fc["crs"] = legacy_crs_member(georef)
     all_pts = [p for f in features for p in _points(f["geometry"])]
     if all_pts:
         arr = np.asarray(all_pts)
         fc["bbox"] = [float(v) for v in (arr[:, 0].min(), arr[:, 1].min(), arr[:, 0].max(), arr[:, 1].max())]
     fc["coordinate_space"] = coordinates
-    if coordinates == "pixel":
+    if coordinates == "crs":
         fc["coordinate_note"] = (
-            "coordinates are original-image pixels (x right, y down, origin at the top-left "
-            "corner of the image), NOT longitude/latitude: "
-            + (getattr(source, "georef_note", None) or "the image has no georeference")
+            f"coordinates are in the image CRS {georef.crs_name} (named by the legacy 'crs' member; not RFC 7946 WGS84)"
         )
-    elif coordinates == "crs":
-        fc["coordinate_note"] = f"coordinates are in the image CRS {georef.crs_name} (not RFC 7946 WGS84)"
-    fc["image"] = {"size": list(size), **({} if georef is None else georef.to_dict())}
-    path = getattr(source, "path", None)
-    if path is not None:
-        fc["image"]["path"] = str(path)
+    fc["image"] = _image_info(source)
     fc["merged_geometry"] = merged_geometry
     fc["tokens_total"] = len(tokens)
     fc["tokens_in_padding_dropped"] = len(tokens) - len(regions)
     if properties:
-        fc.update({k: v for k, v in properties.items() if k not in ("type", "features")})
+        fc.update({k: v for k, v in properties.items() if k not in ("type", "features", "crs")})
     fc["features"] = features
     return fc
 
@@ -396,6 +592,15 @@ def _points(geom: dict[str, Any]) -> list[list[float]]:
     if geom["type"] == "Polygon":
         return [p for ring in geom["coordinates"] for p in ring]
     return [p for poly in geom["coordinates"] for ring in poly for p in ring]
+
+
+def _dump(path: str | os.PathLike, doc: dict[str, Any]) -> None:
+    try:
+        text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+    except ValueError as e:  # a NaN / inf slipped into a coordinate: never write invalid JSON
+        raise GeoError(f"refusing to write {path}: {e}") from None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
 
 
 def write_geojson(
@@ -410,21 +615,99 @@ def write_geojson(
 ) -> dict[str, Any]:
     """Write the kept / merged tokens as an RFC 7946 GeoJSON FeatureCollection; returns it.
 
-    coordinates: 'auto' (WGS84 lon/lat when the source is georeferenced with a CRS, else pixel
-        coordinates, flagged by the top-level `coordinate_space` / `coordinate_note` members),
-        'wgs84', 'pixel', or 'crs' (image CRS; not RFC 7946).
+    coordinates: 'auto' / 'wgs84' (longitude/latitude; the image must be georeferenced with a
+        CRS that transforms to WGS84, else `NotGeoreferencedError` / `GeoTransformError` before
+        anything is written: check early with `map_ready(source)`), or 'crs' (the image CRS,
+        named by the legacy `crs` member that GDAL / QGIS read; not RFC 7946).
     merged_geometry: 'cells' (MultiPolygon of a merged token's member cells) or 'bbox'.
     properties: extra top-level members (e.g. question, answer, model).
     Each feature has properties scale, score, status ('kept' | 'merged'), merged, kept, group,
-    tile, row, col, n_members, members_in_padding, box_px and (georeferenced) box_crs.
+    tile, row, col, n_members, members_in_padding, box_px (scene pixels) and box_crs (image CRS,
+    full precision). For a region the coordinates are the scene's and `image.region` names the
+    window. Images without a georeference: `write_pixel_json`.
     """
     fc = tokens_geojson(
         tokens, source, coordinates=coordinates, merged_geometry=merged_geometry, densify=densify, properties=properties
     )
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(fc, f, separators=(",", ":"))
-        f.write("\n")
+    _dump(path, fc)
     return fc
+
+
+# ----------------------------------------------------------------------------- pixel-space file
+PIXEL_FORMAT = "uhrbat.pixel-boxes/1"
+
+
+def tokens_pixel_json(
+    tokens: Sequence[Any], source: Any, *, properties: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Kept / merged tokens in scene pixels, in a document no GIS reads as GeoJSON.
+
+    `{"format": "uhrbat.pixel-boxes/1", "coordinate_space": "pixel", "coordinate_note": ...,
+    "image": {...}, "tokens_total", "tokens_in_padding_dropped", "tokens": [...]}`: one entry per
+    token outside the padding with the GeoJSON feature's properties (`box_px`, ...) and
+    `rects_px` (a merged token's member cells joined by row; the box otherwise). Pixels are
+    edges, x right, y down, origin at the scene's top-left corner. No `type` /
+    `coordinates` members: a GIS tool refuses the file instead of placing pixels on the globe."""
+    georef = _georef_of(source)
+    m = scene_mapping(source)
+    regions = token_regions(tokens, source)
+    why = getattr(source, "georef_note", None) or (
+        "the image has no georeference"
+        if georef is None
+        else georef.wgs84_error or ("it has no CRS" if georef.crs is None else "written in pixels on request")
+    )
+    doc: dict[str, Any] = {
+        "format": PIXEL_FORMAT,
+        "coordinate_space": "pixel",
+        "coordinate_note": (
+            "scene pixels (x right, y down, origin at the top-left corner of the image), NOT longitude/latitude: " + why
+        ),
+        "image": _image_info(source),
+        "tokens_total": len(tokens),
+        "tokens_in_padding_dropped": len(tokens) - len(regions),
+    }
+    if properties:
+        doc.update({k: v for k, v in properties.items() if k not in ("format", "tokens", "type")})
+    doc["tokens"] = [
+        {**_token_properties(reg, georef, m), "rects_px": [_scene_box(r, m) for r in reg.geometry_rects("cells")]}
+        for reg in regions
+    ]
+    return doc
+
+
+def write_pixel_json(
+    path: str | os.PathLike, tokens: Sequence[Any], source: Any, *, properties: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write `tokens_pixel_json` to `path` (name it `*.pixels.json`, `PIXEL_JSON_SUFFIX`); returns it."""
+    doc = tokens_pixel_json(tokens, source, properties=properties)
+    _dump(path, doc)
+    return doc
+
+
+def kept_tokens_document(
+    tokens: Sequence[Any],
+    source: Any,
+    *,
+    properties: dict[str, Any] | None = None,
+    untransformable: Literal["raise", "pixels"] = "raise",
+) -> tuple[dict[str, Any], str]:
+    """`(document, suffix)` for an output folder of many images (batch, demo downloads):
+    GeoJSON in WGS84 and ".geojson" when `map_ready(source)` holds; the pixel file and
+    `PIXEL_JSON_SUFFIX` (its `coordinate_note` says why) for an image without georeference. The
+    suffix names the format, so a pixel file is never saved where a GIS expects GeoJSON.
+
+    A georeferenced image whose CRS cannot be transformed to WGS84 raises `GeoTransformError`
+    (batch: that row's GeoJSON error), or with `untransformable="pixels"` gets the pixel file too
+    (the demo's download, whose note names the problem)."""
+    try:
+        map_ready(source)
+    except NotGeoreferencedError:
+        return tokens_pixel_json(tokens, source, properties=properties), PIXEL_JSON_SUFFIX
+    except GeoTransformError:
+        if untransformable == "raise":
+            raise
+        return tokens_pixel_json(tokens, source, properties=properties), PIXEL_JSON_SUFFIX
+    return tokens_geojson(tokens, source, properties=properties), ".geojson"
 
 
 #: Alias (the name `uhrbat ask --json` uses).

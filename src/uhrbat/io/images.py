@@ -136,9 +136,74 @@ def square_from_reduced(
 ) -> Image.Image:
     """`pad_to_square(original).resize((side, side))` geometry from a reduced RGB copy."""
     cw, ch, px0, py0, box = reduced_geometry(full_size, image.size)
-    canvas = Image.new("RGB", (cw, ch), fill)
-    canvas.paste(image, (px0, py0))
-    return canvas.resize((side, side), Image.Resampling.BICUBIC, box=box)
+    return padded_resize(image, (cw, ch), (px0, py0), side, box, fill)
+
+
+#: Bytes of one band of the virtual canvas `padded_resize` builds at a time.
+BAND_BYTES = 8 * 2**20
+
+
+def padded_resize(
+    image: Image.Image,
+    canvas_size: tuple[int, int],
+    offset: tuple[int, int],
+    side: int,
+    box: tuple[float, float, float, float] | None = None,
+    fill: tuple[int, int, int] = PAD_RGB,
+) -> Image.Image:
+    """`canvas.resize((side, side), BICUBIC, box=box)` as two explicit 1-D bicubic passes,
+    horizontal then vertical, where `canvas` is a `canvas_size` RGB image filled with `fill` and
+    `image` pasted at `offset` — without ever materialising the canvas (for a 1 x 100,000 strip
+    it would be ~all padding; issue 18).
+
+    The result is bit for bit `canvas.resize((side, ch), box=(bx0, 0, bx1, ch))` followed by
+    `.resize((side, side), box=(0, by0, side, by1))`: Pillow's own two-pass algorithm with its
+    8-bit intermediate (a single `resize` call may run the passes in the other order, a
+    difference of a level or two on a few pixels). Both passes run on bands: the horizontal one
+    on bands of canvas rows that hold image pixels (padding-only rows give padding-only
+    intermediate rows), keeping only the intermediate columns the image reaches; the vertical
+    one on bands of those columns (the others are padding in the output). Every band is resized
+    with the full pass's box and sizes, so its filter coefficients are the full pass's, and
+    padding-only pixels come out as `fill` exactly (normalised coefficients keep a constant).
+    Memory: the output, the image's reach in the intermediate and one band (`BAND_BYTES`).
+    Used for the reduced path only; the reference's exact path keeps Pillow's single call."""
+    cw, ch = canvas_size
+    px, py = offset
+    w, h = image.size
+    bx0, by0, bx1, by1 = box if box is not None else (0.0, 0.0, float(cw), float(ch))
+    out = Image.new("RGB", (side, side), fill)
+    # Canvas columns / rows the image occupies (clipped to the canvas).
+    ix0, ix1, iy0, iy1 = max(px, 0), min(px + w, cw), max(py, 0), min(py + h, ch)
+    if ix1 <= ix0 or iy1 <= iy0:  # the image is off the canvas: all padding
+        return out
+    image = image if image.mode in ("RGB", "RGBX") else image.convert("RGB")  # RGBX: converted per band
+    # Intermediate columns whose horizontal filter reaches an image column (bicubic support 2,
+    # widened by the downscale factor), with a margin: extra columns are computed, not guessed.
+    scale = (bx1 - bx0) / side
+    support = 2.0 * max(scale, 1.0)
+    c0 = max(0, math.floor((ix0 - support - bx0) / scale - 0.5) - 2)
+    c1 = min(side, math.ceil((ix1 + support - bx0) / scale + 0.5) + 2)
+    if c1 <= c0:
+        return out
+    # Pass 1: rows of the canvas that hold image pixels -> intermediate rows, columns c0..c1.
+    strip = Image.new("RGB", (c1 - c0, iy1 - iy0))
+    rows = max(1, BAND_BYTES // (4 * cw))
+    for r in range(iy0, iy1, rows):
+        n = min(rows, iy1 - r)
+        band = Image.new("RGB", (cw, n), fill)
+        band.paste(image.crop((0, r - py, w, r - py + n)), (px, 0))
+        hz = band.resize((side, n), Image.Resampling.BICUBIC, box=(bx0, 0, bx1, n))
+        strip.paste(hz.crop((c0, 0, c1, n)), (0, r - iy0))
+        del band, hz
+    # Pass 2: columns c0..c1 of the intermediate (padding above / below the strip) -> output.
+    cols = max(1, BAND_BYTES // (4 * ch))
+    for c in range(c0, c1, cols):
+        k = min(cols, c1 - c)
+        band = Image.new("RGB", (k, ch), fill)
+        band.paste(strip.crop((c - c0, 0, c - c0 + k, iy1 - iy0)), (0, iy0))
+        out.paste(band.resize((k, side), Image.Resampling.BICUBIC, box=(0, by0, k, by1)), (c, 0))
+        del band
+    return out
 
 
 # ----------------------------------------------------------------------------- value conversion
@@ -157,25 +222,62 @@ def percentile_range(values: np.ndarray, stretch: Sequence[float] | None, dtype:
     v = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
     if v.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(v.astype(np.float64, copy=False), [float(stretch[0]), float(stretch[1])])
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = np.percentile(v.astype(np.float64, copy=False), [float(stretch[0]), float(stretch[1])])
     lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # percentiles of +-1e308 data can overflow
+        lo, hi = float(v.min()), float(v.max())
     if not hi > lo:  # constant data: fall back to the full range (ints) or mid-grey (floats)
         if np.issubdtype(dtype, np.integer):
             return percentile_range(values, None, dtype)
-        return lo - 0.5, lo + 0.5
+        return constant_range(lo)
     return lo, hi
 
 
+def constant_range(value: float) -> tuple[float, float]:
+    """(lo, hi) around a constant band, so that it maps to mid-grey (128) at any magnitude.
+
+    A fixed +-0.5 vanishes in float64 above ~1e16 (lo == hi: the division by zero of issue 18),
+    so the half-width grows with the value: the smallest power of two that changes it."""
+    half = max(0.5, math.ulp(value) * 2.0) if math.isfinite(value) else 0.5
+    return value - half, value + half
+
+
 def stretch_to_uint8(band: np.ndarray, lo: float, hi: float, rows: int = 1024) -> np.ndarray:
-    """Linear map [lo, hi] -> [0, 255] (clipped, NaN -> 0), in row chunks to bound memory."""
+    """Linear map [lo, hi] -> [0, 255] (clipped, NaN -> 0), in row chunks to bound memory.
+
+    Computed in float32 when lo and hi are distinct, finite float32 numbers (every ordinary
+    raster), else in float64 (|values| near 1e16 and above, or float64 extremes); a range
+    that is still empty or not finite maps every finite value to mid-grey (128)."""
     out = np.empty(band.shape, dtype=np.uint8)
-    scale = 255.0 / (hi - lo)
+    lo, hi = float(lo), float(hi)
+    # A span past float64's range (-1e308 .. 1e308) is stretched on halved values.
+    pre = 0.5 if math.isfinite(lo) and math.isfinite(hi) and not math.isfinite(hi - lo) else 1.0
+    lo, span = lo * pre, hi * pre - lo * pre
+    degenerate = not (math.isfinite(lo) and math.isfinite(span) and span > 0)
+    with np.errstate(over="ignore"):
+        f32 = (
+            not degenerate
+            and pre == 1.0
+            and np.isfinite(np.float32(255.0 / span))
+            and np.float32(lo) != np.float32(hi)
+            and np.isfinite(np.float32(lo))
+            and np.isfinite(np.float32(hi))
+        )
+    dtype = np.float32 if f32 else np.float64
+    scale = 0.0 if degenerate else 255.0 / span
     flat = band.reshape(-1, band.shape[-1]) if band.ndim > 1 else band.reshape(1, -1)
     dst = out.reshape(flat.shape)
     for r0 in range(0, flat.shape[0], rows):
-        x = flat[r0 : r0 + rows].astype(np.float32)
-        x -= lo
-        x *= scale
+        x = flat[r0 : r0 + rows].astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if degenerate:  # finite -> 128, NaN -> 0, +-inf -> 255 / 0 (as below)
+                x = np.where(np.isfinite(x), dtype(127.5), x)
+            else:
+                if pre != 1.0:
+                    x *= pre
+                x -= lo
+                x *= scale
         np.nan_to_num(x, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
         np.clip(x, 0, 255, out=x)
         np.rint(x, out=x)
@@ -197,11 +299,15 @@ def to_rgb(im: Image.Image, *, stretch: Sequence[float] | None = None) -> Image.
         arr = np.asarray(im)
         if stretch is None:
             a64 = arr.astype(np.float64)
-            lo, hi = float(np.nanmin(a64)) if a64.size else 0.0, float(np.nanmax(a64)) if a64.size else 1.0
+            fin = a64[np.isfinite(a64)]
+            lo, hi = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
             if im.mode.startswith("I;16") and hi <= 65535:
                 lo, hi = 0.0, 65535.0
-            scaled = np.zeros_like(a64) if hi <= lo else (a64 - lo) / (hi - lo) * 255.0
-            out = np.nan_to_num(scaled).round().clip(0, 255).astype("uint8")
+            span = hi - lo
+            with np.errstate(over="ignore", invalid="ignore"):
+                ok = span > 0 and math.isfinite(span)
+                scaled = (a64 - lo) / span * 255.0 if ok else np.zeros_like(a64)
+                out = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).round().clip(0, 255).astype("uint8")
         else:
             sample = arr[:: max(1, arr.shape[0] // 1024), :: max(1, arr.shape[1] // 1024)]
             lo, hi = percentile_range(sample.ravel(), stretch)
@@ -335,6 +441,10 @@ class PILSource:
     georef = None
     #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
     georef_note: str | None = None
+    #: How messages name the image (its path or upload name), when it came from a file.
+    label: str | None = None
+    #: The window of a larger scene this source shows (`uhrbat.io.regions.Region`), or None.
+    region = None
 
     def __init__(
         self,
@@ -374,6 +484,7 @@ class JPEGDraftSource:
     georef = None
     #: Why `georef` is None when the file has one we could not read (e.g. a GeoTIFF without rasterio).
     georef_note: str | None = None
+    region = None
 
     def __init__(
         self,
@@ -433,14 +544,20 @@ def load_pil(
     stretch: Sequence[float] | None = DEFAULT_STRETCH,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     formats: Sequence[str] | None = None,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> Image.Image:
-    """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files."""
+    """Decode an image file to RGB, honouring EXIF orientation; typed errors for bad files.
+
+    `crop` (x0, y0, x1, y1 of the upright image) is cut *before* the value conversion, so the
+    percentile stretch of high-bit data is the crop's own, as for the crop saved as a file."""
     p = check_file(path)
     try:
         with pil_open(p, max_pixels, formats) as im:
             check_pixel_limit(p, im.size, max_pixels)
             im.load()
             im = ImageOps.exif_transpose(im)
+            if crop is not None:
+                im = im.crop(crop)
             return convert_pil(im, bands=bands, stretch=stretch, what=f"image {p}")
     except ImageLoadError:
         raise

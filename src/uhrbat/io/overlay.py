@@ -121,6 +121,9 @@ class OverlayResult:
     colours: dict[int, dict[str, tuple[int, int, int]]]
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
     image: Image.Image | None = None
+    #: Affine (a, b, c, d, e, f) from overlay pixel edges to the source's pixels (valid inside
+    #: `view_box`); `uhrbat.io.mapfiles` composes it with the georeference for a world file.
+    pixel_transform: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -338,12 +341,13 @@ def render_overlay(
 
     y = vh + pad
     legend_box = (0, vh, cw, vh + legend_h)
-    d.text(
-        (pad, y),
-        title or "Visual tokens per scale: kept (boxes) and merged groups (dashed outlines)",
-        fill=PANEL_FG,
-        font=font,
-    )
+    if title is None:
+        title = "Visual tokens per scale: kept (boxes) and merged groups (dashed outlines)"
+        region = getattr(source, "region", None)
+        if region is not None:  # a window of a larger scene: say which
+            sw, sh = region.scene_size
+            title += f"; region {','.join(map(str, region.pixels))} of the {sw}x{sh} scene"
+    d.text((pad, y), printable(title, font), fill=PANEL_FG, font=font)
     y += line_h
     sw = fs
     col2 = pad + sw + 8 + max(190, int(d.textlength(f"{max(scales, default=0)} px: 0000 kept", font=font)) + 24)
@@ -383,4 +387,8 @@ def render_overlay(
         info.add_text("Software", "uhrbat")
         canvas.save(out_path, format="PNG", pnginfo=info, compress_level=3)
         path = str(out_path)
-    return OverlayResult(path, canvas.size, (vx, 0, vx + vw, vh), legend_box, caption_box, colours, counts, canvas)
+    # Overlay pixel p lies on square pixel p - vx + cx0, i.e. source pixel (p - vx + cx0) / k - ox.
+    to_source = (1 / k, 0.0, (cx0 - vx) / k - ox, 0.0, 1 / k, cy0 / k - oy)
+    return OverlayResult(
+        path, canvas.size, (vx, 0, vx + vw, vh), legend_box, caption_box, colours, counts, canvas, to_source
+    )

@@ -38,10 +38,11 @@ import rasterio
 from PIL import Image
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
 
-from uhrbat.errors import ImageLoadError
+from uhrbat.errors import ImageLoadError, RegionError
 from uhrbat.io.formats import GDAL_DRIVERS, UNTRUSTED_FORMATS, check_file, describe_head, read_head, sniff
-from uhrbat.io.geo import GeoRef
+from uhrbat.io.geo import GeoRef, transform_problem
 from uhrbat.io.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_OVERSAMPLE,
@@ -54,11 +55,11 @@ from uhrbat.io.images import (
     check_pixel_limit,
     parse_bands,
     percentile_range,
-    reduced_geometry,
     reduced_scale,
     square_from_reduced,
     stretch_to_uint8,
 )
+from uhrbat.io.regions import Region, RegionRequest, paint_outside, resolve_region
 
 try:  # GDAL errors surface as CPLE_* exceptions
     from rasterio._err import CPLE_BaseError as _CPLError
@@ -112,10 +113,12 @@ def _env(cache_mb: int, trust: str = "local") -> rasterio.Env:
     return rasterio.Env(GDAL_CACHEMAX=int(cache_mb), GDAL_PAM_ENABLED="NO", **extra)
 
 
-def _open(path: Path | str, driver: str | None = None):
+def _open(path: Path | str, driver: str | None = None, overviews: bool = True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path, driver=driver)
+        if overviews:
+            return rasterio.open(path, driver=driver)
+        return rasterio.open(path, driver=driver, OVERVIEW_LEVEL="NONE")
 
 
 def untrusted_driver(path: Path | str) -> tuple[Path, str]:
@@ -126,7 +129,7 @@ def untrusted_driver(path: Path | str) -> tuple[Path, str]:
             f"untrusted input must be a local file path, got {raw!r}; GDAL virtual paths "
             f"(/vsi...) and URLs are only read with trust='local'"
         )
-    p = check_file(os.path.realpath(raw))
+    p = check_file(os.path.realpath(check_file(raw)))  # checked before realpath: a NUL byte is a clear error
     head = read_head(p)
     kind = sniff(head)
     if kind not in UNTRUSTED_FORMATS:
@@ -137,21 +140,57 @@ def untrusted_driver(path: Path | str) -> tuple[Path, str]:
     return p, GDAL_DRIVERS[kind][0]
 
 
-def georef_of(ds: Any) -> GeoRef | None:
-    """CRS + affine transform of an open dataset, or None when it is not georeferenced."""
+def read_georef(ds: Any, label: str = "raster") -> tuple[GeoRef | None, str | None]:
+    """(georeference, note) of an open dataset.
+
+    `(None, None)`: not georeferenced. `(None, note)`: the file has a georeference we refuse to
+    use (a NaN / inf / singular pixel-to-map transform, issue 18): the image is read as not
+    georeferenced and `note` says so. A CRS that cannot be transformed to WGS84 is kept (CRS
+    coordinates still work) with `GeoRef.wgs84_error` set, found here at open time."""
     crs = ds.crs
     transform = ds.transform
     if transform.is_identity:
         gcps, gcp_crs = ds.gcps
-        if gcps:
-            from rasterio.transform import from_gcps
+        if not gcps:
+            return None, None
+        transform, problem = _affine_from_gcps(gcps)
+        if problem:
+            return None, _ignored(label, problem)
+        crs = gcp_crs
+    problem = transform_problem(tuple(transform)[:6])
+    if problem:
+        return None, _ignored(label, problem)
+    return GeoRef(crs=crs, transform=transform).checked_wgs84((int(ds.width), int(ds.height))), None
 
-            transform, crs = from_gcps(gcps), gcp_crs
-        else:
-            return None
-    if crs is None and transform.is_identity:
-        return None
-    return GeoRef(crs=crs, transform=transform)
+
+def _affine_from_gcps(gcps: Sequence[Any]) -> tuple[Any, str | None]:
+    """The least-squares affine transform through ground control points, or (None, why).
+
+    Fitted here rather than with GDAL's GCPsToGeoTransform, whose result rasterio returns even
+    when the fit failed (uninitialised numbers for a single GCP, e.g. a GeoTIFF whose pixel
+    scale is zero)."""
+    from affine import Affine
+
+    pts = np.array([(g.col, g.row, g.x, g.y) for g in gcps], dtype=np.float64)
+    if len(pts) < 3:
+        return None, f"it has {len(pts)} ground control point(s) and no usable transform (an affine fit needs 3)"
+    if not np.isfinite(pts).all():
+        return None, "its ground control points have non-finite coordinates"
+    A = np.column_stack([pts[:, 0], pts[:, 1], np.ones(len(pts))])
+    if np.linalg.matrix_rank(A) < 3:
+        return None, "its ground control points are collinear (no affine transform through them)"
+    cx = np.linalg.lstsq(A, pts[:, 2], rcond=None)[0]
+    cy = np.linalg.lstsq(A, pts[:, 3], rcond=None)[0]
+    return Affine(*cx, *cy), None
+
+
+def _ignored(label: str, problem: str) -> str:
+    return f"the georeference of {label} was ignored: {problem}; coordinates are image pixels"
+
+
+def georef_of(ds: Any) -> GeoRef | None:
+    """CRS + affine transform of an open dataset, or None (see `read_georef`)."""
+    return read_georef(ds)[0]
 
 
 def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIXELS, *, trust: str = "local") -> bool:
@@ -167,7 +206,7 @@ def wants_raster_reader(path: Path, exact_max_pixels: int | None = EXACT_MAX_PIX
             if ds.driver not in ("GTiff", "COG", "JP2OpenJPEG", "JPEG2000", "JP2KAK", "JP2ECW"):
                 return True
             plain = (
-                georef_of(ds) is None
+                read_georef(ds) == (None, None)
                 and all(dt == "uint8" for dt in ds.dtypes)
                 and ds.count <= 4
                 and all(v is None for v in ds.nodatavals)
@@ -204,6 +243,7 @@ class RasterSource:
         raster_exact_max_pixels: int = RASTER_EXACT_MAX_PIXELS,
         trust: str = "local",
         stream_side: int = DEFAULT_STREAM_SIDE,
+        region: RegionRequest | None = None,
     ) -> None:
         if trust not in ("local", "untrusted"):
             raise ImageLoadError(f"trust must be 'local' or 'untrusted', got {trust!r}")
@@ -229,10 +269,18 @@ class RasterSource:
         self.stats_side = int(stats_side)
         self.gdal_cache_mb = int(gdal_cache_mb)
         self._full: PILSource | None = None
+        self.region: Region | None = None
+        self._window: Window | None = None
         try:
             with self._env(), self._dataset() as ds:
-                self._inspect(ds, parse_bands(bands), max_pixels)
-        except ImageLoadError:
+                self._inspect(ds, parse_bands(bands), max_pixels, region)
+            if self.mode == "bands" and self.dtype != np.uint8:
+                # A window read at full resolution is stretched like the same window cut into its own
+                # file (which has no overviews): its statistics come from full-resolution samples.
+                native = self._window is not None and self._is_exact()
+                with self._env(), self._dataset(overviews=not native) as ds:
+                    self.stretch_ranges = self._compute_stretch(ds)
+        except (ImageLoadError, RegionError):
             raise
         except _READ_ERRORS as e:
             msg = _gdal_message(e)
@@ -241,7 +289,8 @@ class RasterSource:
             raise ImageLoadError(f"corrupt or unreadable raster {self.label}: {msg}") from e
         # Validate the data now (a small decimated read), so corrupt files fail at open time.
         if self._is_exact():
-            self._full = PILSource(self._read_full(), exact_max_pixels=None)
+            full = self._stream(1.0) if self.driver in SEQUENTIAL_DRIVERS else self._read_full()
+            self._full = PILSource(full, exact_max_pixels=None)
         elif self.driver in SEQUENTIAL_DRIVERS:
             self._stream(reduced_scale(self._size, self.stream_side, self.oversample))  # one forward pass
         elif self.overview_factors or self._size[0] * self._size[1] <= 64_000_000:
@@ -258,8 +307,8 @@ class RasterSource:
     def _env(self) -> rasterio.Env:
         return _env(self.gdal_cache_mb, self.trust)
 
-    def _dataset(self):
-        return _open(self._gdal_path, self._driver)
+    def _dataset(self, overviews: bool = True):
+        return _open(self._gdal_path, self._driver, overviews)
 
     def _check_blocks(self, ds: Any) -> None:
         """Untrusted: refuse strips / tiles so big that decoding one costs gigabytes."""
@@ -273,18 +322,33 @@ class RasterSource:
                 f"striped GeoTIFF"
             )
 
-    def _inspect(self, ds: Any, bands: tuple[int, ...] | None, max_pixels: int | None) -> None:
+    def _inspect(
+        self, ds: Any, bands: tuple[int, ...] | None, max_pixels: int | None, region: RegionRequest | None
+    ) -> None:
         if ds.count < 1:
             raise NotARasterError(f"not a raster (no bands): {self.label}")
         self._size = (int(ds.width), int(ds.height))
         self.count = int(ds.count)
         self.driver = ds.driver
         self.overview_factors = list(ds.overviews(1))
-        if not self.overview_factors:
-            check_pixel_limit(self.path, self._size, max_pixels)
         if self.trust == "untrusted":
             self._check_blocks(ds)
-        self.georef = georef_of(ds)
+        self.georef, self.georef_note = read_georef(ds, self.label)
+        if self.georef_note:
+            warnings.warn(self.georef_note, stacklevel=4)
+        if region is not None:
+            self.region = resolve_region(region, self._size, self.georef, image=self.label)
+            x0, y0, x1, y1 = self.region.pixels
+            self._window = Window(x0, y0, x1 - x0, y1 - y0)
+            self.georef = self.region.georef
+            # Only the window's blocks are decoded, except by forward-only decoders (PNG, JPEG),
+            # which decode every row above the window too: the limit follows what is decoded.
+            decoded = self.region.size if ds.driver not in SEQUENTIAL_DRIVERS else (self._size[0], y1)
+            self._size = self.region.size
+        else:
+            decoded = self._size
+        if not self.overview_factors:
+            check_pixel_limit(self.path, decoded, max_pixels)
         ci = list(ds.colorinterp)
         self.mode = "bands"
         self._lut = None
@@ -320,8 +384,6 @@ class RasterSource:
         self._has_mask = any(MaskFlags.all_valid not in f for f in flags)
         self._is_float = np.issubdtype(self.dtype, np.floating)
         self.stretch_ranges: list[tuple[float, float]] | None = None
-        if self.mode in ("bands",) and self.dtype != np.uint8:
-            self.stretch_ranges = self._compute_stretch(ds)
 
     def _compute_stretch(self, ds: Any) -> list[tuple[float, float]]:
         if ds.driver in SEQUENTIAL_DRIVERS and not self._is_exact():
@@ -331,12 +393,13 @@ class RasterSource:
         shape = (max(1, round(H * k)), max(1, round(W * k)))
         ranges = []
         valid = None
+        win = {} if self._window is None else {"window": self._window}
         if self._has_mask:
             valid = np.zeros(shape, bool)
             for b in self.bands:
-                valid |= ds.read_masks(b, out_shape=shape, resampling=Resampling.nearest) > 0
+                valid |= ds.read_masks(b, out_shape=shape, resampling=Resampling.nearest, **win) > 0
         for b in self.bands:
-            arr = ds.read(b, out_shape=shape, resampling=Resampling.nearest)
+            arr = ds.read(b, out_shape=shape, resampling=Resampling.nearest, **win)
             vals = arr[valid] if valid is not None else arr.ravel()
             ranges.append(percentile_range(vals, self.stretch, dtype=self.dtype))
         return ranges
@@ -352,19 +415,20 @@ class RasterSource:
     def __repr__(self) -> str:
         return (
             f"RasterSource({str(self.path)!r}, size={self._size}, bands={self.bands}, dtype={self.dtype}, "
-            f"overviews={self.overview_factors}, georef={'yes' if self.georef else 'no'})"
+            f"overviews={self.overview_factors}, georef={'yes' if self.georef else 'no'}"
+            + (f", region={list(self.region.pixels)}" if self.region is not None else "")
+            + ")"
         )
 
     # ------------------------------------------------------------------ reading
     def _probe_corners(self) -> None:
-        from rasterio.windows import Window
-
         W, H = self._size
         try:
             with self._env(), self._dataset() as ds:
                 bh, bw = ds.block_shapes[0]
+                x0, y0 = (0, 0) if self._window is None else (self._window.col_off, self._window.row_off)
                 for col, row in ((0, 0), (max(0, W - bw), max(0, H - bh))):
-                    ds.read(self.bands[0], window=Window(col, row, min(bw, W), min(bh, H)))
+                    ds.read(self.bands[0], window=Window(x0 + col, y0 + row, min(bw, W), min(bh, H)))
         except _READ_ERRORS as e:
             raise ImageLoadError(f"corrupt or unreadable raster {self.label}: {_gdal_message(e)}") from e
 
@@ -377,7 +441,7 @@ class RasterSource:
             out = _pad_canvas(w, h)
         try:
             with self._env(), self._dataset() as ds:
-                self._read_into(ds, out, resampling or self.resampling)
+                self._read_into(ds, out, resampling or self.resampling, window=self._window)
         except ImageLoadError:
             raise
         except MemoryError:
@@ -432,6 +496,9 @@ class RasterSource:
                 m = mb if m is None else np.maximum(m, mb, out=m)
             if m is not None and m.min() < 255:
                 alpha = m if alpha is None else np.minimum(alpha, m)
+        if self.region is not None and self.region.masked:  # outside the region's polygons: padding
+            inside = self.region.mask((h, w)).astype(np.uint8) * np.uint8(255)
+            alpha = inside if alpha is None else np.minimum(alpha, inside)
         if alpha is not None:
             _blend_pad(out, alpha, rows)
 
@@ -444,12 +511,12 @@ class RasterSource:
     def _row_bands(self, ds: Any, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, all bands of `rows` rows as (count, n, W)), top to bottom. One dataset-level
         read per band of rows: per-band or mask reads would make GDAL's PNG decoder restart."""
-        from rasterio.windows import Window
 
         W, H = self._size
+        x0, y0 = (0, 0) if self._window is None else (self._window.col_off, self._window.row_off)
         for r0 in range(0, H, rows):
             n = min(rows, H - r0)
-            yield r0, ds.read(window=Window(0, r0, W, n))
+            yield r0, ds.read(window=Window(x0, y0 + r0, W, n))
 
     def _stream_stretch(self, ds: Any) -> list[tuple[float, float]]:
         """Percentile ranges from every `step`-th row and column of one forward pass."""
@@ -522,6 +589,8 @@ class RasterSource:
             raise
         except _READ_ERRORS as e:
             raise ImageLoadError(f"corrupt or unreadable raster {self.label}: {_gdal_message(e)}") from e
+        if self.region is not None:
+            out = paint_outside(out, self.region)
         self._cache = (min(out.size[0] / W, out.size[1] / H), out)
         return out
 
@@ -565,12 +634,11 @@ class RasterSource:
         if self.driver in SEQUENTIAL_DRIVERS:  # from the streamed copy (re-streamed only for a bigger side)
             return square_from_reduced(self.reduced(g), self._size, side)
         w, h = max(1, round(W * g)), max(1, round(H * g))
-        cw, ch, px0, py0, box = reduced_geometry(self._size, (w, h))
-        # One RGBX canvas shared with Pillow (zero-copy): the read lands directly in it.
-        canvas = _pad_canvas(cw, ch)
-        self._read_checked(w, h, out=canvas[py0 : py0 + h, px0 : px0 + w])
-        im = Image.frombuffer("RGBX", (cw, ch), canvas, "raw", "RGBX", 0, 1)
-        return im.resize((side, side), Image.Resampling.BICUBIC, box=box).convert("RGB")
+        # The read lands in an RGBX array shared with Pillow (zero-copy); the padded square is
+        # resampled from it in bands, never materialised (see `padded_resize`).
+        reduced = self._read_checked(w, h)
+        im = Image.frombuffer("RGBX", (w, h), reduced, "raw", "RGBX", 0, 1)
+        return square_from_reduced(im, self._size, side)
 
 
 def _pad_canvas(w: int, h: int) -> np.ndarray:

@@ -31,6 +31,19 @@ Memory and time are bounded by the work, not by the file, at both levels:
   (needs rasterio) into a copy reduced to what the 4032-px pyramid needs; large GeoTIFFs are
   read decimated (overviews). A failure in those paths is an error, never a silent full decode.
 
+TIFFs, at both levels, have their strip / tile tables checked before any decoder sees them
+(`uhrbat.io.tiff`: blocks inside the file, none in the header or an IFD, tables as long as the
+image needs): an inconsistent file is one `ImageLoadError`, never seconds of garbage decoding.
+
+Regions (`region=`, `region_crs=`, `region_file=`, `region_geojson=`; `uhrbat.io.regions`)
+read one window at native resolution, exactly as if it had been cut into its own file. What is
+bounded: a TIFF / COG window decodes only the window's blocks (the pixel limit applies to the
+window; a window too big for the pyramid is read decimated, from overviews, so memory follows
+the output, never the raster); PNG / JPEG up to `exact_max_pixels` are decoded whole by Pillow
+and cropped (the limit applies to the whole image); bigger ones go through GDAL, which decodes
+rows forward up to the window's last row and keeps only the window (memory bounded by the
+window; the limit applies to the rows decoded).
+
 Wrap untrusted decodes in `uhrbat.io.decode_section()` to bound how many run at once.
 """
 
@@ -48,7 +61,7 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from uhrbat.errors import ImageLoadError
+from uhrbat.errors import ImageLoadError, RegionError
 from uhrbat.io.formats import (
     PIL_FORMATS,
     SUFFIX,
@@ -74,6 +87,8 @@ from uhrbat.io.images import (
     pil_open,
     pixel_limit_error,
 )
+from uhrbat.io.regions import RegionRequest, paint_outside, parse_region, resolve_region
+from uhrbat.io.tiff import check_tiff_layout
 
 Trust = Literal["local", "untrusted"]
 #: Untrusted progressive JPEGs above this many pixels are refused: libjpeg keeps every DCT
@@ -101,6 +116,10 @@ def open_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     exact_max_pixels: int | None = EXACT_MAX_PIXELS,
     oversample: float = DEFAULT_OVERSAMPLE,
+    region: Any = None,
+    region_crs: Any = None,
+    region_file: str | os.PathLike | None = None,
+    region_geojson: Any = None,
 ) -> ImageSource:
     """Turn a path, a PIL image or an existing source into an `ImageSource`.
 
@@ -114,13 +133,30 @@ def open_image(
     exact_max_pixels: images up to this size are resampled exactly like the reference; above
         it, a reduced intermediate (>= `oversample` x the side) is used. `None`: always exact
         (a full decode, whatever the size).
+    region, region_crs, region_file, region_geojson: read only a window of the image, at native
+        resolution (`uhrbat.io.regions`): pixels `[x0, y0, x1, y1]`, the same in map coordinates
+        with `region_crs`, or a GeoJSON file / object. The source is then the window, exactly as
+        if it had been cut into its own file; `source.region` places it in the scene. Bad
+        regions raise `RegionError` before any pixel is decoded (beyond the header).
     """
     if trust not in ("local", "untrusted"):
         raise ImageLoadError(f"trust must be 'local' or 'untrusted', got {trust!r}")
+    request = parse_region(region, region_crs=region_crs, region_file=region_file, region_geojson=region_geojson)
     if isinstance(image, Image.Image):
-        return PILSource(
-            convert_pil(image, bands=bands, stretch=stretch), exact_max_pixels=exact_max_pixels, oversample=oversample
+        if request is None:
+            return PILSource(
+                convert_pil(image, bands=bands, stretch=stretch),
+                exact_max_pixels=exact_max_pixels,
+                oversample=oversample,
+            )
+        reg = resolve_region(request, image.size, None)
+        src = PILSource(
+            paint_outside(convert_pil(image.crop(reg.pixels), bands=bands, stretch=stretch), reg),
+            exact_max_pixels=exact_max_pixels,
+            oversample=oversample,
         )
+        src.region = reg
+        return src
     if isinstance(image, (str, os.PathLike)):
         opts = {
             "bands": bands,
@@ -128,9 +164,15 @@ def open_image(
             "max_pixels": max_pixels,
             "exact_max_pixels": exact_max_pixels,
             "oversample": oversample,
+            "region": request,
         }
         return _open_path(image, trust, opts)
     if isinstance(image, ImageSource):
+        if request is not None:
+            raise RegionError(
+                "a region is read from the image file (or a PIL image), not from an already opened source; "
+                "pass the path to open_image(..., region=...)"
+            )
         return image
     raise ImageLoadError(f"unsupported image input of type {type(image).__name__}")
 
@@ -172,10 +214,10 @@ def open_image_bytes(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    src.label = name  # later messages name the upload, not the private copy
     if isinstance(src, PILSource):
         shutil.rmtree(tmp, ignore_errors=True)  # decoded in memory: the file is no longer needed
     else:  # lazy sources re-read the file for each square: remove it with the source
-        src.label = name  # later read errors name the upload, not the private copy
         weakref.finalize(src, shutil.rmtree, tmp, True)
     return src
 
@@ -193,6 +235,8 @@ def _open_path(image: str | os.PathLike, trust: Trust, opts: dict[str, Any]) -> 
     raw = os.fspath(image)
     if isinstance(raw, bytes):
         raw = os.fsdecode(raw)
+    if "\x00" in raw:  # os.stat / realpath / GDAL would raise a bare ValueError (or truncate the name)
+        raise ImageLoadError(f"image path contains a NUL byte, which no file name can: {raw!r}")
     untrusted = trust == "untrusted"
     if untrusted:
         _refuse_virtual(raw)
@@ -226,6 +270,7 @@ def _open_file(
     max_pixels: int | None,
     exact_max_pixels: int | None,
     oversample: float,
+    region: RegionRequest | None = None,
 ) -> ImageSource:
     untrusted = trust == "untrusted"
     rkw = {
@@ -235,12 +280,17 @@ def _open_file(
         "exact_max_pixels": exact_max_pixels,
         "oversample": oversample,
         "trust": trust,
+        "region": region,
     }
     formats = PIL_FORMATS.get(kind) if untrusted else None
+    if kind == "tiff":  # before any decoder: strip / tile tables that point into the header, ...
+        check_tiff_layout(p, strict=untrusted)
     have_gdal = rasterio_available()
     if kind in ("tiff", "jp2") and have_gdal:
         from uhrbat.io.raster import RasterSource, wants_raster_reader
 
+        # A region of a georeferenced or high-bit TIFF is a window read; plain 8-bit TIFFs are
+        # cropped from Pillow's decode like PNG / JPEG below.
         if wants_raster_reader(p, exact_max_pixels, trust=trust):
             return RasterSource(p, **rkw)
     # Pillow: header only (cheap), then decide how to decode.
@@ -282,16 +332,44 @@ def _open_file(
                     f"every DCT coefficient); send it as a baseline JPEG, PNG or tiled GeoTIFF"
                 )
     if exact_max_pixels is None or w * h <= exact_max_pixels:
-        src = PILSource(
-            load_pil(p, bands=bands, stretch=stretch, max_pixels=max_pixels, formats=formats),
-            exact_max_pixels=exact_max_pixels,
-            oversample=oversample,
+        # Decoded in full (the pixel limit is the whole image's: Pillow decodes every row), then
+        # a region is cropped before the value conversion (its stretch is the window's own).
+        reg = None if region is None else resolve_region(region, (w, h), None, image=f"image {p}")
+        img = load_pil(
+            p,
+            bands=bands,
+            stretch=stretch,
+            max_pixels=max_pixels,
+            formats=formats,
+            crop=None if reg is None else reg.pixels,
         )
+        src = PILSource(
+            img if reg is None else paint_outside(img, reg), exact_max_pixels=exact_max_pixels, oversample=oversample
+        )
+        src.label = str(p)
+        src.region = reg
         if geotiff and not have_gdal:
             _note_geotiff_without_rasterio(src, p)
         return src
     # Too big to decode in full: a reduced decode, or a clear refusal. Never a silent full decode.
     limit = f"{exact_max_pixels:,}"
+    if region is not None:  # a window of a huge PNG / JPEG: GDAL decodes rows forward, keeps the window
+        if orientation != 1 or interlaced or not have_gdal:
+            why = (
+                "an EXIF rotation"
+                if orientation != 1
+                else "interlacing"
+                if interlaced
+                else "no rasterio (install the geo extra: pip install 'uhrbat[geo]')"
+            )
+            raise ImageLoadError(
+                f"image {p} has {w}x{h} = {w * h:,} pixels (above exact_max_pixels, {limit}); a region of it is "
+                f"read through GDAL, which is not possible with {why}; convert it to a tiled GeoTIFF, or pass "
+                f"exact_max_pixels=None to decode it in full"
+            )
+        from uhrbat.io.raster import RasterSource
+
+        return RasterSource(p, **rkw)
     if fmt in ("JPEG", "MPO"):
         with open(p, "rb") as f:
             progressive = jpeg_is_progressive(f)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from uhrbat.auto import register_auto_classes
 from uhrbat.configuration import is_reference_checkpoint
 from uhrbat.devices import resolve_device
 from uhrbat.errors import CheckpointError
@@ -92,6 +93,9 @@ def _load_ours(
 ) -> tuple[UhrBatForConditionalGeneration, UhrBatProcessor]:
     # device_map loads the shards straight onto the accelerator (no full copy in host RAM).
     placement = {} if str(device) == "cpu" else {"device_map": str(device)}
+    # `UhrBatProcessor.from_pretrained` finds its image processor through `AutoImageProcessor`:
+    # register here too, for the `uhrbat` command, which skips it at import (`_uhrbat_launcher`).
+    register_auto_classes()
     net = UhrBatForConditionalGeneration.from_pretrained(str(directory), dtype=dtype, **placement, **overrides)
     net = net.to(device)
     cfg = net.config

@@ -1,13 +1,13 @@
 """Serving: `uhrbat serve` (OpenAI-compatible chat completions) and `uhrbat demo` (a web page on
 the same app). A request flows through:
 
-- `server`: uvicorn with connection limits (connection cap, request-head deadline, keep-alive);
+- `http_server`: uvicorn with connection limits (connection cap, request-head deadline, keep-alive);
 - `guard`: every request body: size cap (413), bytes-in-flight cap (503), stall timeout (408);
 - `app`: thin routes (auth -> tenant, body -> `body` reader, hand-over), error format, lifespan;
 - `body`: the JSON body read off the event loop, big data: URLs spooled to disk as they arrive;
 - `openai_chat`: the OpenAI protocol (`OpenAIServingChat`) on top of the service;
 - `demo`: the demo page and its `/api/ask` (stage events), on top of the same service;
-- `service`: `ChatService` — options -> image handle -> job -> answer or events; the one entry
+- `chat_service`: `ChatService` — options -> image handle -> job -> answer or events; the one entry
   for every front end;
 - `limits`: every limit and default (`ServeOptions`), model facts, deadlines, K-Means work;
 - `media`, `uploads`: OpenAI messages -> conversation + image handle; spool files, handles;
@@ -22,15 +22,15 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "ChatService": "uhrbat.serving.service",
-    "ChatInput": "uhrbat.serving.service",
-    "ImageRef": "uhrbat.serving.service",
-    "RawOptions": "uhrbat.serving.service",
-    "RequestContext": "uhrbat.serving.service",
+    "ChatService": "uhrbat.serving.chat_service",
+    "ChatInput": "uhrbat.serving.chat_service",
+    "ImageRef": "uhrbat.serving.chat_service",
+    "RawOptions": "uhrbat.serving.chat_service",
+    "RequestContext": "uhrbat.serving.chat_service",
     "ServeOptions": "uhrbat.serving.limits",
     "create_app": "uhrbat.serving.app",
-    "serve": "uhrbat.serving.server",
-    "serve_in_thread": "uhrbat.serving.server",
+    "serve": "uhrbat.serving.http_server",
+    "serve_in_thread": "uhrbat.serving.http_server",
 }
 
 __all__ = sorted(_EXPORTS)

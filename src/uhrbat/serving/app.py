@@ -27,12 +27,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from uhrbat.serving.body import JsonBodyReader, ParsedBody
+from uhrbat.serving.chat_service import ChatService, api_error_of
 from uhrbat.serving.guard import RequestGuard
 from uhrbat.serving.limits import MAX_JSON_TEXT_BYTES
 from uhrbat.serving.metrics import MetricsMiddleware
 from uhrbat.serving.openai_api import APIError, ChatCompletion
 from uhrbat.serving.openai_chat import OpenAIServingChat
-from uhrbat.serving.service import ChatService, api_error_of
 
 log = logging.getLogger("uhrbat.serve")
 

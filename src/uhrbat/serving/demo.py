@@ -8,7 +8,8 @@ request path and queues the question on the same engine as `/v1/chat/completions
 demo serves too). With `Accept: text/event-stream` (what the page sends) the answer comes as
 server-sent events: `stage` events while it runs (the page shows the stage and the elapsed time),
 then one `result` (or `error`) event; otherwise one JSON body. The result holds the answer,
-timings and URLs of the overlay PNG and of the kept-token GeoJSON. Errors use the app's one
+timings and URLs of the overlay PNG and of the kept tokens (GeoJSON for a georeferenced upload,
+else the pixel-space `kept.pixels.json`). Errors use the app's one
 format, OpenAI's `{"error": {"message", ...}}`.
 
 ```python
@@ -37,10 +38,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from uhrbat.errors import ImageLoadError, UhrBatError
 from uhrbat.serving.app import create_app as create_serving_app
+from uhrbat.serving.chat_service import ChatInput, ChatService, ImageRef, RawOptions, api_error_of
 from uhrbat.serving.engine import Completion
 from uhrbat.serving.limits import SERVER_MAX_PIXELS, MiB, ServeOptions
 from uhrbat.serving.openai_api import APIError
-from uhrbat.serving.service import ChatInput, ChatService, ImageRef, RawOptions, api_error_of
 from uhrbat.serving.uploads import Spool, accepted_formats, accepted_suffixes
 
 log = logging.getLogger("uhrbat.demo")
@@ -139,7 +140,7 @@ PAGE = """<!doctype html>
  <div id="error"></div>
  <div id="answer"></div>
  <div id="meta"></div>
- <a id="geojson" href="#" style="display:none" download="kept.geojson">Download kept regions (GeoJSON)</a>
+ <a id="geojson" href="#" style="display:none" download="kept.geojson">Download kept regions</a>
  <p><img id="overlay" alt="relevance heatmap and kept tokens"></p>
 </section>
 </main>
@@ -150,7 +151,7 @@ const STAGES = {uploading: 'Uploading the image', queued: 'Waiting in the queue'
   waiting: 'Waiting for the model', model: 'Preparing the scene', load: 'Opening the image',
   tiles: 'Cutting the pyramid into tiles', encode: 'Encoding tiles', score: 'Scoring relevance',
   select: 'Selecting visual tokens', prefill: 'Reading the question', answering: 'Writing the answer',
-  decode: 'Writing the answer', overlay: 'Drawing the overlay'};
+  group: 'Grouping tokens', decode: 'Writing the answer', overlay: 'Drawing the overlay'};
 let stage = '', t0 = 0, timer = null;
 function showStatus() {
   const s = ((performance.now() - t0) / 1000).toFixed(1);
@@ -184,7 +185,9 @@ function show(data) {
   const t = Object.entries(data.timings || {}).map(([k, v]) => k + ' ' + v.toFixed(2) + 's').join(' \\u00b7 ');
   $('meta').textContent = data.num_visual_tokens + ' visual tokens (' + data.kept + ' kept, ' + data.merged +
     ' merged) \\u00b7 image ' + data.image_size.join('\\u00d7') + (t ? ' \\u00b7 ' + t : '');
-  $('geojson').href = data.geojson_url; $('geojson').style.display = 'inline';
+  $('geojson').href = data.geojson_url; $('geojson').download = data.geojson_url.split('/').pop();
+  $('geojson').textContent = 'Download kept regions (' + (data.georeferenced ? 'GeoJSON' : 'pixel boxes, JSON') + ')';
+  $('geojson').style.display = 'inline';
   const img = $('overlay');
   img.onload = () => { document.body.dataset.state = 'done'; };
   img.onerror = () => { document.body.dataset.state = 'error'; $('error').textContent = 'overlay failed to load'; };
@@ -248,6 +251,7 @@ class DemoPage:
         r.add_api_route("/api/ask", self.ask, methods=["POST"])
         r.add_api_route("/api/result/{key}/overlay.png", self.overlay_png, methods=["GET"])
         r.add_api_route("/api/result/{key}/kept.geojson", self.kept_geojson, methods=["GET"])
+        r.add_api_route("/api/result/{key}/kept.pixels.json", self.kept_pixels, methods=["GET"])
         return r
 
     # ------------------------------------------------------------------ page
@@ -348,9 +352,9 @@ class DemoPage:
     async def _result(self, done: Completion, question: str) -> dict[str, Any]:
         res, source = done.result, done.source
         t1 = time.perf_counter()
-        png, ov, geo = await asyncio.to_thread(self._overlay_and_geojson, done, question)
+        png, ov, (geo, suffix) = await asyncio.to_thread(self._overlay_and_geojson, done, question)
         t_overlay = time.perf_counter() - t1
-        key = self.store.put({"png": png, "geojson": geo})
+        key = self.store.put({"png": png, "geojson": geo, "suffix": suffix})
         timings = {k: float(v) for k, v in (res.timings or {}).items()}
         timings["overlay"] = t_overlay
         log.info("answered (+%.2fs overlay): %r", t_overlay, done.text)
@@ -366,12 +370,12 @@ class DemoPage:
             "timings": timings,
             "overlay_url": f"api/result/{key}/overlay.png",
             "overlay_size": list(ov.size),
-            "geojson_url": f"api/result/{key}/kept.geojson",
+            "geojson_url": f"api/result/{key}/kept{suffix}",
         }
 
-    def _overlay_and_geojson(self, done: Completion, question: str) -> tuple[bytes, Any, dict[str, Any]]:
+    def _overlay_and_geojson(self, done: Completion, question: str) -> tuple[bytes, Any, tuple[dict[str, Any], str]]:
         from uhrbat.io import decode_section
-        from uhrbat.io.geo import tokens_geojson
+        from uhrbat.io.geo import kept_tokens_document
         from uhrbat.io.overlay import render_overlay
 
         res, source = done.result, done.source
@@ -381,9 +385,12 @@ class DemoPage:
                 source, res.tokens, res.relevance, question, done.text, None, max_side=self.overlay_max_side
             )
         ov.image.save(buf, format="PNG", compress_level=3)
-        geo = tokens_geojson(res.tokens, source, properties={"question": question, "answer": done.text})
+        # GeoJSON for a georeferenced upload, else the pixel-space file (never pixels as lon/lat)
+        geo, suffix = kept_tokens_document(
+            res.tokens, source, properties={"question": question, "answer": done.text}, untransformable="pixels"
+        )
         geo["image"]["path"] = done.filename  # the uploaded file's name, never a server path
-        return buf.getvalue(), ov, geo
+        return buf.getvalue(), ov, (geo, suffix)
 
     # ------------------------------------------------------------------ results
     def overlay_png(self, key: str) -> Response:
@@ -394,9 +401,15 @@ class DemoPage:
 
     def kept_geojson(self, key: str) -> JSONResponse:
         item = self.store.get(key)
-        if item is None:
+        if item is None or item["suffix"] != ".geojson":
             raise APIError(404, "unknown or expired result", code="not_found")
         return JSONResponse(item["geojson"], media_type="application/geo+json")
+
+    def kept_pixels(self, key: str) -> JSONResponse:
+        item = self.store.get(key)
+        if item is None or item["suffix"] != ".pixels.json":
+            raise APIError(404, "unknown or expired result", code="not_found")
+        return JSONResponse(item["geojson"])
 
 
 def create_app(service: ChatService, **page: Any) -> FastAPI:

@@ -13,8 +13,8 @@
 
 Admission is bounded: more than `max_queue` jobs waiting (in either stage) raises
 `ServerBusyError` (the app answers 503 + Retry-After). Every job carries a `Deadline` and a
-`cancel` event, checked between stages, at the pipeline's stage boundaries (`BatchProgress`,
-when the pipeline takes `progress=`) and at every generated token (`RowControl`): an expired or
+`cancel` event, checked between stages, at the pipeline's stage boundaries (`BatchProgress`, its
+`progress=` callback) and at every generated token (`RowControl`): an expired or
 abandoned row stops and fails alone; the rest of its batch goes on. `job.on_stage` hears each
 stage (the demo shows it), `job.on_text` each streamed text delta (`RowStreamer`). Both hooks are
 plain transformers generation hooks, so any pipeline with `chat_batch` works.
@@ -22,7 +22,6 @@ plain transformers generation hooks, so any pipeline with `chat_batch` works.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import threading
@@ -131,15 +130,18 @@ class BatchAbandoned(Exception):
 
 
 class BatchProgress:
-    """The pipeline's `progress=` callback for one batch: called at every stage boundary, it
-    tells each row's listener the stage, fails rows that were cancelled or ran past their
-    deadline, and stops the whole batch (raises `BatchAbandoned`) once no row is left."""
+    """The pipeline's `progress=` callback for one batch (`uhrbat.progress`: `progress(stage,
+    info)` as each stage begins; it may raise to cancel): it tells each row's listener the stage,
+    fails rows that were cancelled or ran past their deadline, and stops the whole batch (raises
+    `BatchAbandoned`) once no row is left."""
 
     def __init__(self, jobs: Sequence[Job]) -> None:
         self.jobs = list(jobs)
 
     def __call__(self, stage: Any = None, *_: Any, **__: Any) -> None:
         name = str(getattr(stage, "value", stage))
+        if name == "done":  # the answers are ready: deliver them, whatever the clock says now
+            return
         live = [j for j in self.jobs if j.alive()]
         for job in live:
             job.set_stage(name)
@@ -259,7 +261,6 @@ class Engine:
         self._pipeline = pipeline
         self._factory = pipeline_factory
         self._pipeline_lock = threading.Lock()
-        self._takes_progress: bool | None = None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -286,16 +287,6 @@ class Engine:
                 if self._pipeline is None:
                     self._pipeline = self._factory()  # type: ignore[misc]
         return self._pipeline
-
-    def _progress_kwargs(self, pipe: Any, batch: list[Job]) -> dict[str, Any]:
-        # The pipeline's `progress=` stage callback (issue 19) is passed where `chat_batch`
-        # takes it; without it, deadlines are checked between the engine's stages and per token.
-        if self._takes_progress is None:
-            try:
-                self._takes_progress = "progress" in inspect.signature(pipe.chat_batch).parameters
-            except (TypeError, ValueError):
-                self._takes_progress = False
-        return {"progress": BatchProgress(batch)} if self._takes_progress else {}
 
     # ------------------------------------------------------------------ queue
     @property
@@ -468,7 +459,7 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([control]),
                 streamer=streamer,
                 return_relevance=first.return_relevance,
-                **self._progress_kwargs(pipe, batch),
+                progress=BatchProgress(batch),
                 **first.generation,
                 **first.selection,
             )

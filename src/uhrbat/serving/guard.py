@@ -6,7 +6,7 @@
   before it is read (a refused one is read and dropped, never stored, so the client — which sends
   the whole body before it reads — gets the 503), a chunked one reserves as it arrives;
 - **408** when a body stalls: no bytes for `read_timeout_s` (nginx's `client_body_timeout`); the
-  request head has its own deadline in the HTTP protocol (`serving.server`);
+  request head has its own deadline in the HTTP protocol (`serving.http_server`);
 - a client that goes away mid-upload is logged as **one line** (bytes received of bytes
   announced), never a traceback.
 

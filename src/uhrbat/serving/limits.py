@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -131,24 +131,18 @@ class ServeOptions:
 class ServablePipeline(Protocol):
     """What the server needs of a pipeline (`uhrbat.UhrBatPipeline` provides it).
 
-    `model.config` (a `UhrBatConfig`: scales, default budgets and K-Means settings, token counts),
-    `model.generation_config.eos_token_id` (when a row has ended), `processor.tokenizer` (decodes
-    streamed token ids), `selection` (the pipeline's own default selection options) and
-    `chat_batch(images, conversations, **options)`."""
+    `model.config` (a `UhrBatConfig`: scales, token counts), `model.generation_config.eos_token_id`
+    (when a row has ended), `processor.tokenizer` (decodes streamed token ids), `resolve(**options)`
+    (the selection a call would run with: the pipeline's defaults and the checkpoint's filled in, a
+    `uhrbat.options.ResolvedSelection`) and `chat_batch(images, conversations, ..., progress=...)`
+    (`progress(stage, info)` at every stage boundary, `uhrbat.progress`)."""
 
     model: Any
     processor: Any
-    selection: dict[str, Any]
+
+    def resolve(self, **options: Any) -> Any: ...
 
     def chat_batch(self, images: Sequence[Any], conversations: Sequence[Any], **kwargs: Any) -> list[Any]: ...
-
-
-def resolve_selection(config: Any, options: Mapping[str, Any]) -> Any:
-    """The effective selection settings (model config defaults filled in): the one call into the
-    model's option resolver, so limits and the banner agree with what the model will run."""
-    from uhrbat.modeling.modeling_uhrbat import SelectionOptions
-
-    return SelectionOptions.resolve(config, **options)
 
 
 @dataclass(frozen=True)
@@ -156,11 +150,11 @@ class ModelFacts:
     """The facts about a served model that requests are checked against."""
 
     config: Any
-    defaults: Mapping[str, Any]  # the pipeline's default selection options (before the config's)
+    resolve: Callable[..., Any]  # `ServablePipeline.resolve`
 
     @classmethod
     def of(cls, pipeline: ServablePipeline) -> ModelFacts:
-        return cls(pipeline.model.config, dict(pipeline.selection))
+        return cls(pipeline.model.config, pipeline.resolve)
 
     @property
     def scales(self) -> list[int]:
@@ -168,30 +162,30 @@ class ModelFacts:
 
     @property
     def default_budgets(self) -> list[int]:
-        return list(self.resolve({}).budgets)
+        return list(self.resolve().budgets)
 
-    def resolve(self, selection: Mapping[str, Any]) -> Any:
-        return resolve_selection(self.config, {**self.defaults, **selection})
+    def kmeans_work(self, selection: Mapping[str, Any], *, model_defaults: bool = False) -> int:
+        """K-Means work of `selection` (defaults filled in): sum over scales of clusters x tokens
+        x iterations, K as the selection runs it (`ResolvedSelection.clusters`, clamped to the
+        scale's tokens). The image does not matter: every scale's token count is fixed by the
+        pyramid (gated encoding can only lower it). 0 when the selector is not K-Means.
+        `model_defaults`: fill in the checkpoint's values, not the pipeline's own defaults."""
+        from uhrbat.options import SelectionOptions
 
-    def kmeans_work(self, selection: Mapping[str, Any]) -> int:
-        """K-Means work of `selection` (pipeline defaults filled in): sum over scales of
-        clusters x tokens x iterations, K as `compression.cluster_tokens` picks it. The image
-        does not matter (every scale's token count is fixed by the pyramid). 0 when not K-Means."""
-        opts = self.resolve(selection)
+        opts = SelectionOptions.of(**selection).resolve(self.config) if model_defaults else self.resolve(**selection)
         if opts.selector != "kmeans":
             return 0
         work = 0
         for scale, budget in zip(self.config.scales, opts.budgets):
             n = self.config.num_tokens(scale)
-            k = opts.kmeans_clusters if opts.kmeans_clusters else budget
-            work += min(max(1, k), n) * n * opts.kmeans_iters
+            work += min(max(1, opts.clusters(budget)), n) * n * opts.kmeans_iters
         return work
 
     def default_kmeans_work(self) -> int:
         """The work no request may exceed unless `--max-kmeans-work` says otherwise: that of the
         model config's own K-Means settings at its default budgets, or of the server's own
         defaults (`uhrbat serve --kmeans-clusters ...`) when those are heavier."""
-        model_own = ModelFacts(self.config, {}).kmeans_work({"selector": "kmeans"})
+        model_own = self.kmeans_work({"selector": "kmeans"}, model_defaults=True)
         return max(model_own, self.kmeans_work({"selector": "kmeans"}))
 
 
@@ -276,5 +270,4 @@ __all__ = [
     "ServablePipeline",
     "ServeOptions",
     "check_budget_values",
-    "resolve_selection",
 ]

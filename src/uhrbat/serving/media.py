@@ -206,4 +206,4 @@ def _read_file_url(url: str, allowed: str | os.PathLike | None, read_opts: dict[
     return AllowedFile(real, str(allowed), read_opts, where=param)
 
 
-__all__ = ["conversation", "image_handle"]
+__all__ = ["conversation", "image_handle", "inside"]

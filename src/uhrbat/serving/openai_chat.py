@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from uhrbat.serving.body import ParsedBody
+from uhrbat.serving.chat_service import ChatInput, ChatService, ImageRef, RawOptions, RequestContext, api_error_of
 from uhrbat.serving.engine import Completion
 from uhrbat.serving.openai_api import (
     APIError,
@@ -28,7 +29,6 @@ from uhrbat.serving.openai_api import (
     ModelList,
     Usage,
 )
-from uhrbat.serving.service import ChatInput, ChatService, ImageRef, RawOptions, RequestContext, api_error_of
 
 log = logging.getLogger("uhrbat.serve")
 
@@ -73,6 +73,8 @@ class OpenAIServingChat:
             kmeans_iters=req.kmeans_iters,
             kmeans_mode=req.kmeans_mode,
             seed=req.seed,
+            encode=req.encode,
+            gate_margin=req.gate_margin,
             temperature=req.temperature,
             top_p=req.top_p,
             repetition_penalty=req.repetition_penalty,
@@ -184,9 +186,15 @@ def extension(req: ChatCompletionRequest, done: Completion) -> dict[str, Any]:
 
         ext["tokens"] = tokens_with_boxes(res.tokens, source)
         if getattr(source, "georef", None) is not None:
-            gj = tokens_geojson(res.tokens, source, properties={"answer": done.text})
-            gj["image"]["path"] = done.filename  # the client's file name, never a server path
-            ext["geojson"] = gj
+            from uhrbat.errors import GeoError
+
+            try:
+                gj = tokens_geojson(res.tokens, source, properties={"answer": done.text})
+            except GeoError as e:  # e.g. a CRS without a WGS84 transform: say so, keep the answer
+                ext["geojson_error"] = str(e)
+            else:
+                gj["image"]["path"] = done.filename  # the client's file name, never a server path
+                ext["geojson"] = gj
     return ext
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uhrbat.configuration.geometry import CLIP_336_14
 from uhrbat.errors import ConfigError, MaskError
 from uhrbat.processing.prompt import IMAGE_MARKER
 
@@ -139,7 +140,12 @@ def read_mask_file(path: str | os.PathLike) -> dict[int, Any]:
     return {int(k): v for k, v in load_mask_file(path).items()}
 
 
-def validate_masks(masks: dict[int, Any], scales: Sequence[int] | None, tile: int = 336, patch: int = 14) -> None:
+def validate_masks(
+    masks: dict[int, Any],
+    scales: Sequence[int] | None,
+    tile: int = CLIP_336_14.tile_size,
+    patch: int = CLIP_336_14.patch_size,
+) -> None:
     """Raise `MaskError` unless every mask of a listed scale has a usable shape and integer ids."""
     from uhrbat.compression.segments import segment_ids_for_scale
 
@@ -321,7 +327,7 @@ def read_parquet_rows(path: Path) -> Iterator[RawRow]:
     for i, row in enumerate(table.to_pylist()):
         conv = row.get("conversations")
         yield RawRow(
-            where=f"{path.name}:{i}",
+            where=f"{path.name} row {i + 1}",  # 1-based (a table has no lines)
             id=str(row.get("id") if row.get("id") is not None else i),
             image=row.get(img_col),
             messages=None if _is_missing(conv) else conv,
@@ -356,8 +362,10 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         numbered: Iterable[tuple[int, Any]] = enumerate(items)
         bad_lines: list[tuple[int, str]] = []
+        where = "{name} item {n}"  # a JSON list: the item's 1-based position
     else:
         items, bad_lines = [], []
+        where = "{name}:{n}"  # JSONL: file:line, the line 1-based as editors count
         for ln, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
@@ -368,7 +376,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
         numbered = items  # type: ignore[assignment]
     for ln, err in bad_lines:
         yield RawRow(
-            where=f"{path.name}:{ln}",
+            where=where.format(name=path.name, n=ln + 1),
             id=str(ln),
             image=None,
             messages=None,
@@ -377,7 +385,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
     for i, obj in numbered:
         if not isinstance(obj, dict):
             yield RawRow(
-                where=f"{path.name}:{i}",
+                where=where.format(name=path.name, n=i + 1),
                 id=str(i),
                 image=None,
                 messages=None,
@@ -386,7 +394,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             continue
         if _non_utf8(obj):
             yield RawRow(
-                where=f"{path.name}:{i}",
+                where=where.format(name=path.name, n=i + 1),
                 id=str(i),
                 image=None,
                 messages=None,
@@ -395,7 +403,7 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             continue
         img = obj.get("image", obj.get("image_paths", obj.get("file_name")))
         yield RawRow(
-            where=f"{path.name}:{i}",
+            where=where.format(name=path.name, n=i + 1),
             id=str(obj.get("id", i)),
             image=img,
             messages=obj.get("conversations", obj.get("messages")),

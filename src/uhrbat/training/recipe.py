@@ -120,11 +120,12 @@ class TrainRecipe:
         anything (instead of e.g. DeepSpeed's `No module named 'mpi4py'` minutes later).
         """
         from uhrbat.devices import cuda_unavailable_reason
+        from uhrbat.training.reporting import report_to_problems
 
+        problems = report_to_problems(self.report_to)
         why = cuda_unavailable_reason()
         if why is None:
-            return []
-        problems = []
+            return problems
         launched = "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
         if self.deepspeed and not launched:
             # Under a launcher (torchrun sets LOCAL_RANK/WORLD_SIZE) DeepSpeed can run on CPU

@@ -43,6 +43,7 @@ from uhrbat.training.freeze import (
     trainable_names,
 )
 from uhrbat.training.recipe import TrainRecipe
+from uhrbat.training.reporting import report_to_list
 from uhrbat.training.tokenize import TokenizeOptions
 
 logger = logging.getLogger(__name__)
@@ -256,25 +257,6 @@ def selection_kwargs(recipe: TrainRecipe) -> dict[str, Any]:
     return out
 
 
-def _report_to(value: str | list[str]) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value)
-    out = []
-    for it in items:
-        if it in ("none", "", None):
-            continue
-        if it == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                try:
-                    import tensorboardX  # noqa: F401
-                except ImportError:
-                    logger.warning("tensorboard is not installed; logging to the console only")
-                    continue
-        out.append(it)
-    return out or ["none"]
-
-
 def training_arguments(recipe: TrainRecipe, resume: bool = False) -> TrainingArguments:
     kw: dict[str, Any] = dict(
         output_dir=recipe.output_dir,
@@ -297,7 +279,7 @@ def training_arguments(recipe: TrainRecipe, resume: bool = False) -> TrainingArg
         dataloader_num_workers=recipe.dataloader_num_workers,
         dataloader_drop_last=recipe.dataloader_drop_last,
         dataloader_pin_memory=torch.cuda.is_available(),
-        report_to=_report_to(recipe.report_to),
+        report_to=report_to_list(recipe.report_to),
         seed=recipe.seed,
         remove_unused_columns=False,
         deepspeed=recipe.deepspeed_config(),

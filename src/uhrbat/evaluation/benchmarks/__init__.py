@@ -2,12 +2,15 @@
 
 Each module here defines `SPECS` (a tuple of `uhrbat.evaluation.spec.BenchmarkSpec`) beside
 its row normaliser, prompts and official scoring rule, so adding a benchmark is one new module
-here plus its tests (README "Add a benchmark"). Nothing else lists benchmarks by name.
+here plus its tests (README "Add a benchmark"). Nothing else lists benchmarks by name; the
+modules below this registry (`loaders`, `prompts`, `scoring`, `spec`, `records`) take a spec,
+never a name, so no import circle runs through here.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import threading
 from collections.abc import Mapping
@@ -15,11 +18,21 @@ from types import ModuleType
 from typing import Any
 
 from uhrbat.errors import BenchmarkDataError, ConfigError
+from uhrbat.evaluation.loaders import load_samples
 from uhrbat.evaluation.records import Sample
 from uhrbat.evaluation.report import Report
 from uhrbat.evaluation.spec import BenchmarkSpec
 
-__all__ = ["BenchmarkSpec", "names", "get_spec", "scorer", "score", "check_score_options", "register"]
+__all__ = [
+    "BenchmarkSpec",
+    "check_score_options",
+    "get_spec",
+    "load_benchmark",
+    "names",
+    "register",
+    "score",
+    "scorer",
+]
 
 _REGISTRY: dict[str, BenchmarkSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -94,3 +107,14 @@ def score(name: str, samples: list[Sample], predictions: Mapping[str, Any], **op
     """Score predictions ({id: output | Prediction | row}) with the benchmark's official rule."""
     spec = get_spec(name)
     return spec.score(samples, predictions, **_options(spec, options))
+
+
+def load_benchmark(
+    name: str,
+    data: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    check_images: bool = True,
+    allow_outside_images: bool = False,
+) -> list[Sample]:
+    """The validated samples of benchmark `name` (or alias); see `loaders.load_samples`."""
+    return load_samples(get_spec(name), data, images, check_images, allow_outside_images)

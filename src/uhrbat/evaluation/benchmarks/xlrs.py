@@ -18,6 +18,11 @@ Decisions reproduced, quirks included:
 * Correct iff `set(parsed) == set(answer)`, comparing characters of the raw ground-truth string.
 * micro = correct / all questions. macro = mean over the 13 official L3 tasks of their
   accuracy, where a task with no questions counts as 0 (the task table is pre-filled).
+
+The field publishes XLRS-Bench both ways and the two are not comparable, so the headline names
+them by who publishes them: `weighted_avg` (= micro: the sub-task accuracies weighted by their
+question counts; UHR-BAT's "44.0 weighted average") and `subtask_mean` (= macro: the unweighted
+mean of the 13 sub-tasks; what GeoLLaVA-8K and DualComp publish).
 """
 
 from __future__ import annotations
@@ -72,7 +77,17 @@ _PREFIXES = (
     "Best answer:Best option:",  # sic
 )
 
+HEADLINE = {
+    "weighted_avg": "accuracy over all questions = the sub-task accuracies weighted by question count "
+    "(lmms-eval xlrs_micro_score); the 'weighted average' UHR-BAT publishes (44.0)",
+    "subtask_mean": "unweighted mean of the 13 official L3 sub-task accuracies, a sub-task without questions "
+    "counting 0 (lmms-eval xlrs_macro_score); what GeoLLaVA-8K (51.5) and DualComp (53.1) publish",
+}
+
 META = {
+    "headline": HEADLINE,
+    "comparability": "weighted_avg and subtask_mean are different averages of the same answers; compare a "
+    "number only with a number of the same kind",
     "scorer": "lmms-eval tasks/xlrs/mcq_utils.py (extract_characters_regex, xlrs_aggregate_results[_macro_score])",
     "extraction": "strip stock prefixes; '' if no upper-case A-E; letters in '(x)', "
     "else every a-e/A-E character; upper-cased set",
@@ -178,7 +193,7 @@ def aggregate(rows: list[Judged]) -> tuple[dict[str, Any], dict[str, Any], dict[
     l2 = category_table((_task(r.sample).split("/")[0], r.correct) for r in rows)
     for k, v in l2.items():
         metrics[f"L2/{k}"] = v["accuracy"]
-    return {"micro": metrics["micro"], "macro": metrics["macro"]}, metrics, per_task
+    return {"weighted_avg": metrics["micro"], "subtask_mean": metrics["macro"]}, metrics, per_task
 
 
 def score(samples: list[Sample], predictions: Mapping[str, Any]) -> Report:

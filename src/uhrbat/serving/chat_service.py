@@ -78,6 +78,8 @@ class RawOptions:
     kmeans_iters: int | None = None
     kmeans_mode: str | None = None
     seed: int | None = None
+    encode: str | None = None
+    gate_margin: float | None = None
     temperature: float | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
@@ -95,7 +97,7 @@ class ChatOptions:
     """Checked options of one question, as the engine runs them."""
 
     max_new_tokens: int
-    selection: Mapping[str, Any]  # budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed
+    selection: Mapping[str, Any]  # `uhrbat.options.SelectionOptions` names: budgets, selector, kmeans_*, seed, encode
     generation: Mapping[str, Any]  # do_sample, temperature, top_p, repetition_penalty
     stops: tuple[str, ...] = ()
     seed: int | None = None  # sampling seed
@@ -175,7 +177,8 @@ class ChatService:
     # ------------------------------------------------------------------ 1. options
     def check_options(self, raw: RawOptions) -> ChatOptions:
         """The request's options, checked against the server's limits (400 naming the field)."""
-        from uhrbat.processing.processing_uhrbat import parse_budgets
+        from uhrbat.options import parse_budgets
+        from uhrbat.selectors import check_selector_name
 
         o = self.options
         max_new = raw.max_new_tokens or o.max_new_tokens
@@ -200,7 +203,12 @@ class ChatService:
                     f"{name} {value} exceeds this server's limit of {limit} (uhrbat serve {o.flag('max_' + name)})",
                     raw.param(name),
                 )
-        for name in ("selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed"):
+        if raw.selector is not None:
+            try:
+                check_selector_name(raw.selector)  # the registry decides, not a list kept here
+            except UhrBatError as e:
+                raise bad_request(str(e), raw.param("selector")) from None
+        for name in ("selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed", "encode", "gate_margin"):
             if getattr(raw, name) is not None:
                 selection[name] = getattr(raw, name)
         self._check_work(selection, raw)
