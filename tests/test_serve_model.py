@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -159,3 +160,35 @@ def test_chat_service_answers_python_callers_like_the_pipeline(tiny_pipeline, tm
         service.close()
     assert done.text == tiny_pipeline.chat(str(path), messages, max_new_tokens=6, budgets=[4, 6]).answer
     assert done.result.image_size == (160, 120) and done.result.num_visual_tokens <= 4 + 6
+
+
+def test_the_real_pipeline_stops_at_a_stage_boundary_past_the_deadline(tiny_pipeline, monkeypatch) -> None:
+    """The deadline reaches inside the real pipeline through its `progress=` callback: a request
+    whose time ran out before the pipeline started is answered 504 and the pipeline run stops at
+    its first stage boundary instead of running K-Means and generation; the server goes on."""
+    from uhrbat.serving.engine import BatchAbandoned
+
+    real, outcome = tiny_pipeline.chat_batch, []
+
+    def late(*a, **k):
+        time.sleep(2.5)  # the request's 2 s run out before the pipeline starts
+        try:
+            real(*a, **k)
+            outcome.append("finished")
+        except BatchAbandoned as e:
+            outcome.append(f"stopped at {e}")
+            raise
+
+    monkeypatch.setattr(tiny_pipeline, "chat_batch", late)
+    with server(tiny_pipeline, request_timeout_s=2.0) as client:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=MODEL, messages=[turn("Trees?", scene_png(5))], **GEN)
+        deadline = time.time() + 30
+        while not outcome and time.time() < deadline:
+            time.sleep(0.05)
+    assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+    assert outcome == ["stopped at load"]
+    monkeypatch.undo()
+    with server(tiny_pipeline) as client:
+        r = client.chat.completions.create(model=MODEL, messages=[turn("Trees?", scene_png(5))], **GEN)
+    assert r.choices[0].message.content == direct(tiny_pipeline, scene_png(5), [turn("Trees?", scene_png(5))])

@@ -142,6 +142,9 @@ class BatchProgress:
         name = str(getattr(stage, "value", stage))
         if name == "done":  # the answers are ready: deliver them, whatever the clock says now
             return
+        for job in self.jobs:
+            if not job.future.done():
+                job.stage = name  # a row that fails here failed entering this stage
         live = [j for j in self.jobs if j.alive()]
         for job in live:
             job.set_stage(name)
