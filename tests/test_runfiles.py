@@ -302,3 +302,6 @@ def test_progress_in_a_log_is_one_line_never_wrapped(capsys):
     with RowProgress(False, description, 3, get_time=clock) as bar:
         bar.advance(3)
     assert capsys.readouterr().err == ""  # --no-progress: nothing
+    with RowProgress(True, description, 0, get_time=clock):
+        pass
+    assert capsys.readouterr().err == ""  # nothing left to do (a finished run resumed): no '0/0 rows' line

@@ -516,7 +516,7 @@ class RowProgress:
         self._entered = self._get_time()
         console = Console(stderr=True)
         if not console.is_terminal:  # a log file: one plain line at the end, never a bar wrapped at 80 columns
-            self._plain = self.enabled
+            self._plain = self.enabled and self.total > 0
             return self
         bar = self
 
