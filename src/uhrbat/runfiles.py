@@ -454,7 +454,8 @@ class RowProgress:
     seconds since the work started: `start_clock()` is called once the model is loaded) and the
     ETA from that rate. Rich's own speed column averages over a short window and swings wildly
     when rows come in bursts (a batch of questions, a scene's questions at once). Rows done by an
-    earlier run (`done`) count toward done/total, not toward the rate.
+    earlier run (`done`) count toward done/total, not toward the rate. When stderr is not a
+    terminal (a log file), nothing is drawn while rows run and the final state is one plain line.
     """
 
     def __init__(
