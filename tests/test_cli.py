@@ -226,6 +226,71 @@ def test_cache_dir_reuses_the_scene_across_runs(tiny_checkpoint, tmp_path) -> No
     assert any((tmp_path / "scenes").iterdir())
 
 
+def _run_on_a_terminal(argv: list[str], timeout: float = 300.0) -> tuple[int, str, str]:
+    """Run `python -m uhrbat.cli.main ARGV` with stderr on a pseudo-terminal (what a person at a
+    terminal sees) and stdout on a pipe; returns (exit code, stdout, terminal text without colour
+    codes, one line per carriage return or newline)."""
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uhrbat.cli.main", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    seen, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1.0)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            seen += data
+        out = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0].decode()
+    finally:
+        proc.kill()
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    return proc.returncode, out, "\n".join(ln.strip() for ln in re.split(r"[\r\n]+", text) if ln.strip())
+
+
+def test_ask_on_a_real_terminal_draws_every_stage_in_order(tiny_checkpoint) -> None:
+    """Issue 23.1 end to end: through a pseudo-terminal, `ask` draws each stage as it begins
+    (even the short ones) with the seconds since the start, then clears the status line; the
+    answer alone goes to stdout."""
+    argv = ["ask", AERIAL, "How many trees are there?", "--model", str(tiny_checkpoint), *SMALL]
+    code, out, term = _run_on_a_terminal(argv)
+    assert code == 0, term
+    stages = [
+        "reading the image",
+        "building the pyramid",
+        "encoding 20 tiles (CLIP + projector)",
+        "scoring relevance",
+        "grouping tokens (kmeans)",
+        "selecting tokens (kmeans)",
+        "reading the prompt (",
+        "writing the answer",
+        "done",
+    ]
+    at = [term.find(s + (" ..." if not s.endswith("(") else "")) for s in stages]
+    assert all(i >= 0 for i in at) and at == sorted(at), (at, term)
+    assert term.splitlines()[-1].startswith("load ") and "scene cache: miss" in term.splitlines()[-1]
+    assert out.strip() and "\x1b" not in out and "..." not in out  # stdout: the answer only
+
+
 def test_convert_writes_readable_weights(tmp_path) -> None:
     """safetensors creates files 0600; converted checkpoints follow the umask like any file."""
     old = os.umask(0o022)

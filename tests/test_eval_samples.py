@@ -59,55 +59,62 @@ def test_every_benchmark_has_a_sample():
     assert covered == set(benchmarks.names())
 
 
-@pytest.mark.parametrize("bench", ["xlrs", "mme-realworld-rs", "rshr", "hrbench-4k", "hrbench-8k", "lrs-vqa"])
-def test_eval_runs_on_every_shipped_sample(bench, tmp_path, monkeypatch, capsys):
-    from uhrbat.cli.main import main
-
-    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
-    FakePipeline.instances.clear()
-    folder = _generator().SAMPLES.get(bench, ("hrbench", None))[0]
-    argv = ["eval", "--benchmark", bench, "--data", str(EXAMPLES / folder), "--model", "m"]
-    argv += ["--out", str(tmp_path / "run"), "--no-progress"]
-    if bench == "lrs-vqa":
-        argv += ["--lrs-synonyms", "none"]  # WordNet is not needed to try the sample
-    try:
-        main(argv)
-    except SystemExit as e:
-        assert e.code in (0, None), capsys.readouterr().err
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    samples = benchmarks.load_benchmark(bench, EXAMPLES / folder)
-    assert report["n"] == len(samples) >= 3 and report["n_errors"] == 0
-    assert all(s.ok and s.answer for s in samples)
-
-
-def _first_eval_command() -> list[str]:
+def _readme_sample_commands() -> list[list[str]]:
+    """The `uhrbat eval` lines of the README's first eval example (the shipped samples)."""
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## Evaluate") :]
     block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
-    line = next(ln for ln in block.splitlines() if ln.startswith("uhrbat eval"))
-    return shlex.split(line)
+    return [shlex.split(ln) for ln in block.splitlines() if ln.startswith("uhrbat eval")]
 
 
-def test_the_readmes_first_eval_example_uses_the_shipped_sample():
-    argv = _first_eval_command()
-    data = Path(argv[argv.index("--data") + 1])
-    assert data.parts[:2] == ("examples", "eval") and (ROOT / data).exists()
-    assert argv[argv.index("--model") + 1] == "../shared/parity/uhrbat_tiny"
+def _bench(argv: list[str]) -> str:
+    return argv[argv.index("--benchmark") + 1]
 
 
-@pytest.mark.slow
-def test_the_readmes_first_eval_example_runs_as_written(tmp_path, monkeypatch, capsys):
-    """The command exactly as in the README (real tiny checkpoint), from the repository root."""
+SAMPLE_COMMANDS = {_bench(argv): argv for argv in _readme_sample_commands()}
+
+
+def test_the_readmes_first_eval_example_covers_every_format_with_its_sample():
+    """Issue 23.6: one line per benchmark, each on its shipped sample, with the tiny checkpoint."""
+    assert set(SAMPLE_COMMANDS) == set(benchmarks.names())
+    for bench, argv in SAMPLE_COMMANDS.items():
+        data = Path(argv[argv.index("--data") + 1])
+        assert data.parts[:2] == ("examples", "eval") and (ROOT / data).exists(), bench
+        assert argv[argv.index("--model") + 1] == "../shared/parity/uhrbat_tiny", bench
+    assert len({a[a.index("--out") + 1] for a in SAMPLE_COMMANDS.values()}) == len(SAMPLE_COMMANDS)
+
+
+def _run_readme_line(bench: str, tmp_path: Path, monkeypatch, capsys) -> dict:
+    """Run the README's line for `bench` from the repository root as written (--out moved)."""
     from uhrbat.cli.main import main
 
-    monkeypatch.delenv("UHRBAT_PIPELINE_CLASS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(ROOT)
-    argv = _first_eval_command()[1:]
+    argv = list(SAMPLE_COMMANDS[bench][1:])
     argv[argv.index("--out") + 1] = str(tmp_path / "run")
     try:
         main([*argv, "--no-progress"])
     except SystemExit as e:
         assert e.code in (0, None), capsys.readouterr().err
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["n"] == 4 and report["n_errors"] == 0  # the tiny random model answers (wrongly), no errors
+    return json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+@pytest.mark.parametrize("bench", sorted(SAMPLE_COMMANDS))
+def test_eval_runs_on_every_shipped_sample(bench, tmp_path, monkeypatch, capsys):
+    """Every README line (a stand-in model): every row of every sample loads, is asked and scored."""
+    monkeypatch.setenv("UHRBAT_PIPELINE_CLASS", "test_eval_support:FakePipeline")
+    FakePipeline.instances.clear()
+    report = _run_readme_line(bench, tmp_path, monkeypatch, capsys)
+    data = ROOT / SAMPLE_COMMANDS[bench][SAMPLE_COMMANDS[bench].index("--data") + 1]
+    samples = benchmarks.load_benchmark(bench, data)
+    assert report["n"] == len(samples) >= 3 and report["n_errors"] == 0
+    assert all(s.ok and s.answer for s in samples)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench", sorted(SAMPLE_COMMANDS))
+def test_the_readmes_first_eval_example_runs_as_written(bench, tmp_path, monkeypatch, capsys):
+    """The README's lines exactly as written (real tiny checkpoint), from the repository root."""
+    monkeypatch.delenv("UHRBAT_PIPELINE_CLASS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    report = _run_readme_line(bench, tmp_path, monkeypatch, capsys)
+    assert report["n"] >= 3 and report["n_errors"] == 0  # the tiny random model answers (wrongly), no errors

@@ -242,3 +242,21 @@ def test_evidence_is_the_most_relevant_kept_tokens(tiny_pipeline) -> None:
     assert sorted(f["id"] for f in ranked) == sorted(set(f["id"] for f in ranked))  # ids: tokens' own indices
     assert top.regions_returned == 3 and "the 3 most relevant are in" in text
     assert top.cache == "hit" and top.question_number == 2  # (the shared pipeline may have seen this file before)
+
+
+def test_other_budgets_say_k_means_ran_again(tiny_checkpoint) -> None:
+    """Issue 23.2: with K = the budgets, a question with other budgets reuses the scene's tiles and
+    CLIP features but runs K-Means again; the result says so instead of a bare cache "hit"."""
+    from uhrbat.pipeline import UhrBatPipeline
+
+    pipe = UhrBatPipeline.from_pretrained(tiny_checkpoint, budgets=[8, 16], kmeans_clusters=0, kmeans_iters=3)
+    service = _serve(lambda: pipe, TIFF.parent)
+    sid = service.open_scene(TIFF.name).id
+    first, _ = service.ask(sid, "Where are the trees?", max_regions=1)
+    same, same_text = service.ask(sid, "Is there a road?", max_regions=1)
+    other, other_text = service.ask(sid, "Is there a road?", budgets=[4, 6], max_regions=1)
+    assert first.reuse == {"features": "miss", "groups": "miss"}
+    assert same.reuse == {"features": "hit", "groups": "hit"} and "(no tiling, CLIP or K-Means)" in same_text
+    assert other.cache == "hit" and other.reuse == {"features": "hit", "groups": "miss"}
+    assert "reused for its tiles and CLIP features, but K-Means ran again" in other_text
+    assert "no tiling, CLIP or K-Means" not in other_text

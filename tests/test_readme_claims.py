@@ -131,3 +131,29 @@ def test_cache_dir_expands_the_home_folder(tmp_path, monkeypatch) -> None:
     for scene_cache in (True, 2**20):
         cache = _make_store(scene_cache, "~/.cache/uhrbat/scenes")
         assert cache.cache_dir == tmp_path / "home" / ".cache" / "uhrbat" / "scenes"
+
+
+def _readme_commands() -> list[tuple[int, str]]:
+    """Every shell command in the README's ```bash blocks after the first (continuation lines
+    joined), with the number of the block it is in."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    out = []
+    for i, block in enumerate(re.findall(r"```bash\n(.*?)```", text, re.DOTALL)):
+        for command in block.replace("\\\n", " ").splitlines():
+            out.append((i, command.split(" #")[0].strip()))
+    return out
+
+
+def test_cpu_shortcuts_sit_beside_every_tiny_checkpoint_command() -> None:
+    """Issue 23.1: a README command that runs the tiny checkpoint on a CPU carries the shortcut
+    that keeps it short (K-Means with K = the budgets, or top-k), not only *Time to expect*. The
+    first block (the install line at the top) points at *Time to expect* in its own sentence."""
+    runs = ("uhrbat ask", "uhrbat chat", "uhrbat batch", "uhrbat eval", "uhrbat serve", "uhrbat demo", "uhrbat mcp")
+    tiny = [(b, c) for b, c in _readme_commands() if b > 0 and "uhrbat_tiny" in c and c.startswith(runs)]
+    assert len(tiny) >= 8  # ask, batch, serve, mcp and the six eval samples
+    for _, command in tiny:
+        shortcut = any(s in command for s in ("--kmeans-clusters 0", "--clusters 0", "--selector topk"))
+        assert shortcut, command

@@ -273,11 +273,35 @@ def test_progress_rate_is_the_average_since_the_model_loaded():
         assert bar.status() == "20/20 rows, 0.20 rows/s, ETA 0:00:00"
 
 
-def test_progress_bar_draws_the_rate_columns(capsys):
+def test_progress_bar_draws_the_rate_columns(capsys, monkeypatch):
+    """On a terminal (forced here): the bar with the average rate and the ETA."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "120")
     clock = Clock()
     with RowProgress(True, "batch (local)", 3, get_time=clock) as bar:
+        assert bar._progress is not None  # a live bar, not the log line
         clock.t += 10
         bar.advance(3)
-    err = capsys.readouterr().err  # not a terminal: the final state is printed once
+    err = capsys.readouterr().err
     assert "batch (local)" in err and "3/3" in err and "0.30 rows/s" in err and "ETA 0:00:00" in err
-    assert "?" not in err
+    assert "? rows/s" not in err and "0.00 rows/s" in err  # before the first row: 0.00, never '?'
+
+
+def test_progress_in_a_log_is_one_line_never_wrapped(capsys):
+    """Issue 23.2: stderr into a file (not a terminal) gets the final state as one plain line; a
+    bar drawn for a log used to wrap '0.27 rows/s' onto a second line at 80 columns."""
+    clock = Clock()
+    description = "mme-realworld-rs rank 0/1"
+    with RowProgress(True, description, 3, get_time=clock) as bar:
+        clock.t += 5  # loading the model
+        bar.start_clock()
+        clock.t += 11
+        bar.advance(3)
+    err = capsys.readouterr().err
+    assert err == f"{description} 3/3 rows, 0.27 rows/s, ETA 0:00:00, elapsed 0:00:16\n"
+    with RowProgress(False, description, 3, get_time=clock) as bar:
+        bar.advance(3)
+    assert capsys.readouterr().err == ""  # --no-progress: nothing
+    with RowProgress(True, description, 0, get_time=clock):
+        pass
+    assert capsys.readouterr().err == ""  # nothing left to do (a finished run resumed): no '0/0 rows' line

@@ -61,6 +61,20 @@ def _import_nodes(tree: ast.Module, top_level: bool) -> list[ast.Import | ast.Im
     return found
 
 
+def _parse(source: str) -> ast.Module:
+    """`ast.parse`, again on CPython 3.11's "AST constructor recursion depth mismatch": that
+    SystemError comes from interpreter-global AST state that another thread (a server or client
+    thread left by an earlier test in this process) was using at the same moment (CPython
+    gh-106905), not from the source, which parses on the next try."""
+    for _ in range(3):
+        try:
+            return ast.parse(source)
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e):
+                raise
+    return ast.parse(source)
+
+
 def import_graph(top_level: bool) -> dict[str, set[str]]:
     """`module -> uhrbat modules it imports`. `from pkg import name` counts as importing
     `pkg.name` when that is a module, else `pkg`; a parent package imported implicitly does not
@@ -70,7 +84,7 @@ def import_graph(top_level: bool) -> dict[str, set[str]]:
     for name, path in mods.items():
         is_pkg = path.name == "__init__.py"
         deps: set[str] = set()
-        for node in _import_nodes(ast.parse(path.read_text()), top_level):
+        for node in _import_nodes(_parse(path.read_text()), top_level):
             if isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
                 continue

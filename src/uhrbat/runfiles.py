@@ -454,7 +454,8 @@ class RowProgress:
     seconds since the work started: `start_clock()` is called once the model is loaded) and the
     ETA from that rate. Rich's own speed column averages over a short window and swings wildly
     when rows come in bursts (a batch of questions, a scene's questions at once). Rows done by an
-    earlier run (`done`) count toward done/total, not toward the rate.
+    earlier run (`done`) count toward done/total, not toward the rate. When stderr is not a
+    terminal (a log file), nothing is drawn while rows run and the final state is one plain line.
     """
 
     def __init__(
@@ -475,6 +476,8 @@ class RowProgress:
         self._get_time = get_time or time.monotonic
         self._progress: Any = None
         self._task: Any = None
+        self._plain = False  # stderr is not a terminal: print the final state as one line
+        self._entered = 0.0
         self.clock_start = self._get_time()
         self.completed = done
 
@@ -511,6 +514,11 @@ class RowProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
         from rich.text import Text
 
+        self._entered = self._get_time()
+        console = Console(stderr=True)
+        if not console.is_terminal:  # a log file: one plain line at the end, never a bar wrapped at 80 columns
+            self._plain = self.enabled and self.total > 0
+            return self
         bar = self
 
         class _Rate(ProgressColumn):
@@ -529,7 +537,7 @@ class RowProgress:
             TextColumn("elapsed"),
             TimeElapsedColumn(),
             _Eta(),
-            console=Console(stderr=True),
+            console=console,
             disable=not self.enabled,
             transient=False,
             get_time=self._get_time,
@@ -542,3 +550,7 @@ class RowProgress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
             self._progress = None
+        if self._plain:
+            self._plain = False
+            elapsed = _clock(self._get_time() - self._entered)
+            print(f"{self.description} {self.status()}, elapsed {elapsed}", file=sys.stderr, flush=True)

@@ -9,9 +9,9 @@ import typer
 
 from uhrbat.cli import options as o
 from uhrbat.errors import ConfigError
-from uhrbat.modeling.hub import DEFAULT_MODEL
 
 
+@o.shared("selection", "model", "cache", "generation", "reading")
 def batch(
     out: Annotated[
         Path,
@@ -107,27 +107,8 @@ def batch(
         ),
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")] = False,
-    model: o.Model = DEFAULT_MODEL,
-    device: o.Device = "cpu",
-    dtype: o.Dtype = None,
-    attn: o.Attn = None,
-    vision_tower: o.VisionTower = None,
-    compat: o.Compat = None,
-    cache_dir: o.CacheDir = None,
-    budgets: o.Budgets = None,
-    selector: o.Selector = None,
-    clusters: o.Clusters = None,
-    iters: o.Iters = None,
-    seed: o.Seed = None,
-    kmeans: o.KMeans = None,
-    max_new_tokens: o.MaxNewTokens = None,
-    bands: o.Bands = None,
-    stretch: o.Stretch = o.DEFAULT_STRETCH,
-    max_pixels: o.MaxPixels = o.DEFAULT_MAX_PIXELS,
-    region: o.Region = None,
-    region_crs: o.RegionCrs = None,
-    region_file: o.RegionFile = None,
-    zoom: o.Zoom = None,
+    *,
+    opts: o.Shared,
 ) -> None:
     """Answer a question list over an image archive; one row per id in OUT/predictions.jsonl.
 
@@ -144,7 +125,7 @@ def batch(
         raise ConfigError("--question goes with --images; an --input list has its own question column")
     if images is not None and image_root is not None:
         raise ConfigError("--image-root goes with --input; --images paths are used as given")
-    if selector == "segments":
+    if opts.selector == "segments":
         raise ConfigError(
             "uhrbat batch does not read segment masks; use --selector kmeans or topk "
             "(or `uhrbat ask --masks` per image)"
@@ -156,14 +137,12 @@ def batch(
     )
     cfg = BatchConfig(
         out=out,
-        model=model,
+        model=opts.model,
         engine=engine,
-        load=o.load_kwargs(
-            device=device, dtype=dtype, attn=attn, vision_tower=vision_tower, compat=compat, cache_dir=cache_dir
-        ),
-        selection=o.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans, zoom=zoom),
-        max_new_tokens=max_new_tokens or 512,
-        read_opts=o.read_kwargs(bands, stretch, max_pixels, region, region_crs, region_file),
+        load=opts.load,
+        selection=opts.selection,
+        max_new_tokens=opts.max_new_tokens,
+        read_opts=opts.read,
         trust=trust,
         batch_size=batch_size,
         geojson_dir=geojson_dir,

@@ -20,6 +20,7 @@ _LRS_HELP = (
 )
 
 
+@opt.shared("selection")
 def eval_command(
     benchmark: str = typer.Option(..., "--benchmark", "-b", help=_BENCH_HELP),
     data: Path = typer.Option(..., "--data", help="Benchmark annotation file (json/jsonl/parquet/tsv) or its folder."),
@@ -40,12 +41,6 @@ def eval_command(
         "--choice-by-logits",
         help="Also pick the option whose letter has the highest first-token log-probability (reported separately).",
     ),
-    budgets: opt.Budgets = None,
-    selector: opt.Selector = None,
-    clusters: opt.Clusters = None,
-    iters: opt.Iters = None,
-    seed: opt.Seed = None,
-    kmeans: opt.KMeans = None,
     compat: opt.Compat = None,
     device: Annotated[
         str, typer.Option("--device", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0, ...")
@@ -75,7 +70,8 @@ def eval_command(
     region: opt.Region = None,
     region_crs: opt.RegionCrs = None,
     region_file: opt.RegionFile = None,
-    zoom: opt.Zoom = None,
+    *,
+    opts: opt.Shared,
 ) -> None:
     """Run a model on a benchmark: resumable, batched, sharded under torchrun / accelerate launch.
 
@@ -97,7 +93,7 @@ def eval_command(
         prompt=prompt,
         choice_by_logits=choice_by_logits,
         load={k: v for k, v in load.items() if v is not None},
-        selection=opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans, zoom=zoom),
+        selection=opts.selection,
         region=opt.region_kwargs(region, region_crs, region_file),
         max_new_tokens=max_new_tokens,
         retry_errors=retry_errors,

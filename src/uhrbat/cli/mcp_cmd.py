@@ -9,11 +9,11 @@ import typer
 
 from uhrbat.cli import options as opt
 from uhrbat.errors import UhrBatError
-from uhrbat.modeling.hub import DEFAULT_MODEL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+@opt.shared("selection", "model", "cache", "generation")
 def mcp(
     allowed_path: Annotated[
         list[Path],
@@ -38,22 +38,10 @@ def mcp(
     scene_ttl: Annotated[
         float, typer.Option("--scene-ttl", min=0, metavar="SECONDS", help="Close scenes unused this long (0 = never).")
     ] = 3600.0,
-    model: opt.Model = DEFAULT_MODEL,
-    budgets: opt.Budgets = None,
-    selector: opt.Selector = None,
-    clusters: opt.Clusters = None,
-    iters: opt.Iters = None,
-    seed: opt.Seed = None,
-    kmeans: opt.KMeans = None,
-    compat: opt.Compat = None,
-    device: opt.Device = "cpu",
-    dtype: opt.Dtype = None,
-    attn: opt.Attn = None,
-    vision_tower: opt.VisionTower = None,
-    cache_dir: opt.CacheDir = None,
-    max_new_tokens: opt.MaxNewTokens = 512,
     stretch: opt.Stretch = opt.DEFAULT_STRETCH,
     max_pixels: opt.MaxPixels = opt.DEFAULT_MAX_PIXELS,
+    *,
+    opts: opt.Shared,
 ) -> None:
     """Serve UHR-BAT to agents as MCP tools: open_scene, ask, look, describe_scene, close_scene.
 
@@ -61,7 +49,7 @@ def mcp(
     `uhrbat mcp --allowed-path DIR --model ...` as a stdio server in an MCP client, or run
     `--transport http` and point the client at http://HOST:PORT/mcp.
     """
-    if selector == "segments":
+    if opts.selector == "segments":
         raise typer.BadParameter(
             "segments needs a mask file per image, which MCP tool calls cannot pass; use kmeans or topk",
             param_hint="'--selector'",
@@ -73,16 +61,15 @@ def mcp(
     from uhrbat.cli.ask import load_pipeline
     from uhrbat.mcp.service import PipelineLoader, SceneService, ServiceOptions
 
-    selection = opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans)
-    load = opt.load_kwargs(device, dtype, attn, vision_tower, compat, cache_dir)  # checks the device now
+    selection, load = opts.selection, opts.load  # `load` checks the device now
     options = ServiceOptions(
         allowed_paths=[str(p) for p in allowed_path],
         read=opt.read_kwargs(None, stretch, max_pixels),
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=opts.max_new_tokens,
         max_scenes=max_scenes,
         scene_ttl_s=scene_ttl,
     )
-    pipeline = PipelineLoader(lambda: load_pipeline(model, load, selection)[0])
+    pipeline = PipelineLoader(lambda: load_pipeline(opts.model, load, selection)[0])
     service = SceneService(pipeline, options)
     server = build_server(service)
     sock = bind(host, port) if transport == "http" else None  # a taken port fails before the model loads

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from uhrbat.configuration.geometry import TokenGeometry
+from uhrbat.configuration.geometry import HasTokenGeometry
 from uhrbat.errors import ConfigError
 from uhrbat.options import COMPAT_MODES, KMEANS_MODES
 from uhrbat.selectors import selector_names
@@ -34,7 +34,7 @@ CLIP_L14_336 = {
 }
 
 
-class UhrBatConfig(PreTrainedConfig):
+class UhrBatConfig(HasTokenGeometry, PreTrainedConfig):
     r"""Configuration of [`UhrBatForConditionalGeneration`].
 
     Args:
@@ -155,20 +155,6 @@ class UhrBatConfig(PreTrainedConfig):
     @property
     def patch_size(self) -> int:
         return int(self.vision_config.patch_size)
-
-    @property
-    def geometry(self) -> TokenGeometry:
-        """Tile and patch sides: how kept tokens map back to pixels (GeoJSON, overlays)."""
-        return TokenGeometry(self.tile_size, self.patch_size)
-
-    @property
-    def tokens_per_side(self) -> int:
-        """Patch tokens per tile side (24 for 336 / 14)."""
-        return self.geometry.tokens_per_side
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return self.geometry.tokens_per_tile
 
     def grid(self, scale: int) -> int:
         """Tiles per side at `scale` (remainder pixels are dropped, as in the reference)."""

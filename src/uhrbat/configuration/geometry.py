@@ -49,5 +49,24 @@ class TokenGeometry:
         return tile, row, col
 
 
+class HasTokenGeometry:
+    """Mixin for the config and the processor, which both carry `tile_size` and `patch_size`
+    (ints; not annotated here so that no config machinery takes them for fields of the mixin)."""
+
+    @property
+    def geometry(self) -> TokenGeometry:
+        """Tile and patch sides: how kept tokens map back to pixels (GeoJSON, overlays)."""
+        return TokenGeometry(self.tile_size, self.patch_size)
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Patch tokens per tile side (24 for 336 / 14)."""
+        return self.geometry.tokens_per_side
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.geometry.tokens_per_tile
+
+
 #: The geometry of every released checkpoint (CLIP ViT-L/14-336: 24 x 24 tokens per tile).
 CLIP_336_14 = TokenGeometry(336, 14)

@@ -231,6 +231,17 @@ def text_field(v: Any, what: str) -> str:
     return str(v)
 
 
+def json_list(text: str) -> list | None:
+    """A cell holding a JSON list (`'["a", "b"]'`, as TSV/CSV exports write lists), else None."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, list) else None
+
+
 def parse_options(value: Any) -> tuple[dict[str, str], list[str]]:
     """Options as distributed -> ({letter: text}, option lines as distributed).
 
@@ -242,13 +253,9 @@ def parse_options(value: Any) -> tuple[dict[str, str], list[str]]:
         return {}, []
     if isinstance(value, str):
         s = value.strip()
-        if s.startswith("[") and s.endswith("]"):
-            try:
-                parsed = json.loads(s)
-            except json.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, list):
-                return parse_options(parsed)
+        listed = json_list(s)
+        if listed is not None:
+            return parse_options(listed)
         value = [ln for ln in s.splitlines() if ln.strip()]
     if isinstance(value, dict):
         out: dict[str, str] = {}
@@ -333,13 +340,9 @@ def resolve_images(value: Any, ctx: LoadContext) -> list[ImageRef]:
         return [ImageRef(data=ctx.blob(data))]
     if isinstance(value, str):
         s = value.strip()
-        if s.startswith("[") and s.endswith("]"):
-            try:
-                parsed = json.loads(s)
-            except json.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, list):
-                return resolve_images(parsed, ctx)
+        listed = json_list(s)
+        if listed is not None:
+            return resolve_images(listed, ctx)
         if _looks_base64(s):
             try:
                 return [ImageRef(data=ctx.blob(decode_base64_image(s)))]

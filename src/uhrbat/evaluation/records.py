@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,23 +97,28 @@ class ImageRef:
     def to_json(self) -> str:
         return self.describe()
 
-    def check(self) -> None:
-        """Cheap readability check (file exists and its header is an image); raises ImageLoadError."""
+    @contextlib.contextmanager
+    def _decoded(self, load: bool) -> Iterator[Image.Image]:
+        """The image opened under the pixel limit (`load`: all pixels, else the header only);
+        every failure is one ImageLoadError naming the image."""
         try:
             with pixel_limit():
-                if self.path is not None:
-                    p = Path(self.path)
-                    if not p.is_file():
-                        raise ImageLoadError(f"image not found: {p}")
-                    with Image.open(p) as im:
-                        _ = im.size  # header only
-                else:
-                    with Image.open(io.BytesIO(self.data or b"")) as im:
-                        _ = im.size
+                if self.path is not None and not Path(self.path).is_file():
+                    raise ImageLoadError(f"image not found: {Path(self.path)}")
+                src = Path(self.path) if self.path is not None else io.BytesIO(self.data or b"")
+                with Image.open(src) as im:
+                    if load:
+                        im.load()
+                    yield im
         except ImageLoadError:
             raise
         except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError, ...
             raise ImageLoadError(f"unreadable image {self.describe()}: {type(e).__name__}: {e}") from e
+
+    def check(self) -> None:
+        """Cheap readability check (file exists and its header is an image); raises ImageLoadError."""
+        with self._decoded(load=False) as im:
+            _ = im.size
 
     def open(self) -> Any:
         """An image source for the pipeline, through the shared reader (`uhrbat.io.open_image`:
@@ -136,22 +142,8 @@ class ImageRef:
         """Decode to an RGB PIL image (used to paste multi-image items side by side)."""
         from uhrbat.io.images import to_rgb
 
-        try:
-            with pixel_limit():
-                if self.path is not None:
-                    p = Path(self.path)
-                    if not p.is_file():
-                        raise ImageLoadError(f"image not found: {p}")
-                    with Image.open(p) as im:
-                        im.load()
-                        return to_rgb(im)
-                with Image.open(io.BytesIO(self.data or b"")) as im:
-                    im.load()
-                    return to_rgb(im)
-        except ImageLoadError:
-            raise
-        except Exception as e:
-            raise ImageLoadError(f"unreadable image {self.describe()}: {type(e).__name__}: {e}") from e
+        with self._decoded(load=True) as im:
+            return to_rgb(im)
 
 
 def decode_base64_image(text: str) -> bytes:

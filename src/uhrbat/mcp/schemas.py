@@ -109,6 +109,11 @@ class AskOutput(BaseModel):
         description="Where the scene's prepared features came from: miss (prepared now), hit (reused from an "
         "earlier question), disk, off."
     )
+    reuse: dict[str, str] = Field(
+        default_factory=dict,
+        description="What this question reused, per stage: features (tiles and CLIP) and groups (K-Means), each "
+        "hit, miss, disk or off. Other budgets (hence another K) reuse the features and run K-Means again.",
+    )
     timings: dict[str, float] = Field(description="Seconds per stage: load, tiles, encode, score, select, ...")
     seconds: float = Field(description="Sum of timings.")
     settings: str = Field(description="The selection settings that ran (server defaults filled in).")

@@ -167,6 +167,7 @@ class SceneService:
             regions_returned=len(evidence_items(evidence)),
             question_number=number,
             cache=res.cache,
+            reuse=dict(getattr(res, "reuse", {}) or {}),
             timings={k: float(v) for k, v in res.timings.items()},
             seconds=seconds,
             settings=adapter.settings(pipe, selection),
@@ -327,9 +328,13 @@ def ask_summary(out: AskOutput) -> str:
     if top:
         lines.append("Most relevant: " + "; ".join(top) + ".")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in out.timings.items())
+    prepared = _CACHE_WORDS.get(out.cache, out.cache)
+    if out.cache in ("hit", "disk") and out.reuse.get("groups") == "miss":  # features reused, K-Means not
+        prepared = f"{'reused' if out.cache == 'hit' else 'read from disk'} for its tiles and CLIP features, but "
+        prepared += "K-Means ran again (other budgets or clusters than before)"
     lines.append(
         f"Question {out.question_number} on this scene: {out.seconds:.2f} s ({stages}); the scene was "
-        f"{_CACHE_WORDS.get(out.cache, out.cache)}. Settings: {out.settings}."
+        f"{prepared}. Settings: {out.settings}."
     )
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from uhrbat.configuration.geometry import TokenGeometry
+from uhrbat.configuration.geometry import HasTokenGeometry, TokenGeometry
 from uhrbat.errors import ConfigError
 from uhrbat.io.images import ImageSource
 from uhrbat.io.sources import open_image
@@ -35,7 +35,7 @@ class UhrBatImageProcessorKwargs(ImagesKwargs, total=False):
     patch_size: int
 
 
-class UhrBatImageProcessor(BaseImageProcessor):
+class UhrBatImageProcessor(HasTokenGeometry, BaseImageProcessor):
     r"""Builds the multiscale tile tensor of one or more images.
 
     Args:
@@ -72,20 +72,6 @@ class UhrBatImageProcessor(BaseImageProcessor):
         TokenGeometry(self.tile_size, self.patch_size)  # validates the sides (ConfigError)
         if not self.scales or any(s < self.tile_size for s in self.scales):
             raise ConfigError(f"every scale must be >= tile_size {self.tile_size}, got {self.scales}")
-
-    @property
-    def geometry(self) -> TokenGeometry:
-        """Tile and patch sides (the model config's `geometry`)."""
-        return TokenGeometry(self.tile_size, self.patch_size)
-
-    @property
-    def tokens_per_side(self) -> int:
-        """Patch tokens per tile side (24 for 336 / 14)."""
-        return self.geometry.tokens_per_side
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return self.geometry.tokens_per_tile
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments (what `save_pretrained` writes)."""

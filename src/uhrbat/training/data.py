@@ -374,32 +374,20 @@ def read_json_rows(path: Path) -> Iterator[RawRow]:
             except json.JSONDecodeError as e:
                 bad_lines.append((ln, str(e)))
         numbered = items  # type: ignore[assignment]
+
+    def bad(i: int, message: str) -> RawRow:
+        """An error row for 0-based item / line `i` (reported 1-based)."""
+        at = where.format(name=path.name, n=i + 1)
+        return RawRow(where=at, id=str(i), image=None, messages=None, question=RowError(message))
+
     for ln, err in bad_lines:
-        yield RawRow(
-            where=where.format(name=path.name, n=ln + 1),
-            id=str(ln),
-            image=None,
-            messages=None,
-            question=RowError(f"invalid JSON line: {err}"),
-        )
+        yield bad(ln, f"invalid JSON line: {err}")
     for i, obj in numbered:
         if not isinstance(obj, dict):
-            yield RawRow(
-                where=where.format(name=path.name, n=i + 1),
-                id=str(i),
-                image=None,
-                messages=None,
-                question=RowError("row is not an object"),
-            )
+            yield bad(i, "row is not an object")
             continue
         if _non_utf8(obj):
-            yield RawRow(
-                where=where.format(name=path.name, n=i + 1),
-                id=str(i),
-                image=None,
-                messages=None,
-                question=RowError("row holds bytes that are not valid UTF-8; fix the file's encoding"),
-            )
+            yield bad(i, "row holds bytes that are not valid UTF-8; fix the file's encoding")
             continue
         img = obj.get("image", obj.get("image_paths", obj.get("file_name")))
         yield RawRow(
