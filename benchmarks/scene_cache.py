@@ -102,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from uhrbat.pipeline import UhrBatPipeline
-    from uhrbat.scene_cache import SceneCache
+    from uhrbat.scene.store import SceneStore
 
     mem = PeakRSS()
     cuda = args.device.startswith("cuda")
@@ -175,7 +175,7 @@ def main() -> None:
             qs = (QUESTIONS * args.eval_questions)[: args.eval_questions]
             pipes = {
                 "uncached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=False, **esel),
-                "cached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=SceneCache(), **esel),
+                "cached": UhrBatPipeline(pipe.model, pipe.processor, scene_cache=SceneStore(), **esel),
             }
             runs = {
                 name: {"wall_s": 0.0, "peak_rss_mb": 0.0, "ids": [], "stage_sums_s": dict.fromkeys(STAGES, 0.0)}

@@ -234,3 +234,44 @@ def test_convert_writes_readable_weights(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     weights = list((tmp_path / "conv").glob("*.safetensors"))
     assert weights and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in weights)
+
+
+def test_ask_shows_each_stage_on_a_terminal(tiny_checkpoint, monkeypatch) -> None:
+    """On a terminal `ask` passes a progress callback and shows each stage as it begins; piped
+    `--json` gets nothing extra."""
+    from contextlib import contextmanager
+
+    import uhrbat.cli.ask as ask_cmd
+
+    assert ask_cmd.stage_text("encode", {"tiles": {672: 4, 1344: 16}}) == "encoding 20 tiles (CLIP + projector)"
+    assert ask_cmd.stage_text("group", {"selector": "kmeans"}) == "grouping tokens (kmeans)"
+    shown: list[str] = []
+
+    @contextmanager
+    def recorder(enabled: bool):
+        yield (lambda stage, info: shown.append(ask_cmd.stage_text(stage, info))) if enabled else None
+
+    monkeypatch.setattr(ask_cmd, "live_status", recorder)
+    monkeypatch.setattr(ask_cmd, "show_progress", lambda as_json: True)
+    r = run("ask", AERIAL, "How many trees are there?", "--model", str(tiny_checkpoint), *SMALL)
+    assert r.exit_code == 0, r.output
+    assert shown[:3] == ["reading the image", "building the pyramid", "encoding 20 tiles (CLIP + projector)"]
+    assert shown[-2:] == ["writing the answer", "done"] and "scoring relevance" in shown
+    monkeypatch.undo()
+
+    class Stream:
+        def __init__(self, tty: bool) -> None:
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    for err, out, as_json, show in [
+        (True, True, False, True),
+        (True, False, False, True),  # answers piped, a person watches stderr
+        (True, False, True, False),  # --json into a pipe: nothing extra
+        (False, True, False, False),  # stderr is not a terminal
+    ]:
+        monkeypatch.setattr(ask_cmd.sys, "stderr", Stream(err))
+        monkeypatch.setattr(ask_cmd.sys, "stdout", Stream(out))
+        assert ask_cmd.show_progress(as_json) is show, (err, out, as_json)

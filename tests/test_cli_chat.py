@@ -87,7 +87,7 @@ def test_commands_change_options_with_the_cli_rules() -> None:
     [
         ("/budgets 80.0,320", "error: /budgets 80.0,320: budget '80.0' is not an integer"),
         ("/budgets 0,0", "are all 0"),
-        ("/selector random", "error: /selector random: 'random' is not one of kmeans, segments, topk"),
+        ("/selector random", "error: /selector random: 'random' is not one of kmeans, segments, topk, divprune, dpp"),
         ("/kmeans slow", "'slow' is not one of fast, exact"),
         ("/max-new-tokens 0", "error: /max-new-tokens 0: 0 is below the minimum 1"),
         ("/clusters many", "'many' is not an integer"),

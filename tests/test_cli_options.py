@@ -91,7 +91,7 @@ def test_demo_and_server_use_the_one_parser() -> None:
     offenders = []
     for path in src.rglob("*.py"):
         text = path.read_text()
-        if "def parse_budget" in text and path.name != "processing_uhrbat.py":
+        if "def parse_budget" in text and path.name != "options.py":
             offenders.append(path.name)
         if "def _parse_budgets" in text:
             offenders.append(path.name)
@@ -175,10 +175,11 @@ def test_help_shows_effective_defaults() -> None:
     [
         (["--budgets", "80.0,320"], "Invalid value for '--budgets': budget '80.0' is not an integer"),
         (["--budgets", "0,0"], "Invalid value for '--budgets': budgets [0, 0] are all 0"),
-        (["--kmeans", "slow"], "Invalid value for '--kmeans'"),
+        (["--kmeans", "slow"], "Invalid value for '--kmeans-mode' / '--kmeans'"),  # old flags are aliases
+        (["--kmeans-mode", "slow"], "Invalid value for '--kmeans-mode' / '--kmeans'"),
         (["--compat", "legacy"], "Invalid value for '--compat'"),
-        (["--clusters", "-1"], "Invalid value for '--clusters'"),
-        (["--iters", "0"], "Invalid value for '--iters'"),
+        (["--clusters", "-1"], "Invalid value for '--kmeans-clusters' / '--clusters'"),
+        (["--kmeans-iters", "0"], "Invalid value for '--kmeans-iters' / '--iters'"),
         (["--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
     ],
 )
@@ -189,6 +190,26 @@ def test_bad_option_values_are_usage_errors_in_every_command(command, bad, messa
     assert r.exit_code == 2, r.output
     assert message in r.output and "Usage: " in r.output
     assert "loading" not in r.output  # nothing was loaded
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ask", AERIAL, "q"], ["chat", AERIAL], ["trace", "--image", AERIAL, "--question", "q", "--out", "t.st"]],
+)
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--encode", "fast"], "Invalid value for '--encode'"),
+        (["--gate-margin", "0"], "Invalid value for '--gate-margin': gate_margin must be a number > 0"),
+        (["--gate-margin", "-2.5"], "gate_margin must be a number > 0 (e.g. 16), got -2.5"),
+        (["--selector", "random"], "Invalid value for '--selector'"),
+    ],
+)
+def test_encode_and_selector_values_are_usage_errors(command, bad, message) -> None:
+    """Gated-encoding options and the registry's selector names are checked while parsing."""
+    r = runner.invoke(app, [*command, *bad, "--model", "/nonexistent/model"])
+    assert r.exit_code == 2 and message in r.output and "Usage: " in r.output, r.output
+    assert "loading" not in r.output
 
 
 def test_unwritable_outputs_fail_before_loading(tmp_path) -> None:

@@ -23,7 +23,6 @@ from uhrbat.compression import (
     max_selectable,
     preserve_and_merge,
     segment_ids_for_scale,
-    select_kmeans,
     select_segments,
     select_topk,
 )
@@ -33,7 +32,15 @@ from uhrbat.compression.kmeans.device import kmeans_device
 from uhrbat.compression.kmeans.exact import kmeans_exact
 from uhrbat.compression.kmeans.fast import kmeans_fast
 from uhrbat.compression.kmeans.means import mean_emulation_lanes, torch_like_sums
+from uhrbat.compression.selection import cluster_tokens
 from uhrbat.errors import BudgetError, MaskError
+
+
+def select_kmeans(embeds, scores, budget, *, mode="fast", **grouping):
+    """What the `kmeans` selector does on one scale: K-Means grouping, then preserve-and-merge."""
+    res = cluster_tokens(embeds, budget, mode=mode, **grouping)
+    return preserve_and_merge(embeds, scores, res.labels, budget, exact=mode == "exact"), res
+
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "parity"
@@ -641,7 +648,7 @@ def test_selection_ignores_autocast(mode: str) -> None:
     """Under bf16 autocast (mixed-precision training) K-Means, merging and the relevance
     arithmetic give bitwise the results of a run without autocast (they used to run their
     GEMMs in bf16 and crash on mixed dtypes)."""
-    from uhrbat.compression.scoring import last_query_attention, upsample_relevance
+    from uhrbat.compression.relevance import last_query_attention, upsample_relevance
 
     gen = torch.Generator().manual_seed(11)
     embeds = torch.randn(4 * 576, 16, generator=gen)

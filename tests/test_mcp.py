@@ -94,7 +94,7 @@ def test_stdio_open_ask_twice_look_errors_and_keeps_answering(tmp_path: Path) ->
                 ask_schema = tools["ask"].input_schema
                 assert ask_schema["required"] == ["scene_id", "question"]
                 assert {"region", "region_crs", "budgets", "selector"} <= set(ask_schema["properties"])
-                assert ask_schema["properties"]["selector"]["anyOf"][0]["enum"] == ["kmeans", "topk"]
+                assert ask_schema["properties"]["selector"]["anyOf"][0]["enum"] == ["kmeans", "topk", "divprune", "dpp"]
                 assert tools["open_scene"].input_schema["required"] == ["path"]
                 out = tools["ask"].output_schema
                 assert {"answer", "evidence", "coordinate_space", "cache", "timings"} <= set(out["required"])

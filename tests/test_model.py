@@ -231,7 +231,7 @@ def test_reference_call_signature(loaded) -> None:
 
 def test_placeholder_and_budget_errors(loaded) -> None:
     model, proc = loaded
-    inp = {k: v for k, v in _inputs(proc, [_image(9)], ["q?"]).items() if k != "budgets"}
+    inp = {k: v for k, v in _inputs(proc, [_image(9)], ["q?"]).items() if k != "image_budgets"}
     with pytest.raises(BudgetError, match="image placeholders but budgets"):
         model.generate(**inp, budgets=[1, 1], max_new_tokens=1)
     with pytest.raises(PromptError, match="no pixel_values"):

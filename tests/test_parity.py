@@ -236,7 +236,7 @@ def test_regime_detection() -> None:
 def test_stage_relevance_on_fixture_inputs(case: str) -> None:
     """Scoring pass on the fixture's relevance-pass LLM input, then the upsampling to every scale
     on the fixture's base-scale relevance."""
-    from uhrbat.compression.scoring import upsample_relevance
+    from uhrbat.compression.relevance import upsample_relevance
 
     fx, _ = fixture(case)
     same = probe_regime("native") == SAME

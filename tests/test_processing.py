@@ -195,9 +195,10 @@ def processor() -> UhrBatProcessor:
 def test_prompt_matches_reference_template() -> None:
     meta = json.loads((PARITY / "case_a" / "meta.json").read_text())
     assert question_prompt(meta["case"]["question"]) == meta["prompt"]
-    assert question_prompt("<image>\n" + meta["case"]["question"]) == meta["prompt"]
-    with pytest.raises(PromptError, match="extra"):
-        question_prompt("two <image> markers")
+    # A marker in the question is refused wherever it stands (the reference dropped leading ones).
+    for question in ("<image>\n" + meta["case"]["question"], "two <image> markers"):
+        with pytest.raises(PromptError, match="contains an extra '<image>' marker; the image is given separately"):
+            question_prompt(question)
 
 
 def test_placeholder_expansion_and_padding(processor) -> None:
@@ -328,3 +329,11 @@ def test_token_counts_follow_the_patch_size(processor) -> None:
         UhrBatImageProcessor(tile_size=336, patch_size=15)
     with pytest.raises(ConfigError, match=">= tile_size"):
         UhrBatImageProcessor(scales=[224], tile_size=336)
+
+
+def test_unknown_keywords_are_refused(processor) -> None:
+    """`budget=` (a typo) used to do nothing; now it names the keyword it probably meant."""
+    with pytest.raises(ConfigError, match="unknown keyword 'budget'; did you mean 'budgets'"):
+        processor(text=processor.build_prompt("q"), budget=[1, 2])
+    out = processor(text=processor.build_prompt("q"), budgets=[3, 4])
+    assert out["image_budgets"].tolist() == [[3, 4]] and "budgets" not in out  # never clashes with generate(budgets=)

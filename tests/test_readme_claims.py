@@ -84,8 +84,8 @@ def test_chat_bad_question_says_what_ask_says(line, message) -> None:
     assert s.handle(line) is True
     assert out == [] and pipe.calls == [] and len(notes) == 1 and notes[0].startswith(message), notes
     assert "image part" not in notes[0]
-    s.handle("<image>\nfine?")  # leading markers are dropped, as in `ask`
-    assert pipe.calls[-1]["messages"][-1]["content"][-1]["text"] == "fine?"
+    s.handle("<image>\nfine?")  # a leading marker is refused the same way, as in `ask`
+    assert pipe.calls == [] and notes[-1].startswith("error: the question contains an extra '<image>' marker")
 
 
 @pytest.mark.skipif(not TINY.is_dir(), reason="needs ../shared/parity/uhrbat_tiny")
@@ -124,10 +124,10 @@ def test_pixel_limit_message_names_our_limit_only(tmp_path) -> None:
 def test_cache_dir_expands_the_home_folder(tmp_path, monkeypatch) -> None:
     """README *Many questions per scene* passes `cache_dir="~/.cache/uhrbat/scenes"`: that is the
     home folder's cache, never a literal `~` folder in the working directory."""
-    from uhrbat.pipeline import _make_cache
+    from uhrbat.pipeline import _make_store
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     for scene_cache in (True, 2**20):
-        cache = _make_cache(scene_cache, "~/.cache/uhrbat/scenes")
+        cache = _make_store(scene_cache, "~/.cache/uhrbat/scenes")
         assert cache.cache_dir == tmp_path / "home" / ".cache" / "uhrbat" / "scenes"

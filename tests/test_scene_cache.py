@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import ASSETS, PARITY
 from uhrbat.errors import BudgetError, ConfigError, MaskError, PromptError
-from uhrbat.scene_cache import SceneCache
+from uhrbat.scene.store import SceneStore
 
 IMAGE = ASSETS / "aerial" / "neon_yell_1249x1035.png"
 SMALL = dict(budgets=[8, 16], kmeans_clusters=8, kmeans_iters=5)
@@ -94,7 +94,7 @@ def test_cached_equals_uncached_cold_warm_disk_in_both_kmeans_modes(tmp_path: Pa
         assert (ref.cache, cold.cache, warm.cache) == ("off", "miss" if i == 0 else "hit", "hit")
         assert cold.timings_detail["group"] > 0 and warm.timings_detail["group"] == 0.0
         assert warm.timings["encode"] == 0.0 and warm.timings["tiles"] == 0.0
-        disk = _parity_pipe(scene_cache=SceneCache(cache_dir=tmp_path / "c"), **base).ask(
+        disk = _parity_pipe(scene_cache=SceneStore(cache_dir=tmp_path / "c"), **base).ask(
             image, q, kmeans_mode=mode, **ask
         )
         assert disk.cache == "disk"
@@ -121,7 +121,7 @@ def test_evicted_scene_is_recomputed_identically(tiny_pipeline) -> None:
 def test_fresh_caches_sharing_a_folder_never_mix_images(tiny_pipeline, tmp_path) -> None:
     plain = _tiny(tiny_pipeline, scene_cache=False)
     for image in (IMAGE, _image(41, (400, 300)), PARITY / "images" / "image_b.png"):
-        got = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=tmp_path)).ask(
+        got = _tiny(tiny_pipeline, scene_cache=SceneStore(cache_dir=tmp_path)).ask(
             image, "What?", max_new_tokens=2, return_relevance=True
         )
         assert got.cache == "miss"
@@ -176,17 +176,17 @@ def test_changed_options_never_hit_stale_entries(tiny_pipeline) -> None:
 def test_group_key_holds_every_scale() -> None:
     """The seeded generator runs through the scales in order: K of an earlier scale is part of
     the key of every later scale's labels."""
-    from uhrbat.modeling.modeling_uhrbat import SelectionOptions
-    from uhrbat.pipeline import UhrBatPipeline
+    from uhrbat.options import SelectionOptions
+    from uhrbat.selectors import get_selector
 
     model, proc = _parity_model()
-    pipe = UhrBatPipeline(model, proc, scene_cache=False)
-    a = SelectionOptions.resolve(model.config, budgets=[8, 16, 24, 32], kmeans_clusters=0)
-    b = SelectionOptions.resolve(model.config, budgets=[9, 16, 24, 32], kmeans_clusters=0)
-    c = SelectionOptions.resolve(model.config, budgets=[9, 16, 24, 32], kmeans_clusters=7)
-    d = SelectionOptions.resolve(model.config, budgets=[8, 16, 24, 32], kmeans_clusters=7)
-    assert len({pipe._group_options(o) for o in (a, b, c)}) == 3
-    assert pipe._group_options(c) == pipe._group_options(d)  # budgets do not change K when K is given
+    key = get_selector("kmeans").grouping_key
+    a = SelectionOptions.of(budgets=[8, 16, 24, 32], kmeans_clusters=0).resolve(model.config)
+    b = SelectionOptions.of(budgets=[9, 16, 24, 32], kmeans_clusters=0).resolve(model.config)
+    c = SelectionOptions.of(budgets=[9, 16, 24, 32], kmeans_clusters=7).resolve(model.config)
+    d = SelectionOptions.of(budgets=[8, 16, 24, 32], kmeans_clusters=7).resolve(model.config)
+    assert len({key(o, model.config) for o in (a, b, c)}) == 3
+    assert key(c, model.config) == key(d, model.config)  # budgets do not change K when K is given
 
 
 # ------------------------------------------------------------------------------ reuse
@@ -256,7 +256,7 @@ def test_lru_eviction_under_a_byte_bound() -> None:
     def item(v: float) -> dict:  # 1 KiB
         return {"x": torch.full((256,), float(v))}
 
-    cache = SceneCache(max_bytes=3 * 1024)
+    cache = SceneStore(max_bytes=3 * 1024)
     for k in "abc":
         cache.put(k, item(ord(k)))
     assert len(cache) == 3 and cache.nbytes("cpu") == 3 * 1024
@@ -267,11 +267,11 @@ def test_lru_eviction_under_a_byte_bound() -> None:
     cache.put("huge", {"x": torch.zeros(4096)})  # larger than the bound: not kept, nothing evicted
     assert "huge" not in cache and len(cache) == 3
     assert cache.get("b") is None and cache.stats["misses"] == 1
-    off = SceneCache(max_bytes=0)
+    off = SceneStore(max_bytes=0)
     off.put("a", item(0))
     assert len(off) == 0
     with pytest.raises(ValueError, match="max_bytes"):
-        SceneCache(max_bytes=-1)
+        SceneStore(max_bytes=-1)
 
 
 def test_pipeline_cache_settings(tiny_pipeline, tmp_path) -> None:
@@ -279,7 +279,7 @@ def test_pipeline_cache_settings(tiny_pipeline, tmp_path) -> None:
     assert _tiny(tiny_pipeline, scene_cache=False).scene_cache is None
     assert _tiny(tiny_pipeline, scene_cache=0).scene_cache is None
     assert _tiny(tiny_pipeline, scene_cache=1000).scene_cache.max_bytes == 1000
-    shared = SceneCache(max_bytes=10)
+    shared = SceneStore(max_bytes=10)
     assert _tiny(tiny_pipeline, scene_cache=shared).scene_cache is shared
     with pytest.raises(ConfigError, match="scene_cache must be"):
         _tiny(tiny_pipeline, scene_cache="yes")
@@ -301,7 +301,7 @@ def test_corrupt_partial_and_foreign_disk_files_are_recomputed(tiny_pipeline, tm
 
     def damaged(data: bytes):
         scene_file.write_bytes(data)
-        pipe = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=d))
+        pipe = _tiny(tiny_pipeline, scene_cache=SceneStore(cache_dir=d))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = pipe.ask(IMAGE, q, max_new_tokens=3, return_relevance=True)
@@ -315,7 +315,7 @@ def test_corrupt_partial_and_foreign_disk_files_are_recomputed(tiny_pipeline, tm
         assert res.cache == "miss" and msgs, data[:16]
         _same(res, plain)
     # The recompute rewrote a good file: the next pipeline reads it from disk.
-    res = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=d)).ask(
+    res = _tiny(tiny_pipeline, scene_cache=SceneStore(cache_dir=d)).ask(
         IMAGE, q, max_new_tokens=3, return_relevance=True
     )
     assert res.cache == "disk"
@@ -323,7 +323,7 @@ def test_corrupt_partial_and_foreign_disk_files_are_recomputed(tiny_pipeline, tm
     for alias in d.rglob("*.alias.json"):
         alias.write_text("{not json")
     with pytest.warns(RuntimeWarning, match="scene cache: ignoring"):
-        res = _tiny(tiny_pipeline, scene_cache=SceneCache(cache_dir=d)).ask(IMAGE, q, max_new_tokens=3)
+        res = _tiny(tiny_pipeline, scene_cache=SceneStore(cache_dir=d)).ask(IMAGE, q, max_new_tokens=3)
     assert res.cache == "disk"  # the alias is recomputed (tiling), the features still come from disk
 
 
@@ -352,7 +352,7 @@ def test_beam_search_and_streamer_through_the_pipeline(tiny_pipeline) -> None:
 
 # ------------------------------------------------------------------------------ chat
 def test_chat_matches_ask_and_keeps_earlier_turns(tiny_pipeline) -> None:
-    from uhrbat.pipeline import chat_prompt
+    from uhrbat.processing.messages import chat_prompt
 
     pipe = _tiny(tiny_pipeline)
     q = "How many trees?"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import PARITY
 from uhrbat.errors import ConfigError
-from uhrbat.scene_cache import SceneCache
+from uhrbat.scene.store import SceneStore
 
 IMAGE = PARITY / "images" / "image_b.png"
 OTHER = PARITY / "images" / "image_a.png"
@@ -94,7 +94,7 @@ def test_reused_prefix_is_bitwise_the_uncached_two_step_pass(tmp_path: Path, pre
     assert (warm.cache, again.cache, prefix_calls["n"]) == ("hit", "hit", 1)
     many = cached.ask_many(IMAGE, [q2, q1], **ASK)
     assert prefix_calls["n"] == 1
-    disk = _pipe(reuse_scoring_prefix=True, scene_cache=SceneCache(cache_dir=tmp_path / "c")).ask(IMAGE, q2, **ASK)
+    disk = _pipe(reuse_scoring_prefix=True, scene_cache=SceneStore(cache_dir=tmp_path / "c")).ask(IMAGE, q2, **ASK)
     assert (disk.cache, prefix_calls["n"]) == ("disk", 1)
 
     plain = _pipe(reuse_scoring_prefix=True, scene_cache=False)

@@ -39,8 +39,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ContextOverflowError",
+    "GenerationOptions",
     "ImageLoadError",
     "PromptError",
+    "ReadOptions",
+    "SceneStore",
+    "SelectionOptions",
     "UhrBatConfig",
     "UhrBatError",
     "UhrBatForConditionalGeneration",
@@ -58,6 +62,10 @@ _LAZY = {
     "UhrBatProcessor": "uhrbat.processing.processing_uhrbat",
     "UhrBatPipeline": "uhrbat.pipeline",
     "register_auto_classes": "uhrbat.auto",
+    "SceneStore": "uhrbat.scene.store",
+    "SelectionOptions": "uhrbat.options",
+    "GenerationOptions": "uhrbat.options",
+    "ReadOptions": "uhrbat.options",
 }
 
 

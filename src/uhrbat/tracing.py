@@ -12,18 +12,20 @@ from typing import Any
 
 import torch
 
-from uhrbat.modeling.compat import REFERENCE_IMAGE_INDEX
-from uhrbat.modeling.modeling_uhrbat import ImageTrace
+from uhrbat.modeling.model_card import REFERENCE_IMAGE_INDEX
+from uhrbat.modeling.trace import ImageTrace
 
 
 def trace_query(
     pipe: Any, image: Any, question: str, max_new_tokens: int = 8, **options: Any
 ) -> dict[str, torch.Tensor]:
     """Run one query with greedy decoding and return its intermediates (CPU tensors)."""
+    from uhrbat.io.sources import open_image
+
     model = pipe.model
-    opts = pipe._options(options)
-    timings: dict[str, float] = {}
-    inputs, _ = pipe._inputs([image], [question], opts.get("budgets"), timings)
+    opts = pipe.options.updated(**options).given()  # the pipeline's defaults + this call's options
+    proc = pipe.processor
+    inputs = proc(images=[open_image(image)], text=[proc.build_prompt(question)], budgets=opts.get("budgets"))
     ids = inputs["input_ids"].to(pipe.device)
     mask = inputs["attention_mask"].to(pipe.device)
     tr = ImageTrace(want_clip=True)

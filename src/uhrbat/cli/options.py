@@ -1,76 +1,90 @@
-"""Every option shared by the commands that run the model, defined once.
+"""Every option shared by the commands that run the model, read from the one vocabulary.
 
-Commands declare a parameter with one of these `Annotated` aliases and give the default in
-their own signature (`budgets: Budgets = None`), so `--budgets` means, parses and validates the
-same everywhere (`ask`, `chat`, `trace`, `eval`, `demo`, `serve`, `batch`). Malformed values are
-usage errors (click's "Usage: ... / Error: Invalid value for '--x': ..." format) raised while the
-command line is parsed, i.e. before an image or a model is loaded. Options whose default comes
-from the checkpoint say so in their help, with the released model's value.
+The names, help texts, choices and checks come from `uhrbat.options` (selection, generation,
+reading) and the selector registry (`uhrbat.selectors`), so `--kmeans-clusters` means, parses
+and validates the same here as `kmeans_clusters=` in Python, `/kmeans-clusters` in chat and
+`kmeans_clusters` in HTTP bodies and batch/eval configs. The old flags `--clusters`, `--iters`
+and `--kmeans` stay as aliases. Malformed values are usage errors (click's "Usage: ... / Error:
+Invalid value for '--x': ..." format) raised while the command line is parsed, i.e. before an
+image or a model is loaded. Options whose default comes from the checkpoint say so in their
+help, with the released model's value.
 
-Helpers turn the parsed values into keyword arguments:
-`selection_kwargs(...)` -> `UhrBatPipeline.ask(**)` / `from_pretrained(**)` selection keys,
-`load_kwargs(...)` -> `UhrBatPipeline.from_pretrained(**)`, `read_kwargs(...)` -> `open_image(**)`.
+Two ways to use them: a command declares a parameter with one of the `Annotated` aliases below
+(`budgets: Budgets = None`), or takes whole groups with `@shared(...)` and receives them as one
+`Shared` object. Helpers turn parsed values into keyword arguments: `selection_kwargs(...)`,
+`load_kwargs(...)`, `read_kwargs(...)`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
 
 from uhrbat.errors import UhrBatError
+from uhrbat.modeling.hub import DEFAULT_MODEL
+from uhrbat.options import (
+    COMPAT_MODES,
+    DEFAULT_MAX_PIXELS,
+    ENCODE_MODES,
+    KMEANS_MODES,
+    MAX_ZOOM,
+    GenerationOptions,
+    ReadOptions,
+    SelectionOptions,
+    field_flags,
+    parse_budgets,
+)
+from uhrbat.selectors import selector_names
 
-SELECTORS = ("kmeans", "segments", "topk")
-KMEANS_MODES = ("fast", "exact")
-COMPAT_MODES = ("none", "reference")
+SELECTOR_NAMES = selector_names()
 DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-
-DEFAULT_MAX_PIXELS = 1_500_000_000  # == uhrbat.io.images.DEFAULT_MAX_PIXELS (checked in tests)
-DEFAULT_STRETCH = "2,98"
+DEFAULT_STRETCH = "2,98"  # the text form of uhrbat.options.DEFAULT_STRETCH
 
 
 # ----------------------------------------------------------------------------- parsers (callbacks)
-def _budgets(value: Optional[str]) -> Optional[list[int]]:
-    """`--budgets` text -> list of ints via the one budget parser (the count is checked
-    against the model's scales once the model is loaded)."""
-    if value is None:
-        return None
-    from uhrbat.processing.processing_uhrbat import parse_budgets
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A Typer callback: None passes, a `UhrBatError` becomes a usage error."""
 
-    try:
-        return parse_budgets(value)
-    except UhrBatError as e:
-        raise typer.BadParameter(str(e)) from None
+    def callback(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except UhrBatError as e:
+            raise typer.BadParameter(str(e)) from None
 
-
-def _bands(value: Optional[str]) -> Optional[tuple[int, ...]]:
-    if value is None:
-        return None
-    from uhrbat.io.images import parse_bands
-
-    try:
-        bands = parse_bands(value)
-    except UhrBatError as e:
-        raise typer.BadParameter(str(e)) from None
-    if not bands or len(bands) not in (1, 3) or any(b < 1 for b in bands):
-        raise typer.BadParameter(f"give 1 band (grey) or 3 bands (R,G,B), 1-based, e.g. 4,3,2; got {value!r}")
-    return bands
+    return callback
 
 
-def _stretch(value: Optional[str]) -> Optional[tuple[float, float]]:
-    if value is None:
-        return None
-    parts = [p.strip() for p in value.split(",")]
-    try:
-        lo, hi = (float(p) for p in parts)
-    except ValueError:
-        raise typer.BadParameter(f"give two percentiles LOW,HIGH, e.g. 2,98; got {value!r}") from None
-    if not 0 <= lo < hi <= 100:
-        raise typer.BadParameter(f"percentiles must satisfy 0 <= LOW < HIGH <= 100, e.g. 2,98; got {value!r}")
-    return lo, hi
+def _field_check(model: type, name: str) -> Callable[[Any], Any]:
+    """The vocabulary's own validation of one field (`SelectionOptions.of(gate_margin=...)`)."""
+    return _checked(lambda v: getattr(model.of(**{name: v}), name))
+
+
+_budgets = _checked(parse_budgets)  # the count is checked against the model's scales once it is loaded
+_bands = _field_check(ReadOptions, "bands")
+_stretch = _field_check(ReadOptions, "stretch")
+_gate_margin = _field_check(SelectionOptions, "gate_margin")
+
+
+def _region_syntax(value: Any) -> Any:
+    """--region: four numbers (whether they are whole pixels depends on --region-crs, which is
+    checked with them once every flag is parsed: `read_kwargs`)."""
+    from uhrbat.io.regions import region_numbers
+
+    region_numbers(value)
+    return value
+
+
+_region = _checked(_region_syntax)
 
 
 def check_writable(path: Path) -> Path:
@@ -96,6 +110,16 @@ def check_writable(path: Path) -> Path:
 
 def _out_file(value: Optional[Path]) -> Optional[Path]:
     return None if value is None else check_writable(value)
+
+
+def _help(model: type, name: str, default: str = "") -> str:
+    """Help text of a vocabulary field: its description, capitalised, plus the default note."""
+    text = model.model_fields[name].description
+    return text[0].upper() + text[1:] + "." + (f"  [default: {default}]" if default else "")
+
+
+def _flags(model: type, name: str) -> list[str]:
+    return field_flags(model, name)
 
 
 # ----------------------------------------------------------------------------- model / device
@@ -145,56 +169,73 @@ CacheDir = Annotated[
         "--cache-dir",
         file_okay=False,
         metavar="DIR",
-        help="Also keep prepared scenes (tiles, CLIP features, groups) on disk here, reused across runs.  "
-        "[default: memory only]",
+        help="Also keep prepared scenes (CLIP features, groups) on disk here, reused across runs; the folder is "
+        "bounded (oldest files deleted past 32 GiB).  [default: memory only]",
     ),
 ]
 
 # ----------------------------------------------------------------------------- token selection
+_S = SelectionOptions
 Budgets = Annotated[
     Optional[str],
     typer.Option(
-        "--budgets",
+        *_flags(_S, "budgets"),
         metavar="B1,B2,...",
         callback=_budgets,
-        help="Visual tokens kept per scale: comma-separated integers >= 0, one per scale, not all 0.  "
-        "[default: the checkpoint's: 80,320,600,2000 for the released model]",
+        help=_help(_S, "budgets", "the checkpoint's: 80,320,600,2000 for the released model"),
     ),
 ]
 Selector = Annotated[
-    Optional[Literal[SELECTORS]],
+    Optional[Literal[SELECTOR_NAMES]],
     typer.Option(  # type: ignore[valid-type]
-        "--selector", help="How tokens are grouped before preserve-and-merge.  [default: the checkpoint's: kmeans]"
+        *_flags(_S, "selector"), help=_help(_S, "selector", "the checkpoint's: kmeans")
     ),
 ]
-Clusters = Annotated[
+KMeansClusters = Annotated[
     Optional[int],
     typer.Option(
-        "--clusters",
+        *_flags(_S, "kmeans_clusters"),
         min=0,
-        help="K-Means clusters per scale; 0 = the scale's budget.  [default: the checkpoint's: 3000 for the "
-        "released model (clamped to the tokens at each scale)]",
+        metavar="K",
+        help=_help(
+            _S,
+            "kmeans_clusters",
+            "the checkpoint's: 3000 for the released model (clamped to the tokens at each scale)",
+        ),
     ),
 ]
-Iters = Annotated[
+KMeansIters = Annotated[
     Optional[int],
     typer.Option(
-        "--iters",
+        *_flags(_S, "kmeans_iters"),
         min=1,
-        help="Maximum K-Means (Lloyd) iterations.  [default: the checkpoint's: 10 for the released model]",
+        metavar="N",
+        help=_help(_S, "kmeans_iters", "the checkpoint's: 10 for the released model"),
     ),
 ]
-Seed = Annotated[
-    Optional[int], typer.Option("--seed", help="Seed of the K-Means initialisation.  [default: the checkpoint's: 0]")
-]
-KMeans = Annotated[
+Seed = Annotated[Optional[int], typer.Option(*_flags(_S, "seed"), help=_help(_S, "seed", "the checkpoint's: 0"))]
+KMeansMode = Annotated[
     Optional[Literal[KMEANS_MODES]],
     typer.Option(  # type: ignore[valid-type]
-        "--kmeans",
-        help="fast: same clustering, less work; exact: the reference's loop order, bit for bit.  "
-        "[default: the checkpoint's: fast]",
+        *_flags(_S, "kmeans_mode"), help=_help(_S, "kmeans_mode", "the checkpoint's: fast")
     ),
 ]
+Encode = Annotated[
+    Optional[Literal[ENCODE_MODES]],
+    typer.Option(  # type: ignore[valid-type]
+        *_flags(_S, "encode"), help=_help(_S, "encode", "full")
+    ),
+]
+GateMargin = Annotated[
+    Optional[float],
+    typer.Option(*_flags(_S, "gate_margin"), metavar="M", callback=_gate_margin, help=_help(_S, "gate_margin")),
+]
+Zoom = Annotated[
+    Optional[int],
+    typer.Option(*_flags(_S, "zoom"), min=0, max=MAX_ZOOM, metavar="N", help=_help(_S, "zoom", "0 (off)")),
+]
+# The names other commands knew them by.
+Clusters, Iters, KMeans = KMeansClusters, KMeansIters, KMeansMode
 Masks = Annotated[
     Optional[Path],
     typer.Option(
@@ -207,27 +248,38 @@ Masks = Annotated[
 ]
 
 # ----------------------------------------------------------------------------- generation
-MaxNewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")]
+MaxNewTokens = Annotated[
+    Optional[int],
+    typer.Option(*_flags(GenerationOptions, "max_new_tokens"), min=1, help=_help(GenerationOptions, "max_new_tokens")),
+]
 
 # ----------------------------------------------------------------------------- image reading
+_R = ReadOptions
 Bands = Annotated[
     Optional[str],
     typer.Option(
-        "--bands",
-        metavar="R,G,B",
-        callback=_bands,
-        help="Raster bands to use as R,G,B (or one grey band), 1-based, e.g. 4,3,2.  "
-        "[default: the image's colour bands]",
+        *_flags(_R, "bands"), metavar="R,G,B", callback=_bands, help=_help(_R, "bands", "the image's colour bands")
     ),
 ]
 Stretch = Annotated[
     str,
+    typer.Option(*_flags(_R, "stretch"), metavar="LOW,HIGH", callback=_stretch, help=_help(_R, "stretch")),
+]
+MaxPixels = Annotated[int, typer.Option(*_flags(_R, "max_pixels"), min=0, help=_help(_R, "max_pixels"))]
+Region = Annotated[
+    Optional[str],
     typer.Option(
-        "--stretch", metavar="LOW,HIGH", callback=_stretch, help="Percentiles that map 16-bit/float bands to 8-bit."
+        *_flags(_R, "region"), metavar="X0,Y0,X1,Y1", callback=_region, help=_help(_R, "region", "the whole image")
     ),
 ]
-MaxPixels = Annotated[
-    int, typer.Option("--max-pixels", min=0, help="Refuse images with more full-resolution pixels (0 = no limit).")
+RegionCrs = Annotated[
+    Optional[str], typer.Option(*_flags(_R, "region_crs"), metavar="CRS", help=_help(_R, "region_crs"))
+]
+RegionFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        *_flags(_R, "region_file"), exists=True, dir_okay=False, metavar="FILE", help=_help(_R, "region_file")
+    ),
 ]
 
 # ----------------------------------------------------------------------------- outputs
@@ -249,7 +301,19 @@ Explain = Annotated[
         dir_okay=False,
         metavar="FILE.png",
         callback=_out_file,
-        help="Write an overlay PNG of relevance and kept tokens (checked writable before the model runs).",
+        help="Write an overlay PNG of relevance and kept tokens (checked writable before the model runs); for a "
+        "georeferenced image also a world file (.pgw) and CRS sidecar (.png.aux.xml), so a GIS places it.",
+    ),
+]
+RelevanceTif = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--relevance-tif",
+        dir_okay=False,
+        metavar="FILE.tif",
+        callback=_out_file,
+        help="Write the relevance map as a Cloud-Optimized GeoTIFF in the image's CRS (georeferenced images only; "
+        "checked before the model runs).",
     ),
 ]
 
@@ -262,9 +326,12 @@ def selection_kwargs(
     iters: Optional[int] = None,
     seed: Optional[int] = None,
     kmeans: Optional[str] = None,
+    encode: Optional[str] = None,
+    gate_margin: Optional[float] = None,
+    zoom: Optional[int] = None,
 ) -> dict[str, Any]:
-    """Parsed selection options -> the pipeline's keyword arguments (unset ones left out, so the
-    checkpoint's values apply)."""
+    """Parsed selection options -> the vocabulary's keyword arguments (unset ones left out, so the
+    checkpoint's values apply). Positional order as the commands declare them."""
     sel = {
         "budgets": budgets,
         "selector": selector,
@@ -272,6 +339,9 @@ def selection_kwargs(
         "kmeans_iters": iters,
         "seed": seed,
         "kmeans_mode": kmeans,
+        "encode": encode,
+        "gate_margin": gate_margin,
+        "zoom": zoom,
     }
     return {k: v for k, v in sel.items() if v is not None}
 
@@ -308,12 +378,152 @@ def read_kwargs(
     bands: Optional[tuple[int, ...]] = None,
     stretch: Optional[tuple[float, float]] = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    region: Optional[str] = None,
+    region_crs: Optional[str] = None,
+    region_file: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Parsed image-reading options -> `uhrbat.io.open_image` keyword arguments."""
+    """Parsed image-reading options -> `uhrbat.io.open_image` keyword arguments (the region ones
+    only when given, see `region_kwargs`)."""
     out: dict[str, Any] = {"bands": bands, "max_pixels": None if max_pixels == 0 else max_pixels}
     if stretch is not None:
         out["stretch"] = stretch
+    out.update(region_kwargs(region, region_crs, region_file))
     return out
+
+
+def region_kwargs(
+    region: Optional[str] = None, region_crs: Optional[str] = None, region_file: Optional[Path] = None
+) -> dict[str, Any]:
+    """The region flags that were given, checked together (whole pixels without a CRS, one
+    region, the CRS, the file: `RegionError`, one line, before any image is read)."""
+    file = None if region_file is None else str(region_file)
+    given = {k: v for k, v in (("region", region), ("region_crs", region_crs), ("region_file", file)) if v is not None}
+    if given:
+        ReadOptions.of(**given)
+    return given
+
+
+# ----------------------------------------------------------------------------- option groups
+#: Group name -> (parameter name, annotation, default) of every option in it, in help order.
+GROUPS: dict[str, list[tuple[str, Any, Any]]] = {
+    "selection": [
+        ("budgets", Budgets, None),
+        ("selector", Selector, None),
+        ("kmeans_clusters", KMeansClusters, None),
+        ("kmeans_iters", KMeansIters, None),
+        ("seed", Seed, None),
+        ("kmeans_mode", KMeansMode, None),
+        ("encode", Encode, None),
+        ("gate_margin", GateMargin, None),
+        ("zoom", Zoom, None),
+    ],
+    "masks": [("masks", Masks, None)],
+    "model": [
+        ("model", Model, None),
+        ("compat", Compat, None),
+        ("device", Device, "cpu"),
+        ("dtype", Dtype, None),
+        ("attn", Attn, None),
+        ("vision_tower", VisionTower, None),
+    ],
+    "cache": [("cache_dir", CacheDir, None)],
+    "generation": [("max_new_tokens", MaxNewTokens, 512)],
+    "reading": [
+        ("bands", Bands, None),
+        ("stretch", Stretch, DEFAULT_STRETCH),
+        ("max_pixels", MaxPixels, None),
+        ("region", Region, None),
+        ("region_crs", RegionCrs, None),
+        ("region_file", RegionFile, None),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The shared options one command received (`@shared`), as the keyword arguments they feed."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """`UhrBatPipeline` selection keywords (given ones only)."""
+        v = self.values
+        return selection_kwargs(
+            v.get("budgets"),
+            v.get("selector"),
+            v.get("kmeans_clusters"),
+            v.get("kmeans_iters"),
+            v.get("seed"),
+            v.get("kmeans_mode"),
+            v.get("encode"),
+            v.get("gate_margin"),
+            v.get("zoom"),
+        )
+
+    @property
+    def load(self) -> dict[str, Any]:
+        """`UhrBatPipeline.from_pretrained` keywords (the device is checked here)."""
+        v = self.values
+        return load_kwargs(v["device"], v["dtype"], v["attn"], v["vision_tower"], v["compat"], v.get("cache_dir"))
+
+    @property
+    def read(self) -> dict[str, Any]:
+        """`uhrbat.io.open_image` keywords."""
+        v = self.values
+        return read_kwargs(
+            v.get("bands"),
+            v.get("stretch"),
+            v.get("max_pixels", DEFAULT_MAX_PIXELS),
+            v.get("region"),
+            v.get("region_crs"),
+            v.get("region_file"),
+        )
+
+
+def shared(*groups: str, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a Typer command: add the option `groups` (names of `GROUPS`) to its
+    parameters; the command receives them as one keyword argument `opts: Shared`. `defaults`
+    override a group's default for this command (e.g. `attn="eager"`)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn)
+        # Typer reads the annotations from this signature: evaluate the (postponed) strings now.
+        own = [
+            p.replace(annotation=eval(p.annotation, fn.__globals__)) if isinstance(p.annotation, str) else p  # noqa: S307
+            for name, p in sig.parameters.items()
+            if name != "opts"
+        ]
+        added = []
+        for g in groups:
+            for name, annotation, default in GROUPS[g]:
+                default = defaults.get(name, default)
+                if name == "model" and default is None:
+                    default = DEFAULT_MODEL
+                if name == "max_pixels" and default is None:
+                    default = DEFAULT_MAX_PIXELS
+                added.append(
+                    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                )
+        names = [p.name for p in added]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in names}
+            return fn(*args, opts=Shared(values), **kwargs)
+
+        command.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]
+        command.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in added}}
+        command.__annotations__.pop("opts", None)
+        return command
+
+    return wrap
 
 
 __all__ = [
@@ -325,21 +535,34 @@ __all__ = [
     "Compat",
     "Device",
     "Dtype",
+    "Encode",
     "Explain",
+    "GateMargin",
     "GeoJson",
     "Iters",
     "Json",
     "KMeans",
+    "KMeansClusters",
+    "KMeansIters",
+    "KMeansMode",
     "Masks",
     "MaxNewTokens",
     "MaxPixels",
     "Model",
+    "Region",
+    "RegionCrs",
+    "RegionFile",
+    "RelevanceTif",
     "Seed",
     "Selector",
+    "Shared",
     "Stretch",
     "VisionTower",
+    "Zoom",
     "check_writable",
     "load_kwargs",
     "read_kwargs",
+    "region_kwargs",
     "selection_kwargs",
+    "shared",
 ]

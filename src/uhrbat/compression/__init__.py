@@ -1,4 +1,4 @@
-"""Pure-tensor token compression: K-Means, preserve-and-merge selection, segment masks."""
+"""Pure-tensor token compression: relevance maths, K-Means, preserve-and-merge selection, segment masks."""
 
 from uhrbat.compression.kmeans import (
     KMeansResult,
@@ -12,7 +12,6 @@ from uhrbat.compression.selection import (
     cluster_tokens,
     max_selectable,
     preserve_and_merge,
-    select_kmeans,
     select_segments,
     select_topk,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "preserve_and_merge",
     "segment_ids_for_scale",
     "cluster_tokens",
-    "select_kmeans",
     "select_segments",
     "select_topk",
     "tile_coordinates",

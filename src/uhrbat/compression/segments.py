@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from uhrbat.configuration.geometry import CLIP_336_14
 from uhrbat.errors import MaskError
 
 __all__ = ["load_mask_file", "segment_ids_for_scale"]
@@ -79,7 +80,9 @@ def _tiles_from_dict(mask: Mapping[str, Any], scale: int, grid: int, side: int) 
     return out
 
 
-def segment_ids_for_scale(mask: Any, scale: int, tile_size: int = 336, patch_size: int = 14) -> Tensor:
+def segment_ids_for_scale(
+    mask: Any, scale: int, tile_size: int = CLIP_336_14.tile_size, patch_size: int = CLIP_336_14.patch_size
+) -> Tensor:
     """Per-token segment ids of one scale.
 
     Args:
@@ -134,7 +137,9 @@ def segment_ids_for_scale(mask: Any, scale: int, tile_size: int = 336, patch_siz
     return ids.contiguous()
 
 
-def load_mask_file(path: str | os.PathLike[str], *, tile_size: int = 336, patch_size: int = 14) -> dict[int, Tensor]:
+def load_mask_file(
+    path: str | os.PathLike[str], *, tile_size: int = CLIP_336_14.tile_size, patch_size: int = CLIP_336_14.patch_size
+) -> dict[int, Tensor]:
     """Read one image's per-scale segment masks.
 
     Formats:

@@ -31,6 +31,7 @@ from torch import Tensor
 from uhrbat.compression.kmeans import KMeansResult, clustering_features, kmeans
 from uhrbat.compression.precision import autocast_off
 from uhrbat.compression.types import Selection
+from uhrbat.configuration.geometry import CLIP_336_14
 from uhrbat.errors import BudgetError
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "cluster_tokens",
     "max_selectable",
     "preserve_and_merge",
-    "select_kmeans",
     "select_segments",
     "select_topk",
 ]
@@ -79,15 +79,7 @@ def _check_inputs(embeds: Tensor, scores: Tensor, groups: Tensor | None = None) 
 
 
 def _empty(embeds: Tensor) -> Selection:
-    dev = embeds.device
-    return Selection(
-        embeds=embeds.new_empty(0, embeds.shape[1]),
-        positions=torch.empty(0, dtype=torch.int64, device=dev),
-        offsets=torch.zeros(1, dtype=torch.int64, device=dev),
-        merged=torch.empty(0, dtype=torch.bool, device=dev),
-        scores=torch.empty(0, dtype=torch.float64, device=dev),
-        group=torch.empty(0, dtype=torch.int64, device=dev),
-    )
+    return Selection.empty(embeds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,66 +402,16 @@ def cluster_tokens(
     mode: str = "fast",
     feat_scale: float = 1.0,
     coord_scale: float = 0.05,
-    tokens_per_side: int = 24,
+    tokens_per_side: int = CLIP_336_14.tokens_per_side,
 ) -> KMeansResult:
-    """The grouping half of `select_kmeans`: K-Means on `clustering_features(embeds)` with
-    K = `num_clusters` if > 0, else the budget (then `min(max(1, K), N)`)."""
+    """The grouping step of the `kmeans` selector (method §4.1): K-Means on
+    `clustering_features(embeds)` with K = `num_clusters` if > 0, else the budget (then
+    `min(max(1, K), N)`); `preserve_and_merge` by its labels is the selection step."""
     n = embeds.shape[0]
     k = num_clusters if num_clusters is not None and num_clusters > 0 else budget
     k = min(max(1, int(k)), n)
     feats = clustering_features(embeds, num_tiles, feat_scale, coord_scale, tokens_per_side)
     return kmeans(feats, k, 10 if max_iters is None else max_iters, generator=generator, mode=mode)
-
-
-@autocast_off
-def select_kmeans(
-    embeds: Tensor,
-    scores: Tensor,
-    budget: int,
-    *,
-    num_tiles: int,
-    num_clusters: int | None = None,
-    max_iters: int | None = 10,
-    generator: torch.Generator | None = None,
-    mode: str = "fast",
-    feat_scale: float = 1.0,
-    coord_scale: float = 0.05,
-) -> tuple[Selection, KMeansResult]:
-    """K-Means branch (method §4.1): cluster, then preserve-and-merge by cluster.
-
-    Args:
-        embeds: `[N, D]` selection embeddings of one scale (tile-major, N = num_tiles * 576);
-            the merged rows average these.
-        scores: `[N]` relevance.
-        budget: rows to emit (int >= 0).
-        num_tiles: tiles at this scale.
-        num_clusters: K; None or <= 0 means K = budget (then `min(max(1, K), N)`).
-        max_iters: Lloyd iterations cap (None = 10, the reference default).
-        generator: CPU generator for the random init (None = global RNG, like the reference).
-        mode: "fast" or "exact" (K-Means and merge both run the reference loops).
-        feat_scale, coord_scale: clustering feature weights.
-
-    Returns:
-        `(selection, kmeans_result)`. K-Means runs even for budget 0, so the RNG stream
-        advances exactly as in the reference.
-    """
-    budget = check_budget(budget)
-    _check_inputs(embeds, scores)
-    result = cluster_tokens(
-        embeds,
-        budget,
-        num_tiles=num_tiles,
-        num_clusters=num_clusters,
-        max_iters=max_iters,
-        generator=generator,
-        mode=mode,
-        feat_scale=feat_scale,
-        coord_scale=coord_scale,
-    )
-    selection = preserve_and_merge(
-        embeds, scores, result.labels, budget, exact=(mode == "exact"), singleton_is_merged=True
-    )
-    return selection, result
 
 
 @autocast_off

@@ -34,7 +34,15 @@ class Selection:
     def __len__(self) -> int:
         return int(self.merged.numel())
 
-    @property
-    def first_position(self) -> torch.Tensor:
-        """`[n]` the first member position of every row (the token itself for single rows)."""
-        return self.positions[self.offsets[:-1]]
+    @classmethod
+    def empty(cls, embeds: torch.Tensor) -> Selection:
+        """No rows, in the dtype and on the device of `embeds` `[N, D]`."""
+        dev = embeds.device
+        return cls(
+            embeds=embeds.new_empty(0, embeds.shape[1]),
+            positions=torch.empty(0, dtype=torch.int64, device=dev),
+            offsets=torch.zeros(1, dtype=torch.int64, device=dev),
+            merged=torch.empty(0, dtype=torch.bool, device=dev),
+            scores=torch.empty(0, dtype=torch.float64, device=dev),
+            group=torch.empty(0, dtype=torch.int64, device=dev),
+        )

@@ -17,10 +17,8 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from uhrbat.configuration.geometry import TokenGeometry
 from uhrbat.errors import ConfigError
-
-SELECTORS = ("kmeans", "segments", "topk")
-KMEANS_MODES = ("fast", "exact")
-COMPAT_MODES = ("none", "reference")
+from uhrbat.options import COMPAT_MODES, KMEANS_MODES
+from uhrbat.selectors import selector_names
 
 # openai/clip-vit-large-patch14-336, the tower every released checkpoint uses.
 CLIP_L14_336 = {
@@ -45,7 +43,7 @@ class UhrBatConfig(PreTrainedConfig):
         scales: square pyramid sides in pixels, ascending (default 672/1344/2688/4032).
         tile_size: side of a tile (the CLIP input), 336.
         budgets: visual tokens kept per scale (default 80/320/600/2000).
-        selector: `"kmeans"` | `"segments"` | `"topk"` grouping before preserve-and-merge.
+        selector: default token selector, a registered name (`uhrbat.selectors`: kmeans, segments, topk, divprune, dpp).
         kmeans_clusters: clusters per scale; `None` or 0 means K = the scale's budget.
         kmeans_iters: maximum Lloyd iterations.
         kmeans_coord_scale / kmeans_feat_scale: weights of the tile-local (x, y) and of the
@@ -129,8 +127,8 @@ class UhrBatConfig(PreTrainedConfig):
             raise ConfigError(f"budgets has {len(self.budgets)} values but there are {len(self.scales)} scales")
         if any(b < 0 for b in self.budgets):
             raise ConfigError(f"budgets must be >= 0, got {self.budgets}")
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.selector not in selector_names():
+            raise ConfigError(f"selector must be one of {', '.join(selector_names())}, got {self.selector!r}")
         if self.kmeans_mode not in KMEANS_MODES:
             raise ConfigError(f"kmeans_mode must be one of {KMEANS_MODES}, got {self.kmeans_mode!r}")
         if self.compat not in COMPAT_MODES:

@@ -108,20 +108,41 @@ class UhrBatImageProcessor(BaseImageProcessor):
         std = np.asarray(self.image_std, dtype=np.float32)[:, None]
         return (levels[None, :] - mean) / std
 
+    @staticmethod
+    def canvas(square: Any) -> np.ndarray:
+        """A padded square (PIL image, side x side) -> its RGB pixels `[side, side, 3]` uint8."""
+        return np.asarray(square.convert("RGB") if square.mode != "RGB" else square)
+
+    def tiles_for_canvas(
+        self, canvas: np.ndarray, tiles: Sequence[int] | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`canvas` `[side, side, 3]` uint8 -> `[n, 3, tile, tile]` float32 normalised tiles: every
+        tile in row-major order, or the row-major indices `tiles`. The remainder past g*tile is
+        dropped."""
+        t = self.tile_size
+        g = canvas.shape[0] // t
+        lut = self._lut()
+        if tiles is None:
+            if out is None:
+                out = np.empty((g * g, 3, t, t), dtype=np.float32)
+            view = out.reshape(g, g, 3, t, t)
+            for r in range(g):  # one row of tiles at a time
+                band = canvas[r * t : (r + 1) * t, : g * t].reshape(t, g, t, 3).transpose(1, 3, 0, 2)  # (c, C, y, x)
+                for ch in range(3):
+                    view[r, :, ch] = lut[ch][band[:, ch]]
+            return out
+        if out is None:
+            out = np.empty((len(tiles), 3, t, t), dtype=np.float32)
+        for k, i in enumerate(tiles):
+            r, c = divmod(int(i), g)
+            block = canvas[r * t : (r + 1) * t, c * t : (c + 1) * t].transpose(2, 0, 1)  # (C, y, x)
+            for ch in range(3):
+                out[k, ch] = lut[ch][block[ch]]
+        return out
+
     def tiles_for_square(self, square: Any, out: np.ndarray | None = None) -> np.ndarray:
         """`square`: PIL image side x side -> `[g*g, 3, tile, tile]` float32, row-major tiles."""
-        arr = np.asarray(square.convert("RGB") if square.mode != "RGB" else square)
-        g = arr.shape[0] // self.tile_size
-        t = self.tile_size
-        lut = self._lut()
-        if out is None:
-            out = np.empty((g * g, 3, t, t), dtype=np.float32)
-        view = out.reshape(g, g, 3, t, t)
-        for r in range(g):  # one row of tiles at a time; the remainder past g*t is dropped
-            band = arr[r * t : (r + 1) * t, : g * t].reshape(t, g, t, 3).transpose(1, 3, 0, 2)  # (c, C, y, x)
-            for ch in range(3):
-                view[r, :, ch] = lut[ch][band[:, ch]]
-        return out
+        return self.tiles_for_canvas(self.canvas(square), out=out)
 
     def pyramid(self, image: Any, out: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image (path, PIL image or ImageSource) -> (`[T, 3, tile, tile]`, (W, H))."""

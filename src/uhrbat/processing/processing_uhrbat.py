@@ -5,13 +5,13 @@ publishing work as for any VLM. `processor(images=..., text=...)` returns `input
 the single `<image>` marker of each prompt is expanded to exactly as many placeholder ids as the
 model will splice visual tokens (sum over scales of min(budget, tokens at that scale)). The
 placeholder is a real, non-negative added token, so logits processors such as
-`repetition_penalty` work.
+`repetition_penalty` work. The budgets the placeholders were expanded for travel with the output
+as `image_budgets`, which `generate` / `forward` use when they are not given `budgets`.
 """
 
 from __future__ import annotations
 
-import operator
-import re
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,61 +19,12 @@ import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from uhrbat.errors import BudgetError, ConfigError, ContextOverflowError, PromptError
+from uhrbat.errors import ConfigError, ContextOverflowError, PromptError
+from uhrbat.options import COMPAT_MODES, parse_budgets
 from uhrbat.processing.image_processing_uhrbat import UhrBatImageProcessor
 from uhrbat.processing.prompt import IMAGE_MARKER, chatml, count_markers, question_prompt
 
-COMPAT_MODES = ("none", "reference")
-
-
-def parse_budgets(budgets: Any, num_scales: int | None = None) -> list[int]:
-    """The one budget parser: per-scale visual-token budgets from a "80,320,600,2000" string or
-    a sequence of integers, for every path (CLI, demo, server, training recipes, the API).
-
-    Rule: integers >= 0 only (`"80.0"`, `2.5`, `True`, empty items are errors), not all zero,
-    and exactly `num_scales` of them when `num_scales` is given. Raises `BudgetError` (one line).
-    """
-    if isinstance(budgets, str):
-        items: list[Any] = [b.strip() for b in budgets.split(",")]
-        if items == [""]:
-            raise BudgetError("budgets are empty; give one integer per scale, e.g. 80,320,600,2000")
-    else:
-        try:
-            items = list(budgets)
-        except TypeError:
-            raise BudgetError(
-                f"budgets must be a list of integers or a string like '80,320,600,2000', got {budgets!r}"
-            ) from None
-    out: list[int] = []
-    for b in items:
-        if isinstance(b, str):
-            if re.fullmatch(r"-\d+", b):
-                raise BudgetError(f"budget {int(b)} is negative; budgets must be >= 0")
-            if not re.fullmatch(r"\d+", b):
-                what = "an empty budget" if b == "" else f"budget {b!r} is not an integer"
-                raise BudgetError(f"{what} in {budgets!r}; budgets are comma-separated integers, e.g. 80,320,600,2000")
-            v = int(b)
-        else:
-            if isinstance(b, bool) or isinstance(b, float):
-                raise BudgetError(f"budget {b!r} is not an integer; budgets are integers, e.g. [80, 320, 600, 2000]")
-            try:
-                v = operator.index(b)  # int, numpy / 0-d torch integers
-            except TypeError:
-                raise BudgetError(
-                    f"budget {b!r} is not an integer; budgets are integers, e.g. [80, 320, 600, 2000]"
-                ) from None
-            if v < 0:
-                raise BudgetError(f"budget {v} is negative; budgets must be >= 0")
-        out.append(v)
-    if num_scales is not None and len(out) != num_scales:
-        raise BudgetError(
-            f"got {len(out)} budgets {out} but the model has {num_scales} scales; give one budget per scale"
-        )
-    if out and not any(out):
-        raise BudgetError(
-            f"budgets {out} are all 0, so the model would see no image; keep at least one token, e.g. 80,320,600,2000"
-        )
-    return out
+__all__ = ["UhrBatProcessor", "parse_budgets"]
 
 
 class UhrBatProcessor(ProcessorMixin):
@@ -154,9 +105,20 @@ class UhrBatProcessor(ProcessorMixin):
         budgets: Sequence[int] | str | None = None,
         padding_side: str = "left",
         return_tensors: str | None = "pt",
-        **_: Any,
+        **unknown: Any,
     ) -> BatchFeature:
-        """Tokenise prompts (each with one `<image>`) and build the tiles of their images."""
+        """Tokenise prompts (each with one `<image>`) and build the tiles of their images.
+
+        Returns `input_ids`, `attention_mask`, and with `images` `pixel_values` and `image_sizes`;
+        with `budgets`, `image_budgets` `[B, S]` (what the placeholder runs were expanded for;
+        `generate`/`forward` read it). Unknown keywords are refused (`budget=` would otherwise
+        silently do nothing)."""
+        if unknown:
+            name = next(iter(unknown))
+            known = ["images", "text", "budgets", "padding_side", "return_tensors"]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(known)}"
+            raise ConfigError(f"UhrBatProcessor got an unknown keyword {name!r}{hint}")
         if text is None:
             raise PromptError("text is required (a prompt containing one '<image>' marker)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -182,7 +144,8 @@ class UhrBatProcessor(ProcessorMixin):
                 raise PromptError(f"got {len(imgs)} images for {len(rows)} prompts; give one image per prompt")
             data.update(self.image_processor(imgs))
         if budgets is not None:
-            data["budgets"] = torch.tensor(parse_budgets(budgets, len(self.image_processor.scales)))
+            b = parse_budgets(budgets, len(self.image_processor.scales))
+            data["image_budgets"] = torch.tensor([b] * len(rows))
         return BatchFeature(data=data)
 
     # ---------------------------------------------------------------- decoding

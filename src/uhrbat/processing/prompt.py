@@ -12,26 +12,25 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def validate_question(question: str) -> str:
-    """The question text after the checks every entry point applies (CLI, API, demo, server):
-    leading `<image>` markers are dropped as the reference does; an empty or whitespace-only
-    question, or an `<image>` marker inside it, raises `PromptError` (one line, with the fix)."""
+    """The question text after the checks every entry point applies (CLI, chat, API, demo,
+    server, batch): an empty or whitespace-only question (markers aside) raises `PromptError`, and
+    so does an `<image>` marker anywhere in it - leading or not, with the same message: the image
+    is given separately and the prompt builder places its one marker itself (the reference
+    silently dropped leading markers; a marker is never dropped or moved here)."""
     if not isinstance(question, str):
         raise PromptError(f"the question must be text, got {type(question).__name__}")
-    q = question.lstrip()
-    while q.startswith(IMAGE_MARKER):
-        q = q[len(IMAGE_MARKER) :].lstrip("\n").lstrip()
-    if not q.strip():
+    if not question.replace(IMAGE_MARKER, "").strip():
         raise PromptError('the question is empty; ask something about the image, e.g. "How many ships are there?"')
-    if IMAGE_MARKER in q:
+    if IMAGE_MARKER in question:
         raise PromptError(
             f"the question contains an extra {IMAGE_MARKER!r} marker; the image is given separately, "
             f"remove {IMAGE_MARKER!r} from the question"
         )
-    return q
+    return question.lstrip()
 
 
 def user_text(question: str) -> str:
-    """`"<image>\\n" + question`, after stripping leading `<image>` markers as the reference does."""
+    """`"<image>\\n" + question` (after `validate_question`)."""
     return f"{IMAGE_MARKER}\n{validate_question(question)}"
 
 

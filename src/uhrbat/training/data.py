@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uhrbat.configuration.geometry import CLIP_336_14
 from uhrbat.errors import ConfigError, MaskError
 from uhrbat.processing.prompt import IMAGE_MARKER
 
@@ -139,7 +140,12 @@ def read_mask_file(path: str | os.PathLike) -> dict[int, Any]:
     return {int(k): v for k, v in load_mask_file(path).items()}
 
 
-def validate_masks(masks: dict[int, Any], scales: Sequence[int] | None, tile: int = 336, patch: int = 14) -> None:
+def validate_masks(
+    masks: dict[int, Any],
+    scales: Sequence[int] | None,
+    tile: int = CLIP_336_14.tile_size,
+    patch: int = CLIP_336_14.patch_size,
+) -> None:
     """Raise `MaskError` unless every mask of a listed scale has a usable shape and integer ids."""
     from uhrbat.compression.segments import segment_ids_for_scale
 

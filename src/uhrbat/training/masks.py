@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from uhrbat.configuration.geometry import CLIP_336_14
 from uhrbat.errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".jp2", ".gif"}
@@ -99,7 +100,9 @@ def block_majority(labels: np.ndarray, block: int) -> np.ndarray:
     return s[np.arange(s.shape[0]), pos].reshape(r, c).astype(np.int32)
 
 
-def tile_masks(square_ids: np.ndarray, scale: int, tile: int = 336, patch: int = 14) -> torch.Tensor:
+def tile_masks(
+    square_ids: np.ndarray, scale: int, tile: int = CLIP_336_14.tile_size, patch: int = CLIP_336_14.patch_size
+) -> torch.Tensor:
     """Square id map (the padded image) -> int32 `[g², t, t]` tile-format mask at `scale`."""
     from PIL import Image
 
@@ -308,7 +311,9 @@ def segment_map(generator: SamMaskGenerator, image_path: str | os.PathLike) -> t
     return relabel(ids), tuple(src.size), len(records)
 
 
-def masks_from_map(ids: np.ndarray, scales: Sequence[int], tile: int = 336, patch: int = 14) -> dict[str, torch.Tensor]:
+def masks_from_map(
+    ids: np.ndarray, scales: Sequence[int], tile: int = CLIP_336_14.tile_size, patch: int = CLIP_336_14.patch_size
+) -> dict[str, torch.Tensor]:
     return {f"scale.{s}": tile_masks(ids, s, tile, patch) for s in scales}
 
 
@@ -359,8 +364,8 @@ def generate_masks(
     dtype: str | None = None,
     keep_pixels: bool = False,
     limit: int | None = None,
-    tile: int = 336,
-    patch: int = 14,
+    tile: int = CLIP_336_14.tile_size,
+    patch: int = CLIP_336_14.patch_size,
     progress: Callable[[str], None] | None = None,
 ) -> MaskReport:
     """Write one tile-format mask file per image under `out` (existing complete files are skipped)."""

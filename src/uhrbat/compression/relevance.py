@@ -1,4 +1,4 @@
-"""Query-guided relevance (method §3) as pure tensor functions.
+"""Query-guided relevance (method §3) as pure tensor functions (the scoring pass's maths).
 
 The LLM itself scores the base-scale tokens: the last prompt token's last-layer attention
 over the image tokens, averaged over heads. Everything here works on tensors handed in by
@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from uhrbat.compression.precision import autocast_off
+from uhrbat.configuration.geometry import CLIP_336_14
+
+_SIDE = CLIP_336_14.tokens_per_side  # the released checkpoints' geometry; callers pass their config's
 
 
 @autocast_off
@@ -47,13 +50,13 @@ def image_relevance(attn: torch.Tensor, image_positions: torch.Tensor) -> torch.
     return attn[:, image_positions].mean(dim=0)
 
 
-def tiles_to_grid(values: torch.Tensor, grid: int, tokens_per_side: int = 24) -> torch.Tensor:
+def tiles_to_grid(values: torch.Tensor, grid: int, tokens_per_side: int = _SIDE) -> torch.Tensor:
     """`[grid*grid*t*t]` tile-major values -> `[grid*t, grid*t]` map (tile (r, c) at rows t*r..)."""
     t = tokens_per_side
     return values.reshape(grid, grid, t, t).permute(0, 2, 1, 3).reshape(grid * t, grid * t)
 
 
-def grid_to_tiles(grid_map: torch.Tensor, grid: int, tokens_per_side: int = 24) -> torch.Tensor:
+def grid_to_tiles(grid_map: torch.Tensor, grid: int, tokens_per_side: int = _SIDE) -> torch.Tensor:
     """`[grid*t, grid*t]` map -> `[grid*grid, t, t]` row-major tiles."""
     t = tokens_per_side
     return grid_map.reshape(grid, t, grid, t).permute(0, 2, 1, 3).reshape(grid * grid, t, t)
@@ -61,7 +64,7 @@ def grid_to_tiles(grid_map: torch.Tensor, grid: int, tokens_per_side: int = 24) 
 
 @autocast_off
 def upsample_relevance(
-    base: torch.Tensor, base_grid: int, grids: list[int], tokens_per_side: int = 24
+    base: torch.Tensor, base_grid: int, grids: list[int], tokens_per_side: int = _SIDE
 ) -> list[torch.Tensor]:
     """Bilinearly transfer the base-scale relevance to every scale (align_corners=False).
 

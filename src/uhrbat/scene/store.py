@@ -1,31 +1,22 @@
-"""`SceneCache`: the query-independent work on an image, kept across questions.
+"""`SceneStore`: the query-independent work on images, kept across questions.
 
-Every question about one image repeats the same expensive, question-independent steps: decode and
-tile the image, encode its tiles with CLIP and project them (`SceneFeatures`), and cluster every
-scale with K-Means. The cache keeps their results, keyed by *content*:
+Items are dicts of tensors under string keys (`uhrbat.scene.keys`): a scene's features
+(`Scene.tensors()`), K-Means labels keyed by the scene and every option that changes them,
+the opt-in scoring-prefix KV, and memory-only pixel canvases of partly encoded scenes.
+Source aliases map a cheap fingerprint of a source to its content digest and size.
 
-* ``scene`` items: the `SceneFeatures` tensors of one tiled image, keyed by a SHA-256 of the tile
-  tensor (so the read options - bands, stretch, window, pixel limit - are part of it), the model's
-  identity (config + weights fingerprint), dtype, device and the software/hardware it ran on;
-* ``groups`` items: K-Means labels per scale, keyed by the scene key and every option that changes
-  them (selector, K per scale, iterations, seed, mode, clustering scales);
-* ``scoring-prefix`` items (only with the pipeline's opt-in `reuse_scoring_prefix=True`): the
-  scoring pass's KV for the text before the image + the image (`ScoringPrefix`), keyed by the
-  scene key, the exact token ids before the image, compat, the LLM's attention and dtype;
-* source aliases: a cheap fingerprint of the *source* (file bytes + read options + tiling
-  settings, or the pixels of a PIL image) -> the content key and image size, so a follow-up
-  question skips decoding and tiling too.
-
-The in-memory layer is an LRU bounded in bytes per device (0 disables it). The optional on-disk
-layer (`cache_dir`) stores each item as one safetensors file, written atomically (temporary file +
-`os.replace`), with its key and a SHA-256 of its tensors in the metadata; a file that is corrupt,
-partial, or holds another key is ignored (and recomputed), never trusted. Everything is
-thread-safe; `key_lock(key)` lets two threads that need the same item compute it once.
+* **Memory**: an LRU bounded in bytes per device (0 keeps nothing in memory).
+* **Disk** (`cache_dir`, optional): one safetensors file per item, written atomically (temporary
+  file + `os.replace`) with its key and a SHA-256 of its tensors in the metadata; a corrupt,
+  partial or foreign file is ignored with a warning and recomputed, never trusted. The folder is
+  bounded too (`disk_max_bytes`, default `DEFAULT_DISK_MAX_BYTES`): past it, the least recently
+  used files (reads refresh a file's time) are deleted.
+* **Threads**: every method is thread-safe; `key_lock(key)` lets two threads that need the same
+  item compute it once. Aliases are bounded (`max_aliases`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -39,61 +30,64 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_MAX_BYTES", "SceneCache", "digest", "tensor_digest"]
+from uhrbat.scene.keys import tensor_digest
+
+__all__ = ["DEFAULT_DISK_MAX_BYTES", "DEFAULT_MAX_BYTES", "SceneStore"]
 
 #: Default in-memory bound per device: about four scenes of the released model in bf16
 #: (228 tiles x 576 tokens x 3584 x 2 bytes = 0.94 GB each), two in fp32.
 DEFAULT_MAX_BYTES = 4 * 2**30
-_FORMAT = "uhrbat-scene-cache-1"
+#: Default bound of the on-disk layer: about 34 scenes of the released model in bf16.
+DEFAULT_DISK_MAX_BYTES = 32 * 2**30
+_FORMAT = "uhrbat-scene-store-2"
 _MAX_ALIASES = 4096
-
-
-def digest(*parts: Any) -> str:
-    """SHA-256 hex of the JSON form of `parts` (keys built from plain values)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (moved to CPU)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied when it is a view into a larger buffer (safetensors refuses shared storage;
+    a full scene's scales are views of one encoder output)."""
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
 def _device_of(tensors: dict[str, torch.Tensor]) -> str:
     return str(next(iter(tensors.values())).device) if tensors else "cpu"
 
 
-class SceneCache:
-    """Thread-safe LRU of tensor dicts, bounded in bytes per device, with an optional disk layer.
+class SceneStore:
+    """Thread-safe LRU of tensor dicts, bounded in bytes per device, with a bounded disk layer.
 
     Args:
         max_bytes: in-memory bound per device in bytes (0 = keep nothing in memory).
-        cache_dir: folder for the on-disk layer (created on first write), or None.
+        cache_dir: folder of the on-disk layer (created on first write), or None.
+        disk_max_bytes: bound of the on-disk layer in bytes.
+        max_aliases: source fingerprints remembered in memory.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, cache_dir: str | os.PathLike | None = None) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+    def __init__(
+        self,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        cache_dir: str | os.PathLike | None = None,
+        disk_max_bytes: int = DEFAULT_DISK_MAX_BYTES,
+        max_aliases: int = _MAX_ALIASES,
+    ) -> None:
+        for name, value in (("max_bytes", max_bytes), ("disk_max_bytes", disk_max_bytes), ("max_aliases", max_aliases)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         self.max_bytes = max_bytes
+        self.disk_max_bytes = disk_max_bytes
+        self.max_aliases = max_aliases
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._bytes: dict[str, int] = {}  # device -> bytes held
         self._aliases: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.RLock()
         self._key_locks: dict[str, list] = {}  # key -> [lock, users]
-        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "evictions": 0, "disk_errors": 0}
+        self._disk_bytes: int | None = None  # bytes on disk, counted on first write
+        self.stats = {"hits": 0, "disk_hits": 0, "misses": 0, "evictions": 0, "disk_evictions": 0, "disk_errors": 0}
 
     # ------------------------------------------------------------------ memory layer
     def nbytes(self, device: str | torch.device | None = None) -> int:
@@ -135,11 +129,12 @@ class SceneCache:
             self.stats["misses"] += 1
         return None
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Keep `tensors` under `key` in memory (if they fit the bound) and on disk (if enabled)."""
+    def put(self, key: str, tensors: dict[str, torch.Tensor], disk: bool = True) -> None:
+        """Keep `tensors` under `key` in memory (if they fit the bound) and, unless `disk` is
+        False, on disk (if enabled)."""
         tensors = {k: v.detach() for k, v in tensors.items()}
         self._remember(key, tensors)
-        if self.cache_dir is not None:
+        if disk and self.cache_dir is not None:
             self._write(key, tensors)
 
     def _remember(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -161,8 +156,7 @@ class SceneCache:
     def _forget(self, key: str) -> None:
         item = self._items.pop(key, None)
         if item is not None:
-            device = _device_of(item)
-            self._bytes[device] -= _nbytes(item)
+            self._bytes[_device_of(item)] -= _nbytes(item)
 
     @contextmanager
     def key_lock(self, key: str) -> Iterator[None]:
@@ -181,7 +175,7 @@ class SceneCache:
 
     # ------------------------------------------------------------------ source aliases
     def get_alias(self, fingerprint: str) -> dict[str, Any] | None:
-        """What a source fingerprint resolved to (`{"content": key, "size": [w, h]}`), or None."""
+        """What a source fingerprint resolved to (`{"content": digest, "size": [w, h]}`), or None."""
         with self._lock:
             value = self._aliases.get(fingerprint)
             if value is not None:
@@ -189,8 +183,9 @@ class SceneCache:
                 return value
         if self.cache_dir is None:
             return None
+        path = self._path(fingerprint, ".alias.json")
         try:
-            value = json.loads(self._path(fingerprint, ".alias.json").read_text())
+            value = json.loads(path.read_text())
             if value.get("fingerprint") != fingerprint or not isinstance(value.get("content"), str):
                 raise ValueError("alias for another fingerprint")
         except FileNotFoundError:
@@ -198,6 +193,7 @@ class SceneCache:
         except (OSError, ValueError, AttributeError) as e:
             self._disk_error(fingerprint, e)
             return None
+        self._touch(path)
         self._alias_memory(fingerprint, value)
         return value
 
@@ -205,19 +201,42 @@ class SceneCache:
         value = {"fingerprint": fingerprint, "content": content, "size": [int(size[0]), int(size[1])]}
         self._alias_memory(fingerprint, value)
         if self.cache_dir is not None:
-            self._atomic_write(self._path(fingerprint, ".alias.json"), lambda p: Path(p).write_text(json.dumps(value)))
+            data = json.dumps(value).encode()
+            self._atomic_write(self._path(fingerprint, ".alias.json"), lambda p: Path(p).write_bytes(data))
 
     def _alias_memory(self, fingerprint: str, value: dict[str, Any]) -> None:
         with self._lock:
             self._aliases[fingerprint] = value
             self._aliases.move_to_end(fingerprint)
-            while len(self._aliases) > _MAX_ALIASES:
+            while len(self._aliases) > self.max_aliases:
                 self._aliases.popitem(last=False)
 
     # ------------------------------------------------------------------ disk layer
     def _path(self, key: str, suffix: str = ".safetensors") -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / key[:2] / f"{key}{suffix}"
+
+    def disk_bytes(self) -> int:
+        """Bytes the on-disk layer holds (0 without one)."""
+        return sum(size for _, size, _ in self._disk_files())
+
+    def _disk_files(self) -> list[tuple[Path, int, float]]:
+        """`(path, size, mtime)` of every item file in the disk layer."""
+        out = []
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return out
+        for sub in self.cache_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith(".tmp-"):
+                    continue
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                out.append((f, st.st_size, st.st_mtime))
+        return out
 
     def _atomic_write(self, path: Path, write: Any) -> None:
         try:
@@ -226,17 +245,54 @@ class SceneCache:
             os.close(fd)
             try:
                 write(tmp)
+                size = os.path.getsize(tmp)
+                old = path.stat().st_size if path.exists() else 0
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         except OSError as e:  # a full or read-only disk costs speed, never the answer
             self._disk_error(str(path), e)
+            return
+        self._account(size - old, keep=path)
+
+    def _account(self, delta: int, keep: Path) -> None:
+        """Track the disk layer's size; past `disk_max_bytes`, delete least recently used files."""
+        with self._lock:
+            if self._disk_bytes is None:
+                self._disk_bytes = self.disk_bytes()
+            else:
+                self._disk_bytes += delta
+            if self._disk_bytes <= self.disk_max_bytes:
+                return
+            # Over the bound: re-read the folder (other processes may share it), oldest first.
+            files = sorted(self._disk_files(), key=lambda f: f[2])
+            total = sum(size for _, size, _ in files)
+            for path, size, _ in files:
+                if total <= self.disk_max_bytes:
+                    break
+                if path == keep:
+                    continue
+                try:
+                    path.unlink()
+                except OSError:
+                    continue
+                total -= size
+                self.stats["disk_evictions"] += 1
+            self._disk_bytes = total
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        """Mark a file as recently used (disk eviction goes by modification time)."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass
 
     def _write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        cpu = {k: v.cpu().contiguous() for k, v in tensors.items()}
+        cpu = {k: _own(v.cpu().contiguous()) for k, v in tensors.items()}
         meta = {"format": _FORMAT, "key": key, "sha256": tensor_digest(cpu)}
         self._atomic_write(self._path(key), lambda p: save_file(cpu, p, metadata=meta))
 
@@ -259,6 +315,7 @@ class SceneCache:
         except Exception as e:  # noqa: BLE001 - corrupt, truncated, foreign: recompute, never trust it
             self._disk_error(str(path), e)
             return None
+        self._touch(path)
         return {k: v.to(device) for k, v in tensors.items()}
 
     def _disk_error(self, what: str, error: BaseException) -> None:
