@@ -327,12 +327,15 @@ def test_distance_cache_is_bitwise_cdist(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def _check_cache_invariant(cache: CachedDistances, labels: torch.Tensor, full: torch.Tensor) -> None:
     """Labels are `cdist`'s first-index argmin; own entries are exact; every cached entry is the
-    `cdist` value or a lower bound of it; `second` is <= every non-own value."""
+    `cdist` value or a lower bound of it (the `cdist` value in rows not flagged `inexact`);
+    `second` is <= every non-own value."""
     rows = torch.arange(full.shape[0])
     assert torch.equal(labels, full.argmin(1))
     assert torch.equal(cache.own, full[rows, labels])
     assert torch.equal(cache.dist_t.T[rows, labels], cache.own)
     assert bool((cache.dist_t.T <= full).all())
+    # Rows not flagged `inexact` are rescanned from the cache: they must be bitwise `cdist`.
+    assert torch.equal(cache.dist_t.T[~cache.inexact], full[~cache.inexact])
     assert bool((cache.second <= _second_smallest(full)).all())
 
 

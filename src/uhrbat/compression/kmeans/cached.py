@@ -61,7 +61,8 @@ class CachedDistances:
     invariant "every non-own `cdist` value is > the own one, or equal with a larger index", only
     moved columns can take a point over, unless its own centre moved away; for that case a
     per-point lower bound `second` on its non-own values settles most points, the rest are
-    recomputed exactly (a full row: the cache may hold bounds there).
+    rescanned: from the cache when their row is exact (`inexact` False: never skipped since its
+    last full computation), else by a GEMM of the full row (the cache holds bounds there).
 
     **Skipping points** (`_prune`, when few centres moved). Let `v` be a computed `cdist` value,
     `G` the GEMM result it is the clamped square root of, `E` the exact distance of the float
@@ -90,6 +91,8 @@ class CachedDistances:
         self.dist_t = torch.empty(k, self.n, dtype=x.dtype, device=x.device)
         self.own = torch.empty(self.n, dtype=x.dtype, device=x.device)  # dist_t[labels[i], i], exact
         self.second = torch.empty(self.n, dtype=x.dtype, device=x.device)  # <= every non-own value
+        # Points whose row may hold a lower bound instead of the `cdist` value (skipped once).
+        self.inexact = torch.zeros(self.n, dtype=torch.bool, device=x.device)
         self.evaluations = 0
         # Error model of the skip test (float64): unit roundoff, the GEMM's gamma_n, |x_i|.
         self.unit = torch.finfo(x.dtype).eps / 2
@@ -152,6 +155,17 @@ class CachedDistances:
             self.dist_t.index_copy_(1, rows, block.T)
         labels[rows] = lab
         self.own[rows] = own
+        self.inexact[rows] = False
+
+    def _rescan(self, rows: Tensor, labels: Tensor) -> None:
+        """Argmin, own entry and `second` of the given points from their cached rows (which must
+        be exact: no GEMM)."""
+        cols = self.dist_t.index_select(1, rows)
+        own, lab = cols.min(dim=0)  # first index of the minimum, like argmin
+        cols.scatter_(0, lab[None, :], math.inf)
+        self.second[rows] = cols.amin(dim=0)
+        labels[rows] = lab
+        self.own[rows] = own
 
     def _recompute(self, rows: Tensor, labels: Tensor) -> None:
         """Exact full rows (argmin, own entry, `second`) of the given points, by GEMM: their
@@ -208,7 +222,11 @@ class CachedDistances:
                     continue
             computed += rows.numel()
             self._relabel(block_t, rows, moved, slot_of, labels, new_labels, rescan)
-        om = rescan.nonzero().squeeze(1)
+        # Rows never skipped are exact in the cache: rescan them there; others need a GEMM.
+        om = (rescan & ~self.inexact).nonzero().squeeze(1)
+        if om.numel():
+            self._rescan(om, new_labels)
+        om = (rescan & self.inexact).nonzero().squeeze(1)
         if om.numel():
             self._recompute(om, new_labels)
         self.evaluations += computed * mc
@@ -312,4 +330,5 @@ class CachedDistances:
         # Skipped points: every non-own value is still >= the lowered `second`.
         sec = self.second[start:stop]
         self.second[start:stop] = torch.where(need, sec, torch.minimum(sec, low.amin(dim=0)))
+        self.inexact[start:stop] |= ~need
         return low, need.nonzero().squeeze(1)
