@@ -15,6 +15,10 @@ Settings: (a) K=600, max_iters=100 (paper-style eval); (b) K=2000, max_iters=10.
     python benchmarks/kmeans.py --quick
     python benchmarks/kmeans.py                       # full sizes (several minutes)
     python benchmarks/kmeans.py --features feats.safetensors --key kmeans_features
+    python benchmarks/kmeans.py --features feats/kmeans_82944.safetensors   # from pipeline.py --dump-kmeans
+
+A `--features` file written by `benchmarks/pipeline.py --dump-kmeans` also holds the pipeline's
+own `init_indices` and `max_iters`: that K-Means run is then replayed as the pipeline ran it.
 """
 
 from __future__ import annotations
@@ -80,10 +84,13 @@ def reference_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[to
     return labels, it, converged
 
 
-def run_case(x: torch.Tensor, k: int, iters: int, modes: list[str], seed: int) -> None:
+def run_case(
+    x: torch.Tensor, k: int, iters: int, modes: list[str], seed: int, init: torch.Tensor | None = None
+) -> None:
     n = x.shape[0]
-    k = min(k, n)
-    init = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+    k = min(k, n) if init is None else init.numel()
+    if init is None:
+        init = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
     print(f"\nN={n} F={x.shape[1]} K={k} max_iters={iters}")
     ref_labels = None
     ref_units = None
@@ -151,6 +158,10 @@ def main() -> None:
         name = args.key or next(n for n, t in tensors.items() if t.dim() == 2)
         feats = [tensors[name].float().contiguous()]
         print(f"features: {args.features}:{name} {tuple(feats[0].shape)}")
+        if "init_indices" in tensors and args.settings is None:
+            init = tensors["init_indices"].long()
+            run_case(feats[0], init.numel(), int(tensors["max_iters"]), args.modes, args.seed, init)
+            return
         for k, iters in pairs:
             run_case(feats[0], k, iters, args.modes, args.seed)
         return

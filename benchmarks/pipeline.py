@@ -3,6 +3,8 @@
     python benchmarks/pipeline.py --reference-settings          # paper settings, CPU, 1 thread
     python benchmarks/pipeline.py --clusters 0 --iters 10        # K = budget, <= 10 iterations
     python benchmarks/pipeline.py --device cuda --dtype bf16 --clip-width 1024 --clip-layers 24 ...
+    python benchmarks/pipeline.py --reference-settings --repeat 1 --dump-kmeans feats/
+        # then: python benchmarks/kmeans.py --features feats/kmeans_82944.safetensors --modes fast
 
 Times are also given in "yardstick units": 1 unit = one fp32 1024x1024 @ 1024x1024 torch.mm on
 the same threads, measured in this process before every timed question, so figures from
@@ -109,6 +111,12 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="use this checkpoint instead of a random one")
     ap.add_argument("--repeat", type=int, default=3, help="timed questions (median and range reported)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--dump-kmeans",
+        metavar="DIR",
+        help="write each scale's K-Means input (features, init_indices, max_iters) of the first timed "
+        "question to DIR/kmeans_<N>.safetensors, for benchmarks/kmeans.py --features",
+    )
     args = ap.parse_args()
     if args.reference_settings:
         args.clusters, args.iters, args.budgets = 600, 100, "80,320,600,2000"
@@ -136,7 +144,8 @@ def main() -> None:
         pipe.ask(args.image, args.question, max_new_tokens=2)  # warm-up (allocator, kernels)
         mem.take()
         runs = []
-        for _ in range(args.repeat):
+        for i in range(args.repeat):
+            dump = _KMeansDump(Path(args.dump_kmeans)) if args.dump_kmeans and i == 0 else None
             # The unit is re-measured before every run: on a shared machine the load changes.
             unit = yardstick(args.device)
             cpu_unit = yardstick(args.device, time.process_time) if args.device == "cpu" else None
@@ -145,6 +154,8 @@ def main() -> None:
                 args.image, args.question, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens
             )
             total, cpu = time.perf_counter() - t, time.process_time() - c
+            if dump is not None:
+                dump.close()
             runs.append(_run_record(res, total, unit, mem.take()))
             if cpu_unit is not None:
                 runs[-1].update(cpu_seconds=cpu, cpu_yardstick_seconds=cpu_unit, cpu_units=cpu / cpu_unit)
@@ -188,6 +199,37 @@ def main() -> None:
         print(f"{'cpu time':<10}" + "".join(f"{v:>10.1f}" for v in cpu) + f"{statistics.median(cpu):>10.1f}")
     peak = max(r["peak_rss_mb"] for r in runs)
     print(f"peak RSS during the queries: {peak:.0f} MB; visual tokens: {out['visual_tokens']}")
+
+
+class _KMeansDump:
+    """Wraps `selection.kmeans` (the pipeline's only K-Means entry) to save every call's input;
+    the random initial rows are drawn here, as `kmeans` draws them, and passed on explicitly."""
+
+    def __init__(self, out: Path) -> None:
+        import uhrbat.compression.selection as selection
+
+        self.selection, self.original, self.out = selection, selection.kmeans, out
+        out.mkdir(parents=True, exist_ok=True)
+        selection.kmeans = self
+
+    def __call__(self, features, num_clusters, max_iters, generator=None, mode="fast", init_indices=None):
+        from safetensors.torch import save_file
+
+        n = features.shape[0]
+        if init_indices is None:
+            init_indices = torch.randperm(n, generator=generator)[: min(max(1, int(num_clusters)), n)]
+        save_file(
+            {
+                "features": features.float().contiguous(),
+                "init_indices": torch.as_tensor(init_indices).reshape(-1).long(),
+                "max_iters": torch.tensor([int(max_iters)]),
+            },
+            str(self.out / f"kmeans_{n}.safetensors"),
+        )
+        return self.original(features, num_clusters, max_iters, mode=mode, init_indices=init_indices)
+
+    def close(self) -> None:
+        self.selection.kmeans = self.original
 
 
 def _run_record(res, total: float, unit: float, peak: float) -> dict:

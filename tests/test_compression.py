@@ -6,6 +6,7 @@ Golden data: ../shared/parity/case_{a,b} (see its README, step 8 and "Recommende
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from pathlib import Path
 
@@ -297,7 +298,10 @@ def test_mean_emulation_is_bitwise_torch_mean() -> None:
     assert torch.equal(got, want)
 
 
-def test_distance_cache_is_bitwise_cdist() -> None:
+def test_distance_cache_is_bitwise_cdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without point skipping every cached entry is bitwise `cdist` (with skipping, see
+    `test_distance_cache_skips_points_with_safe_bounds`)."""
+    monkeypatch.setattr(cached, "PRUNE_MAX_MOVED", 0.0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5000, 66, generator=gen)
     c = torch.randn(300, 66, generator=gen)
@@ -319,6 +323,89 @@ def test_distance_cache_is_bitwise_cdist() -> None:
     labels3 = cache.step(c3, c2, moved, labels2)
     full3 = torch.cdist(x, c3)
     assert torch.equal(cache.dist_t.T, full3) and torch.equal(labels3, full3.argmin(1))
+
+
+def _check_cache_invariant(cache: CachedDistances, labels: torch.Tensor, full: torch.Tensor) -> None:
+    """Labels are `cdist`'s first-index argmin; own entries are exact; every cached entry is the
+    `cdist` value or a lower bound of it (the `cdist` value in rows not flagged `inexact`);
+    `second` is <= every non-own value."""
+    rows = torch.arange(full.shape[0])
+    assert torch.equal(labels, full.argmin(1))
+    assert torch.equal(cache.own, full[rows, labels])
+    assert torch.equal(cache.dist_t.T[rows, labels], cache.own)
+    assert bool((cache.dist_t.T <= full).all())
+    # Rows not flagged `inexact` are rescanned from the cache: they must be bitwise `cdist`.
+    assert torch.equal(cache.dist_t.T[~cache.inexact], full[~cache.inexact])
+    assert bool((cache.second <= _second_smallest(full)).all())
+
+
+def test_distance_cache_skips_points_with_safe_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few moved centres: points that no moved centre can take over are skipped (their entries
+    become float-error-safe lower bounds); adversarial exact ties and 1-ulp moves still give
+    `cdist`'s first-index argmin."""
+    monkeypatch.setattr(cached, "PRUNE_MAX_MOVED", 1.0)
+    gen = torch.Generator().manual_seed(5)
+    c = torch.randn(200, 66, generator=gen)
+    # 300 points on the bisector of centres 20 and 10 (ties up to rounding), then 4000 others.
+    axis = torch.nn.functional.normalize(c[20] - c[10], dim=0)
+    side = 0.3 * torch.randn(300, 66, generator=gen)
+    side -= (side @ axis)[:, None] * axis
+    x = torch.cat([(c[10] + c[20]) / 2 + side, torch.randn(4000, 66, generator=gen)])
+    cache = CachedDistances(x, 200)
+    labels = cache.first(c)
+    _check_cache_invariant(cache, labels, torch.cdist(x, c))
+    # Centre 20 moves 2e-6 towards them: a few-ulp change that flips some of the near-ties.
+    c1 = c.clone()
+    c1[20] -= 2e-6 * axis
+    tied_before = labels[:300].clone()
+    labels = cache.step(c1, c, torch.tensor([20]), labels)
+    _check_cache_invariant(cache, labels, torch.cdist(x, c1))
+    assert bool((labels[:300] != tied_before).any())
+    c = c1
+    # Small moves of a few centres: most points are skipped.
+    c2 = c.clone()
+    moved = torch.tensor([3, 50, 120])
+    c2[moved] += 0.01 * torch.randn(3, 66, generator=gen)
+    before = cache.evaluations
+    labels = cache.step(c2, c, moved, labels)
+    _check_cache_invariant(cache, labels, torch.cdist(x, c2))
+    assert cache.evaluations - before < 0.5 * 4300 * 16
+    # Centre 0 jumps exactly onto the largest cluster's centre: exact ties there, won by 0.
+    big = int(torch.bincount(labels, minlength=200)[1:].argmax()) + 1
+    c3 = c2.clone()
+    c3[0] = c2[big]
+    labels = cache.step(c3, c2, torch.tensor([0]), labels)
+    _check_cache_invariant(cache, labels, torch.cdist(x, c3))
+    assert bool((labels == 0).any()) and not bool((labels == big).any())
+    # 1-ulp moves of every centre a point is nearly tied with, repeatedly (bounds age).
+    prev = c3
+    for step in range(4):
+        nxt = prev.clone()
+        moved = torch.arange(step, 200, 9)
+        nxt[moved] = torch.nextafter(nxt[moved], torch.full_like(nxt[moved], math.inf))
+        labels = cache.step(nxt, prev, moved, labels)
+        _check_cache_invariant(cache, labels, torch.cdist(x, nxt))
+        prev = nxt
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fast_kmeans_with_point_skipping_everywhere_equals_exact(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Point skipping in every column refresh (not only when few centres moved): same labels,
+    iterations and centres as the reference loop, on blobs and on the fixture's features."""
+    monkeypatch.setattr(cached, "PRUNE_MAX_MOVED", 1.0)
+    x = _blobs(3000, 60, 12, seed, 1.5)
+    init = torch.randperm(3000, generator=torch.Generator().manual_seed(seed))[:60]
+    fast, exact = kmeans_fast(x, init, 60), kmeans_exact(x, init, 60)
+    assert torch.equal(fast.labels, exact.labels) and torch.equal(fast.labels_iter1, exact.labels_iter1)
+    assert (fast.iterations, fast.converged) == (exact.iterations, exact.converged)
+    assert fast.distance_evaluations < exact.distance_evaluations
+    if fast.exact_means:
+        assert torch.equal(fast.centers, exact.centers)
+    f, meta = fixture("case_a")
+    feats = clustering_features(selection_embeds("case_a", 1344), 16)
+    res = kmeans_fast(feats, f["kmeans.1344.init_idx"], 100)
+    assert torch.equal(res.labels, f["kmeans.1344.labels"].long())
+    assert res.iterations == meta["kmeans"]["1344"]["iterations_run"]
 
 
 def _second_smallest(d: torch.Tensor) -> torch.Tensor:

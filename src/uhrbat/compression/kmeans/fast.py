@@ -2,9 +2,11 @@
 with far less work and no Python loop over clusters or tokens.
 
 * Distances: `cached.CachedDistances` keeps the N×K `cdist` matrix and recomputes only the
-  columns of centres that moved (in later Lloyd iterations few do); labels follow its exact
-  first-index argmin. When the cache would exceed `CACHE_BYTES`, `bounded.BoundedDistances`
-  certifies labels with float-error-safe triangle-inequality bounds instead.
+  columns of centres that moved (in later Lloyd iterations few do), and, when few moved, only
+  for the points that one of them could take over (the others keep float-error-safe lower
+  bounds); labels follow the exact first-index argmin. When the cache would exceed
+  `CACHE_BYTES`, `bounded.BoundedDistances` certifies labels with float-error-safe
+  triangle-inequality bounds instead.
 * Centres: `means.ClusterMeans` recomputes only the clusters whose membership changed, in torch's
   own `mean(0)` summation order (bitwise), or float64 sums where that order is not reproduced.
 
@@ -13,6 +15,9 @@ Why every skipped computation leaves the result unchanged:
 1. Unmoved centre, column not recomputed: a `cdist` entry is a function of its point and its
    centre only (the GEMM row times the GEMM column; on x86/MKL the entry of a sub-product is
    bitwise the full product's, see `cached`), so the kept value is the value `cdist` returns.
+   Moved centre, point skipped: its new `cdist` value is provably strictly larger than the
+   point's own (rigorous GEMM error bound plus the triangle inequality, see `CachedDistances`),
+   so it cannot change the argmin; the cache keeps a lower bound of it.
 2. Labels updated without an argmin over every row: see the invariant in `CachedDistances`.
 3. Unchanged membership, mean not recomputed: `x[labels == j].mean(0)` depends on the member
    rows in ascending order only, which did not change.
