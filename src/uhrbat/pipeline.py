@@ -24,6 +24,7 @@ first answer's relevance proposes (`uhrbat.zoom`).
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -153,6 +154,14 @@ class UhrBatPipeline:
         )
         pipe.load_seconds = time.perf_counter() - t
         return pipe
+
+    def for_namespace(self, namespace: str) -> UhrBatPipeline:
+        """This pipeline with every store key under `namespace` (a server's tenant): the same
+        model, processor, store, defaults and model lock, but scenes prepared in one namespace
+        are never found from another (no cross-tenant cache hits, no timing signal)."""
+        other = copy.copy(self)
+        other.scenes = SceneManager(self.model, self.processor, self.scene_cache, self._model_lock, namespace)
+        return other
 
     # ---------------------------------------------------------------- identity and defaults
     @property

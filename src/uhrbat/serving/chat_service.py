@@ -7,13 +7,13 @@ reference and the request's raw options — and hand it to one `ChatService`, wh
 1. checks the options against the server's limits (`check_options` -> `ChatOptions`; a 400
    naming the field and the flag otherwise);
 2. resolves the image reference to an `ImageHandle` (`resolve_image`: the one place an image
-   part becomes something the engine can open — issue 22's scene ids plug in here);
+   part — or a scene handle's id, `serving.scenes` — becomes something the engine can open);
 3. submits a `Job` to the engine (`submit`), whose prepare stage decodes the image off the
    request path and whose model thread answers;
 4. waits for the answer (`complete`) or yields stage / text / done events (`events`).
 
-Who asks and by when travels in a `RequestContext`: the tenant (the API key's, issue 22 scopes
-scene ids and caches by it), the deadline and a request id for logs.
+Who asks and by when travels in a `RequestContext`: the tenant (the API key's: scene handles and
+the scene cache are the tenant's own), the deadline and a request id for logs.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class ImageRef:
     url: str | None = None
     upload: Spool | None = None
     local: Any = None
+    scene_id: Any = None  # a scene handle of the request's tenant (`serving.scenes`)
     where: str = "image"  # JSON path / form field, for error messages
     spools: Mapping[str, SpooledURL] = field(default_factory=dict)
 
@@ -139,6 +140,9 @@ class ChatService:
             prepare_workers=o.decode_workers,
             metrics=self.metrics,
         )
+        from uhrbat.serving.scenes import SceneHandles
+
+        self.scenes = SceneHandles(self.options, self.engine.pipeline_for)
         self._facts: ModelFacts | None = None
         self.inflight = InFlight(o.max_inflight_bytes)  # request-body bytes being received or answered
 
@@ -149,6 +153,7 @@ class ChatService:
 
     def close(self) -> None:
         self.engine.close()
+        self.scenes.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
@@ -247,10 +252,12 @@ class ChatService:
 
         The one place an image part is interpreted: data: URLs (spooled or inline), `file://`
         URLs under the allowed root and uploads become untrusted handles; a trusted Python
-        caller's local image goes to the pipeline as it is. A scene handle (issue 22: a
-        `scene_id` looked up under `ctx.tenant`) is one more branch here."""
+        caller's local image goes to the pipeline as it is; a `scene_id` is looked up among
+        `ctx.tenant`'s scene handles (404 for any other id)."""
         from uhrbat.serving.media import image_handle
 
+        if ref.scene_id is not None:
+            return self.scenes.image(ctx.tenant or "", ref.scene_id, ref.where)
         if ref.upload is not None:
             return SpooledImage(ref.upload, dict(options.read))
         if ref.url is not None:
@@ -293,6 +300,7 @@ class ChatService:
                 seed=options.seed,
                 return_relevance=options.return_relevance,
                 deadline=ctx.deadline,
+                namespace=ctx.tenant or "",
                 on_text=on_text,
                 on_stage=on_stage,
             )

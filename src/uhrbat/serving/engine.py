@@ -69,6 +69,7 @@ class Job:
     stage: str = "queued"
     source: Any = None  # the opened image (set by a prepare thread)
     filename: str | None = None  # the client's name for the image
+    namespace: str = ""  # the tenant: its scenes and cache keys are its own (`Engine.pipeline_for`)
 
     def __post_init__(self) -> None:
         if self.filename is None and isinstance(self.image, ImageHandle):
@@ -103,7 +104,9 @@ class Job:
         """Jobs with equal keys may share a batch."""
         if self.generation.get("do_sample"):
             return f"solo:{id(self)}"
-        return json.dumps([self.generation, self.selection, self.return_relevance], sort_keys=True, default=str)
+        return json.dumps(
+            [self.namespace, self.generation, self.selection, self.return_relevance], sort_keys=True, default=str
+        )
 
 
 @dataclass
@@ -264,6 +267,7 @@ class Engine:
         self._pipeline = pipeline
         self._factory = pipeline_factory
         self._pipeline_lock = threading.Lock()
+        self._tenant_pipelines: dict[str, Any] = {}  # namespace -> pipeline (one per API key)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -290,6 +294,18 @@ class Engine:
                 if self._pipeline is None:
                     self._pipeline = self._factory()  # type: ignore[misc]
         return self._pipeline
+
+    def pipeline_for(self, namespace: str) -> Any:
+        """The pipeline whose scene keys live under `namespace` (a tenant; "" = the server's own):
+        the same model and store, `pipeline.for_namespace(namespace)`, made once per tenant."""
+        pipe = self.pipeline()
+        if not namespace:
+            return pipe
+        with self._pipeline_lock:
+            got = self._tenant_pipelines.get(namespace)
+            if got is None:
+                got = self._tenant_pipelines[namespace] = pipe.for_namespace(namespace)
+            return got
 
     # ------------------------------------------------------------------ queue
     @property
@@ -440,7 +456,7 @@ class Engine:
 
     def _run(self, batch: list[Job]) -> None:
         try:
-            pipe = self.pipeline()
+            pipe = self.pipeline_for(batch[0].namespace)  # a batch is one tenant's (`batch_key`)
         except BaseException as e:  # noqa: BLE001  (a failed model load fails these requests, not the worker)
             for job in batch:
                 _fail(job, e)

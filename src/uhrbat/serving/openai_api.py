@@ -7,7 +7,8 @@ Only what UHR-BAT can honour is accepted: unknown request fields are a 400 (a ty
 UHR-BAT's own options arrive through the OpenAI client's `extra_body`, which the client merges
 into the top level of the JSON body: the selection options of `uhrbat.options` (`budgets`,
 `selector`, `kmeans_clusters`, `kmeans_iters`, `kmeans_mode`, `encode`, `gate_margin`, and `seed`,
-which is also a standard field), `repetition_penalty` and `return_tokens`.
+which is also a standard field), `repetition_penalty`, `return_tokens` and `scene_id` (a scene
+handle from `POST /v1/scenes`, asked about instead of an image part).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class ChatCompletionRequest(_Strict):
     gate_margin: float | None = Field(None, gt=0)
     repetition_penalty: float | None = Field(None, gt=0)
     return_tokens: bool = False
+    scene_id: str | None = None  # a scene handle (POST /v1/scenes) instead of an image_url part
 
     def check_supported(self) -> None:
         """Standard fields the server accepts syntactically but cannot honour -> 400."""

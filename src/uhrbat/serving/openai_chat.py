@@ -64,7 +64,7 @@ class OpenAIServingChat:
     def chat_input(self, req: ChatCompletionRequest, body: ParsedBody) -> ChatInput:
         from uhrbat.serving.media import conversation
 
-        messages, part, where = conversation(req.messages)
+        messages, part, where = conversation(req.messages, scene_id=req.scene_id)
         options = RawOptions(
             max_new_tokens=req.max_completion_tokens or req.max_tokens,
             budgets=req.budgets,
@@ -81,6 +81,8 @@ class OpenAIServingChat:
             stop=req.stop_list(),
             params={"max_new_tokens": "max_completion_tokens" if req.max_completion_tokens else "max_tokens"},
         )
+        if part is None:  # the conversation is about a scene handle
+            return ChatInput(messages, ImageRef(scene_id=req.scene_id, where="scene_id"), options)
         return ChatInput(messages, ImageRef(url=part.image_url.url, where=where, spools=body.spools), options)
 
     # ------------------------------------------------------------------ answers
@@ -178,6 +180,8 @@ def extension(req: ChatCompletionRequest, done: Completion) -> dict[str, Any]:
         "num_visual_tokens": int(res.num_visual_tokens),
         "image_size": list(res.image_size),
         "timings": {k: float(v) for k, v in (res.timings or {}).items()},
+        "reuse": dict(res.reuse),  # what this question reused: features, groups
+        "tiles": {str(s): dict(t) for s, t in res.tiles.items()},  # per scale: encoded now / held / total
         "queue_seconds": round(done.queued_s, 6),
         "batch_size": done.batch_size,
     }

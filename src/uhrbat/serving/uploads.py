@@ -72,7 +72,6 @@ class Spool:
         """The bytes as an image, read with the untrusted reader. Messages name `label`, never
         the private path. A source decoded in memory no longer needs the file (removed now); a
         lazy one (GDAL) re-reads it, so the folder is removed with the source."""
-        from uhrbat.io.formats import SUFFIX, UNTRUSTED_FORMATS, describe_head, sniff
         from uhrbat.io.images import PILSource
         from uhrbat.io.sources import open_image
 
@@ -83,14 +82,7 @@ class Spool:
         if self.size == 0:
             self.discard()
             raise ImageLoadError(f"the uploaded image {name} is empty")
-        kind = sniff(self.head)
-        if kind not in UNTRUSTED_FORMATS:
-            self.discard()
-            raise ImageLoadError(
-                f"the uploaded image {name} is {describe_head(self.head)}, which is not accepted from untrusted "
-                f"input; send a {accepted_formats()} file"
-            )
-        path = self.path + SUFFIX[kind]  # the readers pick drivers by suffix too
+        path = self.path + self._suffix()  # the readers pick drivers by suffix too
         os.replace(self.path, path)
         self.path = path
         try:
@@ -108,6 +100,35 @@ class Spool:
             src.label = name
             weakref.finalize(src, shutil.rmtree, folder, True)
         return src
+
+    def _suffix(self) -> str:
+        """The file suffix of the bytes' format, or `ImageLoadError` (the spool discarded) for a
+        format outside the untrusted reader's allow-list (sniffed from the first bytes)."""
+        from uhrbat.io.formats import SUFFIX, UNTRUSTED_FORMATS, describe_head, sniff
+
+        kind = sniff(self.head)
+        if kind not in UNTRUSTED_FORMATS:
+            self.discard()
+            raise ImageLoadError(
+                f"the uploaded image {self.label!r} is {describe_head(self.head)}, which is not accepted from "
+                f"untrusted input; send a {accepted_formats()} file"
+            )
+        return SUFFIX[kind]
+
+    def keep(self, folder: str | os.PathLike, stem: str = "image") -> str:
+        """Move the bytes to `folder/stem<suffix>` (private, 0600) for good, after the same
+        allow-list check as `open`; returns the new path. The spool is spent."""
+        self.close()
+        if self._dir is None:
+            raise ImageLoadError(f"the uploaded image {self.label!r} was already released")
+        if self.size == 0:
+            self.discard()
+            raise ImageLoadError(f"the uploaded image {self.label!r} is empty")
+        dest = os.path.join(os.fspath(folder), stem + self._suffix())
+        shutil.move(self.path, dest)  # a rename on one file system; a copy across them
+        os.chmod(dest, 0o600)
+        self.discard()
+        return dest
 
     def __del__(self) -> None:  # a request that failed before its image was claimed
         try:
