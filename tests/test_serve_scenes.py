@@ -306,3 +306,59 @@ def test_without_api_keys_handles_work_for_the_one_open_tenant(fresh) -> None:
             sid = c.post("/scenes", json={"image": data_url(png(11))}).json()["id"]
             assert [x["id"] for x in c.get("/scenes").json()["data"]] == [sid]
         assert ext(ask(s.openai("none"), sid, "Anything?"))["cache"] == "hit"
+
+
+def test_the_scene_cache_is_per_key_for_images_sent_inline_too(fresh) -> None:
+    """The same bytes sent as a data: URL by two keys: each key prepares its own scene (no hit,
+    no timing signal from the other key's upload)."""
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(png(12))}},
+                {"type": "text", "text": "What is here?"},
+            ],
+        }
+    ]
+    with server(fresh) as s:
+        caches = [
+            ext(s.openai(key).chat.completions.create(model=MODEL, messages=msgs, **GEN))["cache"]
+            for key in (KEY_A, KEY_B, KEY_A, KEY_B)
+        ]
+    assert caches == ["miss", "miss", "hit", "hit"]
+
+
+def test_serve_flags_for_keys_and_scene_handles(monkeypatch, tmp_path, capsys) -> None:
+    from typer.testing import CliRunner
+
+    import uhrbat.pipeline
+    import uhrbat.serving.http_server as http_server
+    from serving_fake import FakePipeline, route_paths
+    from uhrbat.cli import serve_cmd
+    from uhrbat.cli.main import app, main
+    from uhrbat.serving.limits import DEFAULT_MAX_SCENE_MB
+
+    assert serve_cmd.DEFAULT_MAX_SCENE_MB == DEFAULT_MAX_SCENE_MB
+    served = {}
+    monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(lambda m, **kw: FakePipeline()))
+    monkeypatch.setattr(http_server, "serve", lambda app, options, host, port: served.update(app=app, options=options))
+    monkeypatch.delenv("UHRBAT_API_KEY", raising=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# tenants\nkey-two\n\nkey-three\nkey-one\n")
+    cache = tmp_path / "cache"
+    args = ["serve", "--model", "m", "--api-key", "key-one", "--api-key", "key-x", "--api-keys-file", str(keys)]
+    args += ["--max-scenes", "3", "--max-scene-mb", "100", "--scene-ttl", "60", "--cache-dir", str(cache)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    o = served["options"]
+    assert o.api_keys == ("key-one", "key-x", "key-two", "key-three")
+    assert (o.max_scenes, o.max_scene_bytes, o.scene_ttl_s, o.cache_dir) == (3, 100 * 2**20, 60, str(cache))
+    assert f"scene handles: <= 3 per API key, <= 100 MiB of features, idle TTL 60 s, kept under {cache}" in r.output
+    assert {"/v1/scenes", "/v1/scenes/{scene_id}"} <= route_paths(served["app"])
+    keys.write_text("# nothing here\n")
+    monkeypatch.setattr(
+        uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(lambda *a, **k: pytest.fail("loaded"))
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "m", "--api-keys-file", str(keys)])
+    assert e.value.code == 2 and "holds no key; put one key per line" in capsys.readouterr().err
