@@ -9,6 +9,8 @@ import base64
 import contextlib
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 
@@ -20,6 +22,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package itself runs on
 
+from conftest import ASSETS, ROOT
 from uhrbat.pipeline import UhrBatPipeline
 from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
 
@@ -35,8 +38,8 @@ def png(seed: int = 0, w: int = 150, h: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture()
@@ -58,9 +61,9 @@ class Server:
     def openai(self, key: str):
         return openai.OpenAI(base_url=self.url + "v1", api_key=key, max_retries=0, timeout=120)
 
-    def upload(self, key: str, data: bytes, **fields) -> dict:
+    def upload(self, key: str, data: bytes, media: str = "image/png", **fields) -> dict:
         with self.http(key) as c:
-            r = c.post("/scenes", json={"image": data_url(data), **fields})
+            r = c.post("/scenes", json={"image": data_url(data, media), **fields})
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -73,11 +76,11 @@ def server(pipe, keys=(KEY_A, KEY_B), **options):
         yield Server(url, service)
 
 
-def ask(client, scene_id: str, question: str, history: tuple = ()) -> object:
+def ask(client, scene_id: str, question: str, history: tuple = (), **extra) -> object:
     return client.chat.completions.create(
         model=MODEL,
         messages=[*history, {"role": "user", "content": question}],
-        extra_body={"scene_id": scene_id},
+        extra_body={"scene_id": scene_id, **extra},
         **GEN,
     )
 
@@ -172,34 +175,57 @@ def test_delete_makes_it_404_and_the_server_stays_up(fresh) -> None:
         assert ext(ask(s.openai(KEY_A), sid2, "Still there?"))["cache"] == "hit"  # the tenant's store kept it
 
 
-def test_multipart_upload_and_curl_examples(fresh, tmp_path) -> None:
-    """The README's examples: multipart with httpx and with curl, JSON with curl."""
+def test_multipart_upload(fresh, tmp_path) -> None:
     path = tmp_path / "scene.png"
     path.write_bytes(png(4, 90, 70))
-    with server(fresh) as s:
-        with s.http(KEY_A) as c, open(path, "rb") as f:
+    with server(fresh) as s, s.http(KEY_A) as c:
+        with open(path, "rb") as f:
             r = c.post("/scenes", files={"file": ("scene.png", f, "image/png")}, data={"bands": "1,2,3"})
         assert r.status_code == 200, r.text
-        assert r.json()["filename"] == "scene.png" and r.json()["width"] == 90
+        assert r.json()["filename"] == "scene.png" and r.json()["width"] == 90 and r.json()["bands"] == [1, 2, 3]
+        r = c.post("/scenes", data={"bands": "1,2,3"}, files={"other": ("x.png", b"x", "image/png")})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+
+
+def readme_examples() -> tuple[str, str]:
+    """The Python and shell blocks of README *Serve* > *Scene handles*."""
+    text = (ROOT / "README.md").read_text()
+    part = text.split("### Scene handles", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", part, re.S)[1], re.search(r"```bash\n(.*?)```", part, re.S)[1]
+
+
+def test_readme_examples_run_as_written(fresh, tmp_path, monkeypatch, capsys) -> None:
+    """The README's openai-client and curl examples, run as written against a server (its URL,
+    a key, and a real GeoTIFF as scene.tif substituted)."""
+    python, shell = readme_examples()
+    shutil.copy(ASSETS / "aerial" / "neon_osbs_400.tif", tmp_path / "scene.tif")
+    monkeypatch.chdir(tmp_path)
+    with server(fresh) as s:
+        base = s.url + "v1"
+        code = python.replace("http://127.0.0.1:8000/v1", base).replace('api_key="KEY"', f"api_key={KEY_A!r}")
+        exec(compile(code, "README.md", "exec"), {})  # noqa: S102  (our own README)
+        out = capsys.readouterr().out
+        lines = out.splitlines()  # the tiny random model's answers may hold line breaks
+        sid, w, h, crs = lines[0].split()[:4]
+        assert (w, h) == ("400", "400") and crs.startswith("EPSG:") and lines[0].endswith("miss")
+        assert out.count(" hit\n") == 3 and lines[-1] == repr([sid])
+        with s.http(KEY_A) as c:
+            assert c.get(f"/scenes/{sid}").status_code == 404  # the example deleted it
         if shutil.which("curl") is None:
             pytest.skip("curl is not installed")
-        base = s.url + "v1"
-        auth = ["-H", f"Authorization: Bearer {KEY_A}"]
-        out = subprocess.run(
-            ["curl", "-sS", *auth, "-F", f"file=@{path}", f"{base}/scenes"], capture_output=True, check=True
-        )
-        sid = json.loads(out.stdout)["id"]
-        body = json.dumps(
-            {"model": MODEL, "scene_id": sid, "max_tokens": 5, "messages": [{"role": "user", "content": "Roads?"}]}
-        )
-        out = subprocess.run(
-            ["curl", "-sS", *auth, "-H", "Content-Type: application/json", "-d", body, f"{base}/chat/completions"],
-            capture_output=True,
-            check=True,
-        )
-        assert json.loads(out.stdout)["uhrbat"]["cache"] == "hit"
-        out = subprocess.run(["curl", "-sS", *auth, "-X", "DELETE", f"{base}/scenes/{sid}"], capture_output=True)
-        assert json.loads(out.stdout)["deleted"] is True
+        commands = shell.replace("\\\n", " ").replace("http://127.0.0.1:8000/v1", base).splitlines()
+        outputs, scene_id = [], None
+        for command in commands:
+            if scene_id is not None:
+                command = command.replace("ID", scene_id).replace("MODEL", MODEL)
+            run = subprocess.run(["bash", "-c", command], capture_output=True, env={**os.environ, "KEY": KEY_A})
+            assert run.returncode == 0, run.stderr
+            outputs.append(json.loads(run.stdout))
+            scene_id = scene_id or outputs[0]["id"]
+    created, answer, got, deleted = outputs
+    assert created["filename"] == "scene.tif" and created["crs"] == crs
+    assert answer["object"] == "chat.completion" and answer["uhrbat"]["cache"] == "hit"
+    assert got["id"] == scene_id and got["questions"] == 1 and deleted["deleted"] is True
 
 
 def test_bad_uploads_and_requests_get_one_line_400s(fresh) -> None:
@@ -272,7 +298,7 @@ def test_limits_per_key_memory_and_ttl(fresh) -> None:
 
 
 def test_handles_survive_a_restart_with_a_cache_dir(tiny_pipeline, tmp_path) -> None:
-    data = png(10)
+    data = (ASSETS / "aerial" / "neon_osbs_400.tif").read_bytes()  # georeferenced: the GeoJSON survives too
 
     def pipe():  # a new store over the same folder, as a new server process would have
         return UhrBatPipeline(
@@ -285,17 +311,20 @@ def test_handles_survive_a_restart_with_a_cache_dir(tiny_pipeline, tmp_path) -> 
         )
 
     with server(pipe(), cache_dir=str(tmp_path)) as s:
-        sid = s.upload(KEY_A, data, filename="field.png")["id"]
-        before = ask(s.openai(KEY_A), sid, "What grows here?")
+        sid = s.upload(KEY_A, data, "image/tiff", filename="field.tif")["id"]
+        before = ask(s.openai(KEY_A), sid, "What grows here?", return_tokens=True)
     with server(pipe(), cache_dir=str(tmp_path)) as s:
         with s.http(KEY_A) as c:
             got = c.get(f"/scenes/{sid}").json()
-        assert got["filename"] == "field.png" and got["width"] == 150 and got["prepared"] is False
+        assert got["filename"] == "field.tif" and got["width"] == 400 and got["prepared"] is False
         with s.http(KEY_B) as c:
             assert c.get(f"/scenes/{sid}").status_code == 404
-        after = ask(s.openai(KEY_A), sid, "What grows here?")
+        after = ask(s.openai(KEY_A), sid, "What grows here?", return_tokens=True)
         again = ask(s.openai(KEY_A), sid, "What grows here?")
+        with s.http(KEY_A) as c:
+            assert c.get(f"/scenes/{sid}").json()["questions"] == 3
     assert after.choices[0].message.content == before.choices[0].message.content
+    assert ext(after)["geojson"] == ext(before)["geojson"] and ext(after)["geojson"]["image"]["path"] == "field.tif"
     assert ext(after)["cache"] == "disk" and ext(again)["cache"] == "hit"
     assert all(t["encoded"] == 0 for t in ext(after)["tiles"].values())
 

@@ -317,6 +317,8 @@ class SceneHandles:
             msg = str(e).replace(real, repr(record.filename)).replace(str(record.path), repr(record.filename))
             raise ImageLoadError(msg) from None
         record.facts = scene_facts(source)
+        if record.facts["bands"] is None and record.read.get("bands"):  # a PNG/JPEG source keeps no band list
+            record.facts["bands"] = [int(b) for b in record.read["bands"]]
         first = pipe.open(source)  # the work: tiles, CLIP features (or this tenant's cached scene)
         record.origin = _origin(record, getattr(source, "georef", None))
         del source  # the decoded pixels: a question that needs pixels reads the file again
