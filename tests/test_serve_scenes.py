@@ -391,3 +391,22 @@ def test_serve_flags_for_keys_and_scene_handles(monkeypatch, tmp_path, capsys) -
     with pytest.raises(SystemExit) as e:
         main(["serve", "--model", "m", "--api-keys-file", str(keys)])
     assert e.value.code == 2 and "holds no key; put one key per line" in capsys.readouterr().err
+
+
+def test_a_handles_scene_gives_regions_in_its_tenants_namespace(fresh) -> None:
+    """What chat's region options will run on (the pipeline's `region=` with the handle's
+    `SceneOrigin`): a window read from the stored file, prepared in the key's namespace, and
+    found again by the same key only."""
+    import hashlib
+
+    with server(fresh) as s:
+        sid = s.upload(KEY_A, png(13))["id"]
+        tenant = "key-" + hashlib.sha256(KEY_A.encode()).hexdigest()[:12]  # `ApiKeys`' tenant name
+        origin = s.service.scenes.prepare(s.service.scenes.get(tenant, sid))
+        mine = s.service.engine.pipeline_for(tenant)
+        first = mine.ask(origin, "What is here?", max_new_tokens=3, region=[10, 20, 90, 80])
+        again = mine.ask(origin, "And here?", max_new_tokens=3, region=[10, 20, 90, 80])
+        other = s.service.engine.pipeline_for("key-" + hashlib.sha256(KEY_B.encode()).hexdigest()[:12])
+        theirs = other.ask(origin, "What is here?", max_new_tokens=3, region=[10, 20, 90, 80])
+    assert first.image_size == (80, 60) and first.region["pixels"] == [10, 20, 90, 80]
+    assert (first.cache, again.cache, theirs.cache) == ("miss", "hit", "miss")

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uhrbat.errors import ImageLoadError, UhrBatError
+from uhrbat.errors import ConfigError, ImageLoadError, ServerBusyError, UhrBatError
 from uhrbat.scene.origin import Origin
 from uhrbat.serving.limits import MiB, ServeOptions
 from uhrbat.serving.openai_api import APIError
@@ -46,6 +47,7 @@ from uhrbat.serving.uploads import ImageHandle, Spool
 #: What `secrets.token_urlsafe(16)` makes; anything else is not an id (and never a path).
 _ID = re.compile(r"[A-Za-z0-9_-]{22}")
 _META = "scene.json"
+log = logging.getLogger("uhrbat.serve")
 _FORMAT = "uhrbat-scene-handle-1"
 
 
@@ -144,6 +146,8 @@ class SceneHandles:
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], SceneRecord] = {}
         self._reserved = 0  # bytes promised to scenes being prepared now
+        # Uploads prepared at once (each holds a decoded image until its scene is encoded).
+        self._preparing = threading.BoundedSemaphore(max(1, options.decode_workers))
         self._last_scene_bytes = 0  # a full scene's features (every scene of one model has the same)
         self._temporary = not options.cache_dir
         self._root: Path | None = None if self._temporary else Path(options.cache_dir).expanduser() / "handles"
@@ -231,11 +235,18 @@ class SceneHandles:
             raise
         scene_id = secrets.token_urlsafe(16)
         folder = self.root / _tenant_dir(tenant) / scene_id
+        slot = False
         try:
             folder.mkdir(mode=0o700, parents=True)
             image = os.path.basename(spool.keep(folder))
             now = self.clock()
             record = SceneRecord(scene_id, tenant, spool.label, folder, image, dict(read), {}, now, now)
+            slot = self._preparing.acquire(timeout=self.options.request_timeout_s or None)
+            if not slot:
+                raise ServerBusyError(
+                    f"every scene-preparation slot stayed busy for {self.options.request_timeout_s:g} s "
+                    f"({self.options.flag('decode_workers')} {self.options.decode_workers}); retry later"
+                )
             self.prepare(record)
             with self._lock:
                 self._reserved -= reserve
@@ -249,6 +260,8 @@ class SceneHandles:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         finally:
+            if slot:
+                self._preparing.release()
             if reserve:
                 with self._lock:
                     self._reserved -= reserve
@@ -307,6 +320,11 @@ class SceneHandles:
         from uhrbat.mcp.service import scene_facts
         from uhrbat.options import ReadOptions
 
+        if getattr(pipe, "scene_cache", None) is None:
+            raise ConfigError(
+                "scene handles keep prepared scenes in the pipeline's scene cache, and this pipeline has none; "
+                "serve a pipeline made with scene_cache=True"
+            )
         t = time.perf_counter()
         base = Origin(str(record.path), "untrusted", ReadOptions.of(**record.read))
         try:
@@ -346,7 +364,10 @@ class SceneHandles:
             record.used = self.clock()
             alive = self._records.get((record.tenant, record.id)) is record
         if alive:
-            self._save(record)
+            try:
+                self._save(record)
+            except OSError as e:  # deleted meanwhile, or a full disk: the question goes on
+                log.warning("scene %s: could not update its scene.json (%s)", record.id, e)
 
     # ------------------------------------------------------------------ disk
     def _save(self, record: SceneRecord) -> None:
