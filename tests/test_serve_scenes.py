@@ -172,7 +172,19 @@ def test_delete_makes_it_404_and_the_server_stays_up(fresh) -> None:
         with pytest.raises(openai.NotFoundError):
             ask(s.openai(KEY_A), sid, "Still there?")
         sid2 = s.upload(KEY_A, png(3))["id"]
-        assert ext(ask(s.openai(KEY_A), sid2, "Still there?"))["cache"] == "hit"  # the tenant's store kept it
+        plain = ask(s.openai(KEY_A), sid2, "Still there?")
+        assert ext(plain)["cache"] == "hit"  # the tenant's store kept it
+        chunks = list(
+            s.openai(KEY_A).chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Still there?"}],
+                extra_body={"scene_id": sid2},
+                stream=True,
+                **GEN,
+            )
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == plain.choices[0].message.content and chunks[-1].model_extra["uhrbat"]["cache"] == "hit"
 
 
 def test_multipart_upload(fresh, tmp_path) -> None:

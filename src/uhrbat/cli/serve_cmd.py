@@ -167,7 +167,7 @@ def serve(
     opts: opt.Shared,
 ) -> None:
     """Serve the model over the OpenAI chat-completions API (GET /v1/models, POST /v1/chat/completions,
-    GET /health, GET /metrics)."""
+    scene handles at /v1/scenes, GET /health, GET /metrics)."""
     try:
         from uhrbat.serving import ChatService, ServeOptions, create_app
         from uhrbat.serving.http_server import serve as run
