@@ -69,6 +69,11 @@ def map_box(win) -> list[float]:
     return [X0, Y1, X1, Y0]
 
 
+def on_scene(box) -> list[float]:
+    """A pixel box of the cut file in the scene's pixels (WIN's offset added)."""
+    return [box[0] + WIN[0], box[1] + WIN[1], box[2] + WIN[0], box[3] + WIN[1]]
+
+
 def kept(res) -> list[tuple]:
     return [(t.scale, t.tile, t.row, t.col, t.score, t.merged, t.group, tuple(t.members)) for t in res.tokens]
 
@@ -143,8 +148,7 @@ def test_region_equals_the_window_cut_into_its_own_file(scenes, fresh, kind, sel
         if c["box_px"] is None:
             assert b["box_px"] is None
             continue
-        offset = [c["box_px"][0] + WIN[0], c["box_px"][1] + WIN[1], c["box_px"][2] + WIN[0], c["box_px"][3] + WIN[1]]
-        assert b["box_px"] == pytest.approx(offset, abs=1e-3)
+        assert b["box_px"] == pytest.approx(on_scene(c["box_px"]), abs=1e-3)
         if kind == "tif":  # the same place on the map, full precision
             assert b["box_crs"] == pytest.approx(c["box_crs"], abs=1e-6)
             x0, y0, x1, y1 = map_box(WIN)
@@ -256,8 +260,7 @@ def test_cli_region_json_geojson_and_map_files(scenes, tiny_checkpoint, tmp_path
         if c["box_px"] is None:
             assert t["box_px"] is None
             continue
-        assert t["box_px"] == pytest.approx([c["box_px"][0] + WIN[0], c["box_px"][1] + WIN[1],
-                                             c["box_px"][2] + WIN[0], c["box_px"][3] + WIN[1]], abs=1e-3)  # fmt: skip
+        assert t["box_px"] == pytest.approx(on_scene(c["box_px"]), abs=1e-3)
     fc = json.loads((out / "kept.geojson").read_text())
     assert fc["image"]["size"] == [700, 520] and fc["image"]["region"]["pixels"] == list(WIN)
     # The relevance COG: in the scene's CRS, on the window (its cells touch the window).
@@ -409,3 +412,133 @@ def test_mcp_ask_and_look_about_a_region(scenes, tiny_pipeline) -> None:
     assert text.startswith("No question has been asked about the window [0, 0, 100, 100]")
     with pytest.raises(RegionError, match="lies outside"):
         service.ask(sid, QUESTION, region=[900, 0, 950, 10])
+
+
+# ----------------------------------------------------------------------------- HTTP (uhrbat serve, the demo)
+def _data_url(path: Path) -> str:
+    import base64
+
+    media = "image/tiff" if path.suffix == ".tif" else "image/png"
+    return f"data:{media};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _conversation(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def http(tiny_pipeline):
+    """The real server (`uhrbat serve`'s app) on loopback with the tiny model, and the real
+    `openai` client."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
+
+    opts = ServeOptions(model_name="tiny", batch_wait_s=0.0)
+    with serve_in_thread(create_app(ChatService(tiny_pipeline, opts)), opts) as url:
+        yield openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _ask_http(client, image: Path, question: str = QUESTION, **extra):
+    msg = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}}, {"type": "text", "text": question}],
+    }
+    return client.chat.completions.create(
+        model="tiny", messages=[msg], max_tokens=6, extra_body={"selector": "topk", "return_tokens": True, **extra}
+    )
+
+
+@pytest.mark.parametrize("kind", ["png", "tif"])
+def test_http_region_equals_the_cut_file(scenes, http, fresh, kind) -> None:
+    """extra_body `region` (and, for the GeoTIFF, the same window in map coordinates and as a
+    GeoJSON object): the answer and kept tokens of the window cut into its own file, the boxes in
+    the scene's pixels and map coordinates."""
+    cut = fresh.chat(str(scenes[f"cut.{kind}"]), _conversation(QUESTION), max_new_tokens=6, selector="topk")
+    cut_boxes = geo.tokens_with_boxes(cut.tokens, open_source(scenes[f"cut.{kind}"]))
+    asks = [{"region": list(WIN)}]
+    if kind == "tif":
+        X0, Y0, X1, Y1 = map_box(WIN)
+        ring = [[X0, Y0], [X1, Y0], [X1, Y1], [X0, Y1], [X0, Y0]]
+        legacy = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}}
+        asks += [
+            {"region": ",".join(map(str, map_box(WIN))), "region_crs": "EPSG:32633"},
+            {"region_geojson": {"type": "Feature", "crs": legacy, "properties": {},
+                                "geometry": {"type": "Polygon", "coordinates": [ring]}}},
+        ]  # fmt: skip
+    for extra in asks:
+        r = _ask_http(http, scenes[kind], **extra)
+        ext = r.model_extra["uhrbat"]
+        assert r.choices[0].message.content == cut.answer, extra
+        assert ext["region"]["pixels"] == list(WIN) and ext["image_size"] == [481, 341]
+        got = ext["tokens"]
+        assert [(t["scale"], t["tile"], t["row"], t["col"]) for t in got] == [
+            (t.scale, t.tile, t.row, t.col) for t in cut.tokens
+        ]
+        for t, c in zip(got, cut_boxes):
+            if c["box_px"] is None:
+                assert t["box_px"] is None
+                continue
+            assert t["box_px"] == pytest.approx(on_scene(c["box_px"]), abs=1e-3)
+            if kind == "tif":
+                assert t["box_crs"] == pytest.approx(c["box_crs"], abs=1e-6)
+        if kind == "tif":
+            assert ext["geojson"]["image"]["region"]["pixels"] == list(WIN)
+            assert ext["geojson"]["image"]["size"] == [700, 520]
+
+
+def test_http_bad_regions_are_one_line_400s(scenes, http) -> None:
+    import openai
+
+    point = {"type": "Point", "coordinates": [15.0, 54.0]}
+    for image, extra, param, message in [
+        ("png", {"region": [800, 0, 900, 10]}, None, "lies outside image 'upload.png' (pixels 0,0,700,520)"),
+        ("tif", {"region": [800, 0, 900, 10]}, None, "lies outside image 'upload.tif' (pixels 0,0,700,520)"),
+        ("png", {"region": [0, 0, 10, 10], "region_crs": "EPSG:4326"}, None, "is not georeferenced"),
+        ("png", {"region": [10, 0, 5, 10]}, "region", "is inverted"),
+        ("png", {"region": "1,2,3"}, "region", "four comma-separated numbers"),
+        ("png", {"region": [0.5, 0, 5, 9]}, "region", "whole pixels"),
+        ("png", {"region": [0, 0, 5, 5], "region_crs": "EPSG:0"}, "region_crs", "unknown CRS"),
+        ("png", {"region_crs": "EPSG:4326"}, "region_crs", "applies to region"),
+        ("png", {"region_geojson": point}, "region_geojson", "holds no Polygon"),
+        ("png", {"region_geojson": "{not json"}, "region_geojson", "is not valid JSON"),
+        ("png", {"region": [0, 0, 5, 5], "region_geojson": point}, "region_geojson", "give one region"),
+        ("png", {"region_file": "/etc/aoi.geojson"}, "region_file", "send the GeoJSON itself as region_geojson"),
+        ("png", {"zoom": -1}, "zoom", "zoom must be >= 0"),
+        ("png", {"zoom": MAX_ZOOM + 1}, "zoom", f"zoom must be <= {MAX_ZOOM}"),
+        ("png", {"zoom": "2"}, "zoom", "valid integer"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            _ask_http(http, scenes[image], **extra)
+        err = e.value.response.json()["error"]
+        assert message in err["message"] and "\n" not in err["message"], (extra, err)
+        assert err["param"] == param and err["type"] == "invalid_request_error", (extra, err)
+        assert "/tmp" not in err["message"] and "uhrbat-upload" not in err["message"]  # never a server path
+
+
+def test_demo_passes_a_region_through_the_chat_service(scenes, tiny_pipeline) -> None:
+    pytest.importorskip("multipart")
+    from fastapi.testclient import TestClient
+
+    from uhrbat.serving import ChatService
+    from uhrbat.serving.demo import create_app, demo_options
+
+    app = create_app(ChatService(tiny_pipeline, demo_options("tiny")))
+    with TestClient(app) as client:
+        form = {"question": QUESTION, "max_new_tokens": "3", "region": ",".join(map(str, map_box(WIN)))}
+        r = client.post(
+            "/api/ask",
+            files={"image": ("scene.tif", scenes["tif"].read_bytes(), "image/tiff")},
+            data={**form, "region_crs": "EPSG:32633"},
+        )
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["region"]["pixels"] == list(WIN) and data["image_size"] == [481, 341] and data["georeferenced"]
+        gj = client.get("/" + data["geojson_url"]).json()
+        assert gj["image"]["region"]["pixels"] == list(WIN) and gj["image"]["size"] == [700, 520]
+        r = client.post(
+            "/api/ask",
+            files={"image": ("scene.png", scenes["png"].read_bytes(), "image/png")},
+            data={**form, "region_crs": "EPSG:32633"},
+        )
+        assert r.status_code == 400 and "is not georeferenced" in r.json()["error"]["message"]
