@@ -542,3 +542,94 @@ def test_demo_passes_a_region_through_the_chat_service(scenes, tiny_pipeline) ->
             data={**form, "region_crs": "EPSG:32633"},
         )
         assert r.status_code == 400 and "is not georeferenced" in r.json()["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- a huge COG (issue 21's "done when")
+#: The console entry point in a child process, reporting its own peak RSS on stderr.
+_PEAK = """import resource, sys
+from uhrbat.cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    sys.stderr.write("PEAK_RSS_MB %.1f\\n" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+"""
+
+
+def _ask_child(*args: str) -> tuple[int, dict | None, str, float]:
+    """`uhrbat ask ARGS --json` in a fresh process: (exit code, JSON payload, stderr, peak RSS MB)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK, "ask", *args], capture_output=True, text=True, timeout=1200, env=dict(os.environ)
+    )
+    peak = float(re.search(r"PEAK_RSS_MB ([\d.]+)", out.stderr).group(1))
+    lines = out.stdout.strip().splitlines()
+    return out.returncode, json.loads(lines[-1]) if out.returncode == 0 else None, out.stderr, peak
+
+
+def _huge_cog_region(tmp: Path, checkpoint: Path, size: int, window: int, budgets: str) -> dict:
+    """Issue 21's checks on a generated `size`^2 georeferenced COG with overviews
+    (`tests/big_scene.py`) and a `window`-px region of it, each `ask` in a fresh process with the
+    tiny checkpoint and topk: the region's answer and kept tokens equal those of the window
+    written to its own file; the same window in map coordinates gives the same tokens; a region
+    outside the raster is one error line with exit code 2. Returns both peaks (MB)."""
+    from big_scene import ORIGIN, PIXEL, build_cog
+
+    cog = tmp / f"scene_{size}_cog.tif"
+    build_cog(cog, size)
+    x0 = y0 = (size - window) // 2 + 123
+    region = [x0, y0, x0 + window, y0 + window]
+    cut = tmp / "cut.tif"
+    with rasterio.open(cog) as ds:  # what gdal_translate -srcwin writes: the window's pixels and place
+        w = Window(x0, y0, window, window)
+        profile = dict(driver="GTiff", width=window, height=window, count=3, dtype="uint8", crs=ds.crs)
+        with rasterio.open(cut, "w", **profile, transform=ds.window_transform(w)) as out:
+            out.write(ds.read(window=w))
+    common = ["--model", str(checkpoint), "--selector", "topk", "--budgets", budgets, "--max-new-tokens", "4", "--json"]
+    code, got, err, peak = _ask_child(str(cog), QUESTION, *common, "--region", ",".join(map(str, region)))
+    assert code == 0, err[-3000:]
+    code, ref, err, cut_peak = _ask_child(str(cut), QUESTION, *common)
+    assert code == 0, err[-3000:]
+    assert got["region"]["pixels"] == region and got["image_size"] == [window, window]
+    assert got["answer"] == ref["answer"] and got["num_visual_tokens"] == ref["num_visual_tokens"]
+    fields = ("scale", "tile", "row", "col", "score", "merged", "members")
+    assert [[t[f] for f in fields] for t in got["tokens"]] == [[t[f] for f in fields] for t in ref["tokens"]]
+    crs_boxes = [[c for t in payload["tokens"] for c in t.get("box_crs") or [None]] for payload in (got, ref)]
+    assert crs_boxes[0] == pytest.approx(crs_boxes[1], rel=0, abs=1e-6)  # the same place on the map
+    # the same window in map coordinates (EPSG:32617, its pixel edges): the same tokens
+    box = [ORIGIN[0] + PIXEL * x0, ORIGIN[1] - PIXEL * (y0 + window), ORIGIN[0] + PIXEL * (x0 + window)]
+    box.append(ORIGIN[1] - PIXEL * y0)
+    pipe = UhrBatPipeline.from_pretrained(checkpoint, selector="topk", budgets=budgets, scene_cache=False)
+    by_map = pipe.ask(str(cog), QUESTION, max_new_tokens=4, region=box, region_crs="EPSG:32617")
+    assert by_map.region["pixels"] == region
+    assert [(t.scale, t.tile, t.row, t.col, t.merged, t.members) for t in by_map.tokens] == [
+        (t["scale"], t["tile"], t["row"], t["col"], t["merged"], t["members"]) for t in ref["tokens"]
+    ]
+    assert [t.score for t in by_map.tokens] == pytest.approx([t["score"] for t in ref["tokens"]], rel=1e-5)
+    # a region outside the raster: one error line, exit code 2, before the model loads
+    code, _, err, _ = _ask_child(str(cog), QUESTION, *common, "--region", f"{size},0,{size + 100},100")
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "lies outside image" in errors[0] and "model loaded" not in err
+    return {"region": peak, "cut": cut_peak}
+
+
+def test_a_region_of_a_large_cog_costs_what_its_window_costs(tmp_path, tiny_checkpoint) -> None:
+    """The default run's version of the check below: a 6,000^2 COG (108 MB of pixels), a 600-px
+    window; asking about the region peaks where asking about the cut file does (a read of the
+    raster at native resolution would add >= 100 MB)."""
+    peaks = _huge_cog_region(tmp_path, tiny_checkpoint, 6000, 600, "8,16")
+    assert peaks["region"] < peaks["cut"] + 64, peaks
+
+
+@pytest.mark.slow
+def test_ask_region_of_a_20000_px_cog_under_1_5_gb(tmp_path) -> None:
+    """Issue 21: `ask --region` on a 2,000-px window of a 20,000^2 COG, tiny checkpoint with the
+    full pyramid (672..4032), topk: peak RSS < 1.5 GB, same answer and tokens as the cut file."""
+    from uhrbat.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", seed=0, scales=[672, 1344, 2688, 4032], budgets=[8, 16, 32, 64])
+    peaks = _huge_cog_region(tmp_path, ckpt, 20000, 2000, "8,16,32,64")
+    assert peaks["region"] < 1500 and peaks["region"] < peaks["cut"] + 64, peaks
