@@ -380,9 +380,9 @@ def _checked(param: str, raw: RawOptions, check: Callable[[], Any]) -> Any:
 
 def _region_request(raw: RawOptions) -> Any:
     """The request's region (`uhrbat.io.regions.RegionRequest`, parsed by the one options model,
-    `uhrbat.options.ReadOptions`: syntax, CRS, GeoJSON), or None. Placing it on the image (outside
-    the raster, map coordinates without georeference) happens when the image is read; both are
-    400s with one line naming the field."""
+    `uhrbat.options.ReadOptions`: syntax, CRS, GeoJSON), or None; a bad one is a 400 naming the
+    field. Placing it on the image (outside the raster, map coordinates without georeference)
+    happens when the image is read: a 400 too (code `RegionError`), its line naming the region."""
     from uhrbat.options import ReadOptions
 
     given = {n: getattr(raw, n) for n in ("region", "region_crs", "region_geojson") if getattr(raw, n) is not None}
