@@ -139,6 +139,15 @@ def test_zoom_answers_from_a_window_equal_to_asking_about_it(scene, tiny_checkpo
         assert v == pytest.approx(z.scene.timings[k] + sum(w.result.timings[k] for w in z.windows))
 
 
+def test_zoom_refuses_a_streamer_before_any_compute(scene, pipe) -> None:
+    from transformers import TextStreamer
+
+    from uhrbat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="zoom=1 generates twice .* drop streamer="):
+        pipe.ask(str(scene["png"]), QUESTION, max_new_tokens=2, zoom=1, streamer=TextStreamer(pipe.processor.tokenizer))
+
+
 def test_zoom_0_is_off(scene, tiny_checkpoint) -> None:
     fresh = UhrBatPipeline.from_pretrained(tiny_checkpoint, budgets=[8, 16], selector="topk", scene_cache=False)
     plain = fresh.ask(str(scene["png"]), QUESTION, max_new_tokens=4)
