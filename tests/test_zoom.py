@@ -236,3 +236,40 @@ def test_http_zoom_equals_the_python_call(scene, tiny_pipeline) -> None:
     for t in ext["tokens"]:  # the chosen window's tokens, in the scene's pixels
         if t["box_px"] is not None:
             assert x0 <= t["box_px"][0] < t["box_px"][2] <= x1 and y0 <= t["box_px"][1] < t["box_px"][3] <= y1
+
+
+def test_http_server_default_zoom(scene, tiny_checkpoint) -> None:
+    """`uhrbat serve --zoom 1`: every question zooms unless it asks `zoom: 0`; streamed answers
+    equal the plain ones (two concurrent requests still answer alone, each its own length)."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
+
+    pipe = UhrBatPipeline.from_pretrained(tiny_checkpoint, budgets=[8, 16], selector="topk", zoom=1)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    zoomed = pipe.chat(str(scene["png"]), conv, max_new_tokens=5)
+    short = pipe.chat(str(scene["png"]), conv, max_new_tokens=2)
+    plain = pipe.chat(str(scene["png"]), conv, max_new_tokens=3, zoom=0)
+    assert zoomed.zoom is not None and short.zoom is not None and plain.zoom is None
+    url = "data:image/png;base64," + base64.b64encode(scene["png"].read_bytes()).decode()
+    msg = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}],
+    }
+    opts = ServeOptions(model_name="tiny", batch_wait_s=0.2)
+    with serve_in_thread(create_app(ChatService(pipe, opts)), opts) as base:
+        client = openai.OpenAI(base_url=base + "v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(max_tokens: int, **extra):
+            return client.chat.completions.create(model="tiny", messages=[msg], max_tokens=max_tokens, **extra)
+
+        with ThreadPoolExecutor(2) as pool:  # may share a batch (same options): each still zooms alone
+            a, a2 = pool.map(lambda n: ask(n), [5, 2])
+        b = ask(3, extra_body={"zoom": 0})
+        chunks = list(ask(5, stream=True))
+    assert a.choices[0].message.content == zoomed.answer and "windows" in a.model_extra["uhrbat"]
+    assert a2.choices[0].message.content == short.answer and a2.usage.completion_tokens <= 2
+    assert b.choices[0].message.content == plain.answer and "windows" not in b.model_extra["uhrbat"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == zoomed.answer

@@ -281,8 +281,19 @@ class ChatService:
         else:
             raise bad_request(f"{ref.where}: no image given", ref.where)
         # zoom reads more windows of the image after pass 1: the source must remember its file
-        handle.windows = bool(options.selection.get("zoom"))
+        handle.windows = self._zooms(options)
         return handle
+
+    def _zooms(self, options: ChatOptions) -> bool:
+        """Whether the question zooms: its own `zoom`, else the served pipeline's default."""
+        zoom = options.selection.get("zoom")
+        if zoom is None:
+            try:
+                resolve = getattr(self.engine.pipeline(), "resolve", None)
+            except Exception:  # noqa: BLE001  (a model that fails to load fails the job, with its reason)
+                return False
+            zoom = resolve().zoom if resolve is not None else 0
+        return bool(zoom)
 
     # ------------------------------------------------------------------ 3. submit
     def submit(

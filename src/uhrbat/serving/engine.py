@@ -450,10 +450,22 @@ class Engine:
             job.set_stage("model")
         tokenizer = pipe.processor.tokenizer
         first = batch[0]
-        # A zoom question (run alone) generates twice, pass 2 over other rows (its windows): the
-        # per-row hooks would count and stream across both passes, so it has none. Its answer
-        # arrives whole; the deadline and cancellation are checked at every stage (BatchProgress).
-        hooks = not first.selection.get("zoom")
+        # A zoom question (the request's or the server's default) generates twice, pass 2 over
+        # other rows (its windows): the per-row hooks would count and stream across both passes,
+        # so it runs alone and without them. Its answer arrives whole; the deadline and
+        # cancellation are checked at every stage (BatchProgress).
+        resolve = getattr(pipe, "resolve", None)
+        try:
+            zoom = resolve(**first.selection).zoom if resolve is not None else first.selection.get("zoom")
+        except Exception as e:  # noqa: BLE001  (bad options fail these requests, not the worker)
+            for job in batch:
+                _fail(job, e)
+            return
+        if zoom and len(batch) > 1:
+            for job in batch:
+                self._run([job])
+            return
+        hooks = not zoom
         streamer = RowStreamer(batch, tokenizer) if hooks and any(j.on_text for j in batch) else None
         control = RowControl(batch, tokenizer, pipe.model.generation_config.eos_token_id)
         started = time.perf_counter()
