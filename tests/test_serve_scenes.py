@@ -422,3 +422,24 @@ def test_a_handles_scene_gives_regions_in_its_tenants_namespace(fresh) -> None:
         theirs = other.ask(origin, "What is here?", max_new_tokens=3, region=[10, 20, 90, 80])
     assert first.image_size == (80, 60) and first.region["pixels"] == [10, 20, 90, 80]
     assert (first.cache, again.cache, theirs.cache) == ("miss", "hit", "miss")
+
+
+def test_region_and_zoom_options_compose_with_scene_id(fresh) -> None:
+    """extra_body region / zoom with a scene_id: the window is read from the stored upload and
+    prepared once in the key's namespace; a region outside the image is a one-line 400."""
+    with server(fresh) as s:
+        sid = s.upload(KEY_A, png(14))["id"]
+        a, b = s.openai(KEY_A), s.openai(KEY_B)
+        first = ask(a, sid, "What is here?", region=[10, 20, 90, 80])
+        again = ask(a, sid, "And here?", region=[10, 20, 90, 80])
+        whole = ask(a, sid, "And the whole scene?")
+        zoomed = ask(a, sid, "Where is the road?", zoom=1)
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(a, sid, "Outside?", region=[500, 500, 600, 600])
+        with pytest.raises(openai.NotFoundError):
+            ask(b, sid, "What is here?", region=[10, 20, 90, 80])
+    assert ext(first)["region"]["pixels"] == [10, 20, 90, 80] and ext(first)["image_size"] == [80, 60]
+    assert (ext(first)["cache"], ext(again)["cache"], ext(whole)["cache"]) == ("miss", "hit", "hit")
+    assert "windows" in ext(zoomed) and "zoom" in ext(zoomed)
+    msg = e.value.body["message"]
+    assert "\n" not in msg and "uhrbat-scenes" not in msg and "/handles/" not in msg

@@ -9,7 +9,8 @@
    `batch_wait_s` for more, and runs up to `max_batch` compatible jobs (same selection and
    sampling options) as one left-padded batch through `pipeline.chat_batch` — equal to one-by-one
    results, since the model batches with left padding. Sampled requests (temperature > 0) run
-   alone so that their seed means the same as in a single request.
+   alone so that their seed means the same as in a single request; so do zoom questions (two
+   passes, the second over their windows).
 
 Admission is bounded: more than `max_queue` jobs waiting (in either stage) raises
 `ServerBusyError` (the app answers 503 + Retry-After). Every job carries a `Deadline` and a
@@ -102,7 +103,7 @@ class Job:
 
     def batch_key(self) -> str:
         """Jobs with equal keys may share a batch."""
-        if self.generation.get("do_sample"):
+        if self.generation.get("do_sample") or self.selection.get("zoom"):
             return f"solo:{id(self)}"
         return json.dumps(
             [self.namespace, self.generation, self.selection, self.return_relevance], sort_keys=True, default=str
@@ -465,7 +466,23 @@ class Engine:
             job.set_stage("model")
         tokenizer = pipe.processor.tokenizer
         first = batch[0]
-        streamer = RowStreamer(batch, tokenizer) if any(j.on_text for j in batch) else None
+        # A zoom question (the request's or the server's default) generates twice, pass 2 over
+        # other rows (its windows): the per-row hooks would count and stream across both passes,
+        # so it runs alone and without them. Its answer arrives whole; the deadline and
+        # cancellation are checked at every stage (BatchProgress).
+        resolve = getattr(pipe, "resolve", None)
+        try:
+            zoom = resolve(**first.selection).zoom if resolve is not None else first.selection.get("zoom")
+        except Exception as e:  # noqa: BLE001  (bad options fail these requests, not the worker)
+            for job in batch:
+                _fail(job, e)
+            return
+        if zoom and len(batch) > 1:
+            for job in batch:
+                self._run([job])
+            return
+        hooks = not zoom
+        streamer = RowStreamer(batch, tokenizer) if hooks and any(j.on_text for j in batch) else None
         control = RowControl(batch, tokenizer, pipe.model.generation_config.eos_token_id)
         started = time.perf_counter()
         if first.generation.get("do_sample") and first.seed is not None:
@@ -475,7 +492,7 @@ class Engine:
                 [j.source for j in batch],
                 [j.messages for j in batch],
                 max_new_tokens=max(j.max_new_tokens for j in batch),
-                stopping_criteria=StoppingCriteriaList([control]),
+                stopping_criteria=StoppingCriteriaList([control] if hooks else []),
                 streamer=streamer,
                 return_relevance=first.return_relevance,
                 progress=BatchProgress(batch),

@@ -331,9 +331,7 @@ class SceneHandles:
             with decode_section():
                 source = base.open()
         except ImageLoadError as e:
-            real = os.path.realpath(record.path)
-            msg = str(e).replace(real, repr(record.filename)).replace(str(record.path), repr(record.filename))
-            raise ImageLoadError(msg) from None
+            raise ImageLoadError(_named(str(e), record)) from None
         record.facts = scene_facts(source)
         if record.facts["bands"] is None and record.read.get("bands"):  # a PNG/JPEG source keeps no band list
             record.facts["bands"] = [int(b) for b in record.read["bands"]]
@@ -350,12 +348,12 @@ class SceneHandles:
         with self._lock:
             self._last_scene_bytes = max(self._last_scene_bytes, record.nbytes)
 
-    def image(self, tenant: str, scene_id: Any, where: str = "scene_id") -> ImageHandle:
+    def image(self, tenant: str, scene_id: Any, where: str = "scene_id", region: Any = None) -> ImageHandle:
         """What a chat request's `scene_id` resolves to (`ChatService.resolve_image`): a 404 now
-        for an id this key does not hold; the scene itself is reached in the engine's prepare
-        stage."""
+        for an id this key does not hold; the scene itself (or the window `region`, a
+        `uhrbat.io.regions.RegionRequest`) is reached in the engine's prepare stage."""
         record = self.get(tenant, scene_id)
-        return SceneImage(self, record, where)
+        return SceneImage(self, record, where, region)
 
     def asked(self, record: SceneRecord) -> None:
         """Count a question and refresh the handle's idle clock (kept on disk with `--cache-dir`)."""
@@ -422,24 +420,43 @@ class SceneHandles:
 
 
 class SceneImage(ImageHandle):
-    """A chat request's scene handle, opened by the engine's prepare stage: the pinned scene."""
+    """A chat request's scene handle, opened by the engine's prepare stage: the handle's
+    `SceneOrigin` (its scene pinned), or for a region the window read from the stored file
+    (a child scene, in the tenant's namespace like every scene of the handle). Either source
+    remembers the file, so zoom reads its windows too."""
 
-    def __init__(self, handles: SceneHandles, record: SceneRecord, where: str) -> None:
+    def __init__(self, handles: SceneHandles, record: SceneRecord, where: str, region: Any = None) -> None:
         self.handles = handles
         self.record = record
         self.filename = record.filename
         self.where = where
+        self.region = region
 
     def read(self) -> Any:
+        from uhrbat.errors import RegionError
+        from uhrbat.io import decode_section
+
         origin = self.handles.prepare(self.record)
         self.handles.asked(self.record)
-        return origin
+        if self.region is None:
+            return origin
+        try:
+            with decode_section():
+                return origin.open(self.region)
+        except (ImageLoadError, RegionError) as e:  # e.g. a region outside the image: name the client's file
+            raise type(e)(_named(str(e), self.record)) from None
 
     def open(self) -> Any:  # `prepare` bounds its own decode (`decode_section`), not the whole encode
         try:
             return self.read()
         except ImageLoadError as e:
             raise ImageLoadError(f"{self.where}: {e}") from None
+
+
+def _named(message: str, record: SceneRecord) -> str:
+    """A reader's message with the stored file's path replaced by the client's file name."""
+    shown = repr(record.filename)
+    return message.replace(os.path.realpath(record.path), shown).replace(str(record.path), shown)
 
 
 def _origin(record: SceneRecord, georef: Any) -> SceneOrigin:
