@@ -156,9 +156,7 @@ class UhrBatPipeline:
         return pipe
 
     def for_namespace(self, namespace: str) -> UhrBatPipeline:
-        """This pipeline with every store key under `namespace` (a server's tenant): the same
-        model, processor, store, defaults and model lock, but scenes prepared in one namespace
-        are never found from another (no cross-tenant cache hits, no timing signal)."""
+        """This pipeline (model, store, lock shared) with its store keys under `namespace` (a tenant)."""
         other = copy.copy(self)
         other.scenes = SceneManager(self.model, self.processor, self.scene_cache, self._model_lock, namespace)
         return other

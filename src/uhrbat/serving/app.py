@@ -42,7 +42,7 @@ _FEED_BYTES = 256 * 1024  # body pieces are handed to the parser thread in ~256 
 class ApiKeys:
     """`Authorization: Bearer KEY` -> the request's tenant. No keys: no authentication, tenant
     None. Each key is its own tenant, named by a digest prefix (never the key itself): its scene
-    handles and its scene-cache namespace (`serving.scenes`)."""
+    handles and its scene-cache namespace (`serving.scene_handles`)."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys = [(k.encode(), "key-" + hashlib.sha256(k.encode()).hexdigest()[:12]) for k in keys if k]
@@ -185,7 +185,7 @@ def create_app(service: ChatService, *, extra_routes: Sequence[str] = ()) -> Fas
 
     keys = ApiKeys(opts.api_keys)
     app.include_router(openai_router(OpenAIServingChat(service, opts.model_name), keys))
-    app.include_router(scenes_router(service, keys))
+    app.include_router(scenes_router(service, keys, read_json_body))
     app.include_router(ops_router(service, opts.model_name))
     app.add_middleware(
         RequestGuard,

@@ -7,7 +7,7 @@ reference and the request's raw options — and hand it to one `ChatService`, wh
 1. checks the options against the server's limits (`check_options` -> `ChatOptions`; a 400
    naming the field and the flag otherwise);
 2. resolves the image reference to an `ImageHandle` (`resolve_image`: the one place an image
-   part — or a scene handle's id, `serving.scenes` — becomes something the engine can open);
+   part — or a scene handle's id, `serving.scene_handles` — becomes something the engine can open);
 3. submits a `Job` to the engine (`submit`), whose prepare stage decodes the image off the
    request path and whose model thread answers;
 4. waits for the answer (`complete`) or yields stage / text / done events (`events`).
@@ -62,7 +62,7 @@ class ImageRef:
     url: str | None = None
     upload: Spool | None = None
     local: Any = None
-    scene_id: Any = None  # a scene handle of the request's tenant (`serving.scenes`)
+    scene_id: Any = None  # a scene handle of the request's tenant (`serving.scene_handles`)
     where: str = "image"  # JSON path / form field, for error messages
     spools: Mapping[str, SpooledURL] = field(default_factory=dict)
 
@@ -144,7 +144,7 @@ class ChatService:
             prepare_workers=o.decode_workers,
             metrics=self.metrics,
         )
-        from uhrbat.serving.scenes import SceneHandles
+        from uhrbat.serving.scene_handles import SceneHandles
 
         self.scenes = SceneHandles(self.options, self.engine.pipeline_for)
         self._facts: ModelFacts | None = None

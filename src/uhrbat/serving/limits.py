@@ -86,7 +86,7 @@ class ServeOptions:
     read_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     retry_after_s: int = 2
-    # scene handles (POST /v1/scenes, `serving.scenes`)
+    # scene handles (POST /v1/scenes, `serving.scene_handles`)
     max_scenes: int = 16  # per tenant (API key)
     max_scene_bytes: int = DEFAULT_MAX_SCENE_MB * MiB  # prepared features held by handles, all tenants
     scene_ttl_s: float = 3600.0  # a handle unused this long is deleted (0 = never)

@@ -1,4 +1,4 @@
-"""`/v1/scenes`: the scene-handle routes (`serving.scenes` does the work).
+"""`/v1/scenes`: the scene-handle routes (`serving.scene_handles` does the work).
 
 - `POST /v1/scenes`: a JSON body `{"image": "data:image/...;base64,...", "filename"?, "bands"?}`
   (read like a chat body: a big data: URL is decoded to a private file as it arrives) or a
@@ -11,6 +11,7 @@ Every route authenticates first; the key's tenant scopes every lookup (404 for a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,10 +24,9 @@ from uhrbat.serving.uploads import Spool, SpooledImage, accepted_formats
 _FIELDS = ("image", "filename", "bands")
 
 
-def scenes_router(service: Any, keys: Any) -> APIRouter:
-    """The routes over `service.scenes` (a `SceneHandles`), authenticated by `keys` (`ApiKeys`)."""
-    from uhrbat.serving.app import read_json_body
-
+def scenes_router(service: Any, keys: Any, read_json_body: Callable[..., Awaitable[Any]]) -> APIRouter:
+    """The routes over `service.scenes` (a `SceneHandles`), authenticated by `keys` (`ApiKeys`);
+    JSON bodies are read by the app's `read_json_body`."""
     router = APIRouter()
     handles = service.scenes
     ttl = service.options.scene_ttl_s
