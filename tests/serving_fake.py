@@ -80,6 +80,14 @@ class FakePipeline:
         self._scenes: set[Any] = set()
         self._lock = threading.Lock()
 
+    def for_namespace(self, namespace: str) -> FakePipeline:
+        """The same fake with its own scene set (its hits are the namespace's own)."""
+        import copy
+
+        other = copy.copy(self)
+        other._scenes = set()
+        return other
+
     def resolve(self, **options: Any) -> Any:
         from uhrbat.options import SelectionOptions
 

@@ -24,6 +24,7 @@ first answer's relevance proposes (`uhrbat.zoom`).
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -153,6 +154,12 @@ class UhrBatPipeline:
         )
         pipe.load_seconds = time.perf_counter() - t
         return pipe
+
+    def for_namespace(self, namespace: str) -> UhrBatPipeline:
+        """This pipeline (model, store, lock shared) with its store keys under `namespace` (a tenant)."""
+        other = copy.copy(self)
+        other.scenes = SceneManager(self.model, self.processor, self.scene_cache, self._model_lock, namespace)
+        return other
 
     # ---------------------------------------------------------------- identity and defaults
     @property
@@ -427,6 +434,11 @@ class UhrBatPipeline:
         zoom = self.resolve(**kwargs).zoom
         targets = reading_targets(images, kwargs)
         if zoom:
+            if gen.get("streamer") is not None:  # it would hear pass 1's answer, then pass 2's
+                raise ConfigError(
+                    f"zoom={zoom} generates twice (pass 1 over the scene, pass 2 over its windows), so a streamer "
+                    "would hear both answers; drop streamer= (the result holds the answer) or ask with zoom=0"
+                )
 
             def answer(images: list, prompts: list, targets: list, relevance: bool, masks: Any) -> tuple[list, list]:
                 return self._answer(images, prompts, targets, gen, relevance, masks, progress, {**kwargs, "zoom": 0})

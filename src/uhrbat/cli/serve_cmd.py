@@ -10,6 +10,8 @@ import typer
 from uhrbat.cli import options as opt
 from uhrbat.errors import UhrBatError
 
+DEFAULT_MAX_SCENE_MB = 4096  # == uhrbat.serving.limits.DEFAULT_MAX_SCENE_MB (the serve extra may be missing here)
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SERVER_MAX_PIXELS = 16_000 * 16_000  # == uhrbat.serving.limits.SERVER_MAX_PIXELS (checked in tests)
 
@@ -54,14 +56,44 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
     api_key: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--api-key",
             envvar="UHRBAT_API_KEY",
             show_envvar=True,
-            help="Require 'Authorization: Bearer KEY' on /v1/* (what openai.OpenAI(api_key=KEY) sends).",
+            help="Require 'Authorization: Bearer KEY' on /v1/* (what openai.OpenAI(api_key=KEY) sends). Repeat it "
+            "for several keys: each key is a tenant with its own scene handles and scene cache.",
         ),
     ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-keys-file",
+            exists=True,
+            dir_okay=False,
+            metavar="FILE",
+            help="More API keys, one per line ('#' comments and blank lines ignored).",
+        ),
+    ] = None,
+    max_scenes: Annotated[
+        int,
+        typer.Option("--max-scenes", min=1, help="Scene handles (POST /v1/scenes) one API key may hold at once."),
+    ] = 16,
+    max_scene_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-scene-mb",
+            min=1,
+            help="Prepared features all scene handles together may keep in memory (~940 MiB per scene of the "
+            "released model in bf16).",
+        ),
+    ] = DEFAULT_MAX_SCENE_MB,
+    scene_ttl: Annotated[
+        float,
+        typer.Option(
+            "--scene-ttl", min=0, help="Seconds a scene handle may stay unused before it is deleted (0 = never)."
+        ),
+    ] = 3600,
     served_model_name: Annotated[
         str | None, typer.Option("--served-model-name", help="The model id clients send.  [default: --model as given]")
     ] = None,
@@ -135,7 +167,7 @@ def serve(
     opts: opt.Shared,
 ) -> None:
     """Serve the model over the OpenAI chat-completions API (GET /v1/models, POST /v1/chat/completions,
-    GET /health, GET /metrics)."""
+    scene handles at /v1/scenes, GET /health, GET /metrics)."""
     try:
         from uhrbat.serving import ChatService, ServeOptions, create_app
         from uhrbat.serving.http_server import serve as run
@@ -144,14 +176,19 @@ def serve(
     from uhrbat.cli.ask import load_pipeline
     from uhrbat.io import set_decode_concurrency
 
-    if host not in LOOPBACK and not api_key:
+    keys = api_keys(api_key or [], api_keys_file)
+    if host not in LOOPBACK and not keys:
         typer.echo(
             f"warning: listening on {host} without --api-key: anyone who can reach it can run the model", err=True
         )
     model = opts.model
     options = ServeOptions(
         model_name=served_model_name or str(model),
-        api_keys=(api_key,) if api_key else (),
+        api_keys=keys,
+        max_scenes=max_scenes,
+        max_scene_bytes=int(max_scene_mb * 1024 * 1024),
+        scene_ttl_s=scene_ttl,
+        cache_dir=opts.load.get("cache_dir"),
         allowed_local_media_path=None if allowed_local_media_path is None else str(allowed_local_media_path),
         max_batch=max_batch,
         max_queue=max_queue,
@@ -183,6 +220,24 @@ def serve(
         err=True,
     )
     run(app, options, host=host, port=port)
+
+
+def api_keys(given: list[str], keys_file: Path | None) -> tuple[str, ...]:
+    """`--api-key` values and the keys of `--api-keys-file` (one per line), each once."""
+    keys = [k.strip() for k in given]
+    if keys_file is not None:
+        try:
+            lines = keys_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UhrBatError(f"--api-keys-file {str(keys_file)!r} cannot be read ({e}); give a UTF-8 text file") from e
+        found = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not found:
+            raise UhrBatError(f"--api-keys-file {str(keys_file)!r} holds no key; put one key per line")
+        keys += found
+    bad = [k for k in keys if not k or any(c.isspace() for c in k)]
+    if bad:
+        raise UhrBatError("an API key is empty or holds whitespace; give keys without spaces, one per --api-key")
+    return tuple(dict.fromkeys(keys))
 
 
 def startup_banner(service: Any, model: str, seconds: float, selection: dict[str, Any]) -> list[str]:

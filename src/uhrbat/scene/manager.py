@@ -172,12 +172,12 @@ class SceneManager:
             got = self._lookup(key)
             if got is not None:
                 if canvases.squares:
-                    store.put(digest("canvas", content), canvases.tensors(), disk=False)
+                    store.put(self._canvas_key(content), canvases.tensors(), disk=False)
                 return self._opened(got[0], key, alias, source, got[1], timings, progress)
             scene = self._encode(tiles, full, timings, progress)
             store.put(key, scene.tensors())
             if canvases.squares:
-                store.put(digest("canvas", content), canvases.tensors(), disk=False)
+                store.put(self._canvas_key(content), canvases.tensors(), disk=False)
         opened = self._opened(scene, key, alias, source, "miss", timings, progress)
         opened.encoded = scene.tile_counts()
         return opened
@@ -296,6 +296,11 @@ class SceneManager:
         scene = Scene.from_tensors(got[0], self.geometry, self.model.projector.fc1.weight.dtype)
         return (scene, got[1]) if scene is not None else None
 
+    def _canvas_key(self, content: str) -> str:
+        """Store key of a scene's pixel canvases: the content and the namespace (a tenant never
+        finds another tenant's canvases, not even by timing)."""
+        return digest("canvas", content, self.namespace)
+
     def _pixels(self, content: str, image: Any) -> Callable[[], Canvases]:
         """Where finer tiles come from: the kept canvases, or the source read again (verified to be
         the same pyramid)."""
@@ -304,14 +309,14 @@ class SceneManager:
             ip = self.processor.image_processor
             g = self.geometry
             fine = [s for s in g.scales if s != g.base_scale]
-            got = self.store.get(digest("canvas", content)) if self.store is not None else None
+            got = self.store.get(self._canvas_key(content)) if self.store is not None else None
             if got is not None:
                 return Canvases.from_tensors(ip, got[0])
             _, canvases, again = read_pyramid(self._source(image), ip, (), fine)
             if again != content:
                 raise ImageLoadError("the image changed since its scene was prepared; open it again")
             if self.store is not None:
-                self.store.put(digest("canvas", content), canvases.tensors(), disk=False)
+                self.store.put(self._canvas_key(content), canvases.tensors(), disk=False)
             return canvases
 
         return provide

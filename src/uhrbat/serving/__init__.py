@@ -11,6 +11,8 @@ the same app). A request flows through:
   for every front end;
 - `limits`: every limit and default (`ServeOptions`), model facts, deadlines, K-Means work;
 - `media`, `uploads`: OpenAI messages -> conversation + image handle; spool files, handles;
+- `scene_handles`, `scene_routes`: scene handles (`/v1/scenes`): upload once, ask by `scene_id`, scoped to
+  the API key (tenant) that uploaded it;
 - `engine`: prepare stage (decodes images) + micro-batching model thread;
 - `openai_api`: wire schemas and the error type; `metrics`: Prometheus metrics.
 
@@ -27,6 +29,7 @@ _EXPORTS = {
     "ImageRef": "uhrbat.serving.chat_service",
     "RawOptions": "uhrbat.serving.chat_service",
     "RequestContext": "uhrbat.serving.chat_service",
+    "SceneHandles": "uhrbat.serving.scene_handles",
     "ServeOptions": "uhrbat.serving.limits",
     "create_app": "uhrbat.serving.app",
     "serve": "uhrbat.serving.http_server",

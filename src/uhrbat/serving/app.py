@@ -5,13 +5,13 @@ from uhrbat.serving import ChatService, ServeOptions, create_app
 app = create_app(ChatService(pipeline, ServeOptions(model_name="uhrbat")))
 ```
 
-Routes: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream), `GET /health`,
-`GET /metrics`. A route authenticates (`ApiKeys` -> the request's tenant), reads the body
-(`read_json_body`: off the event loop, images spooled to disk as they arrive) and hands over to
-`OpenAIServingChat`. `uhrbat demo` adds its page's router to the same app (`serving.demo`), so the
-page and API clients share one engine, one model and one error format: OpenAI's
-`{"error": {"message", "type", "param", "code"}}` for every 4xx/5xx. The engine starts and stops
-with the app (its lifespan).
+Routes: `GET /v1/models`, `POST /v1/chat/completions` (JSON or SSE stream), the scene handles
+(`/v1/scenes`, `serving.scene_routes`), `GET /health`, `GET /metrics`. A route authenticates
+(`ApiKeys` -> the request's tenant), reads the body (`read_json_body`: off the event loop, images
+spooled to disk as they arrive) and hands over to `OpenAIServingChat`. `uhrbat demo` adds its
+page's router to the same app (`serving.demo`), so the page and API clients share one engine, one
+model and one error format: OpenAI's `{"error": {"message", "type", "param", "code"}}` for every
+4xx/5xx. The engine starts and stops with the app (its lifespan).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -41,8 +41,8 @@ _FEED_BYTES = 256 * 1024  # body pieces are handed to the parser thread in ~256 
 
 class ApiKeys:
     """`Authorization: Bearer KEY` -> the request's tenant. No keys: no authentication, tenant
-    None. Each key is its own tenant, named by a digest prefix (never the key itself), so the
-    issue-22 scene handles can be scoped by it."""
+    None. Each key is its own tenant, named by a digest prefix (never the key itself): its scene
+    handles and its scene-cache namespace (`serving.scene_handles`)."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys = [(k.encode(), "key-" + hashlib.sha256(k.encode()).hexdigest()[:12]) for k in keys if k]
@@ -72,9 +72,10 @@ class ApiKeys:
         return found
 
 
-async def read_json_body(request: Request) -> ParsedBody:
-    """The request's JSON body, parsed off the event loop as it arrives (see `serving.body`)."""
-    reader = JsonBodyReader(MAX_JSON_TEXT_BYTES)
+async def read_json_body(request: Request, image_at: Callable[[tuple], bool] | None = None) -> ParsedBody:
+    """The request's JSON body, parsed off the event loop as it arrives (see `serving.body`;
+    `image_at`: where a big data: URL may stand, a chat request's image parts by default)."""
+    reader = JsonBodyReader(MAX_JSON_TEXT_BYTES, image_at=image_at)
     pending: list[bytes] = []
     size = 0
     try:
@@ -180,7 +181,11 @@ def create_app(service: ChatService, *, extra_routes: Sequence[str] = ()) -> Fas
     opts = service.options
     app = FastAPI(title="UHR-BAT", docs_url=None, redoc_url=None, openapi_url=None, lifespan=service.lifespan)
     install_error_handlers(app, service)
-    app.include_router(openai_router(OpenAIServingChat(service, opts.model_name), ApiKeys(opts.api_keys)))
+    from uhrbat.serving.scene_routes import scenes_router
+
+    keys = ApiKeys(opts.api_keys)
+    app.include_router(openai_router(OpenAIServingChat(service, opts.model_name), keys))
+    app.include_router(scenes_router(service, keys, read_json_body))
     app.include_router(ops_router(service, opts.model_name))
     app.add_middleware(
         RequestGuard,
@@ -194,7 +199,7 @@ def create_app(service: ChatService, *, extra_routes: Sequence[str] = ()) -> Fas
     app.add_middleware(
         MetricsMiddleware,
         metrics=service.metrics,
-        routes={"/v1/chat/completions", "/v1/models", "/health", "/metrics", *extra_routes},
+        routes={"/v1/chat/completions", "/v1/models", "/v1/scenes", "/health", "/metrics", *extra_routes},
     )
     return app
 

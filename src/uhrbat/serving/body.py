@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +68,12 @@ class JsonBodyReader:
     """Incremental JSON body reader (see the module docstring). Not thread-safe: feed it from
     one thread at a time."""
 
-    def __init__(self, max_text_bytes: int, spool_after: int = SPOOL_AFTER) -> None:
+    def __init__(
+        self, max_text_bytes: int, spool_after: int = SPOOL_AFTER, image_at: Callable[[tuple], bool] | None = None
+    ) -> None:
         self.max_text_bytes = max_text_bytes
         self.spool_after = spool_after
+        self.image_at = image_at or chat_image_at  # where a spooled data: URL may stand
         self.nonce = secrets.token_hex(8)
         self.prefix = "\x00uhrbat-spool:" + self.nonce + ":"
         self._text = bytearray()
@@ -272,7 +276,7 @@ class JsonBodyReader:
             if not isinstance(value, dict):
                 raise bad_request("the request body must be a JSON object")
             if spools:
-                _check_placeholders(value, self.prefix, ())
+                _check_placeholders(value, self.prefix, (), self.image_at)
             return ParsedBody(value, spools)
         except BaseException:
             ParsedBody(None, spools).release()
@@ -289,24 +293,32 @@ def _refuse_constant(name: str) -> Any:
     raise _Constant(name)
 
 
-def _check_placeholders(value: Any, prefix: str, path: tuple) -> None:
-    """A spooled data: URL is only accepted as an image part's URL
-    (`messages.N.content.M.image_url.url`); anywhere else it would be text for the model."""
+def chat_image_at(path: tuple) -> bool:
+    """A chat request's image: an image part's URL (`messages.N.content.M.image_url.url`)."""
+    return len(path) == 6 and path[0] == "messages" and path[2] == "content" and path[4:] == ("image_url", "url")
+
+
+def scene_image_at(path: tuple) -> bool:
+    """A scene upload's image (`POST /v1/scenes`: `{"image": "data:..."}`)."""
+    return path == ("image",)
+
+
+def _check_placeholders(value: Any, prefix: str, path: tuple, image_at: Callable[[tuple], bool]) -> None:
+    """A spooled data: URL is only accepted where the request takes an image (`image_at`);
+    anywhere else it would be text for the model."""
     if isinstance(value, str):
-        if value.startswith(prefix) and not (
-            len(path) == 6 and path[0] == "messages" and path[2] == "content" and path[4:] == ("image_url", "url")
-        ):
+        if value.startswith(prefix) and not image_at(path):
             where = ".".join(map(str, path)) or "request"
             raise bad_request(
                 f"{where}: a data: URL longer than {SPOOL_AFTER // 1024} KiB is only accepted as an image_url", where
             )
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_placeholders(k, prefix, (*path, "key"))
-            _check_placeholders(v, prefix, (*path, k))
+            _check_placeholders(k, prefix, (*path, "key"), image_at)
+            _check_placeholders(v, prefix, (*path, k), image_at)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_placeholders(v, prefix, (*path, i))
+            _check_placeholders(v, prefix, (*path, i), image_at)
 
 
-__all__ = ["SPOOL_AFTER", "JsonBodyReader", "ParsedBody", "SpooledURL"]
+__all__ = ["SPOOL_AFTER", "JsonBodyReader", "ParsedBody", "SpooledURL", "chat_image_at", "scene_image_at"]

@@ -7,13 +7,13 @@ reference and the request's raw options — and hand it to one `ChatService`, wh
 1. checks the options against the server's limits (`check_options` -> `ChatOptions`; a 400
    naming the field and the flag otherwise);
 2. resolves the image reference to an `ImageHandle` (`resolve_image`: the one place an image
-   part becomes something the engine can open — issue 22's scene ids plug in here);
+   part — or a scene handle's id, `serving.scene_handles` — becomes something the engine can open);
 3. submits a `Job` to the engine (`submit`), whose prepare stage decodes the image off the
    request path and whose model thread answers;
 4. waits for the answer (`complete`) or yields stage / text / done events (`events`).
 
-Who asks and by when travels in a `RequestContext`: the tenant (the API key's, issue 22 scopes
-scene ids and caches by it), the deadline and a request id for logs.
+Who asks and by when travels in a `RequestContext`: the tenant (the API key's: scene handles and
+the scene cache are the tenant's own), the deadline and a request id for logs.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class ImageRef:
     url: str | None = None
     upload: Spool | None = None
     local: Any = None
+    scene_id: Any = None  # a scene handle of the request's tenant (`serving.scene_handles`)
     where: str = "image"  # JSON path / form field, for error messages
     spools: Mapping[str, SpooledURL] = field(default_factory=dict)
 
@@ -85,6 +86,10 @@ class RawOptions:
     repetition_penalty: float | None = None
     stop: Sequence[str] = ()
     bands: str | None = None
+    region: Any = None  # [x0, y0, x1, y1] or "x0,y0,x1,y1": pixels, or map coordinates with region_crs
+    region_crs: str | None = None
+    region_geojson: Any = None  # a GeoJSON object or its text (never a path: see `uhrbat.options.ReadOptions`)
+    zoom: int | None = None
     return_relevance: bool = False
     params: Mapping[str, str] = field(default_factory=dict)
 
@@ -101,7 +106,7 @@ class ChatOptions:
     generation: Mapping[str, Any]  # do_sample, temperature, top_p, repetition_penalty
     stops: tuple[str, ...] = ()
     seed: int | None = None  # sampling seed
-    read: Mapping[str, Any] = field(default_factory=dict)  # untrusted-reader options
+    read: Mapping[str, Any] = field(default_factory=dict)  # untrusted-reader options (+ "region": a RegionRequest)
     return_relevance: bool = False
 
 
@@ -139,6 +144,9 @@ class ChatService:
             prepare_workers=o.decode_workers,
             metrics=self.metrics,
         )
+        from uhrbat.serving.scene_handles import SceneHandles
+
+        self.scenes = SceneHandles(self.options, self.engine.pipeline_for)
         self._facts: ModelFacts | None = None
         self.inflight = InFlight(o.max_inflight_bytes)  # request-body bytes being received or answered
 
@@ -149,6 +157,7 @@ class ChatService:
 
     def close(self) -> None:
         self.engine.close()
+        self.scenes.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Any = None) -> AsyncIterator[None]:
@@ -177,7 +186,7 @@ class ChatService:
     # ------------------------------------------------------------------ 1. options
     def check_options(self, raw: RawOptions) -> ChatOptions:
         """The request's options, checked against the server's limits (400 naming the field)."""
-        from uhrbat.options import parse_budgets
+        from uhrbat.options import SelectionOptions, parse_budgets
         from uhrbat.selectors import check_selector_name
 
         o = self.options
@@ -211,6 +220,9 @@ class ChatService:
         for name in ("selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed", "encode", "gate_margin"):
             if getattr(raw, name) is not None:
                 selection[name] = getattr(raw, name)
+        if raw.zoom is not None:
+            selection["zoom"] = _checked("zoom", raw, lambda: SelectionOptions.of(zoom=raw.zoom).zoom)
+        region = _region_request(raw)
         self._check_work(selection, raw)
         generation: dict[str, Any] = {}
         if raw.temperature:  # None or 0: greedy
@@ -220,6 +232,8 @@ class ChatService:
         if raw.repetition_penalty is not None:
             generation["repetition_penalty"] = raw.repetition_penalty
         read = dict(o.read_options(), **({"bands": raw.bands} if raw.bands else {}))
+        if region is not None:
+            read["region"] = region  # only the window is read, at native resolution (the prepare stage)
         return ChatOptions(max_new, selection, generation, tuple(raw.stop), raw.seed, read, raw.return_relevance)
 
     def _check_work(self, selection: dict[str, Any], raw: RawOptions) -> None:
@@ -247,15 +261,18 @@ class ChatService:
 
         The one place an image part is interpreted: data: URLs (spooled or inline), `file://`
         URLs under the allowed root and uploads become untrusted handles; a trusted Python
-        caller's local image goes to the pipeline as it is. A scene handle (issue 22: a
-        `scene_id` looked up under `ctx.tenant`) is one more branch here."""
+        caller's local image goes to the pipeline as it is; a `scene_id` is looked up among
+        `ctx.tenant`'s scene handles (404 for any other id)."""
         from uhrbat.serving.media import image_handle
 
-        if ref.upload is not None:
-            return SpooledImage(ref.upload, dict(options.read))
-        if ref.url is not None:
+        handle: ImageHandle
+        if ref.scene_id is not None:  # a window of it for a region (zoom reads more: its file is kept)
+            handle = self.scenes.image(ctx.tenant or "", ref.scene_id, ref.where, options.read.get("region"))
+        elif ref.upload is not None:
+            handle = SpooledImage(ref.upload, dict(options.read))
+        elif ref.url is not None:
             o = self.options
-            return image_handle(
+            handle = image_handle(
                 ref.url,
                 spools=ref.spools,
                 allowed_local_media_path=o.allowed_local_media_path,
@@ -263,9 +280,27 @@ class ChatService:
                 read_opts=dict(options.read),
                 param=ref.where,
             )
-        if ref.local is not None:
-            return LocalImage(ref.local)
-        raise bad_request(f"{ref.where}: no image given", ref.where)
+        elif ref.local is not None:
+            if options.read.get("region") is not None:  # a trusted caller's image: the pipeline reads the window
+                handle = LocalImage(ref.local, region=options.read["region"])
+            else:
+                handle = LocalImage(ref.local)
+        else:
+            raise bad_request(f"{ref.where}: no image given", ref.where)
+        # zoom reads more windows of the image after pass 1: the source must remember its file
+        handle.windows = self._zooms(options)
+        return handle
+
+    def _zooms(self, options: ChatOptions) -> bool:
+        """Whether the question zooms: its own `zoom`, else the served pipeline's default."""
+        zoom = options.selection.get("zoom")
+        if zoom is None:
+            try:
+                resolve = getattr(self.engine.pipeline(), "resolve", None)
+            except Exception:  # noqa: BLE001  (a model that fails to load fails the job, with its reason)
+                return False
+            zoom = resolve().zoom if resolve is not None else 0
+        return bool(zoom)
 
     # ------------------------------------------------------------------ 3. submit
     def submit(
@@ -293,6 +328,7 @@ class ChatService:
                 seed=options.seed,
                 return_relevance=options.return_relevance,
                 deadline=ctx.deadline,
+                namespace=ctx.tenant or "",
                 on_text=on_text,
                 on_stage=on_stage,
             )
@@ -313,6 +349,7 @@ class ChatService:
         while True:
             done, _ = await asyncio.wait({fut}, timeout=0.25)
             if done:
+                fut.exception()  # retrieved here (asyncio logs "never retrieved" otherwise); `_outcome` raises it
                 return _outcome(job)
             if await disconnected():
                 job.cancel.set()
@@ -350,6 +387,33 @@ class ChatService:
         finally:
             if not job.future.done():
                 job.cancel.set()  # the consumer went away: stop this row
+
+
+def _checked(param: str, raw: RawOptions, check: Callable[[], Any]) -> Any:
+    """`check()`'s value; its `UhrBatError` as a 400 naming the request's field."""
+    try:
+        return check()
+    except UhrBatError as e:
+        raise bad_request(str(e), raw.param(param), code=type(e).__name__) from None
+
+
+def _region_request(raw: RawOptions) -> Any:
+    """The request's region (`uhrbat.io.regions.RegionRequest`, parsed by the one options model,
+    `uhrbat.options.ReadOptions`: syntax, CRS, GeoJSON), or None; a bad one is a 400 naming the
+    field. Placing it on the image (outside the raster, map coordinates without georeference)
+    happens when the image is read: a 400 too (code `RegionError`), its line naming the region."""
+    from uhrbat.options import ReadOptions
+
+    given = {n: getattr(raw, n) for n in ("region", "region_crs", "region_geojson") if getattr(raw, n) is not None}
+    if not given:
+        return None
+    try:
+        return ReadOptions.of(**given).region_request()
+    except UhrBatError as e:
+        param = "region_geojson" if "region_geojson" in given else "region" if "region" in given else "region_crs"
+        if "region_crs" in given and str(e).startswith("unknown CRS"):
+            param = "region_crs"
+        raise bad_request(str(e), raw.param(param), code=type(e).__name__) from None
 
 
 def _outcome(job: Job) -> Completion:

@@ -9,7 +9,8 @@
    `batch_wait_s` for more, and runs up to `max_batch` compatible jobs (same selection and
    sampling options) as one left-padded batch through `pipeline.chat_batch` — equal to one-by-one
    results, since the model batches with left padding. Sampled requests (temperature > 0) run
-   alone so that their seed means the same as in a single request.
+   alone so that their seed means the same as in a single request; so do zoom questions (two
+   passes, the second over their windows).
 
 Admission is bounded: more than `max_queue` jobs waiting (in either stage) raises
 `ServerBusyError` (the app answers 503 + Retry-After). Every job carries a `Deadline` and a
@@ -69,6 +70,7 @@ class Job:
     stage: str = "queued"
     source: Any = None  # the opened image (set by a prepare thread)
     filename: str | None = None  # the client's name for the image
+    namespace: str = ""  # the tenant: its scenes and cache keys are its own (`Engine.pipeline_for`)
 
     def __post_init__(self) -> None:
         if self.filename is None and isinstance(self.image, ImageHandle):
@@ -101,9 +103,11 @@ class Job:
 
     def batch_key(self) -> str:
         """Jobs with equal keys may share a batch."""
-        if self.generation.get("do_sample"):
+        if self.generation.get("do_sample") or self.selection.get("zoom"):
             return f"solo:{id(self)}"
-        return json.dumps([self.generation, self.selection, self.return_relevance], sort_keys=True, default=str)
+        return json.dumps(
+            [self.namespace, self.generation, self.selection, self.return_relevance], sort_keys=True, default=str
+        )
 
 
 @dataclass
@@ -264,6 +268,7 @@ class Engine:
         self._pipeline = pipeline
         self._factory = pipeline_factory
         self._pipeline_lock = threading.Lock()
+        self._tenant_pipelines: dict[str, Any] = {}  # namespace -> pipeline (one per API key)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
@@ -290,6 +295,18 @@ class Engine:
                 if self._pipeline is None:
                     self._pipeline = self._factory()  # type: ignore[misc]
         return self._pipeline
+
+    def pipeline_for(self, namespace: str) -> Any:
+        """The pipeline whose scene keys live under `namespace` (a tenant; "" = the server's own):
+        the same model and store, `pipeline.for_namespace(namespace)`, made once per tenant."""
+        pipe = self.pipeline()
+        if not namespace:
+            return pipe
+        with self._pipeline_lock:
+            got = self._tenant_pipelines.get(namespace)
+            if got is None:
+                got = self._tenant_pipelines[namespace] = pipe.for_namespace(namespace)
+            return got
 
     # ------------------------------------------------------------------ queue
     @property
@@ -440,7 +457,7 @@ class Engine:
 
     def _run(self, batch: list[Job]) -> None:
         try:
-            pipe = self.pipeline()
+            pipe = self.pipeline_for(batch[0].namespace)  # a batch is one tenant's (`batch_key`)
         except BaseException as e:  # noqa: BLE001  (a failed model load fails these requests, not the worker)
             for job in batch:
                 _fail(job, e)
@@ -449,7 +466,23 @@ class Engine:
             job.set_stage("model")
         tokenizer = pipe.processor.tokenizer
         first = batch[0]
-        streamer = RowStreamer(batch, tokenizer) if any(j.on_text for j in batch) else None
+        # A zoom question (the request's or the server's default) generates twice, pass 2 over
+        # other rows (its windows): the per-row hooks would count and stream across both passes,
+        # so it runs alone and without them. Its answer arrives whole; the deadline and
+        # cancellation are checked at every stage (BatchProgress).
+        resolve = getattr(pipe, "resolve", None)
+        try:
+            zoom = resolve(**first.selection).zoom if resolve is not None else first.selection.get("zoom")
+        except Exception as e:  # noqa: BLE001  (bad options fail these requests, not the worker)
+            for job in batch:
+                _fail(job, e)
+            return
+        if zoom and len(batch) > 1:
+            for job in batch:
+                self._run([job])
+            return
+        hooks = not zoom
+        streamer = RowStreamer(batch, tokenizer) if hooks and any(j.on_text for j in batch) else None
         control = RowControl(batch, tokenizer, pipe.model.generation_config.eos_token_id)
         started = time.perf_counter()
         if first.generation.get("do_sample") and first.seed is not None:
@@ -459,7 +492,7 @@ class Engine:
                 [j.source for j in batch],
                 [j.messages for j in batch],
                 max_new_tokens=max(j.max_new_tokens for j in batch),
-                stopping_criteria=StoppingCriteriaList([control]),
+                stopping_criteria=StoppingCriteriaList([control] if hooks else []),
                 streamer=streamer,
                 return_relevance=first.return_relevance,
                 progress=BatchProgress(batch),

@@ -41,6 +41,9 @@ MAX_JSON_TEXT_BYTES = 16 * MiB
 #: count keeps every token of that scale, so this bound refuses nothing meaningful; it keeps
 #: `2**63` from overflowing a tensor deep inside the model (issue 18, item 7).
 MAX_BUDGET = 2**31 - 1
+#: Prepared features that scene handles keep in memory (all tenants together): about four scenes
+#: of the released model in bf16 (0.94 GB each), as the scene store's own default bound.
+DEFAULT_MAX_SCENE_MB = 4096
 
 
 class RequestTimeout(UhrBatError):
@@ -83,6 +86,11 @@ class ServeOptions:
     read_timeout_s: float = 30.0
     keep_alive_s: float = 5.0
     retry_after_s: int = 2
+    # scene handles (POST /v1/scenes, `serving.scene_handles`)
+    max_scenes: int = 16  # per tenant (API key)
+    max_scene_bytes: int = DEFAULT_MAX_SCENE_MB * MiB  # prepared features held by handles, all tenants
+    scene_ttl_s: float = 3600.0  # a handle unused this long is deleted (0 = never)
+    cache_dir: str | None = None  # handles are kept under <cache_dir>/handles and survive a restart
     flags: Mapping[str, str] = field(
         default_factory=lambda: {
             "max_request_bytes": "--max-request-mb",
@@ -94,6 +102,9 @@ class ServeOptions:
             "request_timeout_s": "--request-timeout",
             "read_timeout_s": "--read-timeout",
             "max_pixels": "--max-pixels",
+            "max_scenes": "--max-scenes",
+            "max_scene_bytes": "--max-scene-mb",
+            "scene_ttl_s": "--scene-ttl",
         }
     )
 
@@ -124,6 +135,9 @@ class ServeOptions:
             f"{self.decode_workers} image-decoding threads",
             f"connections: <= {self.max_connections}, request head within {self.header_timeout_s:g} s, "
             f"body idle <= {self.read_timeout_s:g} s, keep-alive {self.keep_alive_s:g} s",
+            f"scene handles: <= {self.max_scenes} per API key, <= {self.max_scene_bytes / MiB:g} MiB of features, "
+            f"idle TTL {f'{self.scene_ttl_s:g} s' if self.scene_ttl_s else 'none'}, "
+            + (f"kept under {self.cache_dir}/handles" if self.cache_dir else "in memory only (no --cache-dir)"),
         ]
 
 
@@ -135,12 +149,16 @@ class ServablePipeline(Protocol):
     (when a row has ended), `processor.tokenizer` (decodes streamed token ids), `resolve(**options)`
     (the selection a call would run with: the pipeline's defaults and the checkpoint's filled in, a
     `uhrbat.options.ResolvedSelection`) and `chat_batch(images, conversations, ..., progress=...)`
-    (`progress(stage, info)` at every stage boundary, `uhrbat.progress`)."""
+    (`progress(stage, info)` at every stage boundary, `uhrbat.progress`), `for_namespace(tenant)`
+    (the same pipeline with its scene keys under the tenant's namespace) and, for scene handles,
+    `open(image)` (an `OpenedScene`)."""
 
     model: Any
     processor: Any
 
     def resolve(self, **options: Any) -> Any: ...
+
+    def for_namespace(self, namespace: str) -> Any: ...
 
     def chat_batch(self, images: Sequence[Any], conversations: Sequence[Any], **kwargs: Any) -> list[Any]: ...
 

@@ -42,12 +42,15 @@ _IMAGE_MEDIA_TYPES = (
 )
 
 
-def conversation(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], ImagePart, str]:
+def conversation(
+    messages: Sequence[Message], scene_id: str | None = None
+) -> tuple[list[dict[str, Any]], ImagePart | None, str]:
     """OpenAI messages -> (pipeline conversation, the one image part, its JSON path for errors).
 
     The conversation uses the pipeline's content format (`{"type": "text"|"image"}`), with
     `developer` mapped to `system`. Exactly one image, in a user message; the last message must
-    be the user's."""
+    be the user's. With a `scene_id` (a scene handle) the messages hold no image: the scene's
+    image part goes first in the first user message, and the image part returned is None."""
     out: list[dict[str, Any]] = []
     images: list[tuple[ImagePart, str]] = []
     for i, m in enumerate(messages):
@@ -69,15 +72,31 @@ def conversation(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], Ima
                 images.append((part, where))
                 parts.append({"type": "image"})
         out.append({"role": role, "content": parts})
-    if len(images) != 1:
+    if scene_id is not None:
+        if images:
+            where = images[0][1]
+            raise bad_request(
+                f"{where}: the request names a scene_id and sends an image too; ask about one: drop the image_url "
+                "part (the scene's image is used) or drop scene_id",
+                where,
+            )
+        first = next((m for m in out if m["role"] == "user"), None)
+        if first is None:
+            raise bad_request("the conversation has no user message to ask about the scene", "messages")
+        text = first["content"]
+        first["content"] = [{"type": "image"}, *([{"type": "text", "text": text}] if isinstance(text, str) else text)]
+    elif len(images) != 1:
         what = "no image" if not images else f"{len(images)} images"
         raise bad_request(
             f"the conversation has {what}; UHR-BAT answers about exactly one image per conversation "
-            "(one image_url part in a user message; resend it with each follow-up)",
+            "(one image_url part in a user message, resent with each follow-up; or upload it once with "
+            "POST /v1/scenes and send extra_body={'scene_id': ID})",
             "messages",
         )
     if out[-1]["role"] != "user":
         raise bad_request("the last message must be the user's question", "messages")
+    if scene_id is not None:
+        return out, None, "scene_id"
     return out, images[0][0], images[0][1]
 
 

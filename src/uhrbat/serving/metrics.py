@@ -70,6 +70,8 @@ class MetricsMiddleware:
             return path
         if path.startswith("/api/result/"):
             return "/api/result"
+        if path.startswith("/v1/scenes/"):  # never a label per scene id
+            return "/v1/scenes/{id}"
         return "other"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
