@@ -49,7 +49,7 @@ from uhrbat.scene.origin import reading_targets, refuse_window_masks
 from uhrbat.scene.store import DEFAULT_MAX_BYTES, SceneStore
 from uhrbat.selectors import get_selector
 from uhrbat.selectors.base import require_mask
-from uhrbat.zoom import zoom_answers
+from uhrbat.zoom import check_generation, zoom_answers
 
 __all__ = ["UhrBatPipeline"]
 
@@ -434,11 +434,7 @@ class UhrBatPipeline:
         zoom = self.resolve(**kwargs).zoom
         targets = reading_targets(images, kwargs)
         if zoom:
-            if gen.get("streamer") is not None:  # it would hear pass 1's answer, then pass 2's
-                raise ConfigError(
-                    f"zoom={zoom} generates twice (pass 1 over the scene, pass 2 over its windows), so a streamer "
-                    "would hear both answers; drop streamer= (the result holds the answer) or ask with zoom=0"
-                )
+            check_generation(zoom, gen)
 
             def answer(images: list, prompts: list, targets: list, relevance: bool, masks: Any) -> tuple[list, list]:
                 return self._answer(images, prompts, targets, gen, relevance, masks, progress, {**kwargs, "zoom": 0})

@@ -38,7 +38,7 @@ from torch import Tensor
 from uhrbat.configuration.geometry import CLIP_336_14, TokenGeometry
 from uhrbat.errors import RegionError
 
-__all__ = ["Proposal", "check_zoomable", "label_components", "propose_windows", "zoom_answers"]
+__all__ = ["Proposal", "check_generation", "check_zoomable", "label_components", "propose_windows", "zoom_answers"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,18 @@ def check_zoomable(image: Any, request: Any = None) -> None:
         raise RegionError(
             "zoom reads windows from the image file: pass the path (or a PIL image), or a scene or source opened "
             "from it (pipe.open(path), uhrbat.scene.origin.open_source(path))"
+        )
+
+
+def check_generation(zoom: int, generate_kwargs: dict[str, Any]) -> None:
+    """`ConfigError` (before any compute) for generation hooks that cannot follow two passes: a
+    streamer would hear pass 1's answer, then pass 2's."""
+    from uhrbat.errors import ConfigError
+
+    if generate_kwargs.get("streamer") is not None:
+        raise ConfigError(
+            f"zoom={zoom} generates twice (pass 1 over the scene, pass 2 over its windows), so a streamer would hear "
+            "both answers; drop streamer= (the result holds the answer) or ask with zoom=0"
         )
 
 
