@@ -43,7 +43,6 @@ from uhrbat.options import GenerationOptions, ReadOptions, SelectionOptions
 from uhrbat.processing.messages import chat_prompt
 from uhrbat.progress import Progress
 from uhrbat.results import AskResult
-from uhrbat.scene.keys import model_identity, reset_model_identity
 from uhrbat.scene.manager import OpenedScene, SceneManager
 from uhrbat.scene.origin import reading_targets, refuse_window_masks
 from uhrbat.scene.store import DEFAULT_MAX_BYTES, SceneStore
@@ -170,14 +169,6 @@ class UhrBatPipeline:
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
-
-    def model_identity(self) -> str:
-        """Fingerprint of the model (see `uhrbat.scene.keys.model_identity`); computed once.
-        Call `reset_model_identity()` after changing the weights in place."""
-        return model_identity(self.model)
-
-    def reset_model_identity(self) -> None:
-        reset_model_identity(self.model)
 
     def resolve(self, **overrides: Any) -> Any:
         """The selection options a call with `overrides` would run with (`ResolvedSelection`)."""
