@@ -12,6 +12,17 @@ timings and URLs of the overlay PNG and of the kept tokens (GeoJSON for a georef
 else the pixel-space `kept.pixels.json`). Errors use the app's one
 format, OpenAI's `{"error": {"message", ...}}`.
 
+Map view (issue 21): choosing a GeoTIFF posts it to `POST /api/map`, which keeps it when it can be
+mapped (`serving.tiles.MapScenes`: untrusted reader, georeference transformable to WGS84) and
+answers its id, WGS84 bounds, zoom range and the tile URL template
+`api/map/{id}/tiles/{z}/{x}/{y}.png` (Web-Mercator PNGs cut from the upload with rio-tiler; 404
+for unknown ids and tiles off the scene). The page (`static/map.js`, Leaflet + Leaflet-Geoman
+vendored under `static/vendor/`, nothing from the network) shows the scene on a slippy map, draws
+the kept tokens of each answer as a GeoJSON layer in their scale's overlay colour, and a drawn box
+asks about that region: the form then sends `scene` (the id, no second upload) with
+`region` = "west,south,east,north" and `region_crs` = "EPSG:4326". Images without a usable
+georeference keep the image view, and the page says why.
+
 ```python
 from uhrbat.serving import ChatService
 from uhrbat.serving.demo import create_app, demo_options
@@ -34,6 +45,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -44,7 +56,7 @@ from uhrbat.serving.chat_service import ChatInput, ChatService, ImageRef, RawOpt
 from uhrbat.serving.engine import Completion
 from uhrbat.serving.limits import SERVER_MAX_PIXELS, MiB, ServeOptions
 from uhrbat.serving.openai_api import APIError
-from uhrbat.serving.tiles import MapScenes, NoTile, NotMappable, UnknownScene
+from uhrbat.serving.tiles import TILE_WORKERS, MapScenes, NoTile, NotMappable, UnknownScene
 from uhrbat.serving.uploads import Spool, accepted_formats, accepted_suffixes
 
 log = logging.getLogger("uhrbat.demo")
@@ -278,6 +290,7 @@ class DemoPage:
         self.overlay_max_side = overlay_max_side
         self.store = _Store(store_size)
         self.maps = map_scenes or MapScenes()
+        self._tile_slots = anyio.CapacityLimiter(TILE_WORKERS)  # waiting tiles hold no thread
 
     def router(self) -> APIRouter:
         r = APIRouter()
@@ -472,7 +485,7 @@ class DemoPage:
     async def map_tile(self, scene: str, z: int, x: int, y: int) -> Response:
         """One 256-px PNG tile of a kept scene (Web-Mercator XYZ); 404 off the scene."""
         try:
-            png = await asyncio.to_thread(self.maps.tile, scene, z, x, y)
+            png = await anyio.to_thread.run_sync(self.maps.tile, scene, z, x, y, limiter=self._tile_slots)
         except (UnknownScene, NoTile) as e:
             raise APIError(404, str(e), code="not_found") from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

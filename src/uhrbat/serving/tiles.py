@@ -38,6 +38,8 @@ from uhrbat.serving.uploads import Spool
 
 #: Side of a map tile in pixels (Leaflet's default grid).
 TILE_SIZE = 256
+#: Tiles read at the same time (the demo's limit; a browser asks for a dozen at once).
+TILE_WORKERS = 2
 #: Tiles are 404 below the zoom at which the whole scene fits in about this many tiles across:
 #: coarser tiles would read (decimate) the whole raster for a few pixels of it.
 MIN_ZOOM_TILES = 1
@@ -103,12 +105,11 @@ def _gdal_env() -> Any:
 class MapScenes:
     """The kept scenes and their tiles (see the module docstring)."""
 
-    def __init__(self, *, max_scenes: int = 8, max_bytes: int = 2 * 2**30, tile_workers: int = 2) -> None:
+    def __init__(self, *, max_scenes: int = 8, max_bytes: int = 2 * 2**30) -> None:
         self.max_scenes = int(max_scenes)
         self.max_bytes = int(max_bytes)
         self._scenes: OrderedDict[str, MapScene] = OrderedDict()
         self._lock = threading.Lock()
-        self._tiles = threading.BoundedSemaphore(tile_workers)
         self._root = tempfile.mkdtemp(prefix="uhrbat-map-")  # mode 0700
         weakref.finalize(self, shutil.rmtree, self._root, True)  # also at interpreter exit
 
@@ -222,7 +223,7 @@ class MapScenes:
             raise NoTile(f"tile {z}/{x}/{y} is off the map grid")
         from rio_tiler.io import Reader
 
-        with self._tiles, _gdal_env(), _open(scene.path, scene.driver) as ds, Reader(None, dataset=ds) as r:
+        with _gdal_env(), _open(scene.path, scene.driver) as ds, Reader(None, dataset=ds) as r:
             if not r.tile_exists(x, y, z):
                 raise NoTile(f"tile {z}/{x}/{y} is outside the scene")
             img = r.tile(x, y, z, tilesize=TILE_SIZE, indexes=scene.bands, resampling_method="bilinear")
@@ -273,4 +274,4 @@ class _SceneSpool(Spool):
         return self._digest
 
 
-__all__ = ["TILE_SIZE", "MapScene", "MapScenes", "NoTile", "NotMappable", "UnknownScene"]
+__all__ = ["TILE_SIZE", "TILE_WORKERS", "MapScene", "MapScenes", "NoTile", "NotMappable", "UnknownScene"]
