@@ -108,6 +108,39 @@ def test_a_tile_shows_the_scene_pixels_where_they_are(client) -> None:
     assert im[0, 0, 3] == 0 and im[..., 3].max() == 255
 
 
+def test_16_bit_tiles_use_the_models_percentile_stretch(client, tmp_path) -> None:
+    """A 16-bit scene is shown as the model sees it: each band stretched between the reader's
+    percentiles, not the dtype's range (which would show a black map)."""
+    from rasterio.transform import from_origin
+
+    from uhrbat.io.sources import open_image
+
+    h = w = 300
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    bands = np.stack([1000 + 8 * xx, 1200 + 6 * yy, 900 + 3 * (xx + yy)]).astype(np.uint16)
+    path = tmp_path / "sixteen.tif"
+    transform = from_origin(500_000, 5_000_000, 0.5, 0.5)
+    profile = dict(driver="GTiff", width=w, height=h, count=3, dtype="uint16", crs="EPSG:32633", transform=transform)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(bands)
+    info = _upload(c := client[0], path).json()
+    assert info["georeferenced"] is True
+    seen = np.asarray(open_image(path, trust="untrusted").reduced(1.0).convert("RGB"))  # the model's pixels
+    with rasterio.open(path) as ds:
+        col, row = 120, 170
+        (lon,), (lat,) = warp_transform(ds.crs, "EPSG:4326", *[[v] for v in ds.xy(row, col)])
+    tms, z = _tms(), info["maxzoom"]
+    t = tms.tile(lon, lat, z)
+    b, (mx, my) = tms.xy_bounds(t), tms.xy(lon, lat)
+    px = int((mx - b.left) / (b.right - b.left) * 256)
+    py = int((b.top - my) / (b.top - b.bottom) * 256)
+    got = np.asarray(_png_of(c.get(f"/api/map/{info['id']}/tiles/{z}/{t.x}/{t.y}.png")))[py, px]
+    near = seen[row - 2 : row + 3, col - 2 : col + 3].reshape(-1, 3)
+    assert got[3] == 255
+    assert np.all(got[:3] >= near.min(axis=0).astype(int) - 2) and np.all(got[:3] <= near.max(axis=0).astype(int) + 2)
+    assert 40 < int(got[:3].mean()) < 230  # stretched: neither black nor white
+
+
 def test_tile_requests_the_scene_cannot_answer_are_404(client) -> None:
     c, _ = client
     info = _upload(c, NEON).json()
@@ -199,6 +232,24 @@ def test_a_question_about_a_kept_scene_needs_no_second_upload(client) -> None:
         files={"image": ("x.tif", NEON.read_bytes(), "image/tiff")},
     )
     assert both.status_code == 400 and "not both" in both.json()["error"]["message"]
+
+
+def test_a_box_outside_the_scene_is_one_clear_error(client) -> None:
+    c, fake = client
+    info = _upload(c, NEON).json()
+    w, s, e, n = info["bounds"]
+    r = c.post(
+        "/api/ask",
+        data={
+            "scene": info["id"],
+            "question": "q",
+            "region": f"{e + 0.01},{s},{e + 0.02},{n}",
+            "region_crs": "EPSG:4326",
+        },
+    )
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert "outside" in message and "\n" not in message and fake.calls == []
 
 
 def test_the_page_loads_its_map_scripts_from_the_package(client) -> None:
