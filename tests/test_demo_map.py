@@ -396,3 +396,26 @@ def test_map_view_draw_a_box_and_ask_in_chromium(tmp_path) -> None:
     tol_x, tol_y = 0.02 * (e - w), 0.02 * (n - s)
     assert pts[:, 0].min() >= w - tol_x and pts[:, 0].max() <= e + tol_x
     assert pts[:, 1].min() >= s - tol_y and pts[:, 1].max() <= n + tol_y
+
+
+def test_a_box_with_the_tiny_model_reads_only_the_window(tiny_pipeline) -> None:
+    """The real (tiny, random) pipeline behind the page: a question about a box of a kept scene
+    is answered from the box's window, its tokens in the scene's coordinates inside the window."""
+    with TestClient(demo_app(tiny_pipeline, model_name="tiny", overlay_max_side=300, max_new_tokens=4)) as c:
+        info = _upload(c, NEON).json()
+        w, s, e, n = info["bounds"]
+        box = [w + 0.2 * (e - w), s + 0.3 * (n - s), w + 0.6 * (e - w), s + 0.7 * (n - s)]
+        r = c.post(
+            "/api/ask",
+            data={"scene": info["id"], "question": "How many trees?", "budgets": "8,16",
+                  "region": ",".join(map(repr, box)), "region_crs": "EPSG:4326"},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        data = r.json()
+        doc = c.get("/" + data["geojson_url"]).json()
+    x0, y0, x1, y1 = doc["image"]["region"]["pixels"]
+    assert data["image_size"] == [x1 - x0, y1 - y0] and 0 < x0 < x1 < 400 and 0 < y0 < y1 < 400
+    assert len(doc["features"]) > 0
+    for f in doc["features"]:
+        bx0, by0, bx1, by1 = f["properties"]["box_px"]
+        assert x0 <= bx0 < bx1 <= x1 and y0 <= by0 < by1 <= y1
