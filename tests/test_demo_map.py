@@ -141,6 +141,40 @@ def test_16_bit_tiles_use_the_models_percentile_stretch(client, tmp_path) -> Non
     assert 40 < int(got[:3].mean()) < 230  # stretched: neither black nor white
 
 
+def test_palette_tiles_show_the_palette_colours(client, tmp_path) -> None:
+    """A class map keeps its classes: tiles show only the palette colours of classes present
+    (nearest resampling: no blend of class 0 and 3 may turn into class 1 or 2)."""
+    from rasterio.transform import from_origin
+
+    palette = {0: (0, 0, 0, 255), 1: (230, 30, 30, 255), 2: (20, 200, 60, 255), 3: (30, 60, 220, 255)}
+    yy, xx = np.mgrid[0:200, 0:200]
+    classes = np.where((yy // 25 + xx // 25) % 2 == 0, 0, 3).astype(np.uint8)  # a checkerboard of 0 and 3
+    path = tmp_path / "classes.tif"
+    transform = from_origin(600_000, 4_000_000, 1.0, 1.0)
+    with rasterio.open(path, "w", driver="GTiff", width=200, height=200, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=transform) as ds:  # fmt: skip
+        ds.write(classes, 1)
+        ds.write_colormap(1, palette)
+    c = client[0]
+    info = _upload(c, path).json()
+    assert info["georeferenced"] is True
+    tms = _tms()
+    for z in range(info["minzoom"], info["maxzoom"] + 1):
+        for t in tms.tiles(*info["bounds"], zooms=[z]):
+            px = np.asarray(_png_of(c.get(f"/api/map/{info['id']}/tiles/{z}/{t.x}/{t.y}.png")).convert("RGBA"))
+            colours = {tuple(int(v) for v in p) for p in px[px[..., 3] == 255]}
+            assert colours <= {palette[0], palette[3]}, (z, colours - {palette[0], palette[3]})
+    with rasterio.open(path) as ds:  # and a known pixel has its class's colour
+        (lon,), (lat,) = warp_transform(ds.crs, "EPSG:4326", *[[v] for v in ds.xy(37, 62)])  # class 3
+    t = tms.tile(lon, lat, z)
+    b, (mx, my) = tms.xy_bounds(t), tms.xy(lon, lat)
+    px = np.asarray(_png_of(c.get(f"/api/map/{info['id']}/tiles/{z}/{t.x}/{t.y}.png")).convert("RGBA"))
+    assert (
+        tuple(px[int((b.top - my) / (b.top - b.bottom) * 256), int((mx - b.left) / (b.right - b.left) * 256)])
+        == (palette[3])
+    )
+
+
 def test_tile_requests_the_scene_cannot_answer_are_404(client) -> None:
     c, _ = client
     info = _upload(c, NEON).json()

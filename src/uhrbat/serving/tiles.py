@@ -226,7 +226,8 @@ class MapScenes:
         with _gdal_env(), _open(scene.path, scene.driver) as ds, Reader(None, dataset=ds) as r:
             if not r.tile_exists(x, y, z):
                 raise NoTile(f"tile {z}/{x}/{y} is outside the scene")
-            img = r.tile(x, y, z, tilesize=TILE_SIZE, indexes=scene.bands, resampling_method="bilinear")
+            how = "nearest" if scene.palette else "bilinear"  # class indexes must never be blended
+            img = r.tile(x, y, z, tilesize=TILE_SIZE, indexes=scene.bands, resampling_method=how, reproject_method=how)
             colormap = r.colormap if scene.palette else None
         if scene.stretch is not None:
             img.rescale(in_range=scene.stretch)  # the model's own percentile stretch, to 0..255
