@@ -22,18 +22,22 @@ link, same SHA-256), so the engine reads it exactly as an upload and the scene c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
 import shutil
 import tempfile
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from uhrbat.errors import UhrBatError
+from uhrbat.errors import ImageLoadError, UhrBatError
+from uhrbat.io.geo import short_gdal_message
 from uhrbat.serving.uploads import Spool
 
 #: Side of a map tile in pixels (Leaflet's default grid).
@@ -180,14 +184,14 @@ class MapScenes:
     def _grid(path: str, driver: str) -> dict[str, Any]:
         """The scene's zoom range and WGS84 bounds on the Web-Mercator grid."""
         try:
-            from rio_tiler.io import Reader
+            import rio_tiler  # noqa: F401
         except ImportError as e:
             raise NotMappable(f"the map view needs rio-tiler ({e}); pip install 'uhrbat[serve]'") from None
 
-        with _gdal_env(), _open(path, driver) as ds, Reader(None, dataset=ds) as r:
+        with _reader(path, driver) as r:
             maxzoom = int(r.maxzoom)
             bounds = tuple(float(v) for v in r.get_geographic_bounds(r.tms.rasterio_geographic_crs))
-            long_side = max(ds.width, ds.height)
+            long_side = max(r.width, r.height)
         if not all(math.isfinite(v) for v in bounds):
             raise NotMappable("the scene's corners have no position on the Web-Mercator map")
         # the zoom at which the scene's long side spans about MIN_ZOOM_TILES tiles
@@ -221,27 +225,43 @@ class MapScenes:
             raise NoTile(f"no tiles at zoom {z}: this scene has zooms {scene.minzoom} to {scene.maxzoom}")
         if not (0 <= x < 2**z and 0 <= y < 2**z):
             raise NoTile(f"tile {z}/{x}/{y} is off the map grid")
-        from rio_tiler.io import Reader
+        from rasterio.errors import RasterioError
+        from rio_tiler.errors import RioTilerError
 
-        with _gdal_env(), _open(scene.path, scene.driver) as ds, Reader(None, dataset=ds) as r:
-            if not r.tile_exists(x, y, z):
-                raise NoTile(f"tile {z}/{x}/{y} is outside the scene")
-            how = "nearest" if scene.palette else "bilinear"  # class indexes must never be blended
-            img = r.tile(x, y, z, tilesize=TILE_SIZE, indexes=scene.bands, resampling_method=how, reproject_method=how)
-            colormap = r.colormap if scene.palette else None
+        try:
+            with _reader(scene.path, scene.driver) as r:
+                if not r.tile_exists(x, y, z):
+                    raise NoTile(f"tile {z}/{x}/{y} is outside the scene")
+                how = "nearest" if scene.palette else "bilinear"  # class indexes must never be blended
+                img = r.tile(
+                    x, y, z, tilesize=TILE_SIZE, indexes=scene.bands, resampling_method=how, reproject_method=how
+                )
+                colormap = r.colormap if scene.palette else None
+        except (RasterioError, RioTilerError) as e:  # e.g. a corrupt block the opening checks did not touch
+            raise ImageLoadError(
+                f"tile {z}/{x}/{y} of {scene.label!r} cannot be read ({short_gdal_message(e)})"
+            ) from None
         if scene.stretch is not None:
             img.rescale(in_range=scene.stretch)  # the model's own percentile stretch, to 0..255
         return img.render(img_format="PNG", colormap=colormap or None)
 
 
-def _open(path: str, driver: str) -> Any:
-    import warnings
-
+@contextlib.contextmanager
+def _reader(path: str, driver: str) -> Iterator[Any]:
+    """rio-tiler's `Reader` over the kept file: GDAL in the untrusted environment, only the
+    driver the untrusted reader accepted it with. A raster without overviews is expected (the
+    zoom range stops where a tile would read the whole raster), so rio-tiler's warning is not
+    repeated for every tile."""
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+    from rio_tiler.errors import NoOverviewWarning
+    from rio_tiler.io import Reader
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NoOverviewWarning & co: the zoom range already accounts for it
-        return rasterio.open(path, driver=driver)
+        warnings.simplefilter("ignore", NoOverviewWarning)
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with _gdal_env(), rasterio.open(path, driver=driver) as ds, Reader(None, dataset=ds) as r:
+            yield r
 
 
 def _link_or_copy(src: str, dst: str) -> None:
