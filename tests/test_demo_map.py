@@ -360,8 +360,16 @@ def test_map_view_draw_a_box_and_ask_in_chromium(tmp_path) -> None:
         cdp.call("Page.navigate", url=url)
         cdp.wait_for("document.readyState === 'complete' && document.body.dataset.map === 'none'", timeout=30)
         cdp.js(f"document.getElementById('question').value = {json.dumps(question)}")
-        _set_file(cdp, "#image", NEON)
+        upload = tmp_path / "scene <b>bold.tif"  # the file's name is shown on the page: as text
+        upload.write_bytes(NEON.read_bytes())
+        _set_file(cdp, "#image", upload)
         assert cdp.wait_for("document.body.dataset.map !== 'loading' && document.body.dataset.map", 60) == "ready"
+        shown = cdp.js(
+            "[document.querySelector('.leaflet-control-attribution').textContent,"
+            " document.querySelectorAll('#result b').length, document.getElementById('mapnote').textContent]"
+        )
+        assert f"tiles: {upload.name} (EPSG:32617)" in shown[0] and shown[1] == 0, shown
+        assert shown[2] == f"{upload.name}: 400\u00d7400 px, EPSG:32617"
         # the map shows the scene's own tiles (no basemap: every tile URL is ours)
         cdp.wait_for("document.querySelectorAll('#map img.leaflet-tile-loaded').length > 0", timeout=60)
         srcs = cdp.js("[...document.querySelectorAll('#map img.leaflet-tile')].map(i => i.src)")

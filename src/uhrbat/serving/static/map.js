@@ -9,6 +9,11 @@
   const view = {map: null, scene: null, tiles: null, tokens: null, box: null, legend: null, file: null};
   const BOX_STYLE = {color: '#f59e0b', weight: 2, fill: false, dashArray: null};
 
+  function escapeHtml(text) {
+    const div = document.createElement('div');
+    div.textContent = text;
+    return div.innerHTML;
+  }
   function setState(s) { document.body.dataset.map = s; }
   function note(text) { $('mapnote').textContent = text; }
   function errorText(data, status) {
@@ -55,7 +60,8 @@
     $('mapview').hidden = false;
     const map = L.map('map', {maxBounds: bounds.pad(1), zoomSnap: 0.25});
     view.map = map;
-    map.attributionControl.addAttribution('tiles: ' + info.name.replace(/[<>&"]/g, '') + ' (' + info.crs + ')');
+    // attributions are HTML: the file's name and CRS come from the upload, so they are escaped
+    map.attributionControl.addAttribution(escapeHtml('tiles: ' + info.name + ' (' + info.crs + ')'));
     view.tiles = L.tileLayer(info.tiles, {
       tileSize: info.tile_size, bounds: bounds, noWrap: true,
       minNativeZoom: info.minzoom, maxNativeZoom: info.maxzoom,
