@@ -409,6 +409,20 @@ def test_map_view_draw_a_box_and_ask_in_chromium(tmp_path) -> None:
         with urllib.request.urlopen(out["geojson"], timeout=10) as r:
             doc = json.load(r)
 
+        # a TIFF without georeference: the map goes away, the page says why, the image view asks
+        plain = tmp_path / "plain.tif"
+        Image.new("RGB", (96, 64), (60, 90, 40)).save(plain)
+        _set_file(cdp, "#image", plain)
+        cdp.wait_for("document.getElementById('mapnote').textContent.startsWith('Image view')", timeout=60)
+        assert cdp.js("[document.body.dataset.map, document.getElementById('mapview').hidden]") == ["none", True]
+        assert "'plain.tif' is not georeferenced" in cdp.js("document.getElementById('mapnote').textContent")
+        _click(cdp, "#ask")
+        assert cdp.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state",
+                            timeout=120) == "done"  # fmt: skip
+        assert fake.calls[-1]["size"] == (96, 64) and "96\u00d764" in cdp.js(
+            "document.getElementById('meta').textContent"
+        )
+
     # the question was about the box: the window read is the box's bounding box in the raster's
     # CRS, snapped outwards to whole pixels (computed here independently of uhrbat.io.regions)
     assert fake.calls[-1]["question"] == question

@@ -92,7 +92,7 @@
       return;
     }
     if (view.file !== file) return;  // another file was chosen meanwhile
-    if (!info.georeferenced) { note('Image view: ' + info.reason); return; }
+    if (!info.georeferenced) { setState('none'); note('Image view: ' + info.reason); return; }
     showScene(info);
   }
 
