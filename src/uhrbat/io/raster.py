@@ -337,7 +337,7 @@ class RasterSource:
         if self.georef_note:
             warnings.warn(self.georef_note, stacklevel=4)
         if region is not None:
-            self.region = resolve_region(region, self._size, self.georef, image=self.label)
+            self.region = resolve_region(region, self._size, self.georef, image=f"image {self.label}")
             x0, y0, x1, y1 = self.region.pixels
             self._window = Window(x0, y0, x1 - x0, y1 - y0)
             self.georef = self.region.georef

@@ -85,6 +85,10 @@ class RawOptions:
     repetition_penalty: float | None = None
     stop: Sequence[str] = ()
     bands: str | None = None
+    region: Any = None  # [x0, y0, x1, y1] or "x0,y0,x1,y1": pixels, or map coordinates with region_crs
+    region_crs: str | None = None
+    region_geojson: Any = None  # a GeoJSON object or its text (never a path: see `uhrbat.options.ReadOptions`)
+    zoom: int | None = None
     return_relevance: bool = False
     params: Mapping[str, str] = field(default_factory=dict)
 
@@ -101,7 +105,7 @@ class ChatOptions:
     generation: Mapping[str, Any]  # do_sample, temperature, top_p, repetition_penalty
     stops: tuple[str, ...] = ()
     seed: int | None = None  # sampling seed
-    read: Mapping[str, Any] = field(default_factory=dict)  # untrusted-reader options
+    read: Mapping[str, Any] = field(default_factory=dict)  # untrusted-reader options (+ "region": a RegionRequest)
     return_relevance: bool = False
 
 
@@ -177,7 +181,7 @@ class ChatService:
     # ------------------------------------------------------------------ 1. options
     def check_options(self, raw: RawOptions) -> ChatOptions:
         """The request's options, checked against the server's limits (400 naming the field)."""
-        from uhrbat.options import parse_budgets
+        from uhrbat.options import SelectionOptions, parse_budgets
         from uhrbat.selectors import check_selector_name
 
         o = self.options
@@ -211,6 +215,9 @@ class ChatService:
         for name in ("selector", "kmeans_clusters", "kmeans_iters", "kmeans_mode", "seed", "encode", "gate_margin"):
             if getattr(raw, name) is not None:
                 selection[name] = getattr(raw, name)
+        if raw.zoom is not None:
+            selection["zoom"] = _checked("zoom", raw, lambda: SelectionOptions.of(zoom=raw.zoom).zoom)
+        region = _region_request(raw)
         self._check_work(selection, raw)
         generation: dict[str, Any] = {}
         if raw.temperature:  # None or 0: greedy
@@ -220,6 +227,8 @@ class ChatService:
         if raw.repetition_penalty is not None:
             generation["repetition_penalty"] = raw.repetition_penalty
         read = dict(o.read_options(), **({"bands": raw.bands} if raw.bands else {}))
+        if region is not None:
+            read["region"] = region  # only the window is read, at native resolution (the prepare stage)
         return ChatOptions(max_new, selection, generation, tuple(raw.stop), raw.seed, read, raw.return_relevance)
 
     def _check_work(self, selection: dict[str, Any], raw: RawOptions) -> None:
@@ -251,11 +260,12 @@ class ChatService:
         `scene_id` looked up under `ctx.tenant`) is one more branch here."""
         from uhrbat.serving.media import image_handle
 
+        handle: ImageHandle
         if ref.upload is not None:
-            return SpooledImage(ref.upload, dict(options.read))
-        if ref.url is not None:
+            handle = SpooledImage(ref.upload, dict(options.read))
+        elif ref.url is not None:
             o = self.options
-            return image_handle(
+            handle = image_handle(
                 ref.url,
                 spools=ref.spools,
                 allowed_local_media_path=o.allowed_local_media_path,
@@ -263,9 +273,16 @@ class ChatService:
                 read_opts=dict(options.read),
                 param=ref.where,
             )
-        if ref.local is not None:
-            return LocalImage(ref.local)
-        raise bad_request(f"{ref.where}: no image given", ref.where)
+        elif ref.local is not None:
+            if options.read.get("region") is not None:  # a trusted caller's image: the pipeline reads the window
+                handle = LocalImage(ref.local, region=options.read["region"])
+            else:
+                handle = LocalImage(ref.local)
+        else:
+            raise bad_request(f"{ref.where}: no image given", ref.where)
+        # zoom reads more windows of the image after pass 1: the source must remember its file
+        handle.windows = bool(options.selection.get("zoom"))
+        return handle
 
     # ------------------------------------------------------------------ 3. submit
     def submit(
@@ -313,6 +330,7 @@ class ChatService:
         while True:
             done, _ = await asyncio.wait({fut}, timeout=0.25)
             if done:
+                fut.exception()  # retrieved here (asyncio logs "never retrieved" otherwise); `_outcome` raises it
                 return _outcome(job)
             if await disconnected():
                 job.cancel.set()
@@ -350,6 +368,33 @@ class ChatService:
         finally:
             if not job.future.done():
                 job.cancel.set()  # the consumer went away: stop this row
+
+
+def _checked(param: str, raw: RawOptions, check: Callable[[], Any]) -> Any:
+    """`check()`'s value; its `UhrBatError` as a 400 naming the request's field."""
+    try:
+        return check()
+    except UhrBatError as e:
+        raise bad_request(str(e), raw.param(param), code=type(e).__name__) from None
+
+
+def _region_request(raw: RawOptions) -> Any:
+    """The request's region (`uhrbat.io.regions.RegionRequest`, parsed by the one options model,
+    `uhrbat.options.ReadOptions`: syntax, CRS, GeoJSON), or None. Placing it on the image (outside
+    the raster, map coordinates without georeference) happens when the image is read; both are
+    400s with one line naming the field."""
+    from uhrbat.options import ReadOptions
+
+    given = {n: getattr(raw, n) for n in ("region", "region_crs", "region_geojson") if getattr(raw, n) is not None}
+    if not given:
+        return None
+    try:
+        return ReadOptions.of(**given).region_request()
+    except UhrBatError as e:
+        param = "region_geojson" if "region_geojson" in given else "region" if "region" in given else "region_crs"
+        if "region_crs" in given and str(e).startswith("unknown CRS"):
+            param = "region_crs"
+        raise bad_request(str(e), raw.param(param), code=type(e).__name__) from None
 
 
 def _outcome(job: Job) -> Completion:

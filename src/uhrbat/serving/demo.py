@@ -339,12 +339,13 @@ class DemoPage:
         return spool
 
     async def _read_form(self, request: Request) -> tuple[ChatInput, str]:
-        async with request.form(max_files=1, max_fields=10) as form:
+        async with request.form(max_files=1, max_fields=13) as form:
             question = str(form.get("question") or "").strip()
             budgets = str(form.get("budgets") or "").strip() or None
             bands = str(form.get("bands") or "").strip() or None
-            region = str(form.get("region") or "").strip() or None
-            region_crs = str(form.get("region_crs") or "").strip() or None
+            # a window of the scene (issue 21; the map view draws it): the options vocabulary's names
+            region = {n: str(form.get(n) or "").strip() or None for n in ("region", "region_crs", "region_geojson")}
+            zoom = str(form.get("zoom") or "").strip() or None
             scene = str(form.get("scene") or "").strip()
             try:
                 n_new = int(str(form.get("max_new_tokens") or self.default_max_new_tokens))
@@ -361,6 +362,8 @@ class DemoPage:
                 raise UhrBatError("the question is empty")
             if not (1 <= n_new <= MAX_NEW_TOKENS):
                 raise UhrBatError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {n_new}")
+            if zoom is not None and not zoom.isdigit():
+                raise APIError(400, f"zoom must be an integer >= 0, got {zoom!r}", param="zoom")
         except BaseException:
             spool.discard()
             raise
@@ -369,9 +372,9 @@ class DemoPage:
             max_new_tokens=n_new,
             budgets=budgets,
             bands=bands,
-            region=region,
-            region_crs=region_crs,
+            zoom=None if zoom is None else int(zoom),
             return_relevance=True,
+            **region,
         )
         return ChatInput(messages, ImageRef(upload=spool, where="image"), options), question
 
@@ -425,7 +428,7 @@ class DemoPage:
             await events.aclose()
 
     async def _result(self, done: Completion, question: str) -> dict[str, Any]:
-        res, source = done.result, done.source
+        res, source = done.result, _frame(done)
         t1 = time.perf_counter()
         png, ov, (geo, suffix) = await asyncio.to_thread(self._overlay_and_geojson, done, question)
         t_overlay = time.perf_counter() - t1
@@ -441,6 +444,7 @@ class DemoPage:
             "merged": sum(1 for t in res.tokens if t.merged),
             "image_size": list(source.size),
             "georeferenced": getattr(source, "georef", None) is not None,
+            "region": res.region,  # the window's place in the scene (pixels, bounds_crs), or None
             "cache": res.cache,
             "timings": timings,
             "scale_colours": _scale_colours(getattr(res, "scales", None) or [t.scale for t in res.tokens]),
@@ -454,7 +458,7 @@ class DemoPage:
         from uhrbat.io.geo import kept_tokens_document
         from uhrbat.io.overlay import render_overlay
 
-        res, source = done.result, done.source
+        res, source = done.result, _frame(done)
         buf = io.BytesIO()
         with decode_section():  # the overlay reads the image's pixels again
             ov = render_overlay(
@@ -508,6 +512,13 @@ class DemoPage:
         if item is None or item["suffix"] != ".pixels.json":
             raise APIError(404, "unknown or expired result", code="not_found")
         return JSONResponse(item["geojson"])
+
+
+def _frame(done: Completion) -> Any:
+    """The image the answer's tokens belong to: the window zoom answered from, else the image
+    (itself a window for a region)."""
+    window = getattr(done.result, "window_source", None)
+    return window if window is not None else done.source
 
 
 def _scale_colours(scales: Sequence[int]) -> dict[str, str]:

@@ -6,8 +6,9 @@ Only what UHR-BAT can honour is accepted: unknown request fields are a 400 (a ty
 (`n > 1`, `logprobs`, `tools`, penalties other than 0) are a 400 naming the field.
 UHR-BAT's own options arrive through the OpenAI client's `extra_body`, which the client merges
 into the top level of the JSON body: the selection options of `uhrbat.options` (`budgets`,
-`selector`, `kmeans_clusters`, `kmeans_iters`, `kmeans_mode`, `encode`, `gate_margin`, and `seed`,
-which is also a standard field), `repetition_penalty` and `return_tokens`.
+`selector`, `kmeans_clusters`, `kmeans_iters`, `kmeans_mode`, `encode`, `gate_margin`, `zoom`, and
+`seed`, which is also a standard field), the region fields (`region`, `region_crs`,
+`region_geojson`: a GeoJSON object, never a file path), `repetition_penalty` and `return_tokens`.
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ class ChatCompletionRequest(_Strict):
     gate_margin: float | None = Field(None, gt=0)
     repetition_penalty: float | None = Field(None, gt=0)
     return_tokens: bool = False
+    # regions and zoom (issue 21): checked by `uhrbat.options` in the service (one-line 400s)
+    region: list[int | float] | str | None = None  # [x0, y0, x1, y1] pixels, or map coords with region_crs
+    region_crs: str | None = None
+    region_geojson: dict[str, Any] | str | None = None  # a GeoJSON object (or its text); never a path
+    region_file: Any = None  # refused with a pointer to region_geojson (a server reads no client paths)
+    zoom: int | None = None
 
     def check_supported(self) -> None:
         """Standard fields the server accepts syntactically but cannot honour -> 400."""
@@ -166,6 +173,12 @@ class ChatCompletionRequest(_Strict):
             raise bad_request("tools / function calling are not supported", "tools")
         if self.response_format not in (None, {"type": "text"}):
             raise bad_request("response_format other than text is not supported", "response_format")
+        if self.region_file is not None:
+            raise bad_request(
+                "region_file names a file on the client's machine, which the server cannot read; send the GeoJSON "
+                "itself as region_geojson (an object), or the box as region=[x0, y0, x1, y1] (with region_crs)",
+                "region_file",
+            )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
         stops = self.stop_list()

@@ -75,6 +75,10 @@ class OpenAIServingChat:
             seed=req.seed,
             encode=req.encode,
             gate_margin=req.gate_margin,
+            region=req.region,
+            region_crs=req.region_crs,
+            region_geojson=req.region_geojson,
+            zoom=req.zoom,
             temperature=req.temperature,
             top_p=req.top_p,
             repetition_penalty=req.repetition_penalty,
@@ -171,8 +175,12 @@ def _usage(done: Completion) -> Usage:
 
 
 def extension(req: ChatCompletionRequest, done: Completion) -> dict[str, Any]:
-    """The `uhrbat` response field: cache, timings, visual tokens; kept tokens on request."""
-    res, source = done.result, done.source
+    """The `uhrbat` response field: cache, timings, visual tokens; kept tokens on request. For a
+    region (or the window zoom answered from) `region` places the window in the scene, and token
+    boxes / GeoJSON are in the scene's pixels and map coordinates; a zoom question adds `windows`
+    (each window's pixels, bounds, score) and `zoom` (pass 1's answer, timings, note)."""
+    res = done.result
+    source = res.window_source if res.window_source is not None else done.source  # the tokens' frame
     ext: dict[str, Any] = {
         "cache": res.cache,
         "num_visual_tokens": int(res.num_visual_tokens),
@@ -181,6 +189,11 @@ def extension(req: ChatCompletionRequest, done: Completion) -> dict[str, Any]:
         "queue_seconds": round(done.queued_s, 6),
         "batch_size": done.batch_size,
     }
+    if res.region is not None:
+        ext["region"] = res.region
+    if res.zoom is not None:
+        whole = res.to_dict(with_tokens=False)
+        ext["windows"], ext["zoom"] = whole["windows"], whole["zoom"]
     if req.return_tokens:
         from uhrbat.io.geo import tokens_geojson, tokens_with_boxes
 

@@ -22,7 +22,7 @@ import tempfile
 import weakref
 from typing import Any, BinaryIO
 
-from uhrbat.errors import ImageLoadError, UhrBatError
+from uhrbat.errors import ImageLoadError, RegionError, UhrBatError
 
 _CHUNK = 1 << 20
 
@@ -68,10 +68,11 @@ class Spool:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def open(self, **read_opts: Any) -> Any:
+    def open(self, *, keep_file: bool = False, **read_opts: Any) -> Any:
         """The bytes as an image, read with the untrusted reader. Messages name `label`, never
-        the private path. A source decoded in memory no longer needs the file (removed now); a
-        lazy one (GDAL) re-reads it, so the folder is removed with the source."""
+        the private path. A source decoded in memory no longer needs the file (removed now,
+        unless `keep_file`: windows of it are read later, zoom); a lazy one (GDAL) re-reads it,
+        so the folder is removed with the source."""
         from uhrbat.io.formats import SUFFIX, UNTRUSTED_FORMATS, describe_head, sniff
         from uhrbat.io.images import PILSource
         from uhrbat.io.sources import open_image
@@ -95,14 +96,14 @@ class Spool:
         self.path = path
         try:
             src = open_image(path, trust="untrusted", **read_opts)
-        except ImageLoadError as e:
+        except (ImageLoadError, RegionError) as e:  # e.g. a region outside the image: name the upload
             self.discard()
-            raise ImageLoadError(str(e).replace(os.path.realpath(path), name).replace(path, name)) from None
+            raise type(e)(str(e).replace(os.path.realpath(path), name).replace(path, name)) from None
         except BaseException:
             self.discard()
             raise
         folder, self._dir = self._dir, None
-        if isinstance(src, PILSource):
+        if isinstance(src, PILSource) and not keep_file:
             shutil.rmtree(folder, ignore_errors=True)
         else:
             src.label = name
@@ -194,6 +195,9 @@ class ImageHandle:
 
     filename: str = "image"  # the client's name for it (messages, GeoJSON `image.path`)
     where: str | None = None  # JSON path of the image in the request, prefixed to read errors
+    # The request reads more windows of the image after the first read (zoom): the opened
+    # source remembers its file (`source.origin`, `uhrbat.scene.origin`), kept while it lives.
+    windows: bool = False
 
     def read(self) -> Any:
         """Open the image (untrusted reader where the bytes are a stranger's); the engine calls
@@ -209,6 +213,8 @@ class ImageHandle:
         try:
             with decode_section():
                 return self.read()
+        except RegionError:
+            raise  # the region's own message names it (not the image part)
         except UhrBatError as e:
             if self.where is None:
                 raise
@@ -217,8 +223,21 @@ class ImageHandle:
 
 def _fingerprint(source: Any, what: list[Any], read_opts: dict[str, Any]) -> Any:
     # Clients resend the image with every follow-up: this key lets the pipeline's scene cache
-    # recognise it without re-tiling (same bytes and read options -> same pixels).
-    source.cache_fingerprint = json.dumps([*what, sorted(read_opts.items())], default=str)
+    # recognise it without re-tiling (same bytes and read options -> same pixels; a region by
+    # its plain key: kind, bounds, CRS, polygon digest).
+    read = {k: v.key() if hasattr(v, "key") and k == "region" else v for k, v in read_opts.items()}
+    source.cache_fingerprint = json.dumps([*what, sorted(read.items())], default=str)
+    return source
+
+
+def _remember_file(source: Any, path: str, read_opts: dict[str, Any]) -> Any:
+    """`source` remembering the file it was read from (untrusted, with `read_opts` less the
+    region), so that windows of its scene can be read again (zoom)."""
+    from uhrbat.options import ReadOptions
+    from uhrbat.scene.origin import Origin
+
+    read = ReadOptions.of(**{k: v for k, v in read_opts.items() if k != "region"})
+    source.origin = Origin(path, "untrusted", read)
     return source
 
 
@@ -233,7 +252,8 @@ class SpooledImage(ImageHandle):
 
     def read(self) -> Any:
         sha = self.spool.sha256
-        return _fingerprint(self.spool.open(**self.read_opts), ["bytes", sha], self.read_opts)
+        source = _fingerprint(self.spool.open(keep_file=self.windows, **self.read_opts), ["bytes", sha], self.read_opts)
+        return _remember_file(source, self.spool.path, self.read_opts) if self.windows else source
 
     def release(self) -> None:
         self.spool.discard()
@@ -262,21 +282,28 @@ class AllowedFile(ImageHandle):
             raise ImageLoadError(f"{self.filename!r} is outside the allowed local media path")
         source = open_image(real, trust="untrusted", **self.read_opts)
         st = os.stat(real)
-        return _fingerprint(source, ["file", real, st.st_size, st.st_mtime_ns, st.st_ino], self.read_opts)
+        source = _fingerprint(source, ["file", real, st.st_size, st.st_mtime_ns, st.st_ino], self.read_opts)
+        return _remember_file(source, real, self.read_opts) if self.windows else source
 
 
 class LocalImage(ImageHandle):
     """The caller's own image (a path, PIL image or opened source), read with the local reader by
     the pipeline itself: for Python callers and batch jobs, never for HTTP requests."""
 
-    def __init__(self, image: Any, filename: str | None = None) -> None:
+    def __init__(self, image: Any, filename: str | None = None, region: Any = None) -> None:
         self.image = image
+        self.region = region  # a `uhrbat.io.regions.RegionRequest`: the window is read (trusted reader)
         if filename is None:
             filename = os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else "image"
         self.filename = filename
 
     def open(self) -> Any:
-        return self.image
+        if self.region is None:
+            return self.image
+        from uhrbat.scene.origin import window_request
+
+        origin, request = window_request(self.image, self.region)
+        return origin.open(request)
 
 
 __all__ = [
