@@ -389,6 +389,7 @@ def test_map_view_draw_a_box_and_ask_in_chromium(tmp_path) -> None:
             "({box: document.body.dataset.box, tokens: document.body.dataset.tokens,"
             " error: document.getElementById('error').textContent,"
             " answer: document.getElementById('answer').textContent,"
+            " meta: document.getElementById('meta').textContent,"
             " region: document.getElementById('region-label').textContent,"
             " paths: document.querySelectorAll('#map path.token').length,"
             " geojson: document.getElementById('geojson').href})"
@@ -441,6 +442,7 @@ def test_map_view_draw_a_box_and_ask_in_chromium(tmp_path) -> None:
         cols, rows = inv.a * X + inv.b * Y + inv.c, inv.d * X + inv.e * Y + inv.f
     window = [math.floor(cols.min()), math.floor(rows.min()), math.ceil(cols.max()), math.ceil(rows.max())]
     assert region["pixels"] == window and doc["image"]["size"] == [400, 400]
+    assert f"window {','.join(map(str, window))} of the scene" in out["meta"]
     assert 0 < window[0] < window[2] < 400 and 0 < window[1] < window[3] < 400
     # every token drawn on the map lies inside the box: in scene pixels exactly ...
     assert int(out["tokens"]) == len(doc["features"]) == out["paths"] > 0

@@ -223,7 +223,9 @@ async function show(data) {
   $('answer').textContent = data.answer;
   const t = Object.entries(data.timings || {}).map(([k, v]) => k + ' ' + v.toFixed(2) + 's').join(' \\u00b7 ');
   $('meta').textContent = data.num_visual_tokens + ' visual tokens (' + data.kept + ' kept, ' + data.merged +
-    ' merged) \\u00b7 image ' + data.image_size.join('\\u00d7') + (t ? ' \\u00b7 ' + t : '');
+    ' merged) \\u00b7 image ' + data.image_size.join('\\u00d7') + (t ? ' \\u00b7 ' + t : '') +
+    (data.region ? ' \\u00b7 window ' + data.region.pixels.join(',') + ' of the scene' +
+     (data.region.note ? ' (' + data.region.note + ')' : '') : '');
   $('geojson').href = data.geojson_url; $('geojson').download = data.geojson_url.split('/').pop();
   $('geojson').textContent = 'Download kept regions (' + (data.georeferenced ? 'GeoJSON' : 'pixel boxes, JSON') + ')';
   $('geojson').style.display = 'inline';
