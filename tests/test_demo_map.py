@@ -410,6 +410,10 @@ def test_map_view_draw_a_box_and_ask_in_chromium(tmp_path) -> None:
         with urllib.request.urlopen(out["geojson"], timeout=10) as r:
             doc = json.load(r)
 
+        # offline: everything the page loaded (scripts, styles, marker images, tiles, API calls) is ours
+        loaded = cdp.js("performance.getEntriesByType('resource').map(e => e.name)")
+        assert len(loaded) > 5 and all(u.startswith(url.rstrip("/") + "/") for u in loaded), loaded
+
         # a TIFF without georeference: the map goes away, the page says why, the image view asks
         plain = tmp_path / "plain.tif"
         Image.new("RGB", (96, 64), (60, 90, 40)).save(plain)
