@@ -49,7 +49,8 @@
     $('region-label').textContent = 'Box: ' + region.map((v) => v.toFixed(6)).join(', ') + ' (lon/lat)';
     $('clear-box').hidden = false;
     const form = $('form');
-    if ($('question').value.trim() && !$('ask').disabled) form.requestSubmit();
+    if ($('ask').disabled) return;  // a question is running: the box is for the next one
+    if ($('question').value.trim()) form.requestSubmit();
     else $('status').textContent = 'Type a question and press Ask to ask about the box';
   }
 
@@ -67,7 +68,6 @@
       minNativeZoom: info.minzoom, maxNativeZoom: info.maxzoom,
       minZoom: Math.max(0, info.minzoom - 2), maxZoom: info.maxzoom + 3,
     }).addTo(map);
-    view.tiles.on('load', () => { document.body.dataset.tiles = 'loaded'; });
     map.fitBounds(bounds);
     map.on('pm:create', (ev) => setBox(ev.layer));
     note(info.name + ': ' + info.size.join('\u00d7') + ' px, ' + info.crs);
