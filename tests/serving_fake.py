@@ -236,6 +236,8 @@ class FakePipeline:
                 scales=list(self.scales),
                 generated_ids=gen,
                 relevance=self.relevance() if return_relevance else None,
+                # a region's window: its place in the scene, as the real pipeline reports it
+                region=None if getattr(src, "region", None) is None else src.region.to_dict(),
             )
             # contract-2 fields (set as attributes so this works before and after AskResult gains them)
             res.cache = caches[i]

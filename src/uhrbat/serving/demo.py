@@ -12,6 +12,17 @@ timings and URLs of the overlay PNG and of the kept tokens (GeoJSON for a georef
 else the pixel-space `kept.pixels.json`). Errors use the app's one
 format, OpenAI's `{"error": {"message", ...}}`.
 
+Map view (issue 21): choosing a GeoTIFF posts it to `POST /api/map`, which keeps it when it can be
+mapped (`serving.tiles.MapScenes`: untrusted reader, georeference transformable to WGS84) and
+answers its id, WGS84 bounds, zoom range and the tile URL template
+`api/map/{id}/tiles/{z}/{x}/{y}.png` (Web-Mercator PNGs cut from the upload with rio-tiler; 404
+for unknown ids and tiles off the scene). The page (`static/map.js`, Leaflet + Leaflet-Geoman
+vendored under `static/vendor/`, nothing from the network) shows the scene on a slippy map, draws
+the kept tokens of each answer as a GeoJSON layer in their scale's overlay colour, and a drawn box
+asks about that region: the form then sends `scene` (the id, no second upload) with
+`region` = "west,south,east,north" and `region_crs` = "EPSG:4326". Images without a usable
+georeference keep the image view, and the page says why.
+
 ```python
 from uhrbat.serving import ChatService
 from uhrbat.serving.demo import create_app, demo_options
@@ -31,10 +42,13 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from uhrbat.errors import ImageLoadError, UhrBatError
 from uhrbat.serving.app import create_app as create_serving_app
@@ -42,12 +56,17 @@ from uhrbat.serving.chat_service import ChatInput, ChatService, ImageRef, RawOpt
 from uhrbat.serving.engine import Completion
 from uhrbat.serving.limits import SERVER_MAX_PIXELS, MiB, ServeOptions
 from uhrbat.serving.openai_api import APIError
+from uhrbat.serving.tiles import TILE_WORKERS, MapScenes, NoTile, NotMappable, UnknownScene
 from uhrbat.serving.uploads import Spool, accepted_formats, accepted_suffixes
 
 log = logging.getLogger("uhrbat.demo")
 
 DEFAULT_BUDGETS = (80, 320, 600, 2000)
 MAX_NEW_TOKENS = 4096  # the page's upper limit of "Max new tokens"
+#: The page's own files (map view script, vendored Leaflet + Leaflet-Geoman: see static/vendor/README.md).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+LEAFLET = "leaflet-1.9.4"
+GEOMAN = "leaflet-geoman-free-2.20.2"
 
 
 def demo_options(
@@ -98,6 +117,8 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>UHR-BAT demo</title>
+<link rel="stylesheet" href="static/vendor/__LEAFLET__/leaflet.css">
+<link rel="stylesheet" href="static/vendor/__GEOMAN__/leaflet-geoman.css">
 <style>
  body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f5f4;color:#1c1917}
  header{background:#1c1917;color:#fafaf9;padding:12px 20px} header h1{font-size:18px;margin:0}
@@ -116,6 +137,12 @@ PAGE = """<!doctype html>
  #answer{font-size:18px;margin:6px 0 12px} #error{color:#b91c1c}
  #overlay{max-width:100%;height:auto;border:1px solid #e7e5e4;display:none}
  #meta{font-size:12px;color:#57534e;margin:8px 0} #status{font-size:13px;color:#57534e;overflow-wrap:anywhere}
+ #map{height:520px;border:1px solid #e7e5e4;border-radius:6px;margin:8px 0}
+ #maptools{display:flex;gap:8px;align-items:center;flex-wrap:wrap;font-size:13px}
+ #maptools button{margin:0;padding:6px 12px} #mapnote{font-size:12px;color:#57534e;overflow-wrap:anywhere}
+ .map-legend{background:#fff;padding:6px 8px;border-radius:4px;font-size:12px;line-height:18px}
+ .map-legend .swatch{display:inline-block;width:12px;height:12px;border:2px solid;margin-right:6px;
+   vertical-align:middle}
 </style></head>
 <body data-state="idle" data-stage="">
 <header><h1>UHR-BAT &mdash; ask about an ultra-high-resolution image</h1>
@@ -133,10 +160,19 @@ PAGE = """<!doctype html>
  <input id="bands" name="bands" type="text" value="">
  <label for="max_new_tokens">Max new tokens</label>
  <input id="max_new_tokens" name="max_new_tokens" type="number" min="1" max="__MAXLIMIT__" value="__MAXNEW__">
+ <input id="scene" name="scene" type="hidden" value="">
+ <input id="region" name="region" type="hidden" value="">
+ <input id="region_crs" name="region_crs" type="hidden" value="">
  <button id="ask" type="submit">Ask</button>
  <p id="status" aria-live="polite"></p>
 </form>
 <section id="result">
+ <p id="mapnote" aria-live="polite"></p>
+ <div id="mapview" hidden>
+  <div id="maptools"><button id="draw-box" type="button">Draw a box</button>
+   <button id="clear-box" type="button" hidden>Whole scene</button> <span id="region-label"></span></div>
+  <div id="map"></div>
+ </div>
  <div id="error"></div>
  <div id="answer"></div>
  <div id="meta"></div>
@@ -144,6 +180,9 @@ PAGE = """<!doctype html>
  <p><img id="overlay" alt="relevance heatmap and kept tokens"></p>
 </section>
 </main>
+<script src="static/vendor/__LEAFLET__/leaflet.js"></script>
+<script src="static/vendor/__GEOMAN__/leaflet-geoman.min.js"></script>
+<script src="static/map.js"></script>
 <script>
 const form = document.getElementById('form');
 const $ = (id) => document.getElementById(id);
@@ -180,18 +219,24 @@ async function* sseEvents(resp) {
 function errorText(data, status) {
   return (data && data.error && (data.error.message || data.error)) || ('HTTP ' + status);
 }
-function show(data) {
+async function show(data) {
   $('answer').textContent = data.answer;
   const t = Object.entries(data.timings || {}).map(([k, v]) => k + ' ' + v.toFixed(2) + 's').join(' \\u00b7 ');
   $('meta').textContent = data.num_visual_tokens + ' visual tokens (' + data.kept + ' kept, ' + data.merged +
-    ' merged) \\u00b7 image ' + data.image_size.join('\\u00d7') + (t ? ' \\u00b7 ' + t : '');
+    ' merged) \\u00b7 image ' + data.image_size.join('\\u00d7') + (t ? ' \\u00b7 ' + t : '') +
+    (data.region ? ' \\u00b7 window ' + data.region.pixels.join(',') + ' of the scene' +
+     (data.region.note ? ' (' + data.region.note + ')' : '') : '');
   $('geojson').href = data.geojson_url; $('geojson').download = data.geojson_url.split('/').pop();
   $('geojson').textContent = 'Download kept regions (' + (data.georeferenced ? 'GeoJSON' : 'pixel boxes, JSON') + ')';
   $('geojson').style.display = 'inline';
   const img = $('overlay');
-  img.onload = () => { document.body.dataset.state = 'done'; };
-  img.onerror = () => { document.body.dataset.state = 'error'; $('error').textContent = 'overlay failed to load'; };
+  const overlay = new Promise((ok, bad) => {
+    img.onload = ok; img.onerror = () => bad(new Error('overlay failed to load'));
+  });
   img.src = data.overlay_url; img.style.display = 'block';
+  const map = window.uhrbatMap && window.uhrbatMap.active() ? window.uhrbatMap.showTokens(data) : null;
+  await Promise.all([overlay, map]);
+  document.body.dataset.state = 'done';
 }
 form.addEventListener('submit', async (ev) => {
   ev.preventDefault();
@@ -200,8 +245,9 @@ form.addEventListener('submit', async (ev) => {
   $('meta').textContent = ''; $('overlay').style.display = 'none'; $('geojson').style.display = 'none';
   t0 = performance.now(); setStage('uploading'); timer = setInterval(showStatus, 100);
   try {
-    const resp = await fetch('api/ask', {method: 'POST', body: new FormData(form),
-                                         headers: {'Accept': 'text/event-stream'}});
+    const body = new FormData(form);
+    if (window.uhrbatMap) window.uhrbatMap.prepare(body);
+    const resp = await fetch('api/ask', {method: 'POST', body, headers: {'Accept': 'text/event-stream'}});
     if (!resp.ok) throw new Error(errorText(await resp.json(), resp.status));
     let result = null;
     for await (const [name, data] of sseEvents(resp)) {
@@ -211,8 +257,8 @@ form.addEventListener('submit', async (ev) => {
     }
     if (!result) throw new Error('the server closed the connection before answering');
     clearInterval(timer);
-    show(result);
     $('status').textContent = 'Done in ' + ((performance.now() - t0) / 1000).toFixed(1) + ' s';
+    await show(result);
   } catch (e) {
     clearInterval(timer);
     $('error').textContent = String(e.message || e);
@@ -238,17 +284,22 @@ class DemoPage:
         default_max_new_tokens: int = 64,
         overlay_max_side: int = 1200,
         store_size: int = 16,
+        map_scenes: MapScenes | None = None,
     ) -> None:
         self.service = service
         self.default_budgets = list(default_budgets) if default_budgets else None
         self.default_max_new_tokens = default_max_new_tokens
         self.overlay_max_side = overlay_max_side
         self.store = _Store(store_size)
+        self.maps = map_scenes or MapScenes()
+        self._tile_slots = anyio.CapacityLimiter(TILE_WORKERS)  # waiting tiles hold no thread
 
     def router(self) -> APIRouter:
         r = APIRouter()
         r.add_api_route("/", self.index, methods=["GET"], response_class=HTMLResponse)
         r.add_api_route("/api/ask", self.ask, methods=["POST"])
+        r.add_api_route("/api/map", self.map_upload, methods=["POST"])
+        r.add_api_route("/api/map/{scene}/tiles/{z}/{x}/{y}.png", self.map_tile, methods=["GET"])
         r.add_api_route("/api/result/{key}/overlay.png", self.overlay_png, methods=["GET"])
         r.add_api_route("/api/result/{key}/kept.geojson", self.kept_geojson, methods=["GET"])
         r.add_api_route("/api/result/{key}/kept.pixels.json", self.kept_pixels, methods=["GET"])
@@ -269,45 +320,56 @@ class DemoPage:
             .replace("__ACCEPT__", html.escape(",".join(accepted_suffixes())))
             .replace("__MAXNEW__", str(int(self.default_max_new_tokens)))
             .replace("__MAXLIMIT__", str(MAX_NEW_TOKENS))
+            .replace("__LEAFLET__", LEAFLET)
+            .replace("__GEOMAN__", GEOMAN)
         )
 
     # ------------------------------------------------------------------ ask
+    async def _spool_upload(self, upload: Any) -> Spool:
+        """The form's file, copied off the event loop into a private spool file."""
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "image: choose an image file to upload", param="image")
+        spool = Spool(upload.filename or "upload")
+        try:
+            await asyncio.to_thread(spool.copy_from, upload.file)
+            spool.close()
+            if spool.size == 0:
+                raise ImageLoadError(f"the uploaded file {spool.label!r} is empty")
+        except BaseException:
+            spool.discard()
+            raise
+        return spool
+
     async def _read_form(self, request: Request) -> tuple[ChatInput, str]:
-        async with request.form(max_files=1, max_fields=12) as form:
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise APIError(400, "image: choose an image file to upload", param="image")
+        async with request.form(max_files=1, max_fields=13) as form:
             question = str(form.get("question") or "").strip()
             budgets = str(form.get("budgets") or "").strip() or None
             bands = str(form.get("bands") or "").strip() or None
             # a window of the scene (issue 21; the map view draws it): the options vocabulary's names
             region = {n: str(form.get(n) or "").strip() or None for n in ("region", "region_crs", "region_geojson")}
             zoom = str(form.get("zoom") or "").strip() or None
+            scene = str(form.get("scene") or "").strip()
             try:
                 n_new = int(str(form.get("max_new_tokens") or self.default_max_new_tokens))
             except ValueError:
                 raise APIError(400, "max_new_tokens must be an integer", param="max_new_tokens") from None
-            filename = upload.filename or "upload"
-            spool = Spool(filename)
-            try:
-                await asyncio.to_thread(spool.copy_from, upload.file)
-            except BaseException:
-                spool.discard()
-                raise
+            if scene:  # a map-view scene kept by POST /api/map: the question names it, no upload
+                if form.get("image") is not None:
+                    raise APIError(400, "give either an image upload or a map scene, not both", param="scene")
+                spool = self._scene_spool(scene)
+            else:
+                spool = await self._spool_upload(form.get("image"))
         try:
-            spool.close()
             if not question:
                 raise UhrBatError("the question is empty")
             if not (1 <= n_new <= MAX_NEW_TOKENS):
                 raise UhrBatError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {n_new}")
-            if spool.size == 0:
-                raise ImageLoadError(f"the uploaded file {filename!r} is empty")
+            if zoom is not None and not zoom.isdigit():
+                raise APIError(400, f"zoom must be an integer >= 0, got {zoom!r}", param="zoom")
         except BaseException:
             spool.discard()
             raise
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        if zoom is not None and not zoom.isdigit():
-            raise APIError(400, f"zoom must be an integer >= 0, got {zoom!r}", param="zoom")
         options = RawOptions(
             max_new_tokens=n_new,
             budgets=budgets,
@@ -317,6 +379,12 @@ class DemoPage:
             **region,
         )
         return ChatInput(messages, ImageRef(upload=spool, where="image"), options), question
+
+    def _scene_spool(self, scene: str) -> Spool:
+        try:
+            return self.maps.scene_spool(scene)
+        except UnknownScene as e:
+            raise APIError(404, str(e), param="scene", code="not_found") from None
 
     async def ask(self, request: Request) -> Response:
         chat, question = await self._read_form(request)
@@ -381,6 +449,7 @@ class DemoPage:
             "region": res.region,  # the window's place in the scene (pixels, bounds_crs), or None
             "cache": res.cache,
             "timings": timings,
+            "scale_colours": _scale_colours(getattr(res, "scales", None) or [t.scale for t in res.tokens]),
             "overlay_url": f"api/result/{key}/overlay.png",
             "overlay_size": list(ov.size),
             "geojson_url": f"api/result/{key}/kept{suffix}",
@@ -404,6 +473,28 @@ class DemoPage:
         )
         geo["image"]["path"] = done.filename  # the uploaded file's name, never a server path
         return buf.getvalue(), ov, (geo, suffix)
+
+    # ------------------------------------------------------------------ map view
+    async def map_upload(self, request: Request) -> JSONResponse:
+        """Keep a georeferenced upload for the map view: its id, WGS84 bounds, zoom range and
+        tile URL template; `{"georeferenced": false, "reason"}` when it cannot be mapped (the
+        page keeps its image view). Unreadable files are the same 400 a question would get."""
+        async with request.form(max_files=1, max_fields=1) as form:
+            spool = await self._spool_upload(form.get("image"))
+        read = dict(self.service.options.read_options())
+        try:
+            scene = await asyncio.to_thread(self.maps.add, spool, read)
+        except NotMappable as e:
+            return JSONResponse({"georeferenced": False, "name": spool.label, "reason": str(e)})
+        return JSONResponse(scene.info(f"api/map/{scene.id}/tiles/{{z}}/{{x}}/{{y}}.png"))
+
+    async def map_tile(self, scene: str, z: int, x: int, y: int) -> Response:
+        """One 256-px PNG tile of a kept scene (Web-Mercator XYZ); 404 off the scene."""
+        try:
+            png = await anyio.to_thread.run_sync(self.maps.tile, scene, z, x, y, limiter=self._tile_slots)
+        except (UnknownScene, NoTile) as e:
+            raise APIError(404, str(e), code="not_found") from None
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     # ------------------------------------------------------------------ results
     def overlay_png(self, key: str) -> Response:
@@ -432,10 +523,18 @@ def _frame(done: Completion) -> Any:
     return window if window is not None else done.source
 
 
+def _scale_colours(scales: Sequence[int]) -> dict[str, str]:
+    """`{scale: "#rrggbb"}`: the overlay's colour of each scale (`uhrbat.io.overlay.scale_colours`)."""
+    from uhrbat.io.overlay import scale_colours
+
+    return {str(s): "#{:02x}{:02x}{:02x}".format(*c["kept"]) for s, c in scale_colours(scales).items()}
+
+
 def create_app(service: ChatService, **page: Any) -> FastAPI:
     """The serving app with the demo page on top (`page`: `DemoPage` settings)."""
-    app = create_serving_app(service, extra_routes=("/", "/api/ask"))
+    app = create_serving_app(service, extra_routes=("/", "/api/ask", "/api/map"))
     app.include_router(DemoPage(service, **page).router())
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
