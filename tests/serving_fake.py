@@ -241,6 +241,7 @@ class FakePipeline:
             )
             # contract-2 fields (set as attributes so this works before and after AskResult gains them)
             res.cache = caches[i]
+            res.reuse = {"features": caches[i], "groups": caches[i]}  # the real pipeline reports each stage
             res.prompt_tokens = prompts[i] + sum(budgets)
             res.completion_tokens = len(gen)
             results.append(res)

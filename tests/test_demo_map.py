@@ -256,7 +256,7 @@ def test_a_question_about_a_kept_scene_needs_no_second_upload(client) -> None:
     assert doc["image"]["path"] == NEON.name and doc["features"]  # the upload's name, never the private path
     # a second question reads the same bytes: the scene cache recognises them
     r = c.post("/api/ask", data={"scene": info["id"], "question": "And now?", "budgets": "4,5,6,7"})
-    assert r.json()["cache"] == "hit"
+    assert r.json()["cache"] == "hit" and r.json()["reuse"] == {"features": "hit", "groups": "hit"}
     # the kept scene outlives its questions: tiles still load
     t = _tms().tile(-81.98989, 29.6925, info["maxzoom"])
     assert c.get(f"/api/map/{info['id']}/tiles/{info['maxzoom']}/{t.x}/{t.y}.png").status_code == 200

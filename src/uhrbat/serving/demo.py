@@ -448,6 +448,7 @@ class DemoPage:
             "georeferenced": getattr(source, "georef", None) is not None,
             "region": res.region,  # the window's place in the scene (pixels, bounds_crs), or None
             "cache": res.cache,
+            "reuse": dict(getattr(res, "reuse", None) or {}),  # per stage: features / groups hit or miss
             "timings": timings,
             "scale_colours": _scale_colours(getattr(res, "scales", None) or [t.scale for t in res.tokens]),
             "overlay_url": f"api/result/{key}/overlay.png",
