@@ -23,7 +23,7 @@ import torch
 
 from uhrbat.errors import ImageLoadError
 from uhrbat.scene.keys import FileHasher, digest, scene_key
-from uhrbat.scene.pixels import Canvases, read_pyramid
+from uhrbat.scene.pixels import CONTENT_FORMAT, TilePixels, pixels_from_tensors, read_pyramid
 from uhrbat.scene.scene import Scene, SceneGeometry
 from uhrbat.scene.store import SceneStore
 from uhrbat.scene.view import Progress, SceneView
@@ -144,12 +144,12 @@ class SceneManager:
         with store.key_lock(key):
             got = self._lookup(key)
             if got is not None:
-                if canvases.squares:
+                if canvases.nbytes:
                     store.put(digest("canvas", content), canvases.tensors(), disk=False)
                 return self._opened(got[0], key, alias, source, got[1], timings, progress)
             scene = self._encode(tiles, full, timings, progress)
             store.put(key, scene.tensors())
-            if canvases.squares:
+            if canvases.nbytes:
                 store.put(digest("canvas", content), canvases.tensors(), disk=False)
         opened = self._opened(scene, key, alias, source, "miss", timings, progress)
         opened.encoded = scene.tile_counts()
@@ -202,17 +202,17 @@ class SceneManager:
         scene = Scene.from_tensors(got[0], self.geometry, self.model.projector.fc1.weight.dtype)
         return (scene, got[1]) if scene is not None else None
 
-    def _pixels(self, content: str, image: Any) -> Callable[[], Canvases]:
+    def _pixels(self, content: str, image: Any) -> Callable[[], TilePixels]:
         """Where finer tiles come from: the kept canvases, or the source read again (verified to be
         the same pyramid)."""
 
-        def provide() -> Canvases:
+        def provide() -> TilePixels:
             ip = self.processor.image_processor
             g = self.geometry
             fine = [s for s in g.scales if s != g.base_scale]
             got = self.store.get(digest("canvas", content)) if self.store is not None else None
             if got is not None:
-                return Canvases.from_tensors(ip, got[0])
+                return pixels_from_tensors(ip, got[0])
             from uhrbat.io.sources import open_image
 
             _, canvases, again = read_pyramid(open_image(image), ip, (), fine)
@@ -237,8 +237,11 @@ class SceneManager:
                 self._aliases[image] = alias
 
     def _tiling(self) -> dict[str, Any]:
+        """What every source fingerprint adds: the tiling and the content digest's format (an
+        alias to a digest of another format is never reused)."""
         ip = self.processor.image_processor
-        return {k: getattr(ip, k, None) for k in ("scales", "tile_size", "image_mean", "image_std")}
+        tiling = {k: getattr(ip, k, None) for k in ("scales", "tile_size", "image_mean", "image_std")}
+        return {**tiling, "content_format": CONTENT_FORMAT}
 
     def _fingerprint(self, image: Any) -> str | None:
         """A cheap key for the *source* (before decoding): file bytes, PIL pixels, or the
