@@ -13,6 +13,7 @@ Reports per mode: completed requests, throughput (requests/s), p50/p95 latency o
 first vs follow-up questions, mean model batch size, and the process's peak RSS while the mode
 ran (server and clients share this process; RSS is sampled every 10 ms). Nothing leaves
 127.0.0.1; the run stops by itself after 2 x --seconds (+ the requests in flight).
+Request bodies and their memory under concurrency: `benchmarks/serve_bodies.py`.
 """
 
 from __future__ import annotations
@@ -107,34 +108,34 @@ def client_loop(
 def run_mode(pipe, args, max_batch: int, rss: PeakRSS) -> dict:
     import openai
 
-    from uhrbat.serving.app import ServeOptions, create_app, serve_in_thread
-    from uhrbat.serving.engine import Engine
+    from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
 
-    engine = Engine(
-        pipe, max_batch=max_batch, max_queue=max(64, 2 * args.clients), batch_wait_s=args.batch_wait_ms / 1000
+    options = ServeOptions(
+        model_name="bench",
+        max_batch=max_batch,
+        max_queue=max(64, 2 * args.clients),
+        batch_wait_s=args.batch_wait_ms / 1000,
+        max_connections=max(128, 4 * args.clients),
     )
-    app = create_app(engine, ServeOptions(model_name="bench"))
+    app = create_app(ChatService(pipe, options))
     rows: list[dict] = []
     lock = threading.Lock()
     rss.take()
-    try:
-        with serve_in_thread(app) as url:
-            client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=600)
-            t0 = time.time()
-            deadline = t0 + args.seconds
-            threads = [
-                threading.Thread(
-                    target=client_loop, args=(client, "bench", c, deadline, args, rows, lock, max_batch * 10**7)
-                )
-                for c in range(args.clients)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.time() - t0
-    finally:
-        engine.close()
+    with serve_in_thread(app, options) as url:
+        client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=600)
+        t0 = time.time()
+        deadline = t0 + args.seconds
+        threads = [
+            threading.Thread(
+                target=client_loop, args=(client, "bench", c, deadline, args, rows, lock, max_batch * 10**7)
+            )
+            for c in range(args.clients)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.time() - t0
     lat = [r["seconds"] for r in rows]
     first = [r["seconds"] for r in rows if r["kind"] == "first"]
     follow = [r["seconds"] for r in rows if r["kind"] == "follow-up"]

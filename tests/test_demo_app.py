@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,7 @@ pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install fasta
 pytest.importorskip("multipart", reason="the demo needs python-multipart")
 from fastapi.testclient import TestClient
 
-from uhrbat.serving.demo import create_app
-from uhrbat.serving.fake import FakePipeline
+from serving_fake import FakePipeline, demo_app
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
@@ -27,7 +27,7 @@ def _png(w: int = 300, h: int = 200) -> bytes:
 @pytest.fixture()
 def client_and_fake():
     fake = FakePipeline()
-    app = create_app(fake, model_name="fake-model", overlay_max_side=400)
+    app = demo_app(fake, model_name="fake-model", overlay_max_side=400)
     with TestClient(app) as client:
         yield client, fake
 
@@ -68,9 +68,10 @@ def test_uploads_are_decoded_untrusted_inside_the_decode_section(client_and_fake
     import contextlib
 
     import uhrbat.io
+    import uhrbat.io.sources
 
     entered = []
-    real_section, real_open = uhrbat.io.decode_section, uhrbat.io.open_image_bytes
+    real_section, real_open = uhrbat.io.decode_section, uhrbat.io.sources.open_image
 
     @contextlib.contextmanager
     def counting_section(*a, **k):
@@ -79,17 +80,17 @@ def test_uploads_are_decoded_untrusted_inside_the_decode_section(client_and_fake
             yield
             entered.append("out")
 
-    def checked_open(data, **kw):
+    def checked_open(path, **kw):
         assert entered and entered[-1] == "in", "decoded outside uhrbat.io.decode_section()"
-        entered.append(kw.get("filename"))
-        return real_open(data, **kw)
+        entered.append(kw.get("trust"))
+        return real_open(path, **kw)
 
     monkeypatch.setattr(uhrbat.io, "decode_section", counting_section)
-    monkeypatch.setattr(uhrbat.io, "open_image_bytes", checked_open)
+    monkeypatch.setattr(uhrbat.io.sources, "open_image", checked_open)
     client, _ = client_and_fake
     r = client.post("/api/ask", files={"image": ("field.png", _png(), "image/png")}, data={"question": "q"})
     assert r.status_code == 200, r.text
-    assert entered[:3] == ["in", "field.png", "out"]
+    assert entered[:3] == ["in", "untrusted", "out"]
 
 
 def test_page_and_openai_api_share_one_app(client_and_fake) -> None:
@@ -165,7 +166,7 @@ def test_pipeline_crash_is_reported_as_json(client_and_fake) -> None:
 
 
 def test_unknown_result_and_health() -> None:
-    app = create_app(FakePipeline())
+    app = demo_app(FakePipeline())
     with TestClient(app) as c:
         assert c.get("/api/result/nope/overlay.png").status_code == 404
         health = c.get("/health").json()
@@ -179,8 +180,79 @@ def test_lazy_pipeline_factory() -> None:
         made.append(1)
         return FakePipeline(scales=(672, 1344), budgets=(3, 4))
 
-    app = create_app(pipeline_factory=factory)
+    app = demo_app(pipeline_factory=factory)
     with TestClient(app) as c:
         assert not made and c.get("/health").json()["model_loaded"] is False
         r = c.post("/api/ask", files={"image": ("a.png", _png(40, 40), "image/png")}, data={"question": "q"})
         assert r.status_code == 200 and made == [1] and r.json()["kept"] == 2 + 3
+
+
+def _encoded(fmt: str, w: int = 60, h: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 140, 60)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_the_page_lists_exactly_the_formats_the_untrusted_reader_accepts(client_and_fake) -> None:
+    """One source of truth: the page used to claim COG and JPEG2000 while a .jp2 was refused."""
+    import re
+
+    from uhrbat.io.formats import UNTRUSTED_FORMATS
+    from uhrbat.io.sources import _ACCEPTED
+    from uhrbat.serving.uploads import FORMAT_NAMES, accepted_formats
+
+    client, fake = client_and_fake
+    page = client.get("/").text
+    label = re.search(r'<label for="image">Image \((.*?)\)</label>', page).group(1)
+    assert label == accepted_formats() == _ACCEPTED  # the reader's own wording of its allow-list
+    assert [n for n in FORMAT_NAMES if n in UNTRUSTED_FORMATS] == list(UNTRUSTED_FORMATS)
+    assert 'accept=".png,.jpg,.jpeg,.tif,.tiff"' in page and "JPEG2000" not in page
+    for name, fmt in (("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.tif", "TIFF")):
+        r = client.post("/api/ask", files={"image": (name, _encoded(fmt), "image/x")}, data={"question": "q"})
+        assert r.status_code == 200 and r.json()["image_size"] == [60, 40], (name, r.text)
+    r = client.post("/api/ask", files={"image": ("a.jp2", _encoded("JPEG2000"), "image/jp2")}, data={"question": "q"})
+    assert r.status_code == 400 and "JPEG 2000, which is not accepted" in r.json()["error"]["message"]
+    assert f"send a {label} file" in r.json()["error"]["message"]
+    assert len(fake.calls) == 3
+
+
+def _sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_the_page_api_streams_the_stages_then_the_result(client_and_fake) -> None:
+    client, _ = client_and_fake
+    sse = {"Accept": "text/event-stream"}
+    r = client.post("/api/ask", files={"image": ("a.png", _png(), "image/png")}, data={"question": "q"}, headers=sse)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    stages = [d["stage"] for e, d in events if e == "stage"]
+    assert stages == [
+        "reading",
+        "waiting",
+        "model",
+        "load",
+        "tiles",
+        "encode",
+        "score",
+        "group",
+        "select",
+        "prefill",
+        "decode",
+        "answering",
+        "overlay",
+    ]
+    assert events[-1][0] == "result" and events[-1][1]["answer"] == FakePipeline.answer_for("q")
+    # an image that fails to decode (after the request was accepted) is an error event ...
+    bad = {"image": ("notes.png", b"not an image", "image/png")}
+    events = _sse(client.post("/api/ask", files=bad, data={"question": "q"}, headers=sse).text)
+    assert events[-1][0] == "error" and "'notes.png'" in events[-1][1]["error"]["message"]
+    # ... and a bad option, found before, a plain 400
+    r = client.post(
+        "/api/ask", files={"image": ("a.png", _png(), "image/png")}, data={"question": "q", "budgets": "1"}, headers=sse
+    )
+    assert r.status_code == 400 and "4 scales" in r.json()["error"]["message"]

@@ -169,13 +169,13 @@ def _ask_in_page(cdp: CDP, base_url: str, image: Path, question: str, budgets: s
 
 def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
     pytest.importorskip("fastapi")
+    from serving_fake import FakePipeline, demo_app
     from uhrbat.io.overlay import render_overlay
     from uhrbat.io.sources import open_image
-    from uhrbat.serving.demo import create_app, serve_in_thread
-    from uhrbat.serving.fake import FakePipeline
+    from uhrbat.serving import serve_in_thread
 
     fake = FakePipeline()
-    app = create_app(fake, model_name="fake", overlay_max_side=500)
+    app = demo_app(fake, model_name="fake", overlay_max_side=500)
     img_path = tmp_path / "scene.png"
     Image.new("RGB", (640, 400), (40, 120, 70)).save(img_path)
     question = "How many buildings are next to the river?"
@@ -201,9 +201,10 @@ def test_demo_page_end_to_end_in_chromium(browser, tmp_path) -> None:
 def test_demo_page_with_tiny_model_in_chromium(browser, tiny_pipeline) -> None:
     """The same flow with the real (random, tiny) model: whatever it answers is shown."""
     pytest.importorskip("rasterio")
-    from uhrbat.serving.demo import create_app, serve_in_thread
+    from serving_fake import demo_app
+    from uhrbat.serving import serve_in_thread
 
-    app = create_app(tiny_pipeline, model_name="tiny", overlay_max_side=400, max_new_tokens=4)
+    app = demo_app(tiny_pipeline, model_name="tiny", overlay_max_side=400, max_new_tokens=4)
     with serve_in_thread(app) as url:
         state, out = _ask_in_page(
             browser, url, ASSETS / "aerial" / "neon_osbs_400.tif", "How many trees?", budgets="8,16"
@@ -211,3 +212,80 @@ def test_demo_page_with_tiny_model_in_chromium(browser, tiny_pipeline) -> None:
     assert state == "done", out
     assert out["complete"] and out["w"] >= 400 and out["h"] > 400
     assert "visual tokens" in out["meta"] and "400×400" in out["meta"]
+
+
+STAGE_LABELS = {
+    "uploading": "Uploading the image",
+    "queued": "Waiting in the queue",
+    "reading": "Reading the image",
+    "waiting": "Waiting for the model",
+    "model": "Preparing the scene",
+    "load": "Opening the image",
+    "tiles": "Cutting the pyramid into tiles",
+    "encode": "Encoding tiles",
+    "score": "Scoring relevance",
+    "group": "Grouping tokens",
+    "select": "Selecting visual tokens",
+    "prefill": "Reading the question",
+    "answering": "Writing the answer",
+    "decode": "Writing the answer",
+    "overlay": "Drawing the overlay",
+}
+
+
+def test_demo_page_shows_stage_and_elapsed_time_and_wraps_a_long_answer(browser, tmp_path) -> None:
+    """While the model runs the page says which stage it is at and for how long (issue 23: it
+    used to say only "Running the model..."); a long answer without spaces wraps inside the page;
+    the formats it lists are the ones the server accepts, and a .jp2 is refused with one line."""
+    pytest.importorskip("fastapi")
+    import re
+
+    from serving_fake import FakePipeline, demo_app
+    from uhrbat.serving import serve_in_thread
+    from uhrbat.serving.uploads import accepted_formats
+
+    long = "Y" * 3000
+    fake = FakePipeline(stage_delay=0.4, step_delay=0.0003, answer_fn=lambda q: long)
+    app = demo_app(fake, model_name="fake", overlay_max_side=300, max_new_tokens=4000)
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (320, 200), (40, 120, 70)).save(img)
+    with serve_in_thread(app) as url:
+        cdp = browser
+        cdp.call("Page.navigate", url=url)
+        cdp.wait_for("document.readyState === 'complete' && !!document.getElementById('ask')", timeout=30)
+        label = cdp.js("document.querySelector('label[for=image]').textContent")
+        assert label == f"Image ({accepted_formats()})" and "2000" not in label
+        _set_file(cdp, "#image", img)
+        cdp.js("document.getElementById('question').value = 'How many fields?'")
+        _click(cdp, "#ask")
+        seen, statuses = set(), []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state, stage, status = cdp.js(
+                "[document.body.dataset.state, document.body.dataset.stage,"
+                " document.getElementById('status').textContent]"
+            )
+            if state != "running" or status.startswith("Done in"):  # answered; the overlay is loading
+                break
+            seen.add(stage)
+            statuses.append(status)
+            time.sleep(0.05)
+        assert cdp.wait_for("document.body.dataset.state === 'done'", timeout=60)
+        shown = [re.fullmatch(r"(.+)\u2026 (\d+\.\d) s", s) for s in statuses if s]
+        assert shown and all(shown), statuses
+        labels = {m.group(1) for m in shown}  # polled every ~50 ms: a busy machine may miss a stage
+        assert len(labels) >= 3 and labels <= set(STAGE_LABELS.values()), labels
+        seconds = [float(m.group(2)) for m in shown]
+        assert seconds == sorted(seconds) and seconds[-1] - seconds[0] > 1.0  # the clock runs
+        assert len(seen) >= 3 and seen <= set(STAGE_LABELS), seen
+        assert cdp.js("document.getElementById('answer').textContent") == long
+        fits = cdp.js(
+            "(() => { const a = document.getElementById('answer');"
+            " return [a.scrollWidth <= a.clientWidth + 1,"
+            " document.documentElement.scrollWidth <= window.innerWidth]; })()"
+        )
+        assert fits == [True, True]
+        jp2 = tmp_path / "scene.jp2"
+        Image.new("RGB", (32, 20)).save(jp2, format="JPEG2000")
+        state, out = _ask_in_page(cdp, url, jp2, "q")
+        assert state == "error" and "JPEG 2000, which is not accepted" in out["error"], out

@@ -10,9 +10,9 @@ pytest.importorskip("fastapi")
 
 def test_demo_command_wiring(monkeypatch) -> None:
     import uhrbat.pipeline
+    import uhrbat.serving.http_server as serving_server
+    from serving_fake import FakePipeline, route_paths
     from uhrbat.cli.main import app
-    from uhrbat.serving import demo
-    from uhrbat.serving.fake import FakePipeline
 
     loaded, served = {}, {}
 
@@ -21,7 +21,9 @@ def test_demo_command_wiring(monkeypatch) -> None:
         return FakePipeline()
 
     monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
-    monkeypatch.setattr(demo, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
+    monkeypatch.setattr(
+        serving_server, "serve", lambda app, options, host, port: served.update(app=app, host=host, port=port)
+    )
     r = CliRunner().invoke(
         app, ["demo", "--model", "some/ckpt", "--budgets", "1,2,3,4", "--port", "8123", "--clusters", "5"]
     )
@@ -34,7 +36,7 @@ def test_demo_command_wiring(monkeypatch) -> None:
         "kmeans_clusters": 5,
     }
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
-    routes = {getattr(rt, "path", None) for rt in served["app"].routes}
+    routes = route_paths(served["app"])
     assert {"/", "/api/ask", "/api/result/{key}/overlay.png", "/v1/chat/completions", "/health"} <= routes
 
 

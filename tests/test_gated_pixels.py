@@ -140,3 +140,26 @@ def test_square_tiles_at_random_sizes(seed) -> None:
         whole = _whole(ip, source, side)
         pick = torch.from_numpy(rng.choice(whole.shape[0], size=min(9, whole.shape[0]), replace=False))
         assert torch.equal(tiles.tiles(side, pick), whole[pick]), ((w, h), side, pick.tolist())
+
+
+def test_a_window_read_again_gives_the_same_pyramid(tiny_pipeline, tmp_path) -> None:
+    """A window found again by its alias (`WindowSource`) reads its pixels only when finer tiles
+    are needed; read then, it is the same pyramid (same content digest, same tiles)."""
+    from uhrbat.io.regions import parse_region
+    from uhrbat.scene.manager import SceneManager
+    from uhrbat.scene.origin import WindowSource
+    from uhrbat.scene.store import SceneStore
+
+    path = tmp_path / "scene.png"
+    _random_image(900, 700, seed=7).save(path)
+    model, processor, lock = tiny_pipeline.model, tiny_pipeline.processor, tiny_pipeline._model_lock
+    manager = SceneManager(model, processor, SceneStore(), lock)
+    request = parse_region([100, 50, 700, 650])
+    first = manager.open_window(path, request, "gated")
+    again = manager.open_window(path, request, "gated")
+    assert isinstance(again.source, WindowSource) and again.content == first.content
+    bare = SceneManager(model, processor, None, lock)  # nothing kept: the window is read again
+    read = bare._pixels(first.content, again.source)()
+    assert isinstance(read, SquareTiles)
+    whole = _whole(processor.image_processor, first.source, 1344)
+    assert torch.equal(read.tiles(1344, torch.tensor([2, 15])), whole[[2, 15]])

@@ -133,8 +133,12 @@ def test_bad_arguments_are_one_line_tool_errors(folders, tiny_pipeline) -> None:
             ({"budgets": "8,-1"}, "negative"),
             ({"budgets": [0, 0]}, "all"),
             ({"selector": "segments"}, "selector must be one of kmeans, topk"),
-            ({"region": [0, 0, 10, 10]}, "region is not supported yet"),
-            ({"region_crs": "EPSG:4326"}, "region is not supported yet"),
+            ({"region": [400, 0, 500, 10]}, "lies outside image", "(pixels 0,0,300,200)"),
+            ({"region": [0, 0, 10.5, 10]}, "whole pixels"),
+            ({"region": [10, 0, 5, 10]}, "is inverted"),
+            ({"region": [0, 0, 10, 10], "region_crs": "EPSG:4326"}, "map coordinates", "not georeferenced"),
+            ({"region": [0, 0, 10, 10], "region_crs": "EPSG:99999999"}, "unknown CRS"),
+            ({"region_crs": "EPSG:4326"}, "applies to region"),
             ({"question": "  "}, "empty"),
             ({"question": "Is <image> here?"}, "<image>"),
         ]
@@ -145,7 +149,7 @@ def test_bad_arguments_are_one_line_tool_errors(folders, tiny_pipeline) -> None:
         ]
         for args, *fragments in bad:
             _error(await c.call_tool("ask", {"scene_id": sid, "question": "Q?", **args}), *fragments)
-        _error(await c.call_tool("look", {"scene_id": sid, "region": [0, 0, 5, 5]}), "region is not supported yet")
+        _error(await c.call_tool("look", {"scene_id": sid, "region": [0, 300, 5, 305]}), "lies outside image")
         _error(await c.call_tool("ask", {"scene_id": sid}), "invalid arguments: question: Field required")
         # None of them prepared the scene or counted as a question; a good one still runs.
         desc = (await c.call_tool("describe_scene", {"scene_id": sid})).structured_content

@@ -1,5 +1,6 @@
 """`uhrbat serve`'s OpenAI-compatible API, driven by the real `openai` client over loopback, with
-the deterministic fake pipeline (queue, batching, streaming, errors, limits, cancellation)."""
+the deterministic fake pipeline of `serving_fake` (queue, batching, streaming, errors, limits,
+cancellation)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from PIL import Image
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from uhrbat.serving.app import ServeOptions, create_app, serve_in_thread
+from serving_fake import FakePipeline
+from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
 from uhrbat.serving.engine import Engine
-from uhrbat.serving.fake import FakePipeline
 
 MODEL = "uhrbat-test"
 
@@ -48,16 +49,12 @@ def server(
     fake: FakePipeline | None = None, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.02, **options
 ):
     fake = fake or FakePipeline()
-    engine = Engine(fake, max_batch=max_batch, max_queue=max_queue, batch_wait_s=batch_wait_s)
-    app = create_app(engine, ServeOptions(model_name=MODEL, **options))
-    try:
-        with serve_in_thread(app) as url:
-            client = openai.OpenAI(
-                base_url=url + "v1", api_key=options.get("api_key") or "none", max_retries=0, timeout=30
-            )
-            yield client, fake, url
-    finally:
-        engine.close()
+    engine = {"max_batch": max_batch, "max_queue": max_queue, "batch_wait_s": batch_wait_s}
+    opts = ServeOptions(model_name=MODEL, **engine, **options)
+    with serve_in_thread(create_app(ChatService(fake, opts)), opts) as url:
+        key = opts.api_keys[0] if opts.api_keys else "none"
+        client = openai.OpenAI(base_url=url + "v1", api_key=key, max_retries=0, timeout=30)
+        yield client, fake, url
 
 
 def test_models_health_and_metrics() -> None:
@@ -118,6 +115,7 @@ def test_extra_body_reaches_the_pipeline_and_tokens_come_back() -> None:
                 "selector": "topk",
                 "kmeans_clusters": 3,
                 "kmeans_iters": 2,
+                "kmeans_mode": "exact",
                 "repetition_penalty": 1.2,
                 "return_tokens": True,
             },
@@ -125,6 +123,7 @@ def test_extra_body_reaches_the_pipeline_and_tokens_come_back() -> None:
     call = fake.calls[-1]
     assert call["budgets"] == [2, 3, 4, 5] and call["selector"] == "topk" and call["kmeans_clusters"] == 3
     assert call["kmeans_iters"] == 2 and call["seed"] == 7 and call["repetition_penalty"] == 1.2
+    assert call["kmeans_mode"] == "exact"
     assert call["max_new_tokens"] == 100
     tokens = r.model_extra["uhrbat"]["tokens"]
     assert len(tokens) == 1 + 2 + 3 + 4 + 4  # fake: budget-1 kept + 1 merged per scale
@@ -278,7 +277,7 @@ def test_oversized_requests_get_413_before_the_body_is_read() -> None:
 
 
 def test_api_key(monkeypatch) -> None:
-    with server(api_key="s3cret") as (client, _, url):
+    with server(api_keys=("s3cret",)) as (client, _, url):
         assert client.chat.completions.create(model=MODEL, messages=[user("q")]).choices[0].message.content
         bad = openai.OpenAI(base_url=url + "v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as e:
@@ -390,3 +389,15 @@ def test_disconnect_while_waiting_for_a_plain_answer_stops_generation() -> None:
         assert (
             client.chat.completions.create(model=MODEL, messages=[user("q")], max_tokens=3).choices[0].message.content
         )
+
+
+def test_no_test_double_ships_in_the_package() -> None:
+    """The fake pipeline lives in tests/ and product code never asks whether it talks to one."""
+    import uhrbat
+
+    src = Path(uhrbat.__file__).parent
+    assert not (src / "serving" / "fake.py").exists()
+    offenders = [
+        p.name for p in src.rglob("*.py") if "FakePipeline" in p.read_text() or "serving.fake" in p.read_text()
+    ]
+    assert offenders == []

@@ -10,18 +10,22 @@ pytest.importorskip("fastapi")
 
 def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
     import uhrbat.pipeline
-    import uhrbat.serving.app as serving_app
+    import uhrbat.serving.http_server as serving_server
+    from serving_fake import FakePipeline, route_paths
     from uhrbat.cli.main import app
-    from uhrbat.serving.fake import FakePipeline
 
     loaded, served = {}, {}
 
     def fake_from_pretrained(model, **kw):
         loaded.update(model=model, **{k: v for k, v in kw.items() if v is not None})
-        return FakePipeline()
+        selection = ("budgets", "selector", "kmeans_clusters", "kmeans_iters", "seed", "kmeans_mode")
+        return FakePipeline(**{k: kw[k] for k in selection if kw.get(k) is not None})
+
+    def fake_serve(app, options, host, port):
+        served.update(app=app, options=options, host=host, port=port)
 
     monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
-    monkeypatch.setattr(serving_app, "serve", lambda app, host, port: served.update(app=app, host=host, port=port))
+    monkeypatch.setattr(serving_server, "serve", fake_serve)
     monkeypatch.setenv("UHRBAT_API_KEY", "from-env")
     r = CliRunner().invoke(
         app,
@@ -50,13 +54,34 @@ def test_serve_command_wiring(monkeypatch, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     assert loaded["model"] == "some/ckpt" and loaded["budgets"] == [1, 2, 3, 4] and loaded["kmeans_iters"] == 3
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
-    state = served["app"].state
-    assert state.options.api_key == "from-env" and state.options.model_name == "geo"
-    assert state.options.max_request_bytes == 1024 * 1024 and state.options.allowed_local_media_path == str(tmp_path)
-    assert state.engine.max_batch == 2 and state.engine.max_queue == 5
-    state.engine.close()
-    routes = {getattr(rt, "path", None) for rt in served["app"].routes}
+    options = served["options"]
+    assert options.api_keys == ("from-env",) and options.model_name == "geo"
+    assert options.max_request_bytes == 1024 * 1024 and options.allowed_local_media_path == str(tmp_path)
+    assert options.max_batch == 2 and options.max_queue == 5
+    # the start-up banner says what will run, checkpoint defaults filled in, and every limit
+    banner = r.output
+    assert "model loaded in" in banner and "some/ckpt on cpu (float32), scales 672,1344,2688,4032" in banner
+    assert "selection: budgets 1,2,3,4, selector kmeans (clusters the scale's budget, <= 3 iterations, seed 0" in banner
+    work = sum(b * (s // 336) ** 2 * 576 * 3 for b, s in zip((1, 2, 3, 4), (672, 1344, 2688, 4032)))
+    assert f"K-Means work {work:,} per request" in banner
+    assert "requests: body <= 1 MiB (--max-request-mb), <= 512 MiB in flight, image <= 256,000,000 pixels" in banner
+    assert "deadline 120 s" in banner and "connections: <= 128, request head within 10 s" in banner
+    routes = route_paths(served["app"])
     assert {"/v1/models", "/v1/chat/completions", "/health", "/metrics"} <= routes
+
+
+def test_serve_refuses_a_kmeans_work_limit_below_its_own_defaults(monkeypatch, capsys) -> None:
+    import uhrbat.pipeline
+    import uhrbat.serving.http_server as serving_server
+    from serving_fake import FakePipeline
+    from uhrbat.cli.main import main
+
+    monkeypatch.setattr(uhrbat.pipeline.UhrBatPipeline, "from_pretrained", staticmethod(lambda *a, **k: FakePipeline()))
+    monkeypatch.setattr(serving_server, "serve", lambda *a, **k: pytest.fail("must not serve"))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--max-kmeans-work", "1000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: --max-kmeans-work 1,000 is below the work of the server's own" in err
 
 
 def test_serve_rejects_bad_options_before_loading(monkeypatch) -> None:

@@ -104,10 +104,11 @@ def test_demo_413_names_the_demo_flag() -> None:
     # the demo's limit is --max-upload-mb; its 413 used to name `uhrbat serve`'s --max-request-mb
     from fastapi.testclient import TestClient
 
-    from uhrbat.serving.demo import create_app
-    from uhrbat.serving.fake import FakePipeline
+    from serving_fake import FakePipeline
+    from uhrbat.serving import ChatService
+    from uhrbat.serving.demo import create_app, demo_options
 
-    with TestClient(create_app(FakePipeline(), max_upload_mb=0.01)) as client:
+    with TestClient(create_app(ChatService(FakePipeline(), demo_options(max_upload_mb=0.01)))) as client:
         r = client.post("/api/ask", files={"image": ("a.png", os.urandom(20_000))}, data={"question": "q"})
     assert r.status_code == 413
     assert "--max-upload-mb" in r.json()["error"]["message"]
@@ -129,7 +130,7 @@ def test_lone_surrogate_in_the_text_is_400_not_a_500(content) -> None:
 )
 def test_kmeans_work_a_client_asks_for_is_bounded(field, value, flag) -> None:
     # 10**9 clusters is clamped to every token (82,944 at 4032 px): one such request held the worker for minutes
-    with server(max_kmeans_clusters=600) as (client, fake, _):
+    with server(max_kmeans_clusters=600, max_kmeans_work=10**12) as (client, fake, _):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=[user("q")], extra_body={field: value})
         assert e.value.body["param"] == field and flag in e.value.body["message"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,8 +17,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from uhrbat.serving.app import ServeOptions, create_app, serve_in_thread
-from uhrbat.serving.engine import Engine
+from uhrbat.serving import ChatService, ServeOptions, create_app, serve_in_thread
 
 MODEL = "tiny"
 GEN = {"max_tokens": 6}
@@ -40,14 +40,10 @@ def turn(question: str, data: bytes | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def server(pipe, **engine_kw):
-    engine = Engine(pipe, **{"batch_wait_s": 0.05, **engine_kw})
-    app = create_app(engine, ServeOptions(model_name=MODEL))
-    try:
-        with serve_in_thread(app) as url:
-            yield openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
-    finally:
-        engine.close()
+def server(pipe, **options):
+    opts = ServeOptions(model_name=MODEL, **{"batch_wait_s": 0.05, **options})
+    with serve_in_thread(create_app(ChatService(pipe, opts)), opts) as url:
+        yield openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
 
 
 def direct(pipe, data: bytes, messages: list[dict], max_new_tokens: int = GEN["max_tokens"], **kw) -> str:
@@ -143,3 +139,56 @@ def test_sampling_with_a_seed_is_reproducible_and_runs_alone(tiny_pipeline) -> N
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.model_extra["uhrbat"]["batch_size"] == b.model_extra["uhrbat"]["batch_size"] == 1
     assert len(others | {a.choices[0].message.content}) > 1  # it really samples
+
+
+def test_chat_service_answers_python_callers_like_the_pipeline(tiny_pipeline, tmp_path) -> None:
+    """The service behind the routes also serves trusted Python callers (batch's local engine):
+    a local image, checked options, the same answer as the pipeline's own `chat`."""
+    from uhrbat.serving import ChatInput, ImageRef, RawOptions
+
+    path = tmp_path / "scene.png"
+    path.write_bytes(scene_png(4))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where are the trees?"}]}]
+    service = ChatService(tiny_pipeline, ServeOptions()).start()
+    try:
+        done = service.answer(
+            ChatInput(messages, ImageRef(local=str(path)), RawOptions(max_new_tokens=6, budgets=[4, 6]))
+        )
+        with pytest.raises(Exception, match="exceeds this server's limit of 512"):
+            service.answer(ChatInput(messages, ImageRef(local=str(path)), RawOptions(max_new_tokens=513)))
+    finally:
+        service.close()
+    assert done.text == tiny_pipeline.chat(str(path), messages, max_new_tokens=6, budgets=[4, 6]).answer
+    assert done.result.image_size == (160, 120) and done.result.num_visual_tokens <= 4 + 6
+
+
+def test_the_real_pipeline_stops_at_a_stage_boundary_past_the_deadline(tiny_pipeline, monkeypatch) -> None:
+    """The deadline reaches inside the real pipeline through its `progress=` callback: a request
+    whose time ran out before the pipeline started is answered 504 and the pipeline run stops at
+    its first stage boundary instead of running K-Means and generation; the server goes on."""
+    from uhrbat.serving.engine import BatchAbandoned
+
+    real, outcome = tiny_pipeline.chat_batch, []
+
+    def late(*a, **k):
+        time.sleep(2.5)  # the request's 2 s run out before the pipeline starts
+        try:
+            real(*a, **k)
+            outcome.append("finished")
+        except BatchAbandoned as e:
+            outcome.append(f"stopped at {e}")
+            raise
+
+    monkeypatch.setattr(tiny_pipeline, "chat_batch", late)
+    with server(tiny_pipeline, request_timeout_s=2.0) as client:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=MODEL, messages=[turn("Trees?", scene_png(5))], **GEN)
+        deadline = time.time() + 30
+        while not outcome and time.time() < deadline:
+            time.sleep(0.05)
+    assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+    assert outcome == ["stopped at load"]
+    monkeypatch.undo()
+    with server(tiny_pipeline) as client:
+        r = client.chat.completions.create(model=MODEL, messages=[turn("Trees?", scene_png(5))], **GEN)
+    assert r.choices[0].message.content == direct(tiny_pipeline, scene_png(5), [turn("Trees?", scene_png(5))])

@@ -180,6 +180,9 @@ if rank == 0:
     full.save_pretrained(out, state_dict=merged_state_dict(full, sd))
     proc.save_pretrained(out)
     print(json.dumps({"units": len(units), "losses": losses}))
+# Both ranks leave together: a rank that tears gloo down while its peer still saves can abort
+# ("terminate called without an active exception").
+dist.barrier()
 dist.destroy_process_group()
 """
 

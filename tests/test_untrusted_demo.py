@@ -14,8 +14,7 @@ pytest.importorskip("fastapi", reason="the demo needs fastapi (pip install fasta
 pytest.importorskip("multipart", reason="the demo needs python-multipart")
 from fastapi.testclient import TestClient
 
-from uhrbat.serving.demo import create_app
-from uhrbat.serving.fake import FakePipeline
+from serving_fake import FakePipeline, demo_app
 from untrusted_corpus import png_bytes, vrt_raw, vrt_source
 
 
@@ -49,7 +48,7 @@ def loopback():
 @pytest.fixture()
 def client():
     fake = FakePipeline()
-    with TestClient(create_app(fake, model_name="fake", overlay_max_side=300)) as c:
+    with TestClient(demo_app(fake, model_name="fake", overlay_max_side=300)) as c:
         yield c, fake
 
 

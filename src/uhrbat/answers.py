@@ -106,4 +106,6 @@ def build_result(
         tiles=tiles,
         prompt_tokens=prompt_tokens,
         completion_tokens=len(answer_ids) + int(ended),
+        region=None if opened.region is None else opened.region.to_dict(),
+        window_source=None if opened.region is None else opened.source,
     )

@@ -19,10 +19,11 @@ from __future__ import annotations
 import difflib
 import math
 import operator
+import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from uhrbat.errors import BudgetError, ConfigError, UhrBatError
 from uhrbat.selectors import check_selector_name, selector_names
@@ -32,7 +33,9 @@ __all__ = [
     "DEFAULT_GATE_MARGIN",
     "ENCODE_MODES",
     "KMEANS_MODES",
+    "MAX_ZOOM",
     "GenerationOptions",
+    "REGION_FIELDS",
     "ReadOptions",
     "ResolvedSelection",
     "SelectionOptions",
@@ -49,6 +52,8 @@ DEFAULT_GATE_MARGIN = 16.0
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_STRETCH = (2.0, 98.0)  # == uhrbat.io.images.DEFAULT_STRETCH (checked in tests)
 DEFAULT_MAX_PIXELS = 1_500_000_000  # == uhrbat.io.images.DEFAULT_MAX_PIXELS (checked in tests)
+#: Most windows one `zoom` question may look at (each is a full pass: read, encode, answer).
+MAX_ZOOM = 8
 
 
 # ----------------------------------------------------------------------------- value parsers
@@ -215,6 +220,12 @@ class SelectionOptions(_Options):
         f"(default {DEFAULT_GATE_MARGIN:g})",
         json_schema_extra=_cli("--gate-margin", metavar="M"),
     )
+    zoom: int | None = Field(
+        None,
+        description="look closer (our training-free addition, not the paper's): pass 1 over the scene proposes up to "
+        f"N high-relevance windows (0..{MAX_ZOOM}), pass 2 answers from them at native resolution; 0 = off",
+        json_schema_extra=_cli("--zoom", metavar="N"),
+    )
 
     # ------------------------------------------------------------------ validation
     @field_validator("budgets", mode="before")
@@ -262,6 +273,18 @@ class SelectionOptions(_Options):
             raise ConfigError(f"gate_margin must be a number > 0 (e.g. {DEFAULT_GATE_MARGIN:g}), got {v!r}")
         return float(v)
 
+    @field_validator("zoom", mode="before")
+    @classmethod
+    def _zoom(cls, v: Any) -> int | None:
+        return None if v is None else _integer("zoom", v, 0, " (0 = off)")
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom_max(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_ZOOM:
+            raise ConfigError(f"zoom must be <= {MAX_ZOOM} windows (each is a full pass over its window), got {v}")
+        return v
+
     # ------------------------------------------------------------------ resolution
     def resolve(self, config: Any) -> ResolvedSelection:
         """Every option filled in from `config` (a `UhrBatConfig`) and checked against it
@@ -283,6 +306,7 @@ class SelectionOptions(_Options):
             seed=pick("seed", config.seed),
             encode=pick("encode", "full"),
             gate_margin=pick("gate_margin", DEFAULT_GATE_MARGIN),
+            zoom=pick("zoom", 0),
         )
 
 
@@ -299,6 +323,7 @@ class ResolvedSelection(SelectionOptions):
     seed: int
     encode: Literal["full", "gated"]
     gate_margin: float
+    zoom: int
 
     def clusters(self, budget: int) -> int:
         """K requested for a scale with `budget` (before clamping to the scale's tokens)."""
@@ -348,9 +373,16 @@ class GenerationOptions(_Options):
         return self.given()
 
 
+#: The region fields of `ReadOptions` (one window of the scene, `uhrbat.io.regions`).
+REGION_FIELDS = ("region", "region_crs", "region_file", "region_geojson")
+
+
 class ReadOptions(_Options):
-    """How an image file becomes RGB pixels (`uhrbat.io.open_image`). Region / zoom options of
-    the regions work go here too."""
+    """How an image file becomes RGB pixels (`uhrbat.io.open_image`), and which window of it:
+    `region` (pixels, or map coordinates with `region_crs`), `region_file` (a GeoJSON file; local
+    callers only) or `region_geojson` (the same GeoJSON inline). A region is parsed and checked
+    once, at construction (`region_request()`); placing it on an image (outside the raster,
+    map coordinates without georeference) happens when the image is opened."""
 
     bands: tuple[int, ...] | None = Field(
         None,
@@ -367,6 +399,29 @@ class ReadOptions(_Options):
         description="refuse images with more full-resolution pixels (None or 0: no limit)",
         json_schema_extra=_cli("--max-pixels", metavar="N"),
     )
+    region: tuple[int | float, int | float, int | float, int | float] | None = Field(
+        None,
+        description="ask about one window of the scene, read at native resolution: x0,y0,x1,y1 in pixels of the "
+        "full image (x right, y down; x1, y1 exclusive), or map coordinates with region_crs",
+        json_schema_extra=_cli("--region", metavar="X0,Y0,X1,Y1"),
+    )
+    region_crs: str | None = Field(
+        None,
+        description="CRS of region's four numbers, e.g. EPSG:4326 (any CRS pyproj knows; unset: pixels)",
+        json_schema_extra=_cli("--region-crs", metavar="CRS"),
+    )
+    region_file: str | None = Field(
+        None,
+        description="a GeoJSON file: the window is the bounding box of its polygons, pixels outside them are padding "
+        "(local paths: CLI, batch, eval)",
+        json_schema_extra=_cli("--region-file", metavar="FILE"),
+    )
+    region_geojson: dict[str, Any] | str | None = Field(
+        None,
+        description="region_file's GeoJSON given inline, an object or its text (Python, HTTP, MCP)",
+        json_schema_extra={"flags": [], "table": True},
+    )
+    _request: Any = PrivateAttr(default=None)
 
     @field_validator("bands", mode="before")
     @classmethod
@@ -404,9 +459,70 @@ class ReadOptions(_Options):
         v = _integer("max_pixels", v, 0)
         return v or None
 
+    @field_validator("region", mode="before")
+    @classmethod
+    def _region_numbers(cls, v: Any) -> tuple[int | float, ...] | None:
+        if v is None:
+            return None
+        from uhrbat.io.regions import region_numbers  # numpy only; imported when a region is given
+
+        return tuple(int(x) if float(x).is_integer() else x for x in region_numbers(v))
+
+    @field_validator("region_file", mode="before")
+    @classmethod
+    def _region_file(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+            raise ConfigError(f"region_file must be the path of a GeoJSON file, got {v!r}")
+        return os.fspath(v)
+
+    @model_validator(mode="after")
+    def _parse_region(self) -> ReadOptions:
+        # One parse per request: syntax, CRS, the GeoJSON file's contents (`RegionError`, one line).
+        if any(getattr(self, n) is not None for n in REGION_FIELDS):
+            from uhrbat.io.regions import parse_region
+
+            self._request = parse_region(
+                self.region,
+                region_crs=self.region_crs,
+                region_file=self.region_file,
+                region_geojson=self.region_geojson,
+            )
+        return self
+
+    def region_request(self) -> Any:
+        """The parsed region (`uhrbat.io.regions.RegionRequest`), or None for the whole image."""
+        return self._request
+
+    def without_region(self) -> ReadOptions:
+        """The same reading options for the whole image."""
+        out = self.model_copy(update=dict.fromkeys(REGION_FIELDS))
+        out._request = None
+        return out
+
+    def region_text(self) -> str | None:
+        """`region` as "x0,y0,x1,y1" (whole numbers without a decimal point), or None."""
+        return None if self.region is None else ",".join(str(v) for v in self.region)
+
+    def region_given(self) -> dict[str, Any]:
+        """The region fields that were given, as keyword arguments."""
+        return {n: getattr(self, n) for n in REGION_FIELDS if getattr(self, n) is not None}
+
+    def key(self) -> dict[str, Any]:
+        """What the pixels of the whole image depend on, for cache keys (the default reading is
+        `{"stretch": ..., "max_pixels": ...}`; bands only when given)."""
+        out: dict[str, Any] = {"stretch": self.stretch, "max_pixels": self.max_pixels}
+        if self.bands is not None:
+            out["bands"] = list(self.bands)
+        return out
+
     def open_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `uhrbat.io.open_image`."""
-        return {"bands": self.bands, "stretch": self.stretch, "max_pixels": self.max_pixels}
+        """Keyword arguments for `uhrbat.io.open_image` (the region as its parsed request)."""
+        out: dict[str, Any] = {"bands": self.bands, "stretch": self.stretch, "max_pixels": self.max_pixels}
+        if self._request is not None:
+            out["region"] = self._request
+        return out
 
 
 # ----------------------------------------------------------------------------- documentation
@@ -417,7 +533,8 @@ DOCUMENTED: tuple[type[_Options], ...] = (SelectionOptions, GenerationOptions, R
 def field_flags(model: type[_Options], name: str) -> list[str]:
     """CLI flags of a field (canonical first, then aliases): `--kmeans-clusters`, `--clusters`."""
     extra = model.model_fields[name].json_schema_extra or {}
-    return list(extra.get("flags") or ["--" + name.replace("_", "-")])
+    flags = extra.get("flags")
+    return list(flags if flags is not None else ["--" + name.replace("_", "-")])
 
 
 def options_table() -> str:
@@ -427,8 +544,8 @@ def options_table() -> str:
     for model in DOCUMENTED:
         for name, info in model.model_fields.items():
             extra = info.json_schema_extra or {}
-            if not extra.get("flags"):
+            if not extra.get("flags") and not extra.get("table"):
                 continue  # generation passthroughs are transformers' own options
-            flags = ", ".join(f"`{f}`" for f in field_flags(model, name))
+            flags = ", ".join(f"`{f}`" for f in field_flags(model, name)) if extra.get("flags") else "(no flag)"
             rows.append(f"| `{name}` | {flags} | {info.description} |")
     return "\n".join(rows)

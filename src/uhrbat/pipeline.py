@@ -7,12 +7,19 @@ res = pipe.ask("scene.tif", "How many ships are in the harbour?")
 print(res.answer, res.timings, res.reuse)
 scene = pipe.open("scene.tif")                       # prepare once ...
 more = pipe.ask_many(scene, ["Is the runway clear?", "Where is the fuel depot?"])  # ... ask many
+port = pipe.ask(scene, "How many cranes?", region=[2000, 1500, 4000, 3500])   # one window, native resolution
+far = pipe.ask("scene.tif", "Where is the damaged roof?", zoom=2)              # pass 1 proposes, pass 2 looks
 ```
 
 The pipeline is a facade: `uhrbat.scene` prepares and keeps the question-independent work per
 image (decoding, tiling, CLIP + projector, groupings) in a `SceneStore` (on by default), the
 model scores, selects and generates, `uhrbat.answers` assembles the results. Results are bitwise
 the same with or without the store. Options are `uhrbat.options` (the one vocabulary).
+
+Regions and zoom (issue 21): `region=` (with `region_crs`, `region_file`, `region_geojson`) asks
+about one window of the scene, a child scene read at native resolution from the image's origin
+(`SceneManager.open_window`); `zoom=N` asks twice, the second time about up to N windows the
+first answer's relevance proposes (`uhrbat.zoom`).
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ from uhrbat.progress import Progress
 from uhrbat.results import AskResult
 from uhrbat.scene.keys import model_identity, reset_model_identity
 from uhrbat.scene.manager import OpenedScene, SceneManager
+from uhrbat.scene.origin import reading_targets, refuse_window_masks
 from uhrbat.scene.store import DEFAULT_MAX_BYTES, SceneStore
 from uhrbat.selectors import get_selector
 from uhrbat.selectors.base import require_mask
+from uhrbat.zoom import zoom_answers
 
 __all__ = ["UhrBatPipeline"]
 
 _SELECTION_KEYS = tuple(SelectionOptions.model_fields)
+_READ_KEYS = tuple(ReadOptions.model_fields)
 
 
 def _make_store(scene_cache: Any, cache_dir: Any) -> SceneStore | None:
@@ -179,14 +189,15 @@ class UhrBatPipeline:
     ) -> OpenedScene:
         """Prepare the scene of `image` (path, PIL image, `ImageSource`) once; pass the result to
         `ask` / `ask_many` / `chat` instead of the image. `read`: `uhrbat.options.ReadOptions`
-        (bands, stretch, max_pixels); `encode`: "full" (every tile now) or "gated" (the base
-        scale now, finer tiles when a question needs them)."""
-        if read:
-            from uhrbat.io.sources import open_image
-
-            image = open_image(image, **ReadOptions.of(**read).open_kwargs())
+        (bands, stretch, max_pixels; `region`, `region_crs`, `region_file`, `region_geojson`
+        prepare one window of the scene, a child scene); `encode`: "full" (every tile now) or
+        "gated" (the base scale now, finer tiles when a question needs them). A scene opened from
+        a path or PIL image remembers it, so `ask(scene, ..., region=...)` reads other windows."""
         mode = self.resolve(encode=encode).encode
-        return self.scenes.open(image, mode, progress)
+        ((_, target, request),) = reading_targets([image], read)
+        if request is not None:
+            return self.scenes.open_window(target, request, mode, progress)
+        return self.scenes.open(target, mode, progress)
 
     def ask(
         self,
@@ -201,10 +212,16 @@ class UhrBatPipeline:
         """Answer one question about one image (path, PIL image, `ImageSource` or `open()`'s scene).
 
         `kwargs`: selection options (`uhrbat.options.SelectionOptions`: budgets, selector,
-        kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin) and generation
-        options passed to transformers' `generate` (do_sample, temperature, top_p, num_beams,
+        kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin, zoom), reading
+        options (`uhrbat.options.ReadOptions`: region, region_crs, region_file, region_geojson;
+        bands, stretch, max_pixels when the pipeline reads the file) and generation options
+        passed to transformers' `generate` (do_sample, temperature, top_p, num_beams,
         repetition_penalty, stop_strings, streamer...). `progress(stage, info)` is called as each
         stage begins (`uhrbat.progress`); it may raise to cancel.
+
+        `region=[x0, y0, x1, y1]` (full-image pixels, or map coordinates with `region_crs`) asks
+        about that window, read at native resolution (`AskResult.region` / `window_source` place
+        it); `zoom=N` answers from up to N windows pass 1 proposes (`uhrbat.zoom`, `AskResult.zoom`).
         """
         masks_ = None if masks is None else [masks]
         return self.ask_batch([image], [question], max_new_tokens, return_relevance, masks_, progress, **kwargs)[0]
@@ -304,6 +321,7 @@ class UhrBatPipeline:
         """First-token log-probability of each option after the prompt (no answer parsing).
 
         Token selection uses the prompt only."""
+        self._no_zoom(kwargs, "choice_logprobs")
         _, embeds, mask, *_ = self._prepare([image], [self.processor.build_prompt(question)], None, kwargs)
         pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
         with self._model_lock:
@@ -323,6 +341,7 @@ class UhrBatPipeline:
         """Sum log-probability of `continuation` after the prompt, and whether it is the greedy
         continuation. Visual tokens are selected from the prompt alone (the continuation never
         leaks into token selection, unlike the reference's lmms adapter)."""
+        self._no_zoom(kwargs, "loglikelihood")
         ids, embeds, mask, *_ = self._prepare([image], [self.processor.build_prompt(question)], None, kwargs)
         cont = torch.tensor(
             self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"], device=self.device
@@ -340,6 +359,10 @@ class UhrBatPipeline:
         return float(ll), bool(torch.equal(pred.argmax(-1), cont))
 
     # ---------------------------------------------------------------- the work
+    def _no_zoom(self, kwargs: dict[str, Any], what: str) -> None:
+        if self.resolve(**kwargs).zoom:
+            raise ConfigError(f"{what} scores one scene and cannot zoom; give zoom=0 (or ask about a region)")
+
     def _prepare(
         self,
         images: list[Any],
@@ -347,25 +370,25 @@ class UhrBatPipeline:
         masks: Sequence[dict | None] | None,
         kwargs: dict[str, Any],
         progress: Progress | None = None,
+        targets: list[tuple[Any, Any, Any]] | None = None,
     ):
-        """Validate, tokenise, open the scenes and splice the visual tokens (no generation).
+        """Validate, tokenise, open the scenes (or the windows of `targets`) and splice the
+        visual tokens (no generation).
 
         Returns `(ids, embeds, mask, traces, opened)`."""
         opts = self.resolve(**kwargs)  # resolved once for the whole request
         if masks is not None and len(masks) != len(images):
             raise PromptError(f"got {len(masks)} masks for {len(images)} images")
+        if targets is None:
+            targets = reading_targets(images, kwargs)
         selector = get_selector(opts.selector)
         if selector.needs_masks:
+            refuse_window_masks(selector.name, targets)
             for m in masks or [None] * len(images):
                 for s in self.model.config.scales:
                     require_mask(m, s, selector.name)
         text = self.processor(text=prompts, budgets=list(opts.budgets))  # validates before any compute
-        opened: list[OpenedScene] = []
-        first: dict[int, OpenedScene] = {}
-        for im in images:  # the same object again in this call (ask_many): prepared once
-            got = first.get(id(im))
-            opened.append(self.scenes.open(got if got is not None else im, opts.encode, progress))
-            first.setdefault(id(im), opened[-1])
+        opened = self.scenes.open_all(targets, opts.encode, progress)
         traces = [ImageTrace() for _ in images]
         ids, mask = text["input_ids"].to(self.device), text["attention_mask"].to(self.device)
         prefix = self.scenes.scoring_prefix_provider([o.key for o in opened]) if self.reuse_scoring_prefix else None
@@ -394,14 +417,41 @@ class UhrBatPipeline:
         progress: Progress | None,
         kwargs: dict[str, Any],
     ) -> list[AskResult]:
-        gen = {k: v for k, v in kwargs.items() if k not in _SELECTION_KEYS}
+        gen = {k: v for k, v in kwargs.items() if k not in _SELECTION_KEYS and k not in _READ_KEYS}
         gen = GenerationOptions.of(max_new_tokens=max_new_tokens, **gen).generate_kwargs()
         if not images:
             return []
         gen.setdefault("min_new_tokens", 1)
         if gen.get("stop_strings") is not None:
             gen.setdefault("tokenizer", self.processor.tokenizer)
-        ids, embeds, mask, traces, opened = self._prepare(images, prompts, masks, kwargs, progress)
+        zoom = self.resolve(**kwargs).zoom
+        targets = reading_targets(images, kwargs)
+        if zoom:
+
+            def answer(images: list, prompts: list, targets: list, relevance: bool, masks: Any) -> tuple[list, list]:
+                return self._answer(images, prompts, targets, gen, relevance, masks, progress, {**kwargs, "zoom": 0})
+
+            opts, cfg = self.resolve(**kwargs), self.model.config
+            results = zoom_answers(answer, images, prompts, targets, opts, cfg, masks, return_relevance, progress)
+        else:
+            results, _ = self._answer(images, prompts, targets, gen, return_relevance, masks, progress, kwargs)
+        if progress is not None:
+            progress("done", {"rows": len(images)})
+        return results
+
+    def _answer(
+        self,
+        images: list[Any],
+        prompts: list[str],
+        targets: list[tuple[Any, Any, Any]],
+        gen: dict[str, Any],
+        return_relevance: bool,
+        masks: Sequence[dict | None] | None,
+        progress: Progress | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[list[AskResult], list[OpenedScene]]:
+        """One pass: open, score, select, generate; the results and the scenes they were about."""
+        ids, embeds, mask, traces, opened = self._prepare(images, prompts, masks, kwargs, progress, targets)
         with self._model_lock:
             sequences, prefill, decode = generate(self.model, ids, embeds, mask, gen, progress)
         b = len(images)  # prefill and decoding run for the whole batch: each row gets an equal share
@@ -420,6 +470,4 @@ class UhrBatPipeline:
             )
             for i in range(b)
         ]
-        if progress is not None:
-            progress("done", {"rows": b})
-        return results
+        return results, opened

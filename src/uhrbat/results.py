@@ -55,6 +55,14 @@ class AskResult:
     holds now, "total": tiles of the scale}` (with `encode="gated"` "held" can be below "total").
     `prompt_tokens` counts the prompt the LLM read (visual tokens included),
     `completion_tokens` the generated tokens (end-of-sequence included when emitted).
+
+    For a window of a larger scene (a region, or the window zoom answered from), `region` is its
+    place in the scene (`uhrbat.io.regions.Region.to_dict()`: `pixels` of the full image,
+    `bounds_crs`, the request) and `window_source` the window's image source: tokens index the
+    window's pyramid (`image_size` is the window's), and `uhrbat.io.geo` / `uhrbat.io.overlay`
+    given `window_source` place them in the scene's pixels and map coordinates. Both are None
+    for a whole image. `zoom` (`ZoomResult`) holds pass 1 and every window's answer when the
+    question zoomed; `timings` then sum both passes.
     """
 
     answer: str
@@ -71,6 +79,9 @@ class AskResult:
     tiles: dict[int, dict[str, int]] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    region: dict[str, Any] | None = None
+    window_source: Any = field(default=None, repr=False, compare=False)
+    zoom: ZoomResult | None = field(default=None, repr=False)
 
     def to_dict(self, with_tokens: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -85,6 +96,76 @@ class AskResult:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
         }
+        if self.region is not None:
+            out["region"] = self.region
+        if self.zoom is not None:
+            out["windows"] = [w.to_dict(with_tokens, i == self.zoom.chosen) for i, w in enumerate(self.zoom.windows)]
+            out["zoom"] = self.zoom.to_dict(with_tokens)
         if with_tokens:
             out["tokens"] = [t.to_dict() for t in self.tokens]
+        return out
+
+
+@dataclass
+class ZoomWindow:
+    """One window zoom looked at: `pixels` `[x0, y0, x1, y1]` of the full image, `bounds` in the
+    scene's CRS (None without georeference), `score` (its area's share of pass 1's relevance
+    mass) and the answer about it."""
+
+    pixels: tuple[int, int, int, int]
+    score: float
+    result: AskResult
+    bounds: list[float] | None = None
+
+    def to_dict(self, with_tokens: bool = True, chosen: bool = False) -> dict[str, Any]:
+        r = self.result
+        out: dict[str, Any] = {
+            "pixels": list(self.pixels),
+            "bounds": self.bounds,
+            "score": self.score,
+            "chosen": chosen,
+            "answer": r.answer,
+            "num_visual_tokens": r.num_visual_tokens,
+            "image_size": list(r.image_size),
+            "timings": dict(r.timings),
+            "cache": r.cache,
+            "reuse": dict(r.reuse),
+        }
+        if with_tokens:
+            out["tokens"] = [t.to_dict() for t in r.tokens]
+        return out
+
+
+@dataclass
+class ZoomResult:
+    """Both passes of a zoom question (`uhrbat.zoom`): `scene` is pass 1 (the whole scene or the
+    region asked about), `windows` the windows pass 1 proposed, best first, `chosen` the index of
+    the one answered from (None: no window, the answer is pass 1's), `note` why fewer windows
+    than asked were found."""
+
+    scene: AskResult
+    windows: list[ZoomWindow]
+    chosen: int | None
+    asked: int
+    note: str | None = None
+
+    def to_dict(self, with_tokens: bool = True) -> dict[str, Any]:
+        scene = self.scene
+        out: dict[str, Any] = {
+            "asked": self.asked,
+            "chosen": self.chosen,
+            "note": self.note,
+            "scene": {
+                "answer": scene.answer,
+                "num_visual_tokens": scene.num_visual_tokens,
+                "image_size": list(scene.image_size),
+                "timings": dict(scene.timings),
+                "cache": scene.cache,
+                "reuse": dict(scene.reuse),
+            },
+        }
+        if scene.region is not None:
+            out["scene"]["region"] = scene.region
+        if with_tokens:
+            out["scene"]["tokens"] = [t.to_dict() for t in scene.tokens]
         return out

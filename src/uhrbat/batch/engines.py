@@ -36,18 +36,22 @@ MAX_RAY_BLOCKS = 4096
 
 
 def open_row(row: BatchRow, read_opts: dict[str, Any], trust: Trust) -> Any:
-    """The opened image of a row: `uhrbat.io.open_image` with the reading options; `trust="untrusted"`
-    decodes with the untrusted reader, inside `decode_section` (bounded concurrent decodes, as the
-    server does)."""
-    from uhrbat.io import open_image
+    """The opened image of a row: `uhrbat.io.open_image` with the reading options (a row's own
+    region replaces the command's), remembering its file (`uhrbat.scene.origin.open_source`: zoom
+    reads windows of it); `trust="untrusted"` decodes with the untrusted reader, inside
+    `decode_section` (bounded concurrent decodes, as the server does)."""
+    from uhrbat.options import REGION_FIELDS
+    from uhrbat.scene.origin import open_source
 
     opts = {k: v for k, v in read_opts.items() if v is not None or k == "max_pixels"}
+    if row.region is not None:
+        opts = {k: v for k, v in opts.items() if k not in REGION_FIELDS} | row.region_kwargs()
     if trust == "untrusted":
         from uhrbat.io.decoding import decode_section
 
         with decode_section():
-            return open_image(row.path, trust="untrusted", **opts)
-    return open_image(row.path, **opts)
+            return open_source(row.path, trust="untrusted", **opts)
+    return open_source(row.path, **opts)
 
 
 def _row_step(out: Outcome, source: Any) -> None:
@@ -58,10 +62,12 @@ def _geojson_step(out: Outcome, source: Any) -> None:
     from uhrbat.io.geo import kept_tokens_document
 
     row: BatchRow = out.job.item
-    # GeoJSON when the image is georeferenced, else the pixel-space file (never pixels as lon/lat)
+    # GeoJSON when the image is georeferenced, else the pixel-space file (never pixels as lon/lat);
+    # in the full image's coordinates (a zoom answer's tokens belong to its window)
+    window = out.result.window_source
     out.extra["geojson"], _ = kept_tokens_document(
         out.result.tokens,
-        source,
+        window if window is not None else source,
         properties={"id": row.id, "image": row.image, "question": row.question, "answer": out.result.answer},
     )
 
@@ -124,7 +130,7 @@ def answer_rows(
         on_loaded=on_loaded,
         log=log,
     )
-    jobs = (Job(id=r.id, question=r.question, scene=r.path, error=r.error, item=r) for r in rows)
+    jobs = (Job(id=r.id, question=r.question, scene=r.scene, error=r.error, item=r) for r in rows)
     for out in runner.run(jobs):
         yield answered(out)
 
@@ -228,7 +234,7 @@ def run_ray(
             yield Answered(output_row(r, error=r.error))
     scenes = [
         [j.item for j in g]
-        for g in group_by_scene(Job(r.id, r.question, r.path, item=r) for r in rows if r.error is None)
+        for g in group_by_scene(Job(r.id, r.question, r.scene, item=r) for r in rows if r.error is None)
     ]
     if not scenes:
         return

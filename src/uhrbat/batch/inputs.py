@@ -1,11 +1,15 @@
 """Batch input lists -> validated `BatchRow`s.
 
 Sources: a JSONL / JSON / CSV / TSV / Parquet file with `image` and `question` columns (optional
-`id`), or every image under a folder / glob with one question (`images_rows`).
+`id`, and `region` / `region_crs`: ask about one window of the row's image - `"x0,y0,x1,y1"` or
+`[x0, y0, x1, y1]` in pixels of the full image, or map coordinates in `region_crs`), or every
+image under a folder / glob with one question (`images_rows`).
 
 * ids: the row's `id` when given, else a stable id derived from the row itself
-  (`row_id(image, question)`: the image *as written in the list*, so moving the archive keeps the
-  ids); duplicate ids are refused up front, all of them named.
+  (`row_id(image, question[, region])`: the image *as written in the list*, so moving the archive
+  keeps the ids); duplicate ids are refused up front, all of them named.
+* regions: checked when the list is read (syntax, CRS: a bad one makes that row an error row);
+  placed on the image when it is opened (outside the image: that row's image error).
 * paths: relative image paths resolve against `image_root`, else the input file's folder.
 * trust: with `trust="untrusted"` (lists we do not control) a path must stay inside the image
   root (no absolute paths, no `..` or symlink escapes) and the image is later decoded with the
@@ -47,7 +51,8 @@ class BatchRow:
 
     id: unique within the run; image: the image as written in the list (what the output shows);
     question: the question text; path: the resolved absolute file path (None when unusable);
-    error: why the row cannot run (None when it can).
+    error: why the row cannot run (None when it can); region / region_crs: the row's window of
+    the image (`"x0,y0,x1,y1"`, pixels or map coordinates in `region_crs`), or None.
     """
 
     id: str
@@ -55,9 +60,23 @@ class BatchRow:
     question: str
     path: str | None = None
     error: str | None = None
+    region: str | None = None
+    region_crs: str | None = None
+
+    @property
+    def scene(self) -> Any:
+        """Rows with equal scenes show the same pixels (opened once): the file, and the window."""
+        return self.path if self.region is None else (self.path, self.region, self.region_crs)
+
+    def region_kwargs(self) -> dict[str, Any]:
+        """The row's region as reading options (empty without one)."""
+        if self.region is None:
+            return {}
+        return {"region": self.region, **({"region_crs": self.region_crs} if self.region_crs else {})}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "image": self.image, "question": self.question, "path": self.path, "error": self.error}
+        d = {"id": self.id, "image": self.image, "question": self.question, "path": self.path, "error": self.error}
+        return {**d, **self.region_kwargs()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchRow:
@@ -67,12 +86,38 @@ class BatchRow:
             question=str(d["question"]),
             path=d.get("path"),
             error=d.get("error"),
+            region=d.get("region"),
+            region_crs=d.get("region_crs"),
         )
 
 
-def row_id(image: str, question: str) -> str:
-    """Stable 16-hex-digit id of an (image, question) pair."""
-    return hashlib.sha256(f"{image}\x00{question}".encode()).hexdigest()[:16]
+def row_id(image: str, question: str, region: str | None = None, region_crs: str | None = None) -> str:
+    """Stable 16-hex-digit id of an (image, question) pair (and its region, when it has one)."""
+    key = f"{image}\x00{question}" + (f"\x00{region}\x00{region_crs or ''}" if region is not None else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _region_cells(rec: dict[str, Any], where: str, n: int) -> tuple[str | None, str | None, str | None]:
+    """(region "x0,y0,x1,y1", region_crs, error) of a list row, checked with the vocabulary's rules."""
+    raw, crs = rec.get("region"), rec.get("region_crs")
+    if isinstance(raw, float) and math.isnan(raw):
+        raw = None
+    if isinstance(crs, float) and math.isnan(crs):
+        crs = None
+    if isinstance(raw, str) and not raw.strip():
+        raw = None
+    if isinstance(crs, str) and not crs.strip():
+        crs = None
+    if raw is None and crs is None:
+        return None, None, None
+    from uhrbat.errors import UhrBatError
+    from uhrbat.options import ReadOptions
+
+    try:
+        opts = ReadOptions.of(region=raw, region_crs=None if crs is None else str(crs))
+    except UhrBatError as e:
+        return None, None, f"{where} row {n}: {e}"
+    return opts.region_text(), opts.region_crs, None
 
 
 def _text(value: Any) -> str | None:
@@ -141,14 +186,16 @@ def _make_rows(records: Iterable[tuple[int, dict[str, Any]]], root: Path, trust:
             error = f"{where} row {n}: no image"
         if error is None and question is None:
             error = f"{where} row {n}: no question"
+        region, region_crs, region_error = _region_cells(rec, where, n)
+        error = error or region_error
         image = image if image is not None else ""
         question = question if question is not None else ""
         if rid is None:
-            rid = row_id(image, question)
+            rid = row_id(image, question, region, region_crs)
         path = None
         if error is None:
             path, error = _resolve(image, root, trust)
-        rows.append(BatchRow(id=rid, image=image, question=question, path=path, error=error))
+        rows.append(BatchRow(rid, image, question, path, error, region, region_crs))
     return rows
 
 
@@ -203,7 +250,7 @@ def _parquet_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a bad file
         raise BatchInputError(f"{path}: not a readable Parquet file ({e})") from None
     _require_columns(path, table.column_names)
-    cols = [c for c in ("id", "image", "question") if c in table.column_names]
+    cols = [c for c in ("id", "image", "question", "region", "region_crs") if c in table.column_names]
     return list(enumerate(table.select(cols).to_pylist(), 1))
 
 

@@ -118,6 +118,15 @@ def output_row(
         out["image_size"] = [int(v) for v in result.image_size]
         out["cache"] = getattr(result, "cache", None)
         out["timings"] = {k: float(v) for k, v in (result.timings or {}).items()}
+        if getattr(result, "region", None) is not None:  # a region / zoom window: where, in the full image
+            out["region"] = result.region
+        if getattr(result, "zoom", None) is not None:
+            z = result.zoom
+            out["windows"] = [
+                {"pixels": list(w.pixels), "bounds": w.bounds, "score": w.score, "answer": w.result.answer}
+                for w in z.windows
+            ]
+            out["zoom_note"] = z.note
     return out
 
 

@@ -40,10 +40,21 @@ def check_questions(questions: Sequence[str]) -> list[str]:
 
 
 def open_source(image: Path, read: dict[str, Any]):
-    """Open the image with the shared reader options (`opt.read_kwargs`)."""
+    """Open the image with the shared reader options (`opt.read_kwargs`; with a region, only
+    that window, at native resolution). The source remembers the file, so the pipeline can read
+    other windows of the scene (zoom); a region that sticks out of the image is clipped, with a
+    note on stderr."""
     from uhrbat.io.sources import open_image
+    from uhrbat.options import ReadOptions
+    from uhrbat.scene.origin import Origin
 
-    return open_image(image, **read)
+    opts = ReadOptions.of(**read)
+    source = open_image(image, **opts.open_kwargs())  # directly: errors and --debug tracebacks stay short
+    source.origin = Origin(image, "local", opts)
+    note = getattr(getattr(source, "region", None), "note", None)
+    if note:
+        _err(f"note: {note}")
+    return source
 
 
 def load_masks(path: Optional[Path]) -> Optional[dict]:
@@ -77,6 +88,8 @@ def describe_selection(pipe: Any, selection: dict[str, Any]) -> str:
         text += f" (clusters {k}, <= {o.kmeans_iters} iterations, seed {o.seed}, {o.kmeans_mode})"
     if o.encode == "gated":
         text += f", gated encoding (margin {o.gate_margin:g})"
+    if o.zoom:
+        text += f", zoom {o.zoom}"
     return text
 
 
@@ -110,6 +123,7 @@ _STAGE_TEXT = {
     "select": "selecting tokens ({selector})",
     "prefill": "reading the prompt ({prompt_tokens} tokens)",
     "decode": "writing the answer",
+    "zoom": "zooming in: {windows} window(s)",
 }
 
 
@@ -162,26 +176,27 @@ def ask(
     as_json: opt.Json = False,
     geojson: opt.GeoJson = None,
     explain: opt.Explain = None,
+    relevance_tif: opt.RelevanceTif = None,
     *,
     opts: opt.Shared,
 ) -> None:
     """Ask questions about a (huge) image; answers go to stdout, stage timings to stderr.
 
     One question: the answer alone (or one JSON object with --json). Several questions: a
-    "Q: ... / A: ..." pair each (or one JSON object per line with --json); --geojson/--explain
-    then write one file per question (kept.geojson -> kept.1.geojson, kept.2.geojson, ...).
+    "Q: ... / A: ..." pair each (or one JSON object per line with --json); --geojson/--explain/
+    --relevance-tif then write one file per question (kept.geojson -> kept.1.geojson, ...).
+    --region reads one window at native resolution; --zoom N answers from up to N windows the
+    first pass's relevance proposes. Boxes, GeoJSON and map files are in the full image's pixels
+    and CRS.
     """
     questions = check_questions(questions)
     n = len(questions)
     load = opts.load
-    for path in (geojson, explain):  # numbered files land next to the checked path
+    for path in (geojson, explain, relevance_tif):  # numbered files land next to the checked path
         for i in range(n if path is not None and n > 1 else 0):
             opt.check_writable(numbered(path, i, n))
     source = open_source(image, opts.read)
-    if geojson is not None:  # GeoJSON is lon/lat: refuse a non-georeferenced image before the model runs
-        from uhrbat.io.geo import map_ready
-
-        map_ready(source)
+    check_outputs(source, geojson, relevance_tif, opts.selection)
     mask = load_masks(opts.masks)
     pipe, t_load = load_pipeline(opts.model, load, opts.selection)
     _err(f"model loaded in {t_load:.1f}s; {describe_selection(pipe, opts.selection)}")
@@ -191,12 +206,15 @@ def ask(
             questions,
             max_new_tokens=opts.max_new_tokens,
             masks=mask,
-            return_relevance=explain is not None,
+            return_relevance=explain is not None or relevance_tif is not None,
             progress=progress,
         )
     for i, (q, res) in enumerate(zip(questions, results)):
         _err((f"[{i + 1}/{n}] " if n > 1 else "") + format_timings(res))
-        write_outputs(res, source, q, numbered(geojson, i, n), numbered(explain, i, n))
+        if res.zoom is not None:
+            _err(zoom_line(res))
+        where = answer_source(res, source)
+        write_outputs(res, where, q, numbered(geojson, i, n), numbered(explain, i, n), numbered(relevance_tif, i, n))
         if as_json:
             typer.echo(json.dumps(result_json(res, source, q), ensure_ascii=False))
         elif n == 1:
@@ -205,16 +223,70 @@ def ask(
             typer.echo(f"Q: {q}\nA: {res.answer}")
 
 
+def check_outputs(source: Any, geojson: Optional[Path], relevance_tif: Optional[Path], selection: dict) -> None:
+    """Before the model runs: map outputs need a georeferenced image, zoom a readable scene."""
+    if geojson is not None:  # GeoJSON is lon/lat: refuse a non-georeferenced image before the model runs
+        from uhrbat.io.geo import map_ready
+
+        map_ready(source)
+    if relevance_tif is not None:
+        from uhrbat.io.mapfiles import map_file_ready
+
+        map_file_ready(source)
+    if selection.get("zoom"):
+        from uhrbat.zoom import check_zoomable
+
+        check_zoomable(source)
+    if selection.get("selector") == "segments" and (selection.get("zoom") or getattr(source, "region", None)):
+        from uhrbat.errors import RegionError
+
+        raise RegionError(
+            "--selector segments reads the segment masks of the whole image (--masks), not of a window; "
+            "drop --region / --zoom or use another selector"
+        )
+
+
+def answer_source(res: Any, source: Any) -> Any:
+    """The source the answer's tokens belong to: the window zoom answered from, else `source`
+    (itself a window for --region)."""
+    return res.window_source if res.window_source is not None else source
+
+
+def zoom_line(res: Any) -> str:
+    """One stderr line: the windows zoom looked at, and which answered."""
+    z = res.zoom
+    if not z.windows:
+        return f"zoom: {z.note}"
+    shown = "; ".join(
+        f"{'*' if i == z.chosen else ''}[{','.join(map(str, w.pixels))}] score {w.score:.3f}"
+        for i, w in enumerate(z.windows)
+    )
+    return f"zoom: {len(z.windows)} window(s) in scene pixels, * answered: {shown}" + (f" ({z.note})" if z.note else "")
+
+
 def result_json(res: Any, source: Any, question: str) -> dict[str, Any]:
-    """`AskResult.to_dict()` with the question and each token's pixel box (and CRS box)."""
+    """`AskResult.to_dict()` with the question and each token's pixel box (and CRS box), in the
+    full image's coordinates; with zoom, the same for pass 1 and every window."""
     from uhrbat.io import geo
 
     payload = {"question": question, **res.to_dict(with_tokens=False)}
-    payload["tokens"] = geo.tokens_with_boxes(res.tokens, source)
+    payload["tokens"] = geo.tokens_with_boxes(res.tokens, answer_source(res, source))
+    if res.zoom is not None:
+        for w, d in zip(res.zoom.windows, payload["windows"]):
+            d["tokens"] = geo.tokens_with_boxes(w.result.tokens, w.result.window_source)
+        scene = res.zoom.scene
+        payload["zoom"]["scene"]["tokens"] = geo.tokens_with_boxes(scene.tokens, answer_source(scene, source))
     return payload
 
 
-def write_outputs(res: Any, source: Any, question: str, geojson: Optional[Path], explain: Optional[Path]) -> None:
+def write_outputs(
+    res: Any,
+    source: Any,
+    question: str,
+    geojson: Optional[Path],
+    explain: Optional[Path],
+    relevance_tif: Optional[Path] = None,
+) -> None:
     if geojson is not None:
         from uhrbat.io import geo
 
@@ -223,8 +295,18 @@ def write_outputs(res: Any, source: Any, question: str, geojson: Optional[Path],
     if explain is not None:
         from uhrbat.io import overlay
 
-        overlay.render_overlay(source, res.tokens, res.relevance, question, res.answer, explain)
-        _err(f"wrote {explain}")
+        drawn = overlay.render_overlay(source, res.tokens, res.relevance, question, res.answer, explain)
+        written = [explain]
+        if getattr(getattr(source, "georef", None), "crs", None) is not None:  # a GIS places it on the scene
+            from uhrbat.io.mapfiles import write_overlay_georef
+
+            written += write_overlay_georef(explain, drawn, source)
+        _err(f"wrote {', '.join(map(str, written))}")
+    if relevance_tif is not None:
+        from uhrbat.io.mapfiles import write_relevance_geotiff
+
+        write_relevance_geotiff(relevance_tif, res.relevance, source, tags={"question": question})
+        _err(f"wrote {relevance_tif}")
 
 
 def _out_safetensors(value: Path) -> Path:

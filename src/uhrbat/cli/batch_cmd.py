@@ -124,8 +124,15 @@ def batch(
     bands: o.Bands = None,
     stretch: o.Stretch = o.DEFAULT_STRETCH,
     max_pixels: o.MaxPixels = o.DEFAULT_MAX_PIXELS,
+    region: o.Region = None,
+    region_crs: o.RegionCrs = None,
+    region_file: o.RegionFile = None,
+    zoom: o.Zoom = None,
 ) -> None:
-    """Answer a question list over an image archive; one row per id in OUT/predictions.jsonl."""
+    """Answer a question list over an image archive; one row per id in OUT/predictions.jsonl.
+
+    A list row may carry `region` (and `region_crs`): that row asks about one window of its image
+    (it replaces --region / --region-file for that row)."""
     from uhrbat.batch import BatchConfig, images_rows, read_input, run_batch
 
     trust = "untrusted" if untrusted else "local"
@@ -154,9 +161,9 @@ def batch(
         load=o.load_kwargs(
             device=device, dtype=dtype, attn=attn, vision_tower=vision_tower, compat=compat, cache_dir=cache_dir
         ),
-        selection=o.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans),
+        selection=o.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans, zoom=zoom),
         max_new_tokens=max_new_tokens or 512,
-        read_opts=o.read_kwargs(bands=bands, stretch=stretch, max_pixels=max_pixels),
+        read_opts=o.read_kwargs(bands, stretch, max_pixels, region, region_crs, region_file),
         trust=trust,
         batch_size=batch_size,
         geojson_dir=geojson_dir,

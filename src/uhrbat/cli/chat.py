@@ -4,7 +4,8 @@ Each line is a question; earlier questions and answers stay in the conversation
 (`UhrBatPipeline.chat` messages), and the scene (tiles, CLIP features, K-Means groups) is
 prepared once, so follow-up questions only pay for scoring, selection and decoding. Lines that
 start with `/` change options for the next questions (same names, values and checks as the
-command-line options) or control the session; `/help` lists them.
+command-line options) or control the session; `/help` lists them. `/region` asks about one
+window of the scene (checked against the scene at once, no pixel read), `/zoom N` looks closer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import typer
 from uhrbat.cli import options as opt
 from uhrbat.cli.ask import describe_selection, format_timings, live_status, load_masks, load_pipeline, open_source
 from uhrbat.errors import ConfigError, ContextOverflowError, UhrBatError
-from uhrbat.options import ENCODE_MODES, KMEANS_MODES, GenerationOptions, SelectionOptions, parse_budgets
+from uhrbat.options import (
+    ENCODE_MODES,
+    KMEANS_MODES,
+    GenerationOptions,
+    ReadOptions,
+    SelectionOptions,
+    parse_budgets,
+)
 from uhrbat.selectors import selector_names
 
 
@@ -63,6 +71,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "kmeans-mode": ("kmeans_mode", _choice(KMEANS_MODES), "exact"),
     "encode": ("encode", _choice(ENCODE_MODES), "gated"),
     "gate-margin": ("gate_margin", _margin, "4"),
+    "zoom": ("zoom", _int(0), "1"),
     "max-new-tokens": ("max_new_tokens", _int(1), "64"),
 }
 #: The chat names the vocabulary gives its fields as aliases (`/clusters` = `/kmeans-clusters`).
@@ -83,7 +92,11 @@ def _help_text() -> str:
         aliases = "".join(f" (/{a})" for a in extra.get("chat", []))
         meta = extra.get("metavar") or "VALUE"
         lines.append(f"  /{name} {meta:<12} {model.model_fields[field].description}{aliases}")
+    region = ReadOptions.model_fields
     lines += [
+        f"  /region X0,Y0,X1,Y1 [CRS]  {region['region'].description} (CRS, e.g. EPSG:4326)",
+        f"  /region-file FILE    {region['region_file'].description}",
+        "  /region off          the whole image again (/region default: the region the session started with)",
         "  /<option> default    back to the value the session started with (e.g. /budgets default)",
         "  /show                the current settings",
         "  /reset               forget the conversation (the scene stays prepared)",
@@ -114,6 +127,8 @@ class ChatSession:
     ):
         self.pipe = pipe
         self.source = source
+        self.region: dict[str, Any] | None = None  # /region: region keywords; {}: the whole image
+        self._whole: Any = None  # the whole image, read when /region off follows a starting --region
         self.masks = masks
         self.initial = dict(settings)
         self.settings = dict(settings)
@@ -143,6 +158,8 @@ class ChatSession:
         elif name == "reset":
             self.messages.clear()
             self.note("conversation cleared (the scene stays prepared)")
+        elif name in ("region", "region-file"):
+            self._region_command(name, value)
         elif name in SETTINGS or name in ALIASES:
             key, parse, _ = SETTINGS[ALIASES.get(name, name)]
             if not value:
@@ -163,6 +180,51 @@ class ChatSession:
         else:
             self.note(f"error: unknown command /{name}; /help lists the commands")
         return True
+
+    def _region_command(self, name: str, value: str) -> None:
+        """`/region X0,Y0,X1,Y1 [CRS]`, `/region-file FILE`, `/region off`, `/region default`:
+        checked against the scene at once (syntax, CRS, inside the image; no pixel is read)."""
+        if not value:
+            example = "/region-file aoi.geojson" if name == "region-file" else "/region 0,0,1000,1000"
+            self.note(f"error: /{name} needs a value, e.g. {example}; /help lists the commands")
+            return
+        if name == "region" and value.lower() in ("off", "none", "default"):
+            self.region = None if value.lower() == "default" else {}
+            self.note(f"region = {self._shown_region()}")
+            return
+        if name == "region-file":
+            given = {"region_file": value}
+        else:
+            numbers, _, crs = value.partition(" ")
+            given = {"region": numbers, **({"region_crs": crs.strip()} if crs.strip() else {})}
+        try:
+            placed = place_region(self.source, ReadOptions.of(**given).region_request())
+        except UhrBatError as e:
+            self.note(f"error: /{name} {value}: {e}")  # the region stays as it was
+            return
+        self.region = given
+        self.note(f"region = {self._shown_region(placed)}" + (f" ({placed.note})" if placed and placed.note else ""))
+
+    def _shown_region(self, placed: Any = None) -> str:
+        if self.region is None:
+            start = getattr(self.source, "region", None)
+            return "the whole image" if start is None else f"pixels {','.join(map(str, start.pixels))} (the start)"
+        if not self.region:
+            return "the whole image"
+        if placed is not None:
+            x0, y0, x1, y1 = placed.pixels
+            return f"pixels {x0},{y0},{x1},{y1} ({x1 - x0}x{y1 - y0} px)"
+        return ", ".join(f"{k} {v}" for k, v in self.region.items())
+
+    def _image(self) -> tuple[Any, dict[str, Any]]:
+        """The image argument and the region keywords of the next question."""
+        if self.region is None:
+            return self.source, {}
+        if not self.region and getattr(self.source, "region", None) is not None:
+            if self._whole is None:
+                self._whole = self.source.origin.open()
+            return self._whole, {}
+        return self.source, dict(self.region)
 
     def _check(self) -> None:
         """Check the selection against the loaded model now (e.g. one budget per scale), not at
@@ -191,6 +253,7 @@ class ChatSession:
 
     def _describe(self) -> str:
         lines = [f"  {name:<15} {self._shown(key)}" for name, (key, _, _) in SETTINGS.items()]
+        lines.append(f"  {'region':<15} {self._shown_region()}")
         lines.append(f"  {'history':<15} {len(self.messages) // 2} earlier question(s)")
         return "\n".join(lines)
 
@@ -210,10 +273,11 @@ class ChatSession:
         kw = dict(self.settings)
         max_new_tokens = kw.pop("max_new_tokens", 512)
         try:
+            image, region = self._image()
             with live_status(self.live) as progress:
                 extra = {"progress": progress} if progress is not None else {}
                 res = self.pipe.chat(
-                    self.source, messages, max_new_tokens=max_new_tokens, masks=self.masks, **kw, **extra
+                    image, messages, max_new_tokens=max_new_tokens, masks=self.masks, **kw, **region, **extra
                 )
         except UhrBatError as e:  # a bad question or option: say it, keep the session
             hint = "; /reset forgets the earlier turns" if isinstance(e, ContextOverflowError) and self.messages else ""
@@ -222,6 +286,20 @@ class ChatSession:
         self.messages = messages + [{"role": "assistant", "content": res.answer}]
         self.say(res.answer)
         self.note(format_timings(res))
+
+
+def place_region(source: Any, request: Any) -> Any:
+    """`request` placed on the scene `source` shows (its whole image when `source` is a window),
+    from the size and georeference alone (`RegionError` when it does not fit); None when the
+    source does not say its size."""
+    from uhrbat.io.regions import resolve_region
+
+    start = getattr(source, "region", None)
+    if start is not None:
+        return resolve_region(request, start.scene_size, start.scene_georef, image="the image")
+    if getattr(source, "size", None) is None:
+        return None
+    return resolve_region(request, tuple(source.size), getattr(source, "georef", None), image="the image")
 
 
 def _read_lines(prompt: str):
@@ -251,9 +329,10 @@ def chat(
     """Chat about one image: each line is a question, follow-ups see the earlier turns.
 
     Lines starting with / change options (/budgets 40,160,300,1000, /selector, /kmeans-clusters,
-    /kmeans-iters, /seed, /kmeans-mode, /encode, /gate-margin, /max-new-tokens; the old /clusters,
-    /iters, /kmeans too) or control the session (/show, /reset, /help, /quit). Answers go to
-    stdout, timings and notes to stderr; lines can also be piped in."""
+    /kmeans-iters, /seed, /kmeans-mode, /encode, /gate-margin, /zoom, /max-new-tokens; the old
+    /clusters, /iters, /kmeans too; /region X0,Y0,X1,Y1 [CRS], /region-file FILE, /region off)
+    or control the session (/show, /reset, /help, /quit). Answers go to stdout, timings and notes
+    to stderr; lines can also be piped in."""
     selection = opts.selection
     load = opts.load
     source = open_source(image, opts.read)

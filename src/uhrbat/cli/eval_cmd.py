@@ -72,8 +72,15 @@ def eval_command(
         "refused by default.",
     ),
     lrs_synonyms: Optional[str] = typer.Option(None, "--lrs-synonyms", help=_LRS_HELP),
+    region: opt.Region = None,
+    region_crs: opt.RegionCrs = None,
+    region_file: opt.RegionFile = None,
+    zoom: opt.Zoom = None,
 ) -> None:
-    """Run a model on a benchmark: resumable, batched, sharded under torchrun / accelerate launch."""
+    """Run a model on a benchmark: resumable, batched, sharded under torchrun / accelerate launch.
+
+    A data row may carry `region` (and `region_crs`): that question is about one window of its
+    image (it replaces --region / --region-file for that row)."""
     from uhrbat.evaluation.runner import EvalConfig, run_eval
     from uhrbat.evaluation.scoring import check_not_all_errors
 
@@ -90,7 +97,8 @@ def eval_command(
         prompt=prompt,
         choice_by_logits=choice_by_logits,
         load={k: v for k, v in load.items() if v is not None},
-        selection=opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans),
+        selection=opt.selection_kwargs(budgets, selector, clusters, iters, seed, kmeans, zoom=zoom),
+        region=opt.region_kwargs(region, region_crs, region_file),
         max_new_tokens=max_new_tokens,
         retry_errors=retry_errors,
         progress=not no_progress,

@@ -34,6 +34,7 @@ from uhrbat.options import (
     DEFAULT_MAX_PIXELS,
     ENCODE_MODES,
     KMEANS_MODES,
+    MAX_ZOOM,
     GenerationOptions,
     ReadOptions,
     SelectionOptions,
@@ -72,6 +73,18 @@ _budgets = _checked(parse_budgets)  # the count is checked against the model's s
 _bands = _field_check(ReadOptions, "bands")
 _stretch = _field_check(ReadOptions, "stretch")
 _gate_margin = _field_check(SelectionOptions, "gate_margin")
+
+
+def _region_syntax(value: Any) -> Any:
+    """--region: four numbers (whether they are whole pixels depends on --region-crs, which is
+    checked with them once every flag is parsed: `read_kwargs`)."""
+    from uhrbat.io.regions import region_numbers
+
+    region_numbers(value)
+    return value
+
+
+_region = _checked(_region_syntax)
 
 
 def check_writable(path: Path) -> Path:
@@ -217,6 +230,10 @@ GateMargin = Annotated[
     Optional[float],
     typer.Option(*_flags(_S, "gate_margin"), metavar="M", callback=_gate_margin, help=_help(_S, "gate_margin")),
 ]
+Zoom = Annotated[
+    Optional[int],
+    typer.Option(*_flags(_S, "zoom"), min=0, max=MAX_ZOOM, metavar="N", help=_help(_S, "zoom", "0 (off)")),
+]
 # The names other commands knew them by.
 Clusters, Iters, KMeans = KMeansClusters, KMeansIters, KMeansMode
 Masks = Annotated[
@@ -249,6 +266,21 @@ Stretch = Annotated[
     typer.Option(*_flags(_R, "stretch"), metavar="LOW,HIGH", callback=_stretch, help=_help(_R, "stretch")),
 ]
 MaxPixels = Annotated[int, typer.Option(*_flags(_R, "max_pixels"), min=0, help=_help(_R, "max_pixels"))]
+Region = Annotated[
+    Optional[str],
+    typer.Option(
+        *_flags(_R, "region"), metavar="X0,Y0,X1,Y1", callback=_region, help=_help(_R, "region", "the whole image")
+    ),
+]
+RegionCrs = Annotated[
+    Optional[str], typer.Option(*_flags(_R, "region_crs"), metavar="CRS", help=_help(_R, "region_crs"))
+]
+RegionFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        *_flags(_R, "region_file"), exists=True, dir_okay=False, metavar="FILE", help=_help(_R, "region_file")
+    ),
+]
 
 # ----------------------------------------------------------------------------- outputs
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of the plain answer.")]
@@ -269,7 +301,19 @@ Explain = Annotated[
         dir_okay=False,
         metavar="FILE.png",
         callback=_out_file,
-        help="Write an overlay PNG of relevance and kept tokens (checked writable before the model runs).",
+        help="Write an overlay PNG of relevance and kept tokens (checked writable before the model runs); for a "
+        "georeferenced image also a world file (.pgw) and CRS sidecar (.png.aux.xml), so a GIS places it.",
+    ),
+]
+RelevanceTif = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--relevance-tif",
+        dir_okay=False,
+        metavar="FILE.tif",
+        callback=_out_file,
+        help="Write the relevance map as a Cloud-Optimized GeoTIFF in the image's CRS (georeferenced images only; "
+        "checked before the model runs).",
     ),
 ]
 
@@ -284,6 +328,7 @@ def selection_kwargs(
     kmeans: Optional[str] = None,
     encode: Optional[str] = None,
     gate_margin: Optional[float] = None,
+    zoom: Optional[int] = None,
 ) -> dict[str, Any]:
     """Parsed selection options -> the vocabulary's keyword arguments (unset ones left out, so the
     checkpoint's values apply). Positional order as the commands declare them."""
@@ -296,6 +341,7 @@ def selection_kwargs(
         "kmeans_mode": kmeans,
         "encode": encode,
         "gate_margin": gate_margin,
+        "zoom": zoom,
     }
     return {k: v for k, v in sel.items() if v is not None}
 
@@ -332,12 +378,29 @@ def read_kwargs(
     bands: Optional[tuple[int, ...]] = None,
     stretch: Optional[tuple[float, float]] = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    region: Optional[str] = None,
+    region_crs: Optional[str] = None,
+    region_file: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """Parsed image-reading options -> `uhrbat.io.open_image` keyword arguments."""
+    """Parsed image-reading options -> `uhrbat.io.open_image` keyword arguments (the region ones
+    only when given, see `region_kwargs`)."""
     out: dict[str, Any] = {"bands": bands, "max_pixels": None if max_pixels == 0 else max_pixels}
     if stretch is not None:
         out["stretch"] = stretch
+    out.update(region_kwargs(region, region_crs, region_file))
     return out
+
+
+def region_kwargs(
+    region: Optional[str] = None, region_crs: Optional[str] = None, region_file: Optional[Path] = None
+) -> dict[str, Any]:
+    """The region flags that were given, checked together (whole pixels without a CRS, one
+    region, the CRS, the file: `RegionError`, one line, before any image is read)."""
+    file = None if region_file is None else str(region_file)
+    given = {k: v for k, v in (("region", region), ("region_crs", region_crs), ("region_file", file)) if v is not None}
+    if given:
+        ReadOptions.of(**given)
+    return given
 
 
 # ----------------------------------------------------------------------------- option groups
@@ -352,6 +415,7 @@ GROUPS: dict[str, list[tuple[str, Any, Any]]] = {
         ("kmeans_mode", KMeansMode, None),
         ("encode", Encode, None),
         ("gate_margin", GateMargin, None),
+        ("zoom", Zoom, None),
     ],
     "masks": [("masks", Masks, None)],
     "model": [
@@ -364,7 +428,14 @@ GROUPS: dict[str, list[tuple[str, Any, Any]]] = {
     ],
     "cache": [("cache_dir", CacheDir, None)],
     "generation": [("max_new_tokens", MaxNewTokens, 512)],
-    "reading": [("bands", Bands, None), ("stretch", Stretch, DEFAULT_STRETCH), ("max_pixels", MaxPixels, None)],
+    "reading": [
+        ("bands", Bands, None),
+        ("stretch", Stretch, DEFAULT_STRETCH),
+        ("max_pixels", MaxPixels, None),
+        ("region", Region, None),
+        ("region_crs", RegionCrs, None),
+        ("region_file", RegionFile, None),
+    ],
 }
 
 
@@ -393,6 +464,7 @@ class Shared:
             v.get("kmeans_mode"),
             v.get("encode"),
             v.get("gate_margin"),
+            v.get("zoom"),
         )
 
     @property
@@ -405,7 +477,14 @@ class Shared:
     def read(self) -> dict[str, Any]:
         """`uhrbat.io.open_image` keywords."""
         v = self.values
-        return read_kwargs(v.get("bands"), v.get("stretch"), v.get("max_pixels", DEFAULT_MAX_PIXELS))
+        return read_kwargs(
+            v.get("bands"),
+            v.get("stretch"),
+            v.get("max_pixels", DEFAULT_MAX_PIXELS),
+            v.get("region"),
+            v.get("region_crs"),
+            v.get("region_file"),
+        )
 
 
 def shared(*groups: str, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -470,14 +549,20 @@ __all__ = [
     "MaxNewTokens",
     "MaxPixels",
     "Model",
+    "Region",
+    "RegionCrs",
+    "RegionFile",
+    "RelevanceTif",
     "Seed",
     "Selector",
     "Shared",
     "Stretch",
     "VisionTower",
+    "Zoom",
     "check_writable",
     "load_kwargs",
     "read_kwargs",
+    "region_kwargs",
     "selection_kwargs",
     "shared",
 ]

@@ -478,7 +478,7 @@ def load_samples(
                     raise RowError(f"missing id (one of {', '.join(spec.id_keys)})")
                 if fields.get("answer") is None:
                     raise RowError("missing answer / ground truth")
-                sample = Sample(id=sid, row=gidx, **fields)
+                sample = Sample(id=sid, row=gidx, **fields, **_row_region(row))
             except (RowError, ValidationError, ValueError) as e:
                 reason = _reason(e)
                 if sid is None and isinstance(row, dict):
@@ -514,6 +514,23 @@ def load_samples(
             raise BenchmarkDataError(f"{spec.no_rows_hint} in {data_path}")
         raise BenchmarkDataError(f"no usable rows in benchmark data {data_path}")
     return samples
+
+
+def _row_region(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's own `region` / `region_crs` (any benchmark format), checked with the options
+    vocabulary's rules (`RowError` naming the problem); {} without one."""
+    raw, crs = row.get("region"), row.get("region_crs")
+    raw, crs = (None if missing(v) else v for v in (raw, crs))
+    if raw is None and crs is None:
+        return {}
+    from uhrbat.errors import UhrBatError
+    from uhrbat.options import ReadOptions
+
+    try:
+        opts = ReadOptions.of(region=raw, region_crs=None if crs is None else str(crs))
+    except UhrBatError as e:
+        raise RowError(str(e)) from None
+    return {"region": opts.region_text(), **({"region_crs": opts.region_crs} if opts.region_crs else {})}
 
 
 def _normalise(spec: BenchmarkSpec, row: dict[str, Any], idx: int, ctx: LoadContext) -> dict[str, Any] | None:

@@ -209,6 +209,8 @@ class Sample(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
     error_kind: str | None = None  # "data" (malformed row) or "image" (missing / outside / unusable image)
+    region: str | None = None  # the row's window of its image ("x0,y0,x1,y1"; map coordinates in region_crs)
+    region_crs: str | None = None
 
     @field_validator("id", mode="before")
     @classmethod
@@ -233,6 +235,12 @@ class Sample(BaseModel):
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def region_kwargs(self) -> dict[str, Any]:
+        """The row's region as reading options (empty without one)."""
+        if self.region is None:
+            return {}
+        return {"region": self.region, **({"region_crs": self.region_crs} if self.region_crs else {})}
 
 
 @dataclass

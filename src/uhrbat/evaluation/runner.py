@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uhrbat.errors import BenchmarkDataError, ConfigError, UhrBatError
+from uhrbat.errors import BenchmarkDataError, ConfigError, RegionError, UhrBatError
 from uhrbat.evaluation import benchmarks, prompts
-from uhrbat.evaluation.records import ImageRef, Prediction, Sample, open_images
+from uhrbat.evaluation.records import EVAL_MAX_IMAGE_PIXELS, Prediction, Sample, open_images
 from uhrbat.evaluation.report import Report, write_report
 from uhrbat.evaluation.spec import BenchmarkSpec
 from uhrbat.factory import load_pipeline, model_identity, pick_device
@@ -88,7 +88,9 @@ class EvalConfig:
     when available —, dtype, attn_implementation, vision_tower, compat); selection: budgets,
     selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed (unset: the checkpoint's);
     score_options: the benchmark's own scoring options, passed by name to its spec (e.g. LRS-VQA's
-    `lrs_synonyms`); generate_kwargs: extra generation options.
+    `lrs_synonyms`); generate_kwargs: extra generation options; region: the window every
+    question asks about (`region` / `region_crs` / `region_file` reading options; a data row's
+    own `region` replaces it), empty for whole images.
     """
 
     benchmark: str
@@ -108,6 +110,7 @@ class EvalConfig:
     allow_outside_images: bool = False
     score_options: dict[str, Any] = field(default_factory=dict)
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    region: dict[str, Any] = field(default_factory=dict)
 
     def selection_options(self) -> dict[str, Any]:
         """The selection options given (None values dropped)."""
@@ -230,11 +233,28 @@ def load_predictions(path: str | os.PathLike) -> tuple[dict[str, Prediction], li
 # ----------------------------------------------------------------------------------------------
 
 
-def _image_input(refs: list[ImageRef]):
-    """What the pipeline gets: a path for one file (it loads it), else a decoded image."""
+def _image_input(s: Sample, region: dict[str, Any], zoom: bool = False):
+    """What the pipeline gets: a path for one file (it loads it), else a decoded image; with a
+    region (the row's, else the run's), the window of the one image file, read at native
+    resolution (the question's image error when it does not fit); with zoom, a decoded image is
+    passed as a PIL image, so zoom can read windows of it."""
+    refs = s.images
+    region = s.region_kwargs() or region
+    if region:
+        if len(refs) != 1 or refs[0].path is None:
+            raise RegionError(
+                f"a region is a window of one image file; question {s.id} has "
+                + (f"{len(refs)} images" if len(refs) != 1 else "an embedded image")
+            )
+        refs[0].check()
+        from uhrbat.scene.origin import open_source
+
+        return open_source(refs[0].path, max_pixels=EVAL_MAX_IMAGE_PIXELS, **region)
     if len(refs) == 1 and refs[0].path is not None:
         refs[0].check()
         return refs[0].path
+    if zoom and len(refs) == 1:
+        return refs[0].open_pil()
     return open_images(refs)
 
 
@@ -245,7 +265,8 @@ def _job(spec: BenchmarkSpec, s: Sample, style: str) -> Job:
         question = prompts.build_prompt(spec, s, style)
     except Exception as e:  # noqa: BLE001 - per-row isolation: a row the template cannot format is that row's error
         return Job(id=s.id, question=s.question, error=f"prompt: {error_message(e)}", error_kind="data", item=s)
-    return Job(id=s.id, question=question, scene=_image_key(s), item=s)
+    scene = _image_key(s) if s.region is None else (*_image_key(s), s.region, s.region_crs)
+    return Job(id=s.id, question=question, scene=scene, item=s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,6 +287,7 @@ def _fingerprint(cfg: EvalConfig, max_new_tokens: int) -> dict[str, Any]:
         "max_new_tokens": max_new_tokens,
         "choice_by_logits": cfg.choice_by_logits,
         "decoding": "greedy",
+        **({"region": cfg.region} if cfg.region else {}),
     }
 
 
@@ -312,6 +334,8 @@ class _Answering:
         x["timings"] = dict(getattr(res, "timings", {}) or {})
         x["num_visual_tokens"] = getattr(res, "num_visual_tokens", None)
         x["cache"] = getattr(res, "cache", None)
+        if getattr(res, "region", None) is not None:  # a region / zoom window: where, in the full image
+            x["region"] = res.region
         group_s = (getattr(res, "timings_detail", None) or {}).get("group")
         if isinstance(group_s, (int, float)):
             x["group_s"] = float(group_s)
@@ -341,7 +365,7 @@ class _Answering:
             parsed=x["parsed"],
             correct=x["correct"],
         )
-        for k in ("group_s", "logprobs", "logit_choice", "logit_error"):
+        for k in ("region", "group_s", "logprobs", "logit_choice", "logit_error"):
             if k in x:
                 row[k] = x[k]
         return row
@@ -373,6 +397,8 @@ def run_eval(cfg: EvalConfig, env: dict[str, str] | None = None) -> Report | Non
         raise ConfigError(f"--limit must be >= 1, got {cfg.limit}")
     if cfg.choice_by_logits and not spec.multiple_choice:
         raise ConfigError(f"--choice-by-logits needs a multiple-choice benchmark; {spec.name} is open-ended")
+    if cfg.choice_by_logits and cfg.selection.get("zoom"):
+        raise ConfigError("--choice-by-logits scores one scene and cannot zoom; drop --zoom or --choice-by-logits")
     benchmarks.check_score_options(spec.name, **cfg.score_options)  # before any model runs
     max_new_tokens = cfg.max_new_tokens or spec.max_new_tokens
     rank, world, local_rank = dist_info(env)
@@ -429,7 +455,7 @@ def _run_shard(
         ) as progress,
     ):
         runner = RowRunner(
-            open_scene=lambda job: _image_input(job.item.images),
+            open_scene=lambda job: _image_input(job.item, cfg.region, bool(cfg.selection.get("zoom"))),
             max_new_tokens=max_new_tokens,
             ask_kwargs=dict(cfg.generate_kwargs),
             batch_size=cfg.batch_size,

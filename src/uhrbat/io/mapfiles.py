@@ -40,6 +40,12 @@ def _need_georef(source: Any, what: str) -> GeoRef:
     return georef
 
 
+def map_file_ready(source: Any, what: str = "a relevance GeoTIFF") -> GeoRef:
+    """The georeference map files of `source` are written in, or `NotGeoreferencedError` (one
+    line): call it before the model runs (`uhrbat ask --relevance-tif`)."""
+    return _need_georef(source, what)
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
@@ -146,4 +152,4 @@ def write_overlay_georef(png_path: str | os.PathLike, overlay: Any, source: Any)
     return world, aux
 
 
-__all__ = ["overlay_transform", "relevance_grid", "write_overlay_georef", "write_relevance_geotiff"]
+__all__ = ["map_file_ready", "overlay_transform", "relevance_grid", "write_overlay_georef", "write_relevance_geotiff"]

@@ -30,10 +30,12 @@ GeoJSON and overlays come out in the scene's coordinates (`uhrbat.io.geo.scene_m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,19 @@ class RegionRequest:
         if self.crs is not None:
             d["crs"] = _crs_name(self.crs)
         return d
+
+    def key(self) -> list[Any]:
+        """Plain values that identify the request (for cache keys): kind, bounds, the CRS as WKT
+        and a SHA-256 of the polygons' vertices."""
+        h = hashlib.sha256()
+        for poly in self.polygons:
+            h.update(b"P")
+            for ring in poly:
+                a = np.ascontiguousarray(ring, dtype=np.float64)
+                h.update(f"R{a.shape}".encode())
+                h.update(a.data)
+        crs = None if self.crs is None else self.crs.to_wkt()
+        return [self.kind, [float(v) for v in self.bounds], crs, h.hexdigest() if self.polygons else None]
 
 
 @dataclass(frozen=True)
@@ -169,7 +184,10 @@ def parse_region(
     region: `[x0, y0, x1, y1]` or `"x0,y0,x1,y1"`; pixels, or map coordinates with `region_crs`.
     region_file: a GeoJSON file (read here; local paths only: a server sends `region_geojson`).
     region_geojson: a GeoJSON object (dict) or its text.
-    At most one of region / region_file / region_geojson; `region_crs` only with `region`."""
+    At most one of region / region_file / region_geojson; `region_crs` only with `region`.
+    An already parsed `RegionRequest` is returned as it is."""
+    if isinstance(region, RegionRequest) and region_crs is None and region_file is None and region_geojson is None:
+        return region
     given = [
         n
         for n, v in (("region", region), ("region_file", region_file), ("region_geojson", region_geojson))
@@ -201,6 +219,12 @@ def parse_region(
     if crs is None:
         return RegionRequest("pixels", (x0, y0, x1, y1), label=label)
     return RegionRequest("map", (x0, y0, x1, y1), crs=crs, label=f"{label} in {_crs_name(crs)}")
+
+
+def region_numbers(region: Any) -> tuple[float, float, float, float]:
+    """The four numbers of `region` (`[x0, y0, x1, y1]` or `"x0,y0,x1,y1"`), finite, checked for
+    syntax only (`RegionError`)."""
+    return _four_numbers(region, f"region {_show(region)}")
 
 
 def _show(v: Any) -> str:
@@ -252,7 +276,10 @@ def parse_crs(value: Any) -> Any:
         raise RegionError(
             f"unknown CRS {_show(str(value))!r} ({short_gdal_message(e)}); give e.g. 'EPSG:4326'"
         ) from None
-    if not crs.is_valid:
+    with warnings.catch_warnings():  # rasterio 1.4 deprecates is_valid (a warning on every CLI run otherwise)
+        warnings.simplefilter("ignore")
+        valid = crs.is_valid
+    if not valid:
         raise RegionError(f"unknown CRS {_show(str(value))!r}; give e.g. 'EPSG:4326'")
     return crs
 
@@ -472,4 +499,4 @@ def _to_image_crs(
     return np.asarray(X, np.float64), np.asarray(Y, np.float64)
 
 
-__all__ = ["Region", "RegionRequest", "parse_crs", "parse_region", "resolve_region"]
+__all__ = ["Region", "RegionRequest", "parse_crs", "parse_region", "region_numbers", "resolve_region"]

@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class Scene:
     handle: Any = None  # what `uhrbat.mcp.adapter.scene_handle` made of `source` (at the first question)
     questions: list[Question] = field(default_factory=list)
     last: tuple[str, Any] | None = None  # (question, AskResult) of the last question: `look` draws it
+    windows: OrderedDict = field(default_factory=OrderedDict)  # region key -> window source (`adapter.window`)
     opened_at: float = 0.0  # clock seconds
     used_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)  # one question at a time per scene

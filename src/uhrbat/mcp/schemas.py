@@ -49,7 +49,9 @@ Region = Annotated[
         min_length=4,
         max_length=4,
         description="[x0, y0, x1, y1]: a box of the scene in pixels (x right, y down, origin at the top-left "
-        "corner), or in map coordinates with region_crs. Not supported yet: a call with a region is refused.",
+        "corner; x1, y1 exclusive), or in map coordinates with region_crs. The window is read at native "
+        "resolution (the model sees it as if cut into its own file); evidence stays in the scene's coordinates. "
+        "Default: the whole scene.",
     ),
 ]
 RegionCrs = Annotated[
@@ -84,6 +86,12 @@ class AskOutput(BaseModel):
     scene_id: str
     question: str
     answer: str
+    region: dict[str, Any] | None = Field(
+        default=None,
+        description="The window asked about: pixels [x0, y0, x1, y1] of the scene, bounds_crs in its CRS "
+        "(georeferenced scenes), the request as given, and a note when it was clipped to the scene; null for the "
+        "whole scene.",
+    )
     coordinate_space: Literal["wgs84", "pixel"] = Field(
         description="wgs84: evidence is GeoJSON in longitude/latitude (georeferenced scene); pixel: evidence is a "
         "pixel-space document (format uhrbat.pixel-boxes/1, not GeoJSON) in scene pixels, x right, y down from "

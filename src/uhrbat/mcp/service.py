@@ -101,15 +101,16 @@ class SceneService:
 
     # ---------------------------------------------------------------- open / close
     def open_scene(self, path: str, bands: Sequence[int] | None = None) -> SceneInfo:
-        from uhrbat.io import decode_section, open_image
+        from uhrbat.io import decode_section
+        from uhrbat.scene.origin import open_source
 
         real = resolve_allowed(path, self.roots)
         self.table.check_room()  # before decoding, not after
         read = dict(self.options.read)
         if bands is not None:
             read["bands"] = tuple(bands)
-        with decode_section():
-            source = open_image(real, trust="untrusted", **read)
+        with decode_section():  # the source remembers its file: regions are windows of it (adapter.window)
+            source = open_source(real, trust="untrusted", **read)
         scene = self.table.add(real, source)
         return SceneInfo(id=scene.id, **scene_facts(source))
 
@@ -134,26 +135,32 @@ class SceneService:
         scene = self.table.get(scene_id)
         check_questions([question])
         selection = selection_overrides(budgets, selector)
-        region_kw = adapter.region_options(region, region_crs)
+        request = adapter.region_options(region, region_crs)
         if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 0:
             raise ConfigError(f"max_regions must be an integer >= 0 (0 = all), got {max_regions!r}")
+        window = None if request is None else adapter.window(scene, request)  # before the model: a bad region
         pipe = self.pipeline()
         with scene.lock:
             if scene.handle is None:
                 scene.handle = adapter.scene_handle(pipe, scene.source)
             res = adapter.ask(
-                pipe, scene.handle, question, max_new_tokens=self.options.max_new_tokens, **selection, **region_kw
+                pipe,
+                scene.handle if window is None else window,
+                question,
+                max_new_tokens=self.options.max_new_tokens,
+                **selection,
             )
             seconds = float(sum(res.timings.values()))
             SceneTable.record(scene, Question(question, res.answer, res.cache, seconds))
             scene.last = (question, res)
             number = len(scene.questions)
         about = {"question": question, "answer": res.answer}
-        evidence = evidence_document(res.tokens, scene.source, max_regions, about)
+        evidence = evidence_document(res.tokens, scene.source if window is None else window, max_regions, about)
         out = AskOutput(
             scene_id=scene.id,
             question=question,
             answer=res.answer,
+            region=res.region,
             coordinate_space=evidence["coordinate_space"],
             evidence=evidence,
             regions_total=len(res.tokens),
@@ -168,27 +175,38 @@ class SceneService:
 
     # ---------------------------------------------------------------- look / describe
     def look(self, scene_id: str, region: Sequence[float] | None = None, region_crs: str | None = None):
-        """(PNG bytes, text): the last question's relevance overlay, or the plain scene."""
+        """(PNG bytes, text): the last question's relevance overlay, or the plain scene; with a
+        region, that window (the last question's overlay when it was about the same window).
+        Without one, the last question's frame (its window, when it asked about a region)."""
         from uhrbat.io import decode_section
 
         scene = self.table.get(scene_id)
-        adapter.region_options(region, region_crs)
+        request = adapter.region_options(region, region_crs)
+        window = None if request is None else adapter.window(scene, request)
         last = scene.last
-        w, h = scene.source.size
+        if last is not None:  # the frame the last answer's tokens belong to (its window, for a region)
+            asked = last[1].window_source
+            if window is not None and _pixels(asked) != _pixels(window):
+                last = None  # the last question was about another part of the scene
+            elif window is None:
+                window = asked
+        source = scene.source if window is None else window
+        w, h = source.size
+        what = "the scene" if window is None else f"the window {_pixels(window)} of the scene ({_scene_size(window)})"
         with decode_section():  # the view reads the scene's pixels again
             if last is None:
-                image = plain_view(scene.source, LOOK_MAX_SIDE)
+                image = plain_view(source, LOOK_MAX_SIDE)
                 text = (
-                    f"No question has been asked about this scene yet: this is the plain image ({w}x{h} px, shown "
+                    f"No question has been asked about {what} yet: this is the plain image ({w}x{h} px, shown "
                     f"at {image.width}x{image.height}). Ask a question to see where the model looks."
                 )
             else:
                 question, res = last
-                image, box = overlay_view(scene.source, res, question, LOOK_MAX_SIDE)
+                image, box = overlay_view(source, res, question, LOOK_MAX_SIDE)
                 text = (
                     f"Where the model looked for the last question ({_quote(question)} -> "
                     f"{_quote(res.answer)}): warm heatmap = relevance, boxes = kept visual tokens per scale, "
-                    f"dashed outlines = merged groups. The scene ({w}x{h} px) fills the box "
+                    f"dashed outlines = merged groups. {what[0].upper() + what[1:]} ({w}x{h} px) fills the box "
                     f"[{box[0]}, {box[1]}, {box[2]}, {box[3]}] of this {image.width}x{image.height} picture "
                     f"(1 picture px = {w / max(1, box[2] - box[0]):.2f} scene px); legend and caption below it."
                 )
@@ -299,6 +317,13 @@ def ask_summary(out: AskOutput) -> str:
         f"Evidence: {out.regions_total} visual tokens kept; {held} are in the structured result's `evidence` "
         f"({where})" + (f"; {padding} more lie in the square padding, outside the image." if padding else "."),
     ]
+    if out.region is not None:
+        x0, y0, x1, y1 = out.region["pixels"]
+        note = f" ({out.region['note']})" if out.region.get("note") else ""
+        lines.append(
+            f"Asked about the window [{x0}, {y0}, {x1}, {y1}] of the scene ({x1 - x0}x{y1 - y0} px, read at native "
+            f"resolution){note}; boxes are in the scene's coordinates."
+        )
     if top:
         lines.append("Most relevant: " + "; ".join(top) + ".")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in out.timings.items())
@@ -307,6 +332,17 @@ def ask_summary(out: AskOutput) -> str:
         f"{_CACHE_WORDS.get(out.cache, out.cache)}. Settings: {out.settings}."
     )
     return "\n".join(lines)
+
+
+def _pixels(source: Any) -> list[int] | None:
+    """The window a source shows, as [x0, y0, x1, y1] scene pixels (None: the whole scene)."""
+    region = getattr(source, "region", None)
+    return None if region is None else [int(v) for v in region.pixels]
+
+
+def _scene_size(source: Any) -> str:
+    sw, sh = source.region.scene_size
+    return f"{sw}x{sh} px"
 
 
 def _quote(text: str, n: int = 80) -> str:

@@ -164,6 +164,7 @@ class UhrBatForConditionalGeneration(
         seed: int | None = None,
         encode: str | None = None,
         gate_margin: float | None = None,
+        zoom: int | None = None,
         image_budgets: Sequence[int] | torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         past_key_values: Any = None,
@@ -202,6 +203,8 @@ class UhrBatForConditionalGeneration(
             seed: K-Means initialisation seed; default the config's.
             encode: `"full"` (default) | `"gated"` (finer scales: only the tiles that can matter).
             gate_margin: with `encode="gated"`, tiles until >= this x the budget in tokens.
+            zoom: 0 / None only: zoom reads windows of the image file, which the model does not
+                have (it gets tiles); ask through `UhrBatPipeline` for `zoom=N`.
             image_budgets: `[B, S]` the budgets the processor expanded the placeholders for.
             image_sizes: `[B, 2]` original (width, height) from the processor; not needed here.
             kwargs: passed to the language model (e.g. `output_hidden_states`).
@@ -212,9 +215,8 @@ class UhrBatForConditionalGeneration(
         if cache is None:
             cache = past_key_values
         if pixel_values is not None and inputs_embeds is None:
-            options = selection_options(
-                budgets, image_budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin
-            )
+            given = (selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin, zoom)
+            options = selection_options(budgets, image_budgets, *given)
             if query_index is None and labels is not None and self.config.compat != "reference":
                 query_index = _last_prompt_index(labels)
             inputs_embeds, attention_mask = self.prepare_inputs_embeds(
@@ -280,6 +282,7 @@ class UhrBatForConditionalGeneration(
         seed: int | None = None,
         encode: str | None = None,
         gate_margin: float | None = None,
+        zoom: int | None = None,
         image_budgets: Sequence[int] | torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
@@ -301,7 +304,7 @@ class UhrBatForConditionalGeneration(
             budgets: visual tokens kept per scale, `[S]` or `[B, S]`; default `image_budgets`
                 (what the processor expanded the placeholders for), else `config.budgets`.
             traces: optional per-row `ImageTrace` filled with relevance, selections and timings.
-            selector / kmeans_clusters / kmeans_iters / kmeans_mode / seed / encode / gate_margin:
+            selector / kmeans_clusters / kmeans_iters / kmeans_mode / seed / encode / gate_margin / zoom:
                 per-call selection options (see `forward`); default the config's.
             image_budgets: `[B, S]` the processor's budgets.
             image_sizes: `[B, 2]` original (width, height) from the processor; not needed here.
@@ -320,9 +323,8 @@ class UhrBatForConditionalGeneration(
             selector = selector or implied
         for k in ("modalities", "images"):  # model-card arguments with no meaning here
             kwargs.pop(k, None)
-        options = selection_options(
-            budgets, image_budgets, selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin
-        )
+        given = (selector, kmeans_clusters, kmeans_iters, kmeans_mode, seed, encode, gate_margin, zoom)
+        options = selection_options(budgets, image_budgets, *given)
         if input_ids is None:
             raise PromptError("generate needs input_ids (use UhrBatProcessor)")
         if attention_mask is None:
@@ -368,6 +370,7 @@ def selection_kwargs(
     seed: int | None = None,
     encode: str | None = None,
     gate_margin: float | None = None,
+    zoom: int | None = None,
 ) -> dict[str, Any]:
     """The given selection options (None = the config's) as `SelectionOptions` keywords.
 
@@ -383,6 +386,7 @@ def selection_kwargs(
         "seed": seed,
         "encode": encode,
         "gate_margin": gate_margin,
+        "zoom": zoom,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -393,8 +397,15 @@ def selection_options(
     *given: Any,
 ) -> SelectionOptions:
     """`forward`/`generate`'s selection keywords (in `selection_kwargs` order after `budgets`) as
-    `SelectionOptions`; without `budgets`, the ones the processor expanded the prompts for."""
-    return SelectionOptions.of(**selection_kwargs(budgets if budgets is not None else image_budgets, *given))
+    `SelectionOptions`; without `budgets`, the ones the processor expanded the prompts for.
+    `zoom` > 0 is refused: the model gets tiles, not the file zoom reads windows from."""
+    options = SelectionOptions.of(**selection_kwargs(budgets if budgets is not None else image_budgets, *given))
+    if options.zoom:
+        raise ConfigError(
+            f"zoom={options.zoom} reads windows of the image file, which forward / generate do not have (they get "
+            f"tiles); ask through UhrBatPipeline.ask(image, question, zoom=...)"
+        )
+    return options
 
 
 def _last_prompt_index(labels: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,37 @@
 """`SceneManager`: from an image to a prepared scene, through the store.
 
-`open(image)` finds the scene of an image (path, PIL image, opened `ImageSource` or an earlier
-`OpenedScene`) in the store by a cheap fingerprint of the source, or decodes it once, encodes
-it (every tile, or with `encode="gated"` the base scale only) and keeps it. Each question then
-gets a `SceneView` of it (`OpenedScene.view`). The manager also provides the opt-in scoring
-prefix cache.
+`open(image)` finds the scene of an image (path, PIL image, opened `ImageSource`, an `Origin` or
+an earlier `OpenedScene`) in the store by a cheap fingerprint of the source, or decodes it once,
+encodes it (every tile, or with `encode="gated"` the base scale only) and keeps it. Each question
+then gets a `SceneView` of it (`OpenedScene.view`). `open_window(image, request)` does the same
+for one window of the image's scene (a region, a zoom window): a child scene, found again by its
+origin's identity + the region (`uhrbat.scene.origin`), read exactly as the window cut into its
+own file. The manager also provides the opt-in scoring prefix cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from uhrbat.errors import ImageLoadError
 from uhrbat.scene.keys import FileHasher, digest, scene_key
+from uhrbat.scene.origin import (
+    Origin,
+    WindowFacts,
+    WindowMemo,
+    WindowSource,
+    origin_of,
+    window_fingerprint,
+    window_request,
+)
 from uhrbat.scene.pixels import CONTENT_FORMAT, TilePixels, pixels_from_tensors, read_pyramid
 from uhrbat.scene.scene import Scene, SceneGeometry
 from uhrbat.scene.store import SceneStore
@@ -44,6 +53,10 @@ class OpenedScene:
             now), "hit" (memory), "disk".
         timings: seconds spent opening: load, tiles, encode.
         encoded: tiles per scale the opening encoded (empty when the scene was reused).
+        origin: where the scene's pixels come from (`uhrbat.scene.origin.Origin`), so windows of
+            it can be read; None when unknown (a source opened elsewhere).
+        region: for a window of a larger scene (a child scene), its place in the scene
+            (`uhrbat.io.regions.Region`); None for a whole image.
     """
 
     key: str | None
@@ -54,6 +67,8 @@ class OpenedScene:
     timings: dict[str, float]
     view: SceneView = field(repr=False)
     encoded: dict[int, int] = field(default_factory=dict)
+    origin: Origin | None = None
+    region: Any = None
 
     @property
     def scene(self) -> Scene:
@@ -86,6 +101,7 @@ class SceneManager:
         self.hash_file = FileHasher()
         self._aliases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # opened source -> alias
         self._aliases_lock = threading.Lock()
+        self._windows = WindowMemo()  # window alias -> its place in the scene (no pixels)
 
     @property
     def geometry(self) -> SceneGeometry:
@@ -118,9 +134,7 @@ class SceneManager:
                 return self._opened(got[0], key, alias, image, got[1], timings, progress)
         if progress is not None:
             progress("load", {})
-        from uhrbat.io.sources import open_image
-
-        source = open_image(image)
+        source = self._source(image)
         t1 = time.perf_counter()
         if progress is not None:
             progress("tiles", {"size": list(source.size)})
@@ -136,9 +150,22 @@ class SceneManager:
         if store is None:
             scene = self._encode(tiles, full, timings, progress)
             view = SceneView(scene, self.model, canvases, progress=progress)
-            return OpenedScene(None, content, tuple(source.size), source, "off", timings, view, scene.tile_counts())
+            return OpenedScene(
+                None,
+                content,
+                tuple(source.size),
+                source,
+                "off",
+                timings,
+                view,
+                scene.tile_counts(),
+                origin_of(source),
+                _region_of(source),
+            )
         if fingerprint is not None:
             store.put_alias(fingerprint, content, source.size)
+            if _region_of(source) is not None:
+                self._windows.put(fingerprint, WindowFacts.of(source))
         self._remember_alias(image, alias)
         key = scene_key(content, self.model, self.namespace)
         with store.key_lock(key):
@@ -154,6 +181,68 @@ class SceneManager:
         opened = self._opened(scene, key, alias, source, "miss", timings, progress)
         opened.encoded = scene.tile_counts()
         return opened
+
+    def open_all(
+        self, targets: Sequence[tuple[Any, Any, Any]], encode: str = "full", progress: Progress | None = None
+    ) -> list[OpenedScene]:
+        """The scenes of one request's `(image, target, region request or None)` rows
+        (`uhrbat.scene.origin.reading_targets`): `open(target)` or `open_window(target, request)`,
+        the same image (and window) again prepared once."""
+        opened: list[OpenedScene] = []
+        first: dict[Any, OpenedScene] = {}
+        for image, target, request in targets:
+            memo = (id(image), None if request is None else repr(request.key()))
+            got = first.get(memo)
+            if got is not None:
+                opened.append(self.open(got, encode, progress))
+            elif request is not None:
+                opened.append(self.open_window(target, request, encode, progress))
+            else:
+                opened.append(self.open(target, encode, progress))
+            first.setdefault(memo, opened[-1])
+        return opened
+
+    def open_window(
+        self, image: Any, request: Any, encode: str = "full", progress: Progress | None = None
+    ) -> OpenedScene:
+        """The child scene of one window (`request`, a `uhrbat.io.regions.RegionRequest` in the
+        scene's coordinates) of the scene `image` shows (a path, PIL image, `Origin`, or a scene
+        or source that remembers its origin). A window asked about before is found by its alias
+        without reading a pixel; otherwise only the window is read (`RegionError` when it does
+        not fit the image), exactly as if it had been cut into its own file."""
+        origin, request = window_request(image, request)
+        if self.store is not None:
+            try:
+                fingerprint = window_fingerprint(
+                    origin.fingerprint(self.hash_file, self._tiling(), self.namespace), request
+                )
+            except OSError:
+                fingerprint = None  # the reader reports the problem
+            facts = self._windows.get(fingerprint) if fingerprint is not None else None
+            if facts is not None:
+                return self.open(WindowSource(origin, request, facts), encode, progress)
+        if progress is not None:
+            progress("load", {})
+        t = time.perf_counter()
+        source = origin.open(request)
+        seconds = time.perf_counter() - t
+        opened = self.open(source, encode, progress)
+        opened.timings["load"] += seconds
+        return opened
+
+    @staticmethod
+    def _source(image: Any) -> Any:
+        """An `ImageSource` of `image` (a path / PIL image is read with the default options and
+        remembers its origin)."""
+        from PIL import Image
+
+        if isinstance(image, (str, os.PathLike, Image.Image)):
+            image = Origin(image)
+        if isinstance(image, Origin):
+            return image.open()
+        from uhrbat.io.sources import open_image
+
+        return open_image(image)
 
     def _encode(self, tiles: torch.Tensor, full: bool, timings: dict[str, float], progress: Progress | None) -> Scene:
         g = self.geometry
@@ -179,7 +268,10 @@ class SceneManager:
         progress: Progress | None,
     ) -> OpenedScene:
         view = SceneView(scene, self.model, self._pixels(alias["content"], image), self.store, key, progress)
-        return OpenedScene(key, alias["content"], tuple(alias["size"]), image, where, timings, view)
+        region = _region_of(image)
+        return OpenedScene(
+            key, alias["content"], tuple(alias["size"]), image, where, timings, view, {}, origin_of(image), region
+        )
 
     def _reopen(self, opened: OpenedScene, progress: Progress | None) -> OpenedScene:
         """An earlier `OpenedScene` again: the store's latest state of it (it may have grown or been
@@ -187,7 +279,9 @@ class SceneManager:
         timings = {"load": 0.0, "tiles": 0.0, "encode": 0.0}
         if opened.key is None:
             view = opened.view.sibling(progress)
-            return OpenedScene(None, opened.content, opened.size, opened.source, "off", timings, view)
+            return OpenedScene(
+                None, opened.content, opened.size, opened.source, "off", timings, view, {}, opened.origin, opened.region
+            )
         with self.store.key_lock(opened.key):
             got = self._lookup(opened.key)
         if got is None:
@@ -213,9 +307,7 @@ class SceneManager:
             got = self.store.get(digest("canvas", content)) if self.store is not None else None
             if got is not None:
                 return pixels_from_tensors(ip, got[0])
-            from uhrbat.io.sources import open_image
-
-            _, canvases, again = read_pyramid(open_image(image), ip, (), fine)
+            _, canvases, again = read_pyramid(self._source(image), ip, (), fine)
             if again != content:
                 raise ImageLoadError("the image changed since its scene was prepared; open it again")
             if self.store is not None:
@@ -244,21 +336,21 @@ class SceneManager:
         return {**tiling, "content_format": CONTENT_FORMAT}
 
     def _fingerprint(self, image: Any) -> str | None:
-        """A cheap key for the *source* (before decoding): file bytes, PIL pixels, or the
-        `cache_fingerprint` string an ImageSource may carry; None when unknown."""
-        from PIL import Image
-
-        from uhrbat.io import images as io_images
-
-        read = {"stretch": io_images.DEFAULT_STRETCH, "max_pixels": io_images.DEFAULT_MAX_PIXELS}
-        if isinstance(image, (str, os.PathLike)):
+        """A cheap key for the *source* (before decoding): file bytes or PIL pixels with the
+        reading options (a path, a PIL image, an `Origin`, or a source that remembers its origin;
+        for a window, + the region as given), or the `cache_fingerprint` string an ImageSource
+        may carry; None when unknown."""
+        origin = origin_of(image)
+        if origin is not None:
+            region = _region_of(image)
+            request = getattr(region, "request", None)
+            if region is not None and request is None:
+                return None  # a window placed without its request: no stable identity
             try:
-                return digest("file", self.hash_file(Path(image)), read, self._tiling(), self.namespace)
+                base = origin.fingerprint(self.hash_file, self._tiling(), self.namespace)
             except OSError:
                 return None  # open_image reports the problem
-        if isinstance(image, Image.Image):
-            h = hashlib.sha256(image.tobytes())
-            return digest("pil", image.mode, image.size, h.hexdigest(), read, self._tiling(), self.namespace)
+            return base if region is None else window_fingerprint(base, request)
         fp = getattr(image, "cache_fingerprint", None)
         return digest("source", fp, self._tiling(), self.namespace) if isinstance(fp, str) else None
 
@@ -295,6 +387,15 @@ class SceneManager:
             return state
 
         return provide
+
+
+def _region_of(image: Any) -> Any:
+    """The window a source shows (`source.region`), None for a whole image or a path."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike, Image.Image, Origin)):
+        return None
+    return getattr(image, "region", None)
 
 
 def _weakrefable(obj: Any) -> bool:

@@ -1,24 +1,29 @@
-"""The serving engine: a bounded request queue and one worker thread that micro-batches.
+"""The serving engine: two stages between a request and its answer, each in its own threads.
 
-Requests (`Job`) wait in a bounded queue; a full queue raises `ServerBusyError` (the app answers
-503 + Retry-After). One worker thread owns the model: it takes the oldest job, waits up to
-`batch_wait_s` for more, and runs up to `max_batch` compatible jobs (same selection and
-sampling options) as one left-padded batch through `pipeline.chat_batch` — equal to one-by-one
-results, since the model batches with left padding. Sampled requests (temperature > 0) run alone
-so that their seed means the same as in a single request.
+1. **Prepare** (`prepare_workers` threads): takes admitted jobs in arrival order and opens their
+   image (`ImageHandle.open`: the untrusted reader inside `uhrbat.io.decode_section()`), off the
+   request path and off the model's thread, so a slow decode holds one prepare thread, never the
+   model. At most `max_batch` opened images wait for or sit in the model at a time (memory: one
+   batch of decoded images); a prepare thread waits for a free slot before it decodes.
+2. **Model** (one thread, it owns the model): takes the oldest prepared job, waits up to
+   `batch_wait_s` for more, and runs up to `max_batch` compatible jobs (same selection and
+   sampling options) as one left-padded batch through `pipeline.chat_batch` — equal to one-by-one
+   results, since the model batches with left padding. Sampled requests (temperature > 0) run
+   alone so that their seed means the same as in a single request.
 
-Per row, a `RowControl` stopping criterion ends generation at that row's `max_new_tokens`, at one
-of its stop strings, or when its client has gone (its `cancel` event is set); a `RowStreamer`
-turns new token ids into text deltas for streamed requests. Both are plain transformers
-generation hooks, so the real pipeline and `serving.fake.FakePipeline` share them.
+Admission is bounded: more than `max_queue` jobs waiting (in either stage) raises
+`ServerBusyError` (the app answers 503 + Retry-After). Every job carries a `Deadline` and a
+`cancel` event, checked between stages, at the pipeline's stage boundaries (`BatchProgress`, its
+`progress=` callback) and at every generated token (`RowControl`): an expired or
+abandoned row stops and fails alone; the rest of its batch goes on. `job.on_stage` hears each
+stage (the demo shows it), `job.on_text` each streamed text delta (`RowStreamer`). Both hooks are
+plain transformers generation hooks, so any pipeline with `chat_batch` works.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -32,65 +37,20 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from uhrbat.errors import ServerBusyError
+from uhrbat.serving.limits import Deadline, RequestCancelled
+from uhrbat.serving.uploads import ImageHandle
 
 log = logging.getLogger("uhrbat.serve")
-
-
-class RequestCancelled(Exception):
-    """The client went away before its answer was ready (internal; never sent to a client)."""
-
-
-@dataclass
-class UntrustedImage:
-    """Request bytes (or a file under the server's allowed media root), decoded by the worker
-    just before its batch runs (see `open`)."""
-
-    data: bytes | None
-    filename: str
-    read_opts: dict[str, Any] = field(default_factory=dict)
-    where: str | None = None  # prefix for error messages, e.g. "messages.0.content.1.image_url"
-    path: str | None = None  # instead of `data`: a file, re-checked to lie inside `root`
-    root: str | None = None
-
-    def open(self) -> Any:
-        """Decode with the untrusted reader inside `uhrbat.io.decode_section()`. The worker
-        decodes here, next to the model run it serialises with, so queued requests hold only
-        their compressed bytes and at most one batch of decoded images exists at a time."""
-        from uhrbat.errors import ImageLoadError, UhrBatError
-        from uhrbat.io import decode_section, open_image, open_image_bytes
-
-        try:
-            with decode_section():
-                if self.data is not None:
-                    source = open_image_bytes(self.data, filename=self.filename, **self.read_opts)
-                    what = ("bytes", hashlib.sha256(self.data).hexdigest())
-                else:
-                    from uhrbat.serving.media import inside
-
-                    real = inside(self.root, self.path) if self.root and self.path else None
-                    if real is None:  # the file was swapped for a link out of the root since the request
-                        raise ImageLoadError(f"{self.filename!r} is outside the allowed local media path")
-                    source = open_image(real, trust="untrusted", **self.read_opts)
-                    st = os.stat(real)
-                    what = ("file", real, st.st_size, st.st_mtime_ns, st.st_ino)
-        except UhrBatError as e:
-            if self.where is None:
-                raise
-            raise type(e)(f"{self.where}: {e}") from None
-        # Clients resend the image with every follow-up: this key lets the pipeline's scene cache
-        # recognise it without re-tiling (same bytes and read options -> same pixels).
-        source.cache_fingerprint = json.dumps([*what, sorted(self.read_opts.items())], default=str)
-        return source
 
 
 @dataclass(eq=False)
 class Job:
     """One chat request, ready for the model.
 
-    `image` is an `UntrustedImage` (decoded by the worker into `source`) or anything the
-    pipeline opens itself (path, PIL image, image source); `messages` the conversation in the pipeline's format;
-    `generation` holds sampling options (temperature, top_p, do_sample, repetition_penalty),
-    `selection` the token-selection options (budgets, selector, kmeans_*, seed)."""
+    `image` is an `ImageHandle` (opened by a prepare thread into `source`) or anything the
+    pipeline opens itself (path, PIL image, image source); `messages` the conversation in the
+    pipeline's format; `generation` holds sampling options (temperature, top_p, do_sample,
+    repetition_penalty), `selection` the token-selection options (budgets, selector, kmeans_*, seed)."""
 
     image: Any
     messages: list[dict[str, Any]]
@@ -100,21 +60,44 @@ class Job:
     stops: list[str] = field(default_factory=list)
     seed: int | None = None
     return_relevance: bool = False
-    on_text: Callable[[str], None] | None = None  # streamed text deltas (called from the worker thread)
+    deadline: Deadline = field(default_factory=lambda: Deadline.after(None))
+    on_text: Callable[[str], None] | None = None  # streamed text deltas (called from the model thread)
+    on_stage: Callable[[str], None] | None = None  # stage names (called from the engine's threads)
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.perf_counter)
-    source: Any = None  # the opened image (set by the worker)
-    filename: str | None = None  # the client's name for the image (from an `UntrustedImage`)
+    stage: str = "queued"
+    source: Any = None  # the opened image (set by a prepare thread)
+    filename: str | None = None  # the client's name for the image
 
     def __post_init__(self) -> None:
-        if self.filename is None and isinstance(self.image, UntrustedImage):
+        if self.filename is None and isinstance(self.image, ImageHandle):
             self.filename = self.image.filename
 
     def open_image(self) -> None:
         if self.source is None:
-            self.source = self.image.open() if isinstance(self.image, UntrustedImage) else self.image
-            self.image = self.source  # drop the request bytes
+            self.source = self.image.open() if isinstance(self.image, ImageHandle) else self.image
+
+    def set_stage(self, stage: str) -> None:
+        self.stage = stage
+        if self.on_stage is not None:
+            try:
+                self.on_stage(stage)
+            except Exception:  # a gone listener never stops the job
+                log.debug("stage listener failed", exc_info=True)
+
+    def alive(self) -> bool:
+        """Not done, cancelled or past its deadline; fails the job (once) when it is not."""
+        if self.future.done():
+            return False
+        if self.cancel.is_set():
+            _fail(self, RequestCancelled("the client went away"))
+            return False
+        if self.deadline.expired():
+            self.cancel.set()  # stops its row in a running batch
+            _fail(self, self.deadline.error(self.stage))
+            return False
+        return True
 
     def batch_key(self) -> str:
         """Jobs with equal keys may share a batch."""
@@ -133,6 +116,7 @@ class Completion:
     source: Any = None  # the opened image (pixel boxes, GeoJSON, overlays)
     queued_s: float = 0.0
     batch_size: int = 1
+    filename: str | None = None  # the client's name for the image (GeoJSON `image.path`)
 
 
 def trim_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -141,12 +125,43 @@ def trim_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-class RowControl(StoppingCriteria):
-    """Per-row stop: own `max_new_tokens`, stop strings, or a cancelled client."""
+class BatchAbandoned(Exception):
+    """Every row of a running batch was cancelled or timed out (raised inside `chat_batch` to stop it)."""
 
-    def __init__(self, jobs: Sequence[Job], tokenizer: Any) -> None:
+
+class BatchProgress:
+    """The pipeline's `progress=` callback for one batch (`uhrbat.progress`: `progress(stage,
+    info)` as each stage begins; it may raise to cancel): it tells each row's listener the stage,
+    fails rows that were cancelled or ran past their deadline, and stops the whole batch (raises
+    `BatchAbandoned`) once no row is left."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self.jobs = list(jobs)
+
+    def __call__(self, stage: Any = None, *_: Any, **__: Any) -> None:
+        name = str(getattr(stage, "value", stage))
+        if name == "done":  # the answers are ready: deliver them, whatever the clock says now
+            return
+        for job in self.jobs:
+            if not job.future.done():
+                job.stage = name  # a row that fails here failed entering this stage
+        live = [j for j in self.jobs if j.alive()]
+        for job in live:
+            job.set_stage(name)
+        if not live:
+            raise BatchAbandoned(name)
+
+
+class RowControl(StoppingCriteria):
+    """Per-row stop: own `max_new_tokens`, stop strings, a cancelled client or a passed deadline.
+    A row that has ended (its end-of-sequence token, `eos_ids`) is left alone: it only waits for
+    the batch, and its answer is delivered with it even if the deadline passes meanwhile."""
+
+    def __init__(self, jobs: Sequence[Job], tokenizer: Any, eos_ids: Any = None) -> None:
         self.jobs = list(jobs)
         self.tokenizer = tokenizer
+        self.eos = torch.tensor(sorted(_id_set(eos_ids)), dtype=torch.long)
+        self.ended = [False] * len(self.jobs)
         self.steps = 0
         self.prompt_len: int | None = None
 
@@ -154,14 +169,28 @@ class RowControl(StoppingCriteria):
         self.steps += 1
         if self.prompt_len is None:  # first call: the prompt plus the first new token
             self.prompt_len = input_ids.shape[1] - 1
+            for job in self.jobs:
+                if not job.future.done():
+                    job.set_stage("answering")
+        last = torch.isin(input_ids[:, -1].cpu(), self.eos).tolist()
         done = []
         for i, job in enumerate(self.jobs):
-            stop = job.cancel.is_set() or self.steps >= job.max_new_tokens
+            self.ended[i] = self.ended[i] or last[i]
+            if self.ended[i]:
+                done.append(True)
+                continue
+            stop = not job.alive() or self.steps >= job.max_new_tokens
             if not stop and job.stops:
                 text = self.tokenizer.decode(input_ids[i, self.prompt_len :].tolist(), skip_special_tokens=True)
                 stop = any(s in text for s in job.stops)
             done.append(stop)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _id_set(ids: Any) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(i) for i in ids} if isinstance(ids, (list, tuple, set)) else {int(ids)}
 
 
 class RowStreamer(BaseStreamer):
@@ -212,10 +241,10 @@ class RowStreamer(BaseStreamer):
 
 
 class Engine:
-    """Bounded queue + micro-batching worker around a pipeline (see the module docstring).
+    """Prepare stage + micro-batching model worker around a pipeline (see the module docstring).
 
     `pipeline` is a ready pipeline or a zero-argument factory (called once, under a lock, on
-    first use). Call `start()` before `submit()`, `close()` when done."""
+    first use). `start()` before `submit()`, `close()` when done (the app's lifespan does both)."""
 
     def __init__(
         self,
@@ -225,23 +254,28 @@ class Engine:
         max_batch: int = 8,
         max_queue: int = 64,
         batch_wait_s: float = 0.02,
+        prepare_workers: int = 2,
         metrics: Any = None,
     ) -> None:
         if pipeline is None and pipeline_factory is None:
             raise ValueError("Engine needs a pipeline or a pipeline_factory")
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+        if max_batch < 1 or max_queue < 1 or prepare_workers < 1:
+            raise ValueError("max_batch, max_queue and prepare_workers must be >= 1")
         self._pipeline = pipeline
         self._factory = pipeline_factory
         self._pipeline_lock = threading.Lock()
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
+        self.prepare_workers = prepare_workers
         self.metrics = metrics
-        self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
+        self._incoming: deque[Job] = deque()  # admitted, image not opened yet
+        self._ready: deque[Job] = deque()  # image opened, waiting for the model
+        self._opened = 0  # jobs holding an opened image until they finish (<= max_batch)
+        self._preparing = 0
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.running = 0  # jobs in the batch being run
 
     # ------------------------------------------------------------------ pipeline
@@ -260,77 +294,132 @@ class Engine:
     # ------------------------------------------------------------------ queue
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        """Jobs waiting: for their image to be opened, or for the model."""
+        return len(self._incoming) + self._preparing + len(self._ready)
 
     def start(self) -> Engine:
-        if self._thread is None:
+        with self._cond:
+            if self._threads:
+                return self
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="uhrbat-engine", daemon=True)
-            self._thread.start()
+            names = [f"uhrbat-prepare-{i}" for i in range(self.prepare_workers)]
+            self._threads = [threading.Thread(target=self._prepare_loop, name=n, daemon=True) for n in names]
+            self._threads.append(threading.Thread(target=self._model_loop, name="uhrbat-engine", daemon=True))
+        for t in self._threads:
+            t.start()
         return self
 
     def close(self, timeout: float = 30) -> None:
         with self._cond:
             self._stop = True
-            pending, self._pending = list(self._pending), deque()
+            pending = [*self._incoming, *self._ready]
+            self._incoming.clear()
+            self._ready.clear()
             self._cond.notify_all()
         for job in pending:
             job.cancel.set()
             _fail(job, RequestCancelled("the server is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
 
     def submit(self, job: Job) -> Job:
-        """Queue a job; raises `ServerBusyError` when `max_queue` jobs are already waiting."""
+        """Admit a job; raises `ServerBusyError` when `max_queue` jobs are already waiting."""
         with self._cond:
-            if self._stop or self._thread is None:
+            if self._stop or not self._threads:
                 raise ServerBusyError("the server is not running")
-            if len(self._pending) >= self.max_queue:
+            if self.depth >= self.max_queue:
                 raise ServerBusyError(f"the request queue is full ({self.max_queue} waiting); retry later")
             job.enqueued_at = time.perf_counter()
-            self._pending.append(job)
+            self._incoming.append(job)
             self._gauge()
             self._cond.notify_all()
+        job.future.add_done_callback(lambda _f: _release(job))
         return job
 
     def _gauge(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._pending))
+            self.metrics.queue_depth.set(self.depth)
 
+    # ------------------------------------------------------------------ stage 1: prepare
+    def _prepare_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._incoming and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                job = self._incoming.popleft()
+                self._preparing += 1
+            try:
+                self._prepare(job)
+            finally:
+                with self._cond:
+                    self._preparing -= 1
+                    self._gauge()
+
+    def _prepare(self, job: Job) -> None:
+        with self._cond:  # a slot for one more opened image (memory: one batch of them)
+            while self._opened >= self.max_batch and not self._stop:
+                if not job.alive():
+                    return
+                self._cond.wait(0.1)
+            if self._stop:
+                _fail(job, RequestCancelled("the server is shutting down"))
+                return
+            if not job.alive():
+                return
+            self._opened += 1
+        job.future.add_done_callback(lambda _f: self._close_slot())
+        job.set_stage("reading")
+        try:
+            job.open_image()
+        except Exception as e:  # noqa: BLE001  (a bad image fails its own request only)
+            _fail(job, e)
+            return
+        if not job.alive():
+            return
+        job.set_stage("waiting")
+        with self._cond:
+            if self._stop:
+                _fail(job, RequestCancelled("the server is shutting down"))
+                return
+            self._ready.append(job)
+            self._cond.notify_all()
+
+    def _close_slot(self) -> None:
+        with self._cond:
+            self._opened -= 1
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ stage 2: model
     def _take_batch(self) -> list[Job]:
         with self._cond:
-            while not self._pending and not self._stop:
+            while not self._ready and not self._stop:
                 self._cond.wait()
             if self._stop:
                 return []
-            first = self._pending.popleft()
+            first = self._ready.popleft()
             key = first.batch_key()
             if self.max_batch > 1 and self.batch_wait_s > 0:
                 deadline = time.monotonic() + self.batch_wait_s
                 while (
-                    sum(j.batch_key() == key for j in self._pending) < self.max_batch - 1
+                    sum(j.batch_key() == key for j in self._ready) < self.max_batch - 1
                     and (left := deadline - time.monotonic()) > 0
                     and not self._stop
                 ):
                     self._cond.wait(left)
             batch, keep = [first], deque()
-            for job in self._pending:
+            for job in self._ready:
                 if len(batch) < self.max_batch and job.batch_key() == key:
                     batch.append(job)
                 else:
                     keep.append(job)
-            self._pending = keep
+            self._ready = keep
             self._gauge()
-        live = []
-        for job in batch:
-            if job.cancel.is_set():
-                _fail(job, RequestCancelled("cancelled while queued"))
-            else:
-                live.append(job)
-        return live
+        return [job for job in batch if job.alive()]
 
-    def _loop(self) -> None:
+    def _model_loop(self) -> None:
         while True:
             batch = self._take_batch()
             if self._stop:
@@ -349,7 +438,6 @@ class Engine:
             finally:
                 self.running = 0
 
-    # ------------------------------------------------------------------ model
     def _run(self, batch: list[Job]) -> None:
         try:
             pipe = self.pipeline()
@@ -357,21 +445,12 @@ class Engine:
             for job in batch:
                 _fail(job, e)
             return
-        ready = []
-        for job in batch:  # a bad image fails its own request only
-            try:
-                job.open_image()
-            except Exception as e:  # noqa: BLE001  (handed to the request's future)
-                _fail(job, e)
-            else:
-                ready.append(job)
-        if not ready:
-            return
-        batch = ready
+        for job in batch:
+            job.set_stage("model")
         tokenizer = pipe.processor.tokenizer
         first = batch[0]
         streamer = RowStreamer(batch, tokenizer) if any(j.on_text for j in batch) else None
-        control = RowControl(batch, tokenizer)
+        control = RowControl(batch, tokenizer, pipe.model.generation_config.eos_token_id)
         started = time.perf_counter()
         if first.generation.get("do_sample") and first.seed is not None:
             torch.manual_seed(first.seed)  # sampled jobs run alone, so this seeds exactly this request
@@ -383,16 +462,20 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([control]),
                 streamer=streamer,
                 return_relevance=first.return_relevance,
+                progress=BatchProgress(batch),
                 **first.generation,
                 **first.selection,
             )
+        except BatchAbandoned:
+            return  # every row already failed with its own reason
         except Exception as e:  # noqa: BLE001  (handed to the requests' futures)
-            if len(batch) > 1 and not (streamer and any(streamer.sent)):
+            live = [j for j in batch if not j.future.done()]
+            if len(live) > 1 and not (streamer and any(streamer.sent)):
                 # One bad request must not fail the others: retry them one by one.
-                for job in batch:
+                for job in live:
                     self._run([job])
                 return
-            for job in batch:
+            for job in live:
                 _fail(job, e)
             return
         if self.metrics is not None:
@@ -401,26 +484,43 @@ class Engine:
             text, hit = trim_at_stop(res.answer, job.stops)
             length = not hit and len(res.generated_ids) >= job.max_new_tokens  # answer ids, EOS excluded
             done = Completion(
-                res, text, "length" if length else "stop", job.source, started - job.enqueued_at, len(batch)
+                res,
+                text,
+                "length" if length else "stop",
+                job.source,
+                started - job.enqueued_at,
+                len(batch),
+                job.filename,
             )
+            if job.future.done():
+                continue  # failed on its own (deadline, client gone) while the batch went on
             if self.metrics is not None:
                 self.metrics.observe_result(res, done.queued_s)
-            if not job.future.done():
-                job.future.set_result(done)
+            job.future.set_result(done)
 
 
 def _fail(job: Job, exc: BaseException) -> None:
     if not job.future.done():
-        job.future.set_exception(exc)
+        try:
+            job.future.set_exception(exc)
+        except Exception:  # noqa: BLE001  (set concurrently by another thread: the first one wins)
+            pass
+
+
+def _release(job: Job) -> None:
+    """A finished job drops its image handle (spooled bytes) and opened source."""
+    if isinstance(job.image, ImageHandle):
+        job.image.release()
+    job.source = None
 
 
 __all__ = [
+    "BatchAbandoned",
+    "BatchProgress",
     "Completion",
     "Engine",
     "Job",
-    "RequestCancelled",
     "RowControl",
     "RowStreamer",
-    "UntrustedImage",
     "trim_at_stop",
 ]

@@ -1,11 +1,12 @@
-"""OpenAI messages -> (image bytes, conversation in the pipeline's format).
+"""OpenAI messages -> (conversation in the pipeline's format, the one image part), and an
+`image_url` -> an `ImageHandle` (`uhrbat.serving.uploads`).
 
-`image_url` parts may be `data:` URLs (base64 PNG / JPEG / TIFF / GeoTIFF bytes) or, only when the
-server was started with `--allowed-local-media-path DIR`, `file://` URLs of regular files whose
-real path (symlinks resolved) lies inside DIR — vLLM's convention. Anything else is a 400 that
-says what is accepted. Both are later opened with the untrusted reader
-(`uhrbat.io.open_image_bytes` / `open_image(..., trust="untrusted")`: PNG, JPEG, TIFF only, no
-VRT, no sidecars), never with the local-file one.
+`image_url` parts may be `data:` URLs (base64 PNG / JPEG / TIFF / GeoTIFF bytes; big ones arrive
+already spooled to disk by `serving.body`) or, only when the server was started with
+`--allowed-local-media-path DIR`, `file://` URLs of regular files whose real path (symlinks
+resolved) lies inside DIR — vLLM's convention. Anything else is a 400 that says what is
+accepted. Both are later opened with the untrusted reader (`open_image(..., trust="untrusted")`:
+PNG, JPEG, TIFF only, no VRT, no sidecars), never with the local-file one.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ import base64
 import binascii
 import os
 import stat
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from uhrbat.serving.openai_api import (
@@ -27,6 +26,10 @@ from uhrbat.serving.openai_api import (
     TextPart,
     bad_request,
 )
+from uhrbat.serving.uploads import AllowedFile, ImageHandle, Spool, SpooledImage, inside
+
+if TYPE_CHECKING:
+    from uhrbat.serving.body import SpooledURL
 
 _IMAGE_MEDIA_TYPES = (
     "image/png",
@@ -37,16 +40,6 @@ _IMAGE_MEDIA_TYPES = (
     "image/tif",
     "application/octet-stream",
 )
-
-
-@dataclass
-class ImageInput:
-    """The conversation's one image, still undecoded: request bytes, or a checked file path."""
-
-    data: bytes | None
-    filename: str  # a name for messages / GeoJSON (never a server path)
-    path: str | None = None  # a file:// image: its real path, inside `root`
-    root: str | None = None
 
 
 def conversation(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], ImagePart, str]:
@@ -99,18 +92,34 @@ def _unicode(text: str, where: str) -> str:
     return text
 
 
-def read_image_url(
-    url: str, *, allowed_local_media_path: str | os.PathLike | None, max_bytes: int, param: str = "image_url"
-) -> ImageInput:
-    """Resolve an `image_url` to its bytes or checked path (see the module docstring). Files are
-    not read here: the worker opens them with the untrusted reader, so `max_bytes` (the body
-    limit) applies to data: URLs only."""
+def image_handle(
+    url: str,
+    *,
+    spools: Mapping[str, SpooledURL],
+    allowed_local_media_path: str | os.PathLike | None,
+    max_bytes: int,
+    read_opts: dict[str, Any],
+    param: str = "image_url",
+) -> ImageHandle:
+    """An `image_url` -> the handle the engine opens later (see the module docstring). A data:
+    URL that the body reader spooled to disk arrives as its placeholder (`spools`); a short one
+    is decoded here. Files are not read here, so `max_bytes` (the body limit) applies to data:
+    URLs only."""
+    if url in spools:
+        spooled = spools[url]
+        spool = spooled.body.spool
+        spool.label = _upload_name(spooled.header, param)
+        if spooled.error is not None:
+            raise bad_request(f"{param}: {spooled.error}", param)
+        return _nonempty(spool, read_opts, param)
     if url.startswith("data:"):
-        return _read_data_url(url, max_bytes, param)
+        return _read_data_url(url, max_bytes, read_opts, param)
     scheme = urlparse(url).scheme.lower()
     if scheme == "file":
-        return _read_file_url(url, allowed_local_media_path, param)
+        return _read_file_url(url, allowed_local_media_path, read_opts, param)
     shown = url if len(url) <= 60 else url[:57] + "..."
+    if url.startswith("\x00uhrbat-spool:"):
+        shown = "a placeholder this server did not issue"
     raise bad_request(
         f"{param}: unsupported image URL {shown!r}; send the image as a data: URL "
         "(data:image/png;base64,...) — the server does not fetch remote URLs",
@@ -118,10 +127,9 @@ def read_image_url(
     )
 
 
-def _read_data_url(url: str, max_bytes: int, param: str) -> ImageInput:
-    header, sep, payload = url[5:].partition(",")
-    if not sep:
-        raise bad_request(f"{param}: malformed data: URL (no comma)", param)
+def _upload_name(header: str, param: str) -> str:
+    """Check a data: URL header (`image/png;base64`); the name the image goes by in messages
+    and GeoJSON (`upload.png`)."""
     fields = [f.strip().lower() for f in header.split(";")]
     media = fields[0] or "text/plain"
     if "base64" not in fields[1:]:
@@ -130,6 +138,15 @@ def _read_data_url(url: str, max_bytes: int, param: str) -> ImageInput:
         raise bad_request(
             f"{param}: media type {media!r} is not an accepted image type (image/png, image/jpeg, image/tiff)", param
         )
+    ext = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg"}.get(media, ".tif" if "tif" in media else "")
+    return f"upload{ext}"
+
+
+def _read_data_url(url: str, max_bytes: int, read_opts: dict[str, Any], param: str) -> ImageHandle:
+    header, sep, payload = url[5:].partition(",")
+    if not sep:
+        raise bad_request(f"{param}: malformed data: URL (no comma)", param)
+    name = _upload_name(header, param)
     if len(payload) * 3 // 4 > max_bytes:
         raise APIError(
             413,
@@ -141,19 +158,20 @@ def _read_data_url(url: str, max_bytes: int, param: str) -> ImageInput:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"{param}: the data: URL is not valid base64", param) from None
-    if not data:
+    spool = Spool(name)
+    spool.write(data)
+    return _nonempty(spool, read_opts, param)
+
+
+def _nonempty(spool: Spool, read_opts: dict[str, Any], param: str) -> ImageHandle:
+    spool.close()
+    if spool.size == 0:
+        spool.discard()
         raise bad_request(f"{param}: the data: URL holds no bytes", param)
-    ext = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg"}.get(media, ".tif" if "tif" in media else "")
-    return ImageInput(data, f"upload{ext}")
+    return SpooledImage(spool, read_opts, where=param)
 
 
-def inside(root: str | os.PathLike, path: str) -> str | None:
-    """The real path of `path` (symlinks resolved) when it lies inside real `root`, else None."""
-    real_root, real = os.path.realpath(root), os.path.realpath(path)
-    return real if os.path.commonpath([real_root, real]) == real_root else None
-
-
-def _read_file_url(url: str, allowed: str | os.PathLike | None, param: str) -> ImageInput:
+def _read_file_url(url: str, allowed: str | os.PathLike | None, read_opts: dict[str, Any], param: str) -> ImageHandle:
     if allowed is None:
         raise bad_request(
             f"{param}: file:// URLs are disabled on this server (start it with "
@@ -185,7 +203,7 @@ def _read_file_url(url: str, allowed: str | os.PathLike | None, param: str) -> I
         ) from None
     if not stat.S_ISREG(st.st_mode):  # FIFOs, devices, folders
         raise bad_request(f"{param}: {rel!r} is not a regular file", param)
-    return ImageInput(None, Path(real).name, path=real, root=str(allowed))
+    return AllowedFile(real, str(allowed), read_opts, where=param)
 
 
-__all__ = ["ImageInput", "conversation", "inside", "read_image_url"]
+__all__ = ["conversation", "image_handle", "inside"]

@@ -5,8 +5,9 @@ Only what UHR-BAT can honour is accepted: unknown request fields are a 400 (a ty
 `extra_body` must not be ignored silently), and standard fields the server cannot honour
 (`n > 1`, `logprobs`, `tools`, penalties other than 0) are a 400 naming the field.
 UHR-BAT's own options arrive through the OpenAI client's `extra_body`, which the client merges
-into the top level of the JSON body: `budgets`, `selector`, `kmeans_clusters`, `kmeans_iters`,
-`repetition_penalty`, `return_tokens` (and `seed`, which is also a standard field).
+into the top level of the JSON body: the selection options of `uhrbat.options` (`budgets`,
+`selector`, `kmeans_clusters`, `kmeans_iters`, `kmeans_mode`, `encode`, `gate_margin`, and `seed`,
+which is also a standard field), `repetition_penalty` and `return_tokens`.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _field_path(loc: Any) -> list[str]:
 # ----------------------------------------------------------------------------- request
 class _Strict(BaseModel):
     # strict: a wrong JSON type is a 400, never coerced ("yes" -> True, true -> 1, "7" -> 7)
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: `1e999` parses to inf; no option of ours means anything at infinity
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ImageURL(_Strict):
@@ -142,9 +144,12 @@ class ChatCompletionRequest(_Strict):
     response_format: dict[str, Any] | None = None
     # UHR-BAT extensions (extra_body)
     budgets: list[Any] | str | None = None  # checked by the one budget parser (parse_budgets)
-    selector: Literal["kmeans", "segments", "topk"] | None = None
+    selector: str | None = None  # a registered selector (`uhrbat.selectors`), checked by the service
     kmeans_clusters: int | None = Field(None, ge=0)
     kmeans_iters: int | None = Field(None, ge=0)
+    kmeans_mode: Literal["fast", "exact"] | None = None
+    encode: Literal["full", "gated"] | None = None
+    gate_margin: float | None = Field(None, gt=0)
     repetition_penalty: float | None = Field(None, gt=0)
     return_tokens: bool = False
 

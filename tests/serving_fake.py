@@ -1,11 +1,15 @@
-"""A deterministic stand-in for `UhrBatPipeline` (tests, UI work without a model).
+"""A deterministic stand-in for `UhrBatPipeline` in the serving tests (test-only: no product
+code knows it exists).
 
-`FakePipeline().chat(image, messages, ...)` / `.chat_batch(...)` / `.ask(image, question, ...)`
-return `AskResult`s whose answer, kept / merged tokens and relevance depend only on the image
-size, the last question and the budgets. Generation is simulated token by token (one token per
-character, `step_delay` seconds each) through the same transformers hooks the real model uses:
-the streamer gets the prompt first and then each step's tokens, and the stopping criteria end
-rows early (per-row bool tensor). `processor.tokenizer` decodes the ids.
+It offers what the server needs of a pipeline (`uhrbat.serving.limits.ServablePipeline`): a real
+`UhrBatConfig` as `model.config` and `resolve(**options)` through the real `uhrbat.options` (the
+server's limits are computed exactly as for the real model), `processor.tokenizer` and
+`chat_batch`. `chat_batch` returns `AskResult`s whose answer, kept / merged tokens and relevance
+depend only on the image size, the last question and the budgets. Generation is simulated token
+by token (one token per character, `step_delay` seconds each) through the same transformers hooks
+the real model uses: the streamer gets the prompt first and then each step's tokens, and the
+stopping criteria end rows early (per-row bool tensor). `progress=` is called at every stage
+boundary (`uhrbat.progress.STAGES`, `stage_delay` seconds each), as the real pipeline calls it.
 """
 
 from __future__ import annotations
@@ -48,18 +52,39 @@ class FakePipeline:
         budgets: Sequence[int] = (8, 16, 24, 32),
         *,
         step_delay: float = 0.0,
+        stage_delay: float = 0.0,
         answer_fn: Callable[[str], str] | None = None,
+        **selection: Any,
     ) -> None:
+        import torch
+
+        from uhrbat.configuration.configuration_uhrbat import UhrBatConfig
+
         self.scales = list(scales)
         self.default_budgets = list(budgets)
         self.step_delay = step_delay
+        self.stage_delay = stage_delay
         self.answer_fn = answer_fn or self.answer_for
+        self.model = SimpleNamespace(
+            config=UhrBatConfig(scales=list(scales), budgets=list(budgets)),
+            generation_config=SimpleNamespace(eos_token_id=EOS, pad_token_id=EOS),
+            dtype=torch.float32,
+        )
+        self.device = torch.device("cpu")
+        self.selection = dict(selection)
+        self.resolve(**self.selection)  # validate, as the real pipeline does
         self.processor = SimpleNamespace(tokenizer=CharTokenizer())
         self.calls: list[dict[str, Any]] = []
         self.batches: list[int] = []  # batch size of every chat_batch call
         self.last: AskResult | None = None
         self._scenes: set[Any] = set()
         self._lock = threading.Lock()
+
+    def resolve(self, **options: Any) -> Any:
+        from uhrbat.options import SelectionOptions
+
+        given = {k: v for k, v in {**self.selection, **options}.items() if v is not None}
+        return SelectionOptions.of(**given).resolve(self.model.config)
 
     @staticmethod
     def answer_for(question: str) -> str:
@@ -118,11 +143,21 @@ class FakePipeline:
         return_relevance: bool = False,
         streamer: Any = None,
         stopping_criteria: Any = None,
+        progress: Callable[[str, dict], None] | None = None,
         **kwargs: Any,
     ) -> list[AskResult]:
         import torch
 
+        def stage(name: str) -> None:
+            if progress is not None:
+                progress(name, {})
+            if self.stage_delay:
+                time.sleep(self.stage_delay)
+
+        stage("load")
         sources = [open_image(im) for im in images]
+        for name in ("tiles", "encode", "score", "group", "select", "prefill"):
+            stage(name)
         budgets = list(budgets) if budgets is not None else list(self.default_budgets)
         tok = self.processor.tokenizer
         answers = [tok.encode(self.answer_fn(last_question(c))) + [EOS] for c in conversations]
@@ -145,6 +180,7 @@ class FakePipeline:
                 key = (tuple(src.size), tuple(budgets))
                 caches.append("hit" if key in self._scenes else "miss")
                 self._scenes.add(key)
+        stage("decode")
         # Simulated greedy decoding: one character per step, EOS then padding when a row ends.
         n = len(images)
         ids = torch.zeros((n, 1), dtype=torch.long)  # a one-token "prompt"
@@ -198,8 +234,30 @@ class FakePipeline:
             res.prompt_tokens = prompts[i] + sum(budgets)
             res.completion_tokens = len(gen)
             results.append(res)
+        stage("done")
         self.last = results[-1]
         return results
 
 
 __all__ = ["CharTokenizer", "FakePipeline"]
+
+
+def demo_app(pipeline: Any = None, *, pipeline_factory: Any = None, model_name: str = "uhrbat", **page: Any) -> Any:
+    """The demo app over `pipeline` with the demo's default settings (`page`: `DemoPage` options,
+    `max_new_tokens` for the page's default answer length)."""
+    from uhrbat.serving import ChatService
+    from uhrbat.serving.demo import create_app, demo_options
+
+    if "max_new_tokens" in page:
+        page["default_max_new_tokens"] = page.pop("max_new_tokens")
+    service = ChatService(pipeline, demo_options(model_name), pipeline_factory=pipeline_factory)
+    return create_app(service, **page)
+
+
+def route_paths(app: Any) -> set[str]:
+    """Every path an app serves, included routers too (FastAPI includes them lazily)."""
+    out: set[str] = set()
+    for route in app.routes:
+        inner = getattr(route, "original_router", None)
+        out |= route_paths(inner) if inner is not None else {getattr(route, "path", None)}
+    return out
