@@ -14,7 +14,7 @@ from uhrbat.errors import ImageLoadError
 from uhrbat.io.images import PILSource
 from uhrbat.processing.image_processing_uhrbat import UhrBatImageProcessor
 from uhrbat.scene.blocks import block_box, block_size
-from uhrbat.scene.pixels import Canvases, SquareTiles, read_pyramid
+from uhrbat.scene.pixels import Canvases, SquareTiles, pixels_from_tensors, read_pyramid
 
 AERIAL = ASSETS / "aerial" / "neon_yell_1249x1035.png"
 
@@ -78,6 +78,8 @@ def test_gated_reads_no_fine_canvas_and_full_and_gated_share_the_content() -> No
     assert isinstance(gated[1], SquareTiles) and gated[0].shape[0] == 4
     assert gated[2] == full[2] and full[0].shape[0] == 228 and full[1].nbytes == 0
     assert torch.equal(gated[1].tiles(4032, torch.tensor([5, 77])), full[0][4 + 16 + 64 + torch.tensor([5, 77])])
+    stored = pixels_from_tensors(ip, gated[1].tensors())  # the store's item back (shares its pixels)
+    assert torch.equal(stored.tiles(2688, torch.tensor([9, 40])), full[0][4 + 16 + torch.tensor([9, 40])])
 
 
 class _NoSquare:

@@ -132,7 +132,10 @@ class SquareTiles:
 
     @classmethod
     def from_tensors(cls, image_processor: Any, item: dict[str, Tensor]) -> SquareTiles:
-        return cls(image_processor, Image.fromarray(item["square"].numpy(), "RGB"))
+        arr = np.ascontiguousarray(item["square"].numpy())
+        side = arr.shape[0]
+        # Shares the stored pixels (no copy of a possibly large square per question).
+        return cls(image_processor, Image.frombuffer("RGB", (side, side), arr, "raw", "RGB", 0, 1))
 
     @property
     def nbytes(self) -> int:
