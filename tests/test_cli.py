@@ -91,7 +91,9 @@ def test_ask_writes_geojson_and_overlay_per_question(tiny_checkpoint, tmp_path) 
         os.umask(old)
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["kept.1.geojson", "kept.2.geojson", "overlay.1.png", "overlay.2.png"]
+    # a georeferenced scene's overlays come with a world file and GDAL's CRS sidecar
+    overlays = [f"overlay.{i}.{ext}" for i in (1, 2) for ext in ("pgw", "png", "png.aux.xml")]
+    assert names == sorted(["kept.1.geojson", "kept.2.geojson", *overlays])
     fc = json.loads((tmp_path / "kept.2.geojson").read_text())
     assert fc["type"] == "FeatureCollection" and fc["question"] == "Roads?" and len(fc["features"]) > 0
     for p in tmp_path.iterdir():  # ordinary files (umask applies), never 0600
