@@ -21,6 +21,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 AERIAL = ROOT.parent / "shared" / "assets" / "aerial"
 IMAGES = ["neon_yell_2299x2472.png", "neon_yell_1249x1035.png"]
 QUESTIONS = ["How many trees are in the image?", "Where is the road?"]
+#: The benchmark-size random model (`benchmarks/pipeline.py`'s defaults).
+BENCHMARK_MODEL = dict(hidden=512, layers=4, heads=8, kv_heads=2, clip_hidden=256, clip_layers=4)
+
+
+def benchmark_pipeline(tmp: Path, **defaults) -> Any:
+    """`UhrBatPipeline` of the benchmark-size random model, no scene cache (every question cold)."""
+    from uhrbat.pipeline import UhrBatPipeline
+    from uhrbat.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp / "bench", **BENCHMARK_MODEL)
+    pipe = UhrBatPipeline.from_pretrained(ckpt, scene_cache=False, **defaults)
+    pipe.model.config.max_context = 100_000  # the default budgets exceed the tiny model's context
+    pipe.processor.max_context = 100_000
+    return pipe
 
 
 def covered(res, scale: int) -> set[int]:
@@ -69,14 +84,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from uhrbat.pipeline import UhrBatPipeline
-    from uhrbat.testing import make_tiny_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_tiny_checkpoint(
-            Path(tmp) / "bench", hidden=512, layers=4, heads=8, kv_heads=2, clip_hidden=256, clip_layers=4
-        )
-        pipe = UhrBatPipeline.from_pretrained(ckpt, scene_cache=False)
+        pipe = benchmark_pipeline(Path(tmp))
     budgets = [int(b) for b in args.budgets.split(",")]
     opts = dict(budgets=budgets, selector=args.selector, kmeans_clusters=0, kmeans_iters=args.iters)
     margins = [float(m) for m in args.margins.split(",")]

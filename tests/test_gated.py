@@ -139,3 +139,25 @@ def test_gated_through_generate_and_bad_values(tiny_pipeline) -> None:
     for bad, message in ((dict(encode="fast"), "encode must be one of full, gated"), (dict(gate_margin=0), "> 0")):
         with pytest.raises(ConfigError, match=message):
             tiny_pipeline.ask(AERIAL, "q?", **bad)
+
+
+def test_cli_json_reports_the_tiles_of_each_scale(tiny_checkpoint) -> None:
+    """`uhrbat ask --encode gated --json`: per scale the tiles encoded, held and in total."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from uhrbat.cli.main import app
+
+    args = ["ask", str(AERIAL), "Where is the road?", "--model", str(tiny_checkpoint), "--json"]
+    args += ["--selector", "topk", "--budgets", "8,16", "--max-new-tokens", "2"]
+    got = {}
+    for encode in ("gated", "full"):
+        r = CliRunner().invoke(app, [*args, "--encode", encode])
+        assert r.exit_code == 0, r.output
+        got[encode] = json.loads(r.stdout)
+    gated, full = got["gated"]["tiles"], got["full"]["tiles"]
+    assert gated["672"] == full["672"] == {"encoded": 4, "held": 4, "total": 4}
+    assert 0 < gated["1344"]["encoded"] == gated["1344"]["held"] < gated["1344"]["total"] == 16
+    assert full["1344"] == {"encoded": 16, "held": 16, "total": 16}
+    assert got["gated"]["tokens"] == got["full"]["tokens"]  # top-k: the same tokens either way

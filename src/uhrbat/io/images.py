@@ -465,12 +465,21 @@ class PILSource:
     def _exact(self) -> bool:
         return exact_fits(self.image.size, self.exact_max_pixels)
 
+    def padded_square(self) -> Image.Image | None:
+        """The padded full-resolution square that `square(side)` resizes in one bicubic Pillow
+        call (`square(side) == padded_square().resize((side, side))`), or None when the source
+        is resampled from a reduced copy instead (gated encoding resizes windows of it)."""
+        if not self._exact():
+            return None
+        if self._padded is None:
+            self._padded = pad_to_square(self.image)
+        return self._padded
+
     def square(self, side: int) -> Image.Image:
-        if self._exact():
-            if self._padded is None:
-                self._padded = pad_to_square(self.image)
+        padded = self.padded_square()
+        if padded is not None:
             # Pillow's default filter for RGB is bicubic (with antialias), as in the reference.
-            return self._padded.resize((side, side))
+            return padded.resize((side, side))
         # Extremely elongated and huge (e.g. 1 x 20000): never materialise the L x L square.
         g = reduced_scale(self.image.size, side, self.oversample)
         w, h = self.image.size

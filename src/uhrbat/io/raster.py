@@ -626,6 +626,10 @@ class RasterSource:
         canvas = self._read_checked(w, h)
         return Image.frombuffer("RGBX", (w, h), canvas, "raw", "RGBX", 0, 1).convert("RGB")
 
+    def padded_square(self) -> Image.Image | None:
+        """The exact padded square of a raster read whole (see `PILSource.padded_square`), else None."""
+        return self._full.padded_square() if self._full is not None else None
+
     def square(self, side: int) -> Image.Image:
         if self._full is not None:
             return self._full.square(side)

@@ -32,7 +32,7 @@ from uhrbat.scene.origin import (
     window_fingerprint,
     window_request,
 )
-from uhrbat.scene.pixels import Canvases, read_pyramid
+from uhrbat.scene.pixels import CONTENT_FORMAT, TilePixels, pixels_from_tensors, read_pyramid
 from uhrbat.scene.scene import Scene, SceneGeometry
 from uhrbat.scene.store import SceneStore
 from uhrbat.scene.view import Progress, SceneView
@@ -171,12 +171,12 @@ class SceneManager:
         with store.key_lock(key):
             got = self._lookup(key)
             if got is not None:
-                if canvases.squares:
+                if canvases.nbytes:
                     store.put(self._canvas_key(content), canvases.tensors(), disk=False)
                 return self._opened(got[0], key, alias, source, got[1], timings, progress)
             scene = self._encode(tiles, full, timings, progress)
             store.put(key, scene.tensors())
-            if canvases.squares:
+            if canvases.nbytes:
                 store.put(self._canvas_key(content), canvases.tensors(), disk=False)
         opened = self._opened(scene, key, alias, source, "miss", timings, progress)
         opened.encoded = scene.tile_counts()
@@ -301,17 +301,17 @@ class SceneManager:
         finds another tenant's canvases, not even by timing)."""
         return digest("canvas", content, self.namespace)
 
-    def _pixels(self, content: str, image: Any) -> Callable[[], Canvases]:
+    def _pixels(self, content: str, image: Any) -> Callable[[], TilePixels]:
         """Where finer tiles come from: the kept canvases, or the source read again (verified to be
         the same pyramid)."""
 
-        def provide() -> Canvases:
+        def provide() -> TilePixels:
             ip = self.processor.image_processor
             g = self.geometry
             fine = [s for s in g.scales if s != g.base_scale]
             got = self.store.get(self._canvas_key(content)) if self.store is not None else None
             if got is not None:
-                return Canvases.from_tensors(ip, got[0])
+                return pixels_from_tensors(ip, got[0])
             _, canvases, again = read_pyramid(self._source(image), ip, (), fine)
             if again != content:
                 raise ImageLoadError("the image changed since its scene was prepared; open it again")
@@ -334,8 +334,11 @@ class SceneManager:
                 self._aliases[image] = alias
 
     def _tiling(self) -> dict[str, Any]:
+        """What every source fingerprint adds: the tiling and the content digest's format (an
+        alias to a digest of another format is never reused)."""
         ip = self.processor.image_processor
-        return {k: getattr(ip, k, None) for k in ("scales", "tile_size", "image_mean", "image_std")}
+        tiling = {k: getattr(ip, k, None) for k in ("scales", "tile_size", "image_mean", "image_std")}
+        return {**tiling, "content_format": CONTENT_FORMAT}
 
     def _fingerprint(self, image: Any) -> str | None:
         """A cheap key for the *source* (before decoding): file bytes or PIL pixels with the

@@ -213,6 +213,12 @@ class WindowSource:
     def square(self, side: int) -> Any:
         return self.source().square(side)
 
+    def padded_square(self) -> Any:
+        """The window's exact padded square, or None (`uhrbat.scene.pixels.read_pyramid`: the
+        pyramid's content is the same as when the window was first read)."""
+        padded = getattr(self.source(), "padded_square", None)
+        return padded() if padded is not None else None
+
     def __repr__(self) -> str:
         return f"WindowSource({self.label or self.origin.image!r}, pixels={list(self.region.pixels)})"
 
