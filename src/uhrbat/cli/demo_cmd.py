@@ -16,7 +16,7 @@ from uhrbat.cli.serve_cmd import (
     MaxKMeansWork,
     MaxPixels,
     RequestTimeout,
-    startup_banner,
+    start_service,
 )
 from uhrbat.errors import UhrBatError
 
@@ -39,13 +39,10 @@ def demo(
 ) -> None:
     """Serve a local web page to upload an image, ask a question and see the answer with the overlay."""
     try:
-        from uhrbat.serving import ChatService
         from uhrbat.serving.demo import create_app, demo_options
         from uhrbat.serving.http_server import serve
     except ImportError as e:  # fastapi / uvicorn / python-multipart / prometheus_client missing
         raise UhrBatError(f"the demo needs the serve extra ({e}); pip install 'uhrbat[serve]'") from e
-    from uhrbat.cli.ask import load_pipeline
-    from uhrbat.io import set_decode_concurrency
 
     model = opts.model
     options = demo_options(
@@ -56,15 +53,10 @@ def demo(
         request_timeout_s=request_timeout or None,
         decode_workers=decode_workers,
     )
-    selection = opts.selection
-    pipe, seconds = load_pipeline(model, opts.load, selection)
-    set_decode_concurrency(decode_workers)  # this process is the server: its decodes run side by side
-    service = ChatService(pipe, options)
-    for line in startup_banner(service, model, seconds, selection):
-        typer.echo(line, err=True)
+    service = start_service(opts, options)
     app = create_app(
         service,
-        default_budgets=selection.get("budgets"),
+        default_budgets=opts.selection.get("budgets"),
         default_max_new_tokens=max_new_tokens,
         overlay_max_side=overlay_side,
     )

@@ -169,13 +169,10 @@ def serve(
     """Serve the model over the OpenAI chat-completions API (GET /v1/models, POST /v1/chat/completions,
     scene handles at /v1/scenes, GET /health, GET /metrics)."""
     try:
-        from uhrbat.serving import ChatService, ServeOptions, create_app
+        from uhrbat.serving import ServeOptions, create_app
         from uhrbat.serving.http_server import serve as run
     except ImportError as e:  # fastapi / uvicorn / prometheus_client missing
         raise UhrBatError(f"uhrbat serve needs the serve extra ({e}); pip install 'uhrbat[serve]'") from e
-    from uhrbat.cli.ask import load_pipeline
-    from uhrbat.io import set_decode_concurrency
-
     keys = api_keys(api_key or [], api_keys_file)
     if host not in LOOPBACK and not keys:
         typer.echo(
@@ -207,12 +204,7 @@ def serve(
         read_timeout_s=read_timeout,
         keep_alive_s=keep_alive,
     )
-    selection = opts.selection
-    pipe, seconds = load_pipeline(model, opts.load, selection)
-    set_decode_concurrency(decode_workers)  # this process is the server: its decodes run side by side
-    service = ChatService(pipe, options)
-    for line in startup_banner(service, model, seconds, selection):
-        typer.echo(line, err=True)
+    service = start_service(opts, options)
     app = create_app(service)
     shown = f"[{host}]" if ":" in host else host
     typer.echo(
@@ -238,6 +230,22 @@ def api_keys(given: list[str], keys_file: Path | None) -> tuple[str, ...]:
     if bad:
         raise UhrBatError("an API key is empty or holds whitespace; give keys without spaces, one per --api-key")
     return tuple(dict.fromkeys(keys))
+
+
+def start_service(opts: opt.Shared, options: Any) -> Any:
+    """Load the model and start the `ChatService` over it (`uhrbat serve` and `uhrbat demo`);
+    prints the start-up banner with the settings questions will use."""
+    from uhrbat.cli.ask import load_pipeline
+    from uhrbat.io import set_decode_concurrency
+    from uhrbat.serving import ChatService
+
+    selection = opts.selection
+    pipe, seconds = load_pipeline(opts.model, opts.load, selection)
+    set_decode_concurrency(options.decode_workers)  # this process is the server: its decodes run side by side
+    service = ChatService(pipe, options)
+    for line in startup_banner(service, opts.model, seconds, selection):
+        typer.echo(line, err=True)
+    return service
 
 
 def startup_banner(service: Any, model: str, seconds: float, selection: dict[str, Any]) -> list[str]:
